@@ -39,7 +39,7 @@ test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
-	$(PY) -m ruff check telechat_lab tests bench train.py merge.py chat.py
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs logs

@@ -22,3 +22,20 @@ def shared_path(*parts: str) -> Path:
 def _quiet_hf(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny TeleChat2 checkpoint with the project's own tiny tokenizer."""
+    from telechat_lab.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), hidden_size=64, training_seqlen=256)
+
+
+@pytest.fixture(scope="session")
+def tiny_real_vocab_dir(tmp_path_factory):
+    """A tiny TeleChat2 checkpoint with the real 131072-piece tokenizer (skips without ../shared)."""
+    from telechat_lab.tiny import write_tiny_checkpoint
+
+    tokenizer = shared_path("telechat2", "tokenizer.model")
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_real"), tokenizer=tokenizer, hidden_size=64)
