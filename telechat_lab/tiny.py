@@ -70,6 +70,23 @@ def write_tiny_checkpoint(
     return out
 
 
+def default_tiny_dir() -> Path:
+    cache = os.environ.get("TELECHAT_LAB_CACHE", "~/.cache/telechat_lab")
+    return Path(cache).expanduser() / "tiny-telechat2"
+
+
+def checkpoint_path(path: str | os.PathLike | None) -> Path:
+    """`model.path` resolved: a checkpoint directory that must exist, or, when None, the tiny
+    model (written on first use)."""
+    if path is None or str(path) in ("", "null", "None"):
+        return write_tiny_checkpoint(default_tiny_dir())
+    resolved = Path(path).expanduser().resolve()
+    if not (resolved / "config.json").is_file():
+        raise FileNotFoundError(f"model.path={path}: no config.json there; point model.path at a TeleChat2 "
+                                "checkpoint directory (config.json, *.safetensors, tokenizer.model)")
+    return resolved
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")

@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Encode speed of the data pipeline on the release's SFT demo data (../shared/data/telechat2_sft_demo,
+1800 telechat-format records), side by side in one run with:
+
+- raw SentencePiece encoding the same text segments in a plain loop (no framework around it),
+- a plain loop of `tokenizer.apply_chat_template(...)` calls (the usual way to encode chats).
+
+The pipeline is timed without its cache (a fresh cache dir every run), with one process and with
+workers. Best of --repeat runs each.
+
+    python bench/data_prep.py [--data DIR] [--tokenizer tokenizer.model] [--workers 2] [--repeat 3] [--scale 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TELECHAT_SHARED") or ROOT.parent / "shared")
+sys.path.insert(0, str(ROOT))
+
+
+def best_of(repeat: int, fn) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", type=Path, default=SHARED / "data" / "telechat2_sft_demo")
+    parser.add_argument("--tokenizer", type=Path, default=SHARED / "telechat2" / "tokenizer.model")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--scale", type=int, default=1, help="repeat the data K times (scaling on more data)")
+    args = parser.parse_args()
+    if not args.data.is_dir() or not args.tokenizer.is_file():
+        sys.exit(f"needs {args.data} and {args.tokenizer} (../shared beside the checkout)")
+
+    import sentencepiece as spm
+
+    from telechat_lab.data import DataConfig, build_datasets
+    from telechat_lab.tokenizer import DEFAULT_SYSTEM_PROMPT, load_tokenizer
+
+    files = sorted(args.data.glob("*.jsonl"))
+    work = Path(tempfile.mkdtemp(prefix="bench_data_"))
+    if args.scale > 1:  # K copies of each file, each copy's texts made distinct (no free de-duplication)
+        scaled = []
+        for f in files:
+            lines = []
+            for k in range(args.scale):
+                for line in f.open(encoding="utf-8"):
+                    rec = json.loads(line)
+                    if k:
+                        rec["system"] = f"[{k}] " + (rec.get("system") or "")
+                        for m in rec["dialog"]:
+                            m["content"] = f"[{k}] " + m["content"]
+                    lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+            (work / f.name).write_text("".join(lines), encoding="utf-8")
+            scaled.append(work / f.name)
+        files = scaled
+    records = [json.loads(line) for f in files for line in f.open(encoding="utf-8") if line.strip()]
+    n = len(records)
+
+    info = {f.stem: {"file_name": str(f), "formatting": "telechat"} for f in files}
+    (work / "dataset_info.json").write_text(json.dumps(info))
+
+    def pipeline(workers: int):
+        def run():
+            cfg = DataConfig(dataset_dir=str(work), datasets=list(info), cutoff_len=1_000_000,
+                             preprocessing_num_workers=workers, cache_dir=tempfile.mkdtemp(dir=work))
+            train, _, report = build_datasets(cfg, args.tokenizer)
+            assert report["train"]["examples"] == n, report
+        return run
+
+    # raw SentencePiece over the same segments: system+"\n", each message, the "\n" between turns
+    sp = spm.SentencePieceProcessor(model_file=str(args.tokenizer))
+    segments = []
+    for rec in records:
+        segments.append((rec.get("system") or DEFAULT_SYSTEM_PROMPT) + "\n")
+        segments += [m["content"] for m in rec["dialog"]]
+        segments += ["\n"] * (len(rec["dialog"]) // 2 - 1)
+
+    def raw_sp():
+        for s in segments:
+            sp.encode(s)
+
+    tok = load_tokenizer(args.tokenizer)
+    chats = [[{"role": "system", "content": rec.get("system") or ""}]
+             + [{"role": "user" if m["role"] == "user" else "assistant", "content": m["content"]}
+                for m in rec["dialog"]] for rec in records]
+
+    def chat_template_loop():
+        for messages in chats:
+            tok.apply_chat_template(messages, tokenize=True)
+
+    results = {
+        "raw SentencePiece, same segments (1 process)": best_of(args.repeat, raw_sp),
+        "pipeline, 1 process": best_of(args.repeat, pipeline(1)),
+        f"pipeline, {args.workers} workers": best_of(args.repeat, pipeline(args.workers)),
+        "loop of apply_chat_template (1 process)": best_of(max(1, args.repeat - 1), chat_template_loop),
+    }
+    base = results["raw SentencePiece, same segments (1 process)"]
+    loop = results["loop of apply_chat_template (1 process)"]
+    print(f"{n} examples, {len(segments)} text segments, {os.cpu_count()} CPUs")
+    print(f"{'':48s} {'examples/s':>11s} {'vs raw SP':>10s} {'vs chat-template loop':>22s}")
+    for name, seconds in results.items():
+        print(f"{name:48s} {n / seconds:11.0f} {base / seconds:9.2f}x {loop / seconds:21.2f}x")
+    print(json.dumps({"examples": n, "examples_per_s": {k: round(n / v, 1) for k, v in results.items()}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Data pipeline: dataset_info.json registry -> record formats -> TeleChat2 chat encoding ->
+tokenised, cached, mixed and split datasets -> padded or packed batches."""
+
+from .formats import Conversation, to_conversation
+from .pipeline import DataConfig, EncodedDataset, build_datasets
+from .registry import DataError, DatasetSpec, load_dataset_info
+from .template import ChatEncoder
+
+__all__ = [
+    "ChatEncoder",
+    "Conversation",
+    "DataConfig",
+    "DataError",
+    "DatasetSpec",
+    "EncodedDataset",
+    "build_datasets",
+    "load_dataset_info",
+    "to_conversation",
+]

@@ -1,0 +1,87 @@
+"""Inspect the encoded data: `python -m telechat_lab.data.inspect <overrides> output=FILE.jsonl`.
+
+Takes the same `model` and `data` overrides as train.py (for example `model.path=DIR
+data.dataset_dir=DIR data.datasets=[name] data.cutoff_len=100000 data.mask_history=true`), writes one
+JSON line `{"input_ids": [...], "labels": [...]}` per encoded example in dataset order (before
+packing, mixing, splitting or shuffling), and shows a few examples with their trained tokens
+highlighted, with the counts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def highlighted(tokenizer, input_ids, labels):
+    """A rich Text of the example: trained tokens green on black, the rest dim."""
+    from rich.text import Text
+
+    text = Text()
+    run, trained = [], None
+    for tok, lab in zip(list(input_ids) + [None], list(labels) + [None]):
+        is_trained = lab is not None and lab != -100
+        if tok is None or (trained is not None and is_trained != trained):
+            text.append(tokenizer.decode(run, skip_special_tokens=False), style="bold green" if trained else "dim")
+            run = []
+        if tok is not None:
+            run.append(int(tok))
+            trained = is_trained
+    return text
+
+
+def run(cfg: DictConfig) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    from telechat_lab.data import DataConfig, build_datasets
+    from telechat_lab.tiny import checkpoint_path
+    from telechat_lab.tokenizer import load_tokenizer
+
+    model_dir = checkpoint_path(cfg.model.path)
+    data_cfg = DataConfig.from_mapping(OmegaConf.to_container(cfg.data, resolve=True))
+    data_cfg.val_size, data_cfg.mix = 0, None  # every example once, in dataset order
+    dataset, _, report = build_datasets(data_cfg, model_dir, shuffle_order=False)
+
+    if cfg.output:
+        out = Path(cfg.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", encoding="utf-8") as f:
+            for i in range(len(dataset)):
+                ex = dataset[i]
+                f.write(json.dumps({"input_ids": ex["input_ids"].tolist(), "labels": ex["labels"].tolist()}) + "\n")
+
+    console = Console()
+    tokenizer = load_tokenizer(model_dir)
+    for i in range(min(int(cfg.show), len(dataset))):
+        ex = dataset[i]
+        name = dataset.names[dataset.source[dataset.index[i], 0]]
+        console.rule(f"{name} record {dataset.source[dataset.index[i], 1]}: {len(ex['input_ids'])} tokens")
+        console.print(highlighted(tokenizer, ex["input_ids"], ex["labels"]))
+    table = Table(title="encoded data (trained tokens in green above)")
+    for col in ("dataset", "records", "examples", "tokens", "trained tokens", "truncated", "dropped"):
+        table.add_column(col, justify="right" if col != "dataset" else "left")
+    for name, d in report["datasets"].items():
+        table.add_row(name, *(str(d[k]) for k in ("records", "examples", "tokens", "trained_tokens", "truncated",
+                                                   "dropped")))
+    total = report["train"]
+    table.add_row("total", str(sum(d["records"] for d in report["datasets"].values())), str(total["examples"]),
+                  str(total["tokens"]), str(total["trained_tokens"]), str(report["truncated"]), str(report["dropped"]))
+    console.print(table)
+    if cfg.output:
+        console.print(f"wrote {len(dataset)} examples to {cfg.output}")
+    return report
+
+
+@hydra.main(config_path=CONF_DIR, config_name="inspect", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

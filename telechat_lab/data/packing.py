@@ -1,0 +1,105 @@
+"""Batches: padded, packed (several examples per row, `position_ids` restarting per example, so the
+model never attends across them), or padding-free (a whole batch as one row, for flash attention)."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .pipeline import EncodedDataset
+from .template import IGNORE
+
+PAD_ID = 3  # <_pad>
+
+
+def pack_rows(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: positions of examples grouped into rows of at most `capacity` tokens."""
+    order = np.argsort(-lengths, kind="stable")
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (remaining capacity, row id)
+    for pos in order.tolist():
+        size = int(lengths[pos])
+        if size > capacity:
+            raise ValueError(f"example of {size} tokens exceeds the packing capacity {capacity}")
+        k = bisect.bisect_left(free, (size, -1))
+        if k < len(free):
+            room, row = free.pop(k)
+        else:
+            room, row = capacity, len(rows)
+            rows.append([])
+        rows[row].append(pos)
+        if room - size > 0:
+            bisect.insort(free, (room - size, row))
+    return rows
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Rows of several examples, up to `capacity` tokens each."""
+
+    def __init__(self, dataset: EncodedDataset, capacity: int):
+        self.dataset = dataset
+        self.rows = pack_rows(dataset.lengths(), capacity)
+        self.capacity = capacity
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return join_examples([self.dataset[j] for j in self.rows[i]])
+
+    def efficiency(self) -> float:
+        """Real tokens / (rows x capacity)."""
+        return float(self.dataset.lengths().sum()) / max(1, len(self.rows) * self.capacity)
+
+
+def join_examples(examples: Sequence[dict]) -> dict[str, np.ndarray]:
+    """One row from several examples; the first label of each is ignored so that no example is
+    trained to predict the start of the next."""
+    labels = []
+    for ex in examples:
+        lab = np.array(ex["labels"], dtype=np.int64)
+        lab[0] = IGNORE
+        labels.append(lab)
+    return {
+        "input_ids": np.concatenate([np.asarray(ex["input_ids"], dtype=np.int64) for ex in examples]),
+        "labels": np.concatenate(labels),
+        "position_ids": np.concatenate([np.arange(len(ex["input_ids"])) for ex in examples]),
+    }
+
+
+class Collator:
+    """Padded batches with an attention mask; packed rows (items with `position_ids`) padded with a
+    separate dummy document; `padding_free` joins the batch into one row with no padding at all."""
+
+    def __init__(self, padding_free: bool = False, pad_to_multiple_of: int | None = None):
+        self.padding_free = padding_free
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        if self.padding_free:
+            items = [join_examples(items)]
+        packed = "position_ids" in items[0]
+        longest = max(len(it["input_ids"]) for it in items)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": torch.full((len(items), longest), PAD_ID, dtype=torch.long),
+            "labels": torch.full((len(items), longest), IGNORE, dtype=torch.long),
+        }
+        if packed:
+            batch["position_ids"] = torch.zeros((len(items), longest), dtype=torch.long)
+        else:
+            batch["attention_mask"] = torch.zeros((len(items), longest), dtype=torch.long)
+        for row, it in enumerate(items):
+            n = len(it["input_ids"])
+            batch["input_ids"][row, :n] = torch.as_tensor(np.asarray(it["input_ids"], dtype=np.int64))
+            batch["labels"][row, :n] = torch.as_tensor(np.asarray(it["labels"], dtype=np.int64))
+            if packed:
+                batch["position_ids"][row, :n] = torch.as_tensor(it["position_ids"])
+                batch["position_ids"][row, n:] = torch.arange(longest - n)  # padding: its own document
+            else:
+                batch["attention_mask"][row, :n] = 1
+        return batch

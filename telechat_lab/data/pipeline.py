@@ -1,0 +1,325 @@
+"""Load, encode (in parallel, cached on disk), mix and split the configured datasets.
+
+Each dataset is encoded once per (data files, tokenizer, template, options) and the result cached
+as arrays; a second run, or every job of a sweep, re-uses it. Mixing and the validation split are
+seeded and deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import sys
+from array import array
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .formats import to_conversation
+from .registry import DataError, DatasetSpec, load_dataset_info, read_records
+from .template import IGNORE, TEMPLATE_VERSION, ChatEncoder, TemplateOptions
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class DataConfig:
+    """The `data` config group (conf/data/*.yaml)."""
+
+    dataset_dir: str = "data"
+    datasets: Any = ("identity", "alpaca_en_demo")  # list, or "a,b" string
+    mix: dict[str, float] | None = None  # per-dataset sampling ratio (1.5 = every example, half again)
+    max_samples: int | None = None  # per dataset, the first N records
+    val_size: float = 0.0  # fraction (< 1) or number of examples for validation
+    cutoff_len: int = 1024
+    packing: bool = False
+    padding_free: bool = False
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    default_system: str | None = None  # None: TeleChat's default prompt; "": no system block
+    placeholders: dict[str, str] = field(default_factory=lambda: {"name": "TeleChat", "author": "TeleAI"})
+    fill_placeholders: Sequence[str] = ("identity",)  # datasets whose {{name}}/{{author}} are filled
+    preprocessing_num_workers: int = 1
+    cache_dir: str | None = None  # default ~/.cache/telechat_lab/datasets
+    overwrite_cache: bool = False
+    seed: int = 42
+
+    @classmethod
+    def from_mapping(cls, cfg: Any) -> DataConfig:
+        data = dict(cfg)
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise DataError(f"unknown data option(s) {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+    def dataset_names(self) -> list[str]:
+        names = self.datasets.split(",") if isinstance(self.datasets, str) else list(self.datasets)
+        names = [n.strip() for n in names if n and n.strip()]
+        if not names:
+            raise DataError("data.datasets is empty: name at least one dataset of dataset_info.json")
+        return names
+
+    def template_options(self) -> TemplateOptions:
+        return TemplateOptions(self.cutoff_len, self.train_on_prompt, self.mask_history, self.default_system)
+
+    def resolved_dataset_dir(self) -> Path:
+        path = Path(self.dataset_dir).expanduser()
+        if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+            path = REPO_ROOT / path  # the bundled data/ when run from elsewhere
+        return path.resolve()
+
+
+class EncodedDataset:
+    """Encoded examples stored flat: example i is tokens[offsets[i]:offsets[i+1]]; `index` selects
+    (and may repeat) examples; `source` gives each example's (dataset, record) for inspection."""
+
+    def __init__(self, tokens: np.ndarray, labels: np.ndarray, offsets: np.ndarray, index: np.ndarray | None = None,
+                 source: np.ndarray | None = None, names: Sequence[str] = ()):
+        self.tokens, self.labels, self.offsets = tokens, labels, offsets
+        self.index = np.arange(len(offsets) - 1) if index is None else index
+        self.source = source if source is not None else np.zeros((len(offsets) - 1, 2), dtype=np.int64)
+        self.names = list(names)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        j = self.index[i]
+        start, end = self.offsets[j], self.offsets[j + 1]
+        return {"input_ids": self.tokens[start:end], "labels": self.labels[start:end]}
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)[self.index]
+
+    def subset(self, positions: np.ndarray) -> EncodedDataset:
+        return EncodedDataset(self.tokens, self.labels, self.offsets, self.index[positions], self.source, self.names)
+
+    def stats(self) -> dict[str, int]:
+        lengths = self.lengths()
+        trained = np.add.reduceat(self.labels != IGNORE, self.offsets[:-1]) if len(self.offsets) > 1 else np.zeros(0)
+        return {"examples": len(self), "tokens": int(lengths.sum()), "trained_tokens": int(trained[self.index].sum())}
+
+    @staticmethod
+    def concat(parts: Sequence[EncodedDataset]) -> EncodedDataset:
+        tokens, labels, offsets, index, source, base = [], [], [np.zeros(1, dtype=np.int64)], [], [], 0
+        names: list[str] = []
+        for part in parts:
+            tokens.append(part.tokens)
+            labels.append(part.labels)
+            offsets.append(part.offsets[1:] + offsets[-1][-1])
+            index.append(part.index + base)
+            src = part.source.copy()
+            src[:, 0] += len(names)
+            source.append(src)
+            names += part.names
+            base += len(part.offsets) - 1
+        return EncodedDataset(np.concatenate(tokens), np.concatenate(labels), np.concatenate(offsets),
+                              np.concatenate(index), np.concatenate(source), names)
+
+
+# ------------------------------------------------------------------------------------------ encoding
+
+
+_ENCODERS: dict[tuple, ChatEncoder] = {}
+BATCH = 4096  # records per SentencePiece batch call
+
+
+def get_encoder(tokenizer_path: Path, options: TemplateOptions, num_threads: int = 1) -> ChatEncoder:
+    """One encoder per (tokenizer, options, threads), shared by every dataset of a run."""
+    key = (str(tokenizer_path), options, num_threads)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = ChatEncoder(tokenizer_path, options, num_threads=num_threads)
+    return _ENCODERS[key]
+
+
+def _encode_job(job: tuple) -> tuple:
+    tokenizer_path, options, spec, records, placeholders = job
+    return _encode_records(get_encoder(Path(tokenizer_path), options), spec, records, placeholders)
+
+
+def _encode_records(encoder: ChatEncoder, spec: DatasetSpec, records: list, placeholders: dict) -> tuple:
+    tokens: list[int] = []
+    labels: list[int] = []
+    lengths, kept, truncated, dropped = [], [], 0, 0
+    for start in range(0, len(records), BATCH):
+        convs, wheres = [], []
+        for path, index, record in records[start:start + BATCH]:
+            unit = "line" if path.suffix in (".jsonl", ".csv") else "record"
+            where = f"dataset '{spec.name}': {path} {unit} {index}"
+            conv = to_conversation(spec, record, where)
+            if placeholders:
+                conv.turns = [(_fill(u, placeholders), _fill(a, placeholders)) for u, a in conv.turns]
+            convs.append(conv)
+            wheres.append(where)
+        for pos, enc in enumerate(encoder.encode_batch(convs, wheres), start):
+            if enc is None:
+                dropped += 1
+                continue
+            truncated += enc.truncated
+            tokens += enc.input_ids
+            labels += enc.labels
+            lengths.append(len(enc.input_ids))
+            kept.append(pos)
+    return (np.frombuffer(array("i", tokens), dtype=np.int32), np.frombuffer(array("i", labels), dtype=np.int32),
+            np.asarray(lengths, dtype=np.int64), np.asarray(kept, dtype=np.int64), truncated, dropped)
+
+
+def _fill(text: str, placeholders: dict[str, str]) -> str:
+    for key, value in placeholders.items():
+        text = text.replace("{{" + key + "}}", value)
+    return text
+
+
+def encode_dataset(spec: DatasetSpec, cfg: DataConfig, tokenizer_path: Path) -> tuple[EncodedDataset, dict]:
+    """Encode one dataset (records in file order), re-using the on-disk cache when it is valid."""
+    placeholders = dict(cfg.placeholders) if spec.name in set(cfg.fill_placeholders) else {}
+    options = cfg.template_options()
+    cache_file = _cache_file(spec, cfg, tokenizer_path, options, placeholders)
+    if cache_file and cache_file.exists() and not cfg.overwrite_cache:
+        try:
+            return _load_cache(cache_file, spec.name)
+        except Exception as err:  # a corrupt cache is rebuilt, never trusted
+            log.warning("ignoring unreadable cache %s: %s", cache_file, err)
+
+    records = read_records(spec)
+    if cfg.max_samples:
+        records = records[: cfg.max_samples]
+    workers = max(1, int(cfg.preprocessing_num_workers or 1))
+    if workers > 1 and len(records) >= 64 * workers:  # worker processes, each on a contiguous share
+        size = -(-len(records) // workers)
+        jobs = [(str(tokenizer_path), options, spec, records[i:i + size], placeholders)
+                for i in range(0, len(records), size)]
+        context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+        with context.Pool(len(jobs)) as pool:
+            parts = pool.map(_encode_job, jobs)
+        for n, part in enumerate(parts):
+            part[3][:] += n * size
+        tokens, labels, lengths, kept = (np.concatenate([p[k] for p in parts]) for k in range(4))
+        truncated, dropped = sum(p[4] for p in parts), sum(p[5] for p in parts)
+    else:
+        encoder = get_encoder(tokenizer_path, options)
+        tokens, labels, lengths, kept, truncated, dropped = _encode_records(encoder, spec, records, placeholders)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    record_index = np.array([records[k][1] for k in kept], dtype=np.int64)
+    counts = {"records": len(records), "truncated": int(truncated), "dropped": int(dropped)}
+    if len(records) and not len(kept):
+        raise DataError(f"dataset '{spec.name}': all {len(records)} records were dropped (no trainable reply "
+                        f"within data.cutoff_len={cfg.cutoff_len})")
+    source = np.stack([np.zeros_like(record_index), record_index], axis=1)
+    dataset = EncodedDataset(tokens, labels, offsets, None, source, [spec.name])
+    if cache_file:
+        _save_cache(cache_file, dataset, counts)
+    return dataset, counts
+
+
+def _file_fingerprint(spec: DatasetSpec) -> list:
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in spec.files()]
+
+
+_TOKENIZER_HASHES: dict[str, str] = {}
+
+
+def _tokenizer_hash(path: Path) -> str:
+    model = path if path.is_file() else path / "tokenizer.model"
+    key = str(model.resolve())
+    if key not in _TOKENIZER_HASHES:
+        _TOKENIZER_HASHES[key] = hashlib.sha256(model.read_bytes()).hexdigest()
+    return _TOKENIZER_HASHES[key]
+
+
+def _cache_file(spec, cfg, tokenizer_path, options, placeholders) -> Path | None:
+    root = Path(cfg.cache_dir or os.environ.get("TELECHAT_LAB_CACHE", "~/.cache/telechat_lab")).expanduser()
+    key = json.dumps({
+        "version": TEMPLATE_VERSION, "files": _file_fingerprint(spec), "tokenizer": _tokenizer_hash(tokenizer_path),
+        "spec": [spec.formatting, spec.columns, spec.tags], "options": asdict(options),
+        "placeholders": placeholders, "max_samples": cfg.max_samples,
+    }, sort_keys=True, default=str)
+    return root / "datasets" / f"{spec.name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
+
+
+def _save_cache(path: Path, ds: EncodedDataset, counts: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, tokens=ds.tokens, labels=ds.labels, offsets=ds.offsets, source=ds.source,
+             counts=np.frombuffer(json.dumps(counts).encode(), dtype=np.uint8))
+    os.replace(tmp, path)
+
+
+def _load_cache(path: Path, name: str) -> tuple[EncodedDataset, dict]:
+    with np.load(path) as f:
+        counts = json.loads(f["counts"].tobytes().decode())
+        ds = EncodedDataset(f["tokens"], f["labels"], f["offsets"], None, f["source"], [name])
+    counts["cached"] = True
+    return ds, counts
+
+
+# ------------------------------------------------------------------------------------------ assembly
+
+
+def mix_indices(n: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """floor(ratio) full copies plus a seeded random subset of the fractional part."""
+    if ratio < 0:
+        raise DataError(f"mixing ratio must be >= 0, got {ratio}")
+    whole, frac = int(ratio), ratio - int(ratio)
+    extra = rng.choice(n, size=round(frac * n), replace=False) if frac and n else np.zeros(0, np.int64)
+    return np.concatenate([np.tile(np.arange(n), whole), np.sort(extra)]).astype(np.int64)
+
+
+def build_datasets(cfg: DataConfig, tokenizer_path: str | Path, shuffle_order: bool = True
+                   ) -> tuple[EncodedDataset, EncodedDataset | None, dict]:
+    """(train, validation or None, report). `report` holds per-dataset counts and totals."""
+    tokenizer_path = Path(tokenizer_path)
+    specs = load_dataset_info(cfg.resolved_dataset_dir())
+    names = cfg.dataset_names()
+    missing = [n for n in names if n not in specs]
+    if missing:
+        raise DataError(f"unknown dataset(s) {missing} in data.datasets; {cfg.resolved_dataset_dir()}"
+                        f"/dataset_info.json defines {sorted(specs)}")
+    mix = dict(cfg.mix or {})
+    unknown_mix = set(mix) - set(names)
+    if unknown_mix:
+        raise DataError(f"data.mix names dataset(s) {sorted(unknown_mix)} that are not in data.datasets {names}")
+
+    rng = np.random.default_rng(cfg.seed)
+    parts, report = [], {"datasets": {}}
+    for name in names:
+        ds, counts = encode_dataset(specs[name], cfg, tokenizer_path)
+        n = len(ds.offsets) - 1
+        index = mix_indices(n, float(mix.get(name, 1.0)), rng)
+        if specs[name].num_samples:
+            index = rng.choice(index, size=specs[name].num_samples, replace=specs[name].num_samples > len(index))
+        ds = EncodedDataset(ds.tokens, ds.labels, ds.offsets, index, ds.source, ds.names)
+        parts.append(ds)
+        report["datasets"][name] = {**counts, **ds.stats()}
+    full = EncodedDataset.concat(parts)
+
+    order = rng.permutation(len(full)) if shuffle_order else np.arange(len(full))
+    n_val = _val_count(cfg.val_size, len(full))
+    val = full.subset(order[:n_val]) if n_val else None
+    train = full.subset(np.sort(order[n_val:]) if not shuffle_order else order[n_val:])
+    if not len(train):
+        raise DataError(f"no training examples left after the validation split (data.val_size={cfg.val_size})")
+    report["train"] = train.stats()
+    report["val"] = val.stats() if val is not None else None
+    report["truncated"] = sum(d["truncated"] for d in report["datasets"].values())
+    report["dropped"] = sum(d["dropped"] for d in report["datasets"].values())
+    return train, val, report
+
+
+def _val_count(val_size: float, n: int) -> int:
+    if not val_size:
+        return 0
+    count = int(val_size) if val_size >= 1 else math.floor(val_size * n)
+    if val_size >= 1 and val_size != int(val_size):
+        raise DataError(f"data.val_size={val_size}: a fraction below 1 or a whole number of examples")
+    if count >= n:
+        raise DataError(f"data.val_size={val_size} leaves no training example out of {n}")
+    return max(count, 1)

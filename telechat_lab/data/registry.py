@@ -1,0 +1,172 @@
+"""`dataset_info.json` (LLaMA-Factory's schema) and the files it names: json, jsonl, csv, parquet,
+or a folder of them. Every error names the dataset, the file and the line or record at fault."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("alpaca", "sharegpt", "telechat")
+COLUMN_KEYS = {"prompt", "query", "response", "history", "messages", "system", "tools"}
+TAG_KEYS = {"role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag"}
+ENTRY_KEYS = {"file_name", "formatting", "columns", "tags", "num_samples", "split", "ranking", "load_from",
+              "subset", "folder", "hf_hub_url", "ms_hub_url", "script_url"}
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+
+DEFAULT_COLUMNS = {
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
+               "history": "history", "tools": "tools"},
+    "sharegpt": {"messages": "conversations", "system": "system", "tools": "tools"},
+    "telechat": {"messages": "dialog", "system": "system", "tools": "tools"},
+}
+DEFAULT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+
+
+class DataError(ValueError):
+    """Bad dataset configuration or record; the message names the dataset, file and record."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    path: Path  # file or folder
+    formatting: str = "alpaca"
+    columns: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    num_samples: int | None = None
+    split: str = "train"
+
+    def column(self, key: str) -> str:
+        return self.columns.get(key, DEFAULT_COLUMNS[self.formatting].get(key, key))
+
+    def tag(self, key: str) -> str:
+        return self.tags.get(key, DEFAULT_TAGS[key])
+
+    def files(self) -> list[Path]:
+        if self.path.is_dir():
+            found = sorted(p for p in self.path.rglob("*") if p.suffix in FILE_SUFFIXES and p.is_file())
+            if not found:
+                raise DataError(f"dataset '{self.name}': folder {self.path} holds no {'/'.join(FILE_SUFFIXES)} file")
+            return found
+        if not self.path.exists():
+            raise DataError(f"dataset '{self.name}': file {self.path} does not exist")
+        return [self.path]
+
+
+def load_dataset_info(dataset_dir: str | Path) -> dict[str, DatasetSpec]:
+    """Parse `dataset_dir/dataset_info.json` into specs, checking every entry."""
+    dataset_dir = Path(dataset_dir)
+    info_path = dataset_dir / "dataset_info.json"
+    if not info_path.is_file():
+        raise DataError(f"{info_path} does not exist (data.dataset_dir must hold dataset_info.json)")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{info_path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+    if not isinstance(info, dict):
+        raise DataError(f"{info_path}: expected an object of dataset entries")
+    return {name: _spec(name, entry, dataset_dir, info_path) for name, entry in info.items()}
+
+
+def _spec(name: str, entry: Any, dataset_dir: Path, info_path: Path) -> DatasetSpec:
+    where = f"{info_path}: dataset '{name}'"
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: expected an object")
+    unknown = set(entry) - ENTRY_KEYS
+    if unknown:
+        raise DataError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(ENTRY_KEYS)}")
+    for remote in ("hf_hub_url", "ms_hub_url", "script_url"):
+        if remote in entry and "file_name" not in entry:
+            raise DataError(f"{where}: '{remote}' datasets are not supported; download it and use 'file_name'")
+    if "file_name" not in entry:
+        raise DataError(f"{where}: missing 'file_name'")
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in FORMATS:
+        raise DataError(f"{where}: unknown formatting '{formatting}'; one of {list(FORMATS)}")
+    if entry.get("ranking"):
+        raise DataError(f"{where}: ranking (preference) datasets are not supported for SFT")
+    columns = entry.get("columns", {}) or {}
+    tags = entry.get("tags", {}) or {}
+    if not isinstance(columns, dict) or set(columns) - COLUMN_KEYS:
+        raise DataError(f"{where}: unknown column key(s) {sorted(set(columns) - COLUMN_KEYS)}; "
+                        f"allowed: {sorted(COLUMN_KEYS)}")
+    if not isinstance(tags, dict) or set(tags) - TAG_KEYS:
+        raise DataError(f"{where}: unknown tag key(s) {sorted(set(tags) - TAG_KEYS)}; allowed: {sorted(TAG_KEYS)}")
+    if tags and formatting != "sharegpt":
+        raise DataError(f"{where}: 'tags' only apply to sharegpt formatting")
+    num_samples = entry.get("num_samples")
+    if num_samples is not None and (not isinstance(num_samples, int) or num_samples <= 0):
+        raise DataError(f"{where}: num_samples must be a positive integer, got {num_samples!r}")
+    return DatasetSpec(name=name, path=(dataset_dir / entry["file_name"]).resolve(), formatting=formatting,
+                       columns=dict(columns), tags=dict(tags), num_samples=num_samples,
+                       split=entry.get("split", "train"))
+
+
+def read_records(spec: DatasetSpec) -> list[tuple[Path, int, dict]]:
+    """All records of a dataset as (file, index, record); `index` is the line number (1-based) for
+    jsonl/csv and the record index (0-based) for json/parquet."""
+    records: list[tuple[Path, int, dict]] = []
+    for path in spec.files():
+        records.extend((path, index, rec) for index, rec in _read_file(spec, path))
+    return records
+
+
+def _read_file(spec: DatasetSpec, path: Path):
+    suffix = path.suffix
+    where = f"dataset '{spec.name}': {path}"
+    if suffix == ".jsonl" or (suffix == ".json" and _looks_like_jsonl(path)):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{where} line {lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
+                if not isinstance(rec, dict):
+                    raise DataError(f"{where} line {lineno}: expected a JSON object, got {type(rec).__name__}")
+                yield lineno, rec
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+        if isinstance(data, dict):
+            data = [data]
+        if not isinstance(data, list):
+            raise DataError(f"{where}: expected a list of records")
+        for index, rec in enumerate(data):
+            if not isinstance(rec, dict):
+                raise DataError(f"{where} record {index}: expected an object, got {type(rec).__name__}")
+            yield index, rec
+    elif suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            for lineno, rec in enumerate(csv.DictReader(f), 2):
+                yield lineno, rec
+    elif suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise DataError(f"{where}: reading parquet needs pyarrow (pip install pyarrow)") from err
+        for index, rec in enumerate(pq.read_table(path).to_pylist()):
+            yield index, rec
+    else:
+        raise DataError(f"{where}: unsupported file type '{suffix}'; use one of {FILE_SUFFIXES}")
+
+
+def _looks_like_jsonl(path: Path) -> bool:
+    """A .json file whose first non-blank character is '{' and that holds several lines of objects."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1 << 16).lstrip()
+    if not head.startswith("{"):
+        return False
+    first = head.split("\n", 1)[0].strip()
+    try:
+        json.loads(first)
+        return True
+    except json.JSONDecodeError:
+        return False

@@ -1,0 +1,176 @@
+"""Conversation -> `input_ids` / `labels` in the TeleChat2 chat format (SPEC.md sections 4-5).
+
+    <_system>S\\n<_user>u1<_bot>a1<_end>\\n<_user>u2<_bot>a2<_end>
+
+Control tokens are placed by id; every text segment between them is encoded on its own with
+SentencePiece (so each gets its dummy-prefix "▁"), exactly like the tokenizer's chat template but
+without rendering and re-splitting a string: text in a record that looks like a control token stays
+text. Each reply and its `<_end>` are trained; `mask_history` trains only the last reply,
+`train_on_prompt` trains everything.
+
+Truncation to `cutoff_len` keeps whole turns where it can (the first ones, or with `mask_history`
+the last ones), else cuts the reply of the one turn kept; a prompt is never kept without at least
+one token of its reply: such an example is dropped and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from telechat_lab.tokenizer import CONTROL_TOKENS, DEFAULT_SYSTEM_PROMPT, format_tools
+
+from .formats import Conversation, tools_of
+
+SYSTEM, USER, BOT, END = (CONTROL_TOKENS[t] for t in ("<_system>", "<_user>", "<_bot>", "<_end>"))
+IGNORE = -100
+TEMPLATE_VERSION = "telechat2-v1"  # part of the cache key: bump when the encoding changes
+
+
+@dataclass(frozen=True)
+class TemplateOptions:
+    cutoff_len: int = 1024
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    default_system: str | None = DEFAULT_SYSTEM_PROMPT  # None: TeleChat's default; "": no system block
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+class ChatEncoder:
+    """Encodes conversations with the SentencePiece model at `tokenizer_path` (a tokenizer.model
+    file or a directory holding one). `encode_batch` hands every distinct text segment of a batch
+    to SentencePiece in one call (on `num_threads` threads) and assembles the examples from them."""
+
+    def __init__(self, tokenizer_path: str | Path, options: TemplateOptions = TemplateOptions(),
+                 num_threads: int = 1):
+        import sentencepiece as spm
+
+        path = Path(tokenizer_path)
+        model_file = path if path.is_file() else path / "tokenizer.model"
+        if not model_file.is_file():
+            raise FileNotFoundError(f"no tokenizer.model at {tokenizer_path}")
+        self.model_file = model_file
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        self.options = options
+        self.num_threads = max(1, num_threads)
+        self.default_system = DEFAULT_SYSTEM_PROMPT if options.default_system is None else options.default_system
+        self.newline = self.sp.encode("\n")
+        self._system_memo: dict[str, list[int]] = {}  # system prompts repeat across a dataset
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.sp.encode(text) if text else []
+
+    def system_text(self, conv: Conversation, where: str = "") -> str:
+        """The system prompt as rendered: record's or default, tools appended; "" for no block."""
+        system = conv.system or self.default_system
+        tools = tools_of(conv.tools, where) if conv.tools is not None else None
+        return system + format_tools(tools) if tools else system
+
+    def system_ids(self, conv: Conversation, where: str = "") -> list[int]:
+        system = self.system_text(conv, where)
+        if not system:
+            return []
+        ids = self._system_memo.get(system)
+        if ids is None:
+            ids = [SYSTEM, *self.encode_text(system + "\n")]
+            if len(self._system_memo) < 4096:
+                self._system_memo[system] = ids
+        return ids
+
+    def encode(self, conv: Conversation, where: str = "") -> Encoded | None:
+        """None when nothing would be trained (no reply, or no room for any reply token)."""
+        return self.encode_batch([conv], [where])[0]
+
+    def encode_batch(self, convs: list[Conversation], wheres: list[str] | None = None) -> list[Encoded | None]:
+        wheres = wheres or [""] * len(convs)
+        slots: dict[str, int] = {}  # distinct text segment -> position in the SentencePiece batch
+        plans = []
+        for conv, where in zip(convs, wheres):
+            system = self.system_text(conv, where)
+            prefix = self._system_memo.get(system) if system else []
+            sys_slot = None
+            if prefix is None:
+                sys_slot = slots.setdefault(system + "\n", len(slots))
+            turn_slots = [(slots.setdefault(u, len(slots)), slots.setdefault(a, len(slots))) for u, a in conv.turns]
+            plans.append((system, prefix, sys_slot, turn_slots))
+        texts = list(slots)
+        if self.num_threads > 1:  # SentencePiece's own thread pool
+            pieces = self.sp.encode(texts, num_threads=self.num_threads) if texts else []
+        else:  # a plain loop is faster than the batch call on one thread
+            encode = self.sp.encode
+            pieces = [encode(t) for t in texts]
+        for i, text in enumerate(texts):
+            if not text:
+                pieces[i] = []
+        results = []
+        for system, prefix, sys_slot, turn_slots in plans:
+            if sys_slot is not None:
+                prefix = [SYSTEM, *pieces[sys_slot]]
+                if len(self._system_memo) < 4096:
+                    self._system_memo[system] = prefix
+            turns = [([USER, *pieces[u], BOT], [*pieces[a], END]) for u, a in turn_slots]
+            results.append(self._assemble(prefix, turns))
+        return results
+
+    def _assemble(self, prefix: list[int], turns: list[tuple[list[int], list[int]]]) -> Encoded | None:
+        opts = self.options
+        if not turns:
+            return None
+        last = len(turns) - 1
+        keep = list(range(len(turns)))
+        truncated = False
+        cut_reply: int | None = None
+        total = len(prefix) + sum(len(p) + len(r) for p, r in turns) + len(self.newline) * last
+        if total > opts.cutoff_len:
+            truncated = True
+            budget = opts.cutoff_len - len(prefix)
+            order = range(last, -1, -1) if opts.mask_history else range(len(turns))
+            keep, used = [], 0
+            for i in order:
+                size = len(turns[i][0]) + len(turns[i][1]) + (len(self.newline) if keep else 0)
+                if used + size > budget:
+                    break
+                keep.append(i)
+                used += size
+            if not keep:  # not even one whole turn: keep the first one with its reply cut
+                first = order[0]
+                room = budget - len(turns[first][0])
+                if room < 1:
+                    return None
+                keep, cut_reply = [first], room
+            keep.sort()
+
+        input_ids = list(prefix)
+        labels = list(prefix) if opts.train_on_prompt else [IGNORE] * len(prefix)
+        for n, i in enumerate(keep):
+            prompt, reply = turns[i]
+            if cut_reply is not None:
+                reply = reply[:cut_reply]
+            if n:
+                prompt = self.newline + prompt
+            input_ids += prompt
+            input_ids += reply
+            labels += prompt if opts.train_on_prompt else [IGNORE] * len(prompt)
+            # a reply is trained unless mask_history keeps only the record's last one
+            labels += reply if (opts.train_on_prompt or not opts.mask_history or i == last) else [IGNORE] * len(reply)
+        # every kept reply has at least one token, so something is trained unless mask_history
+        # lost the last reply (it never does: truncation keeps the last turn first)
+        return Encoded(input_ids, labels, truncated)
+
+    def prompt_ids(self, conv: Conversation) -> list[int]:
+        """The generation prompt for `conv`'s turns plus a final user message: everything up to and
+        including the last `<_bot>` (what chat sends the model)."""
+        ids = self.system_ids(conv)
+        for n, (u, a) in enumerate(conv.turns):
+            if n:
+                ids = ids + self.newline
+            ids = ids + [USER, *self.encode_text(u), BOT]
+            if a is not None:
+                ids = ids + [*self.encode_text(a), END]
+        return ids
