@@ -43,7 +43,7 @@ def write_tiny_checkpoint(
     tokenizer = Path(tokenizer or TINY_TOKENIZER_PATH).resolve()
     ffn_hidden_size = ffn_hidden_size or 2 * hidden_size
     signature = repr((str(tokenizer), hidden_size, n_layer, n_head, num_key_value_heads, ffn_hidden_size,
-                      training_seqlen, seed, str(dtype)))
+                      training_seqlen, seed, str(dtype), "init=0.1"))
     marker = out / MARKER
     if marker.exists() and marker.read_text() == signature and (out / "model.safetensors").exists():
         return out
@@ -58,6 +58,7 @@ def write_tiny_checkpoint(
         ffn_hidden_size=ffn_hidden_size,
         training_seqlen=training_seqlen,
         base_seqlen=training_seqlen,
+        initializer_range=0.1,  # a random model with usable logit scales: LoRA visibly learns on it
         architectures=["Telechat2ForCausalLM"],
     )
     torch.manual_seed(seed)

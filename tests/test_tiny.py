@@ -45,7 +45,7 @@ def test_tiny_checkpoint_is_reused_when_unchanged_and_rewritten_otherwise(tmp_pa
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     write_tiny_checkpoint(tmp_path, hidden_size=64, seed=1)
     assert json.loads((out / "config.json").read_text())["hidden_size"] == 64
-    assert (out / ".telechat_tiny").read_text().endswith("1, 'torch.float32')")
+    assert "1, 'torch.float32'" in (out / ".telechat_tiny").read_text()
 
 
 def test_tiny_checkpoint_refuses_non_tiny_sizes(tmp_path):

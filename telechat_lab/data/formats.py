@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from telechat_lab.tokenizer import format_tool_response
+from telechat_lab.tokenizer import format_tool_call, format_tool_response
 
 from .registry import DataError, DatasetSpec
 
@@ -86,11 +86,25 @@ def _sharegpt(spec: DatasetSpec, record: dict, where: str) -> Conversation:
                             f"{sorted(sides) + [spec.tag('system_tag')]} (set tags in dataset_info.json)")
         side, kind = sides[role]
         if kind == "function_call":
-            content = "<tool_call>\n" + content + "\n</tool_call>"
+            content = _tool_calls_text(content)
         elif kind == "observation":
             content = format_tool_response(content)
         parsed.append((side, content))
     return Conversation(system=system, turns=_pair_turns(parsed, where), tools=record.get(spec.column("tools")))
+
+
+def _tool_calls_text(content: str) -> str:
+    """A function_call value (a JSON call, or a list of them) as the chat template renders tool calls:
+    one `<tool_call>` block per call, JSON re-dumped the template's way (non-ASCII kept as is); a
+    value that is not such JSON is wrapped as it is."""
+    try:
+        calls = json.loads(content)
+    except json.JSONDecodeError:
+        calls = None
+    calls = calls if isinstance(calls, list) else [calls]
+    if calls and all(isinstance(c, dict) and isinstance(c.get("name"), str) and "arguments" in c for c in calls):
+        return "\n".join(format_tool_call(c["name"], c["arguments"]) for c in calls)
+    return "<tool_call>\n" + content + "\n</tool_call>"
 
 
 def _telechat(spec: DatasetSpec, record: dict, where: str) -> Conversation:

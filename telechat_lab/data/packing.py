@@ -66,7 +66,9 @@ def join_examples(examples: Sequence[dict]) -> dict[str, np.ndarray]:
     return {
         "input_ids": np.concatenate([np.asarray(ex["input_ids"], dtype=np.int64) for ex in examples]),
         "labels": np.concatenate(labels),
-        "position_ids": np.concatenate([np.arange(len(ex["input_ids"])) for ex in examples]),
+        # a packed row (padding_free over packed rows) keeps its own restarting positions
+        "position_ids": np.concatenate([np.asarray(ex["position_ids"], dtype=np.int64) if "position_ids" in ex
+                                        else np.arange(len(ex["input_ids"])) for ex in examples]),
     }
 
 

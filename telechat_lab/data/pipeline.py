@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .formats import to_conversation
-from .registry import DataError, DatasetSpec, load_dataset_info, read_records
+from .registry import DataError, DatasetSpec, index_unit, load_dataset_info, read_records
 from .template import IGNORE, TEMPLATE_VERSION, ChatEncoder, TemplateOptions
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,9 @@ class DataConfig:
     cache_dir: str | None = None  # default ~/.cache/telechat_lab/datasets
     overwrite_cache: bool = False
     seed: int = 42
+    batch_size: int = 4  # per device (LLaMA-Factory's per_device_train_batch_size)
+    eval_batch_size: int = 4
+    dataloader_num_workers: int = 0
 
     @classmethod
     def from_mapping(cls, cfg: Any) -> DataConfig:
@@ -110,11 +113,13 @@ class EncodedDataset:
     @staticmethod
     def concat(parts: Sequence[EncodedDataset]) -> EncodedDataset:
         tokens, labels, offsets, index, source, base = [], [], [np.zeros(1, dtype=np.int64)], [], [], 0
+        end = 0  # tokens so far
         names: list[str] = []
         for part in parts:
             tokens.append(part.tokens)
             labels.append(part.labels)
-            offsets.append(part.offsets[1:] + offsets[-1][-1])
+            offsets.append(part.offsets[1:] + end)
+            end += int(part.offsets[-1])
             index.append(part.index + base)
             src = part.source.copy()
             src[:, 0] += len(names)
@@ -149,10 +154,11 @@ def _encode_records(encoder: ChatEncoder, spec: DatasetSpec, records: list, plac
     tokens: list[int] = []
     labels: list[int] = []
     lengths, kept, truncated, dropped = [], [], 0, 0
+    units: dict = {}  # file -> what its record index counts ("line" or "record")
     for start in range(0, len(records), BATCH):
         convs, wheres = [], []
         for path, index, record in records[start:start + BATCH]:
-            unit = "line" if path.suffix in (".jsonl", ".csv") else "record"
+            unit = units.get(path) or units.setdefault(path, index_unit(path))
             where = f"dataset '{spec.name}': {path} {unit} {index}"
             conv = to_conversation(spec, record, where)
             if placeholders:
@@ -190,6 +196,8 @@ def encode_dataset(spec: DatasetSpec, cfg: DataConfig, tokenizer_path: Path) -> 
             log.warning("ignoring unreadable cache %s: %s", cache_file, err)
 
     records = read_records(spec)
+    if not records:
+        raise DataError(f"dataset '{spec.name}': {spec.path} holds no records")
     if cfg.max_samples:
         records = records[: cfg.max_samples]
     workers = max(1, int(cfg.preprocessing_num_workers or 1))
@@ -277,12 +285,8 @@ def build_datasets(cfg: DataConfig, tokenizer_path: str | Path, shuffle_order: b
                    ) -> tuple[EncodedDataset, EncodedDataset | None, dict]:
     """(train, validation or None, report). `report` holds per-dataset counts and totals."""
     tokenizer_path = Path(tokenizer_path)
-    specs = load_dataset_info(cfg.resolved_dataset_dir())
     names = cfg.dataset_names()
-    missing = [n for n in names if n not in specs]
-    if missing:
-        raise DataError(f"unknown dataset(s) {missing} in data.datasets; {cfg.resolved_dataset_dir()}"
-                        f"/dataset_info.json defines {sorted(specs)}")
+    specs = load_dataset_info(cfg.resolved_dataset_dir(), names)  # only the entries used are checked
     mix = dict(cfg.mix or {})
     unknown_mix = set(mix) - set(names)
     if unknown_mix:
@@ -294,8 +298,11 @@ def build_datasets(cfg: DataConfig, tokenizer_path: str | Path, shuffle_order: b
         ds, counts = encode_dataset(specs[name], cfg, tokenizer_path)
         n = len(ds.offsets) - 1
         index = mix_indices(n, float(mix.get(name, 1.0)), rng)
-        if specs[name].num_samples:
-            index = rng.choice(index, size=specs[name].num_samples, replace=specs[name].num_samples > len(index))
+        wanted = specs[name].num_samples
+        if wanted and len(index):  # LLaMA-Factory's rule: a random subset, or every example plus random extras
+            index = rng.permutation(index)
+            extra = rng.choice(index, size=max(0, wanted - len(index)))
+            index = np.sort(np.concatenate([index[:wanted], extra]))
         ds = EncodedDataset(ds.tokens, ds.labels, ds.offsets, index, ds.source, ds.names)
         parts.append(ds)
         report["datasets"][name] = {**counts, **ds.stats()}

@@ -57,8 +57,9 @@ class DatasetSpec:
         return [self.path]
 
 
-def load_dataset_info(dataset_dir: str | Path) -> dict[str, DatasetSpec]:
-    """Parse `dataset_dir/dataset_info.json` into specs, checking every entry."""
+def load_dataset_info(dataset_dir: str | Path, names: list[str] | None = None) -> dict[str, DatasetSpec]:
+    """Parse `dataset_dir/dataset_info.json` into specs, checking every entry, or only those of `names`
+    (the other entries, e.g. LLaMA-Factory's hub or ranking datasets, are then left alone)."""
     dataset_dir = Path(dataset_dir)
     info_path = dataset_dir / "dataset_info.json"
     if not info_path.is_file():
@@ -69,6 +70,11 @@ def load_dataset_info(dataset_dir: str | Path) -> dict[str, DatasetSpec]:
         raise DataError(f"{info_path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
     if not isinstance(info, dict):
         raise DataError(f"{info_path}: expected an object of dataset entries")
+    if names is not None:
+        missing = [n for n in names if n not in info]
+        if missing:
+            raise DataError(f"unknown dataset(s) {missing} in data.datasets; {info_path} defines {sorted(info)}")
+        info = {n: info[n] for n in names}
     return {name: _spec(name, entry, dataset_dir, info_path) for name, entry in info.items()}
 
 
@@ -111,7 +117,10 @@ def read_records(spec: DatasetSpec) -> list[tuple[Path, int, dict]]:
     jsonl/csv and the record index (0-based) for json/parquet."""
     records: list[tuple[Path, int, dict]] = []
     for path in spec.files():
-        records.extend((path, index, rec) for index, rec in _read_file(spec, path))
+        try:
+            records.extend((path, index, rec) for index, rec in _read_file(spec, path))
+        except UnicodeDecodeError as err:
+            raise DataError(f"dataset '{spec.name}': {path}: not UTF-8 text ({err})") from err
     return records
 
 
@@ -145,17 +154,30 @@ def _read_file(spec: DatasetSpec, path: Path):
             yield index, rec
     elif suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as f:
-            for lineno, rec in enumerate(csv.DictReader(f), 2):
+            reader = csv.DictReader(f)
+            lineno = 2  # the line a record starts on (a quoted field may span several lines)
+            for rec in reader:
                 yield lineno, rec
+                lineno = reader.line_num + 1
     elif suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as err:
             raise DataError(f"{where}: reading parquet needs pyarrow (pip install pyarrow)") from err
-        for index, rec in enumerate(pq.read_table(path).to_pylist()):
-            yield index, rec
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as err:  # pyarrow's own errors name neither the dataset nor the file
+            raise DataError(f"{where}: unreadable parquet file ({err})") from err
+        yield from enumerate(rows)
     else:
         raise DataError(f"{where}: unsupported file type '{suffix}'; use one of {FILE_SUFFIXES}")
+
+
+def index_unit(path: Path) -> str:
+    """What the index `read_records` gives for a record of `path` counts: "line" or "record"."""
+    if path.suffix in (".jsonl", ".csv") or (path.suffix == ".json" and _looks_like_jsonl(path)):
+        return "line"
+    return "record"
 
 
 def _looks_like_jsonl(path: Path) -> bool:

@@ -24,7 +24,7 @@ from .formats import Conversation, tools_of
 
 SYSTEM, USER, BOT, END = (CONTROL_TOKENS[t] for t in ("<_system>", "<_user>", "<_bot>", "<_end>"))
 IGNORE = -100
-TEMPLATE_VERSION = "telechat2-v1"  # part of the cache key: bump when the encoding changes
+TEMPLATE_VERSION = "telechat2-v2"  # part of the cache key: bump when the encoding changes
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Training: the Lightning module and data module, adapters, strategies, callbacks and the run."""

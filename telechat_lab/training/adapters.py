@@ -1,0 +1,85 @@
+"""The adapter group -> a trainable model: LoRA / DoRA / QLoRA through peft, full fine-tuning, or
+freezing all but the last N blocks. QLoRA and DoRA are flags on one LoRA path, not classes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+ALL_TARGETS = ["query", "key_value", "dense", "gate_proj", "up_proj", "down_proj"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def target_modules(target: Any) -> list[str]:
+    if target == "all":
+        return list(ALL_TARGETS)
+    names = [t.strip() for t in target.split(",")] if isinstance(target, str) else list(target)
+    unknown = sorted(set(names) - set(ALL_TARGETS) - {"lm_head"})
+    if unknown:
+        raise ValueError(f"adapter.target: unknown module(s) {unknown}; TeleChat2 has {ALL_TARGETS} (or 'all')")
+    return names
+
+
+def quantization_config(adapter: dict):
+    """bitsandbytes config for adapter.quantization (QLoRA), else None."""
+    quant = adapter.get("quantization")
+    if not quant:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ImportError("adapter=qlora needs bitsandbytes: install the `qlora` extra "
+                          "(pip install 'telechat-lab[qlora]')") from err
+    from transformers import BitsAndBytesConfig
+
+    if quant.get("bits", 4) == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.get("quant_type", "nf4"),
+                              bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
+                              bnb_4bit_compute_dtype=DTYPES[quant.get("compute_dtype", "bfloat16")])
+
+
+def apply_adapter(model: torch.nn.Module, adapter: dict, gradient_checkpointing: bool = False) -> torch.nn.Module:
+    kind = adapter["type"]
+    if kind == "full":
+        model.requires_grad_(True)
+        return model
+    if kind == "freeze":
+        return _freeze_all_but(model, adapter.get("trainable_layers", 1), adapter.get("modules_to_save") or [])
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if adapter.get("quantization"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    config = LoraConfig(
+        r=adapter["rank"],
+        lora_alpha=adapter["alpha"],
+        lora_dropout=adapter["dropout"],
+        target_modules=target_modules(adapter["target"]),
+        use_rslora=bool(adapter.get("rslora")),
+        use_dora=bool(adapter.get("use_dora")),
+        modules_to_save=adapter.get("modules_to_save"),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _freeze_all_but(model: torch.nn.Module, n_layers: int, extra: list[str]) -> torch.nn.Module:
+    n_total = model.config.n_layer
+    if not 0 < n_layers <= n_total:
+        raise ValueError(f"adapter.trainable_layers={n_layers}: the model has {n_total} blocks")
+    trainable = {f"transformer.h.{i}." for i in range(n_total - n_layers, n_total)}
+    trainable |= {name.rstrip(".") + "." for name in extra}
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(name.startswith(prefix) for prefix in trainable))
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total); 4-bit weights count as their unpacked number of elements."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,94 @@
+"""The LightningDataModule: the data pipeline's datasets as seeded, resumable DataLoaders."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from telechat_lab.data import DataConfig, build_datasets
+from telechat_lab.data.packing import Collator, PackedDataset
+
+log = logging.getLogger(__name__)
+
+
+class ResumableRandomSampler(Sampler[int]):
+    """A seeded permutation per epoch that can start part-way, so a resumed run sees exactly the
+    batches an uninterrupted one would have seen."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+
+    def __iter__(self):
+        order = np.random.default_rng(self.seed + self.epoch).permutation(self.n)
+        start, self.start = self.start, 0
+        yield from order[start:].tolist()
+
+    def __len__(self) -> int:  # the full epoch: Lightning counts a resumed epoch's batches from its progress
+        return self.n
+
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning at every epoch start
+        self.epoch = epoch
+
+
+class TelechatDataModule(L.LightningDataModule):
+    def __init__(self, data: DataConfig, model_dir: str | Path):
+        super().__init__()
+        self.cfg, self.model_dir = data, Path(model_dir)
+        self.train_set = self.val_set = None
+        self.report: dict = {}
+        self.sampler: ResumableRandomSampler | None = None
+        self.resume_batches = 0
+
+    def prepare_data(self) -> None:
+        build_datasets(self.cfg, self.model_dir)  # fills the on-disk cache once, on rank 0
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train, val, self.report = build_datasets(self.cfg, self.model_dir)
+        if self.cfg.packing:
+            train = PackedDataset(train, self.cfg.cutoff_len)
+            val = PackedDataset(val, self.cfg.cutoff_len) if val is not None else None
+            self.report["packing_efficiency"] = round(train.efficiency(), 4)
+        self.train_set, self.val_set = train, val
+
+    def collator(self) -> Collator:
+        return Collator(padding_free=self.cfg.padding_free)
+
+    def train_dataloader(self) -> DataLoader:
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        kwargs = {}
+        if not distributed:  # under DDP Lightning installs a seeded DistributedSampler
+            self.sampler = ResumableRandomSampler(len(self.train_set), self.cfg.seed)
+            self.sampler.start = self.resume_batches * self.cfg.batch_size
+            kwargs["sampler"] = self.sampler
+        else:
+            kwargs["shuffle"] = True
+        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, collate_fn=self.collator(),
+                          num_workers=self.cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(0),
+                          **kwargs)
+
+    def val_dataloader(self):
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, batch_size=self.cfg.eval_batch_size, collate_fn=self.collator(),
+                          num_workers=self.cfg.dataloader_num_workers)
+
+    def state_dict(self) -> dict:
+        if self.trainer is None:
+            return {}
+        # saved from on_train_batch_end: the current batch is processed, not yet "completed"
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch_batches_done": progress.processed, "epoch": self.trainer.current_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restored before training resumes (the loader may already exist): the next epoch
+        iteration starts after the batches the interrupted run had consumed."""
+        self.resume_batches = int(state.get("epoch_batches_done", 0))
+        if self.sampler is not None:
+            self.sampler.start = self.resume_batches * self.cfg.batch_size

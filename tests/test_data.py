@@ -1,0 +1,779 @@
+"""Tests of telechat_lab.data: dataset_info.json and its files, the TeleChat2 encoding (against the golden cases
+and the tokenizer's own chat template), truncation, mixing and splitting, packing, parallel encoding, the on-disk
+cache, the inspect command and the errors bad input raises.
+
+The real tokenizer, the golden cases and the release's demo data come from ../shared (`shared_path` skips the
+tests that need them where it is absent); everything else uses the tiny tokenizer shipped in the package.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared_path
+from test_tokenizer import _chat, record_to_chat
+
+from telechat_lab.data import DataConfig, DataError, DatasetSpec, build_datasets, load_dataset_info
+from telechat_lab.data import pipeline as pipeline_mod
+from telechat_lab.data.formats import to_conversation
+from telechat_lab.data.packing import PAD_ID, Collator, PackedDataset
+from telechat_lab.data.template import BOT, IGNORE, ChatEncoder, TemplateOptions
+from telechat_lab.tokenizer import TINY_TOKENIZER_PATH, load_tokenizer
+
+TINY = TINY_TOKENIZER_PATH
+
+# The two dataset_info.json entries of the issue, exactly as written (plus the file name).
+ALPACA_ENTRY = {"columns": {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
+                            "history": "history"}}
+SHAREGPT_ENTRY = {"formatting": "sharegpt", "columns": {"messages": "conversations", "system": "system",
+                                                        "tools": "tools"},
+                  "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "user",
+                           "assistant_tag": "assistant"}}
+
+WEATHER_TOOL = {"name": "get_weather", "description": "Weather of a city.",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def alpaca(i: int, history: int = 0, system: str = "", input_: str = "") -> dict:
+    return {"instruction": f"Question number {i}: what is {i} plus {i}?", "input": input_,
+            "output": f"It is {2 * i}." + " Indeed." * (i % 4), "system": system,
+            "history": [[f"Earlier question {i}.{k}?", f"Earlier answer {i}.{k}."] for k in range(history)]}
+
+
+def write_datasets(root: Path, datasets: dict[str, tuple[dict, object]]) -> Path:
+    """`datasets`: name -> (dataset_info entry without file_name, content); the content is a list of records
+    (written as a JSON list, or JSON lines for a .jsonl name) or raw text; the file is `<name>.json` unless the
+    entry gives `file_name`."""
+    root.mkdir(parents=True, exist_ok=True)
+    info = {}
+    for name, (entry, content) in datasets.items():
+        entry = {"file_name": f"{name}.json", **entry}
+        info[name] = entry
+        path = root / entry["file_name"]
+        if content is None:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            path.write_text(content, encoding="utf-8")
+        elif path.suffix == ".jsonl":
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in content), encoding="utf-8")
+        else:
+            path.write_text(json.dumps(content, ensure_ascii=False, indent=1), encoding="utf-8")
+    (root / "dataset_info.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+    return root
+
+
+def build(root: Path, names, tokenizer=TINY, **options):
+    """(train, val, report) in dataset order, no validation split unless asked."""
+    options = {"val_size": 0, "cutoff_len": 100000, "cache_dir": str(root / "cache"), **options}
+    return build_datasets(DataConfig(dataset_dir=str(root), datasets=names, **options), tokenizer,
+                          shuffle_order=False)
+
+
+def examples(ds) -> list[tuple[list[int], list[int]]]:
+    return [(ds[i]["input_ids"].tolist(), ds[i]["labels"].tolist()) for i in range(len(ds))]
+
+
+def sources(ds) -> list[tuple[str, int]]:
+    return [(ds.names[d], int(r)) for d, r in ds.source[ds.index]]
+
+
+def oracle(tok, record: dict, info: dict, *, train_on_prompt=False, mask_history=False, default_system=None):
+    """(input_ids, labels) from the tokenizer's chat template: the trained tokens are its generation spans."""
+    system, messages, tools = record_to_chat(record, info)
+    out = tok.apply_chat_template(_chat(system, messages), tools=tools, default_system=default_system,
+                                  tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    if train_on_prompt:
+        mask = [1] * len(mask)
+    elif mask_history:
+        last_start = max(i for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
+        mask = [int(i >= last_start and m) for i, m in enumerate(mask)]
+    return ids, [t if m else IGNORE for t, m in zip(ids, mask)]
+
+
+@pytest.fixture(scope="module")
+def tiny_tok():
+    return load_tokenizer(TINY)
+
+
+@pytest.fixture(scope="module")
+def real_model_file() -> Path:
+    return shared_path("telechat2", "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def golden_cases() -> list[dict]:
+    path = shared_path("golden", "template", "cases.jsonl")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dataset_info.json and files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_alpaca_entry_as_written_matches_chat_template(tmp_path, tiny_tok):
+    records = [alpaca(1), alpaca(2, history=2, system="You are terse."), alpaca(3, input_="Some context.")]
+    root = write_datasets(tmp_path, {"dataset_name": (ALPACA_ENTRY, records)})
+    spec = load_dataset_info(root)["dataset_name"]
+    assert spec.formatting == "alpaca" and spec.path == (root / "dataset_name.json").resolve()
+    train, _, report = build(root, ["dataset_name"])
+    assert examples(train) == [oracle(tiny_tok, r, ALPACA_ENTRY) for r in records]
+    assert report["datasets"]["dataset_name"]["examples"] == 3
+    # history turns are trained too (3 replies in the record with 2 history turns)
+    assert sum(1 for t in train[1]["labels"].tolist() if t == 2) == 3  # three trained <_end>
+
+
+def test_sharegpt_entry_as_written_matches_chat_template(tmp_path, tiny_tok):
+    records = [
+        {"conversations": [{"from": "user", "value": "Hi there"}, {"from": "assistant", "value": "Hello!"},
+                           {"from": "user", "value": "Weather in Paris?"}, {"from": "assistant", "value": "Sunny."}],
+         "system": "Be kind."},
+        {"conversations": [{"from": "user", "value": "Only a question"}, {"from": "assistant", "value": "Answer"}],
+         "tools": json.dumps([WEATHER_TOOL])},
+    ]
+    root = write_datasets(tmp_path, {"dataset_name": (SHAREGPT_ENTRY, records)})
+    train, _, _ = build(root, ["dataset_name"])
+    assert examples(train) == [oracle(tiny_tok, r, SHAREGPT_ENTRY) for r in records]
+
+
+def test_file_types_and_folder_give_the_same_examples(tmp_path):
+    records = [{k: v for k, v in alpaca(i, input_="ctx" if i % 2 else "").items() if k != "history"}
+               for i in range(6)]
+    (tmp_path / "src").mkdir()
+    with open(tmp_path / "src" / "d.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    root = write_datasets(tmp_path / "src", {
+        "as_json": ({"file_name": "d.json"}, records),
+        "as_jsonl": ({"file_name": "d.jsonl"}, records),
+        "as_csv": ({"file_name": "d.csv"}, None),
+        "as_folder": ({"file_name": "parts"}, None),
+    })
+    (root / "parts").mkdir()  # a folder of files: read in name order, whatever their types
+    (root / "parts" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]), encoding="utf-8")
+    (root / "parts" / "b.json").write_text(json.dumps(records[2:4]), encoding="utf-8")
+    (root / "parts" / "c").mkdir()
+    (root / "parts" / "c" / "d.json").write_text(json.dumps(records[4:]), encoding="utf-8")
+    (root / "parts" / "notes.txt").write_text("ignored", encoding="utf-8")
+
+    built = {name: build(root, [name]) for name in ("as_json", "as_jsonl", "as_csv", "as_folder")}
+    reference = examples(built["as_json"][0])
+    assert len(reference) == 6
+    for name, (train, _, report) in built.items():
+        assert examples(train) == reference, name
+        assert report["datasets"][name]["records"] == 6
+    # the record index is the 0-based record of a JSON list, the 1-based line of jsonl/csv
+    assert [r for _, r in sources(built["as_json"][0])] == list(range(6))
+    assert [r for _, r in sources(built["as_jsonl"][0])] == list(range(1, 7))
+    assert [r for _, r in sources(built["as_csv"][0])] == list(range(2, 8))
+
+
+def test_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    records = [{k: v for k, v in alpaca(i).items() if k != "history"} for i in range(4)]
+    root = write_datasets(tmp_path, {"pq": ({"file_name": "d.parquet"}, None), "js": ({}, records)})
+    pq.write_table(pa.Table.from_pylist(records), root / "d.parquet")
+    assert examples(build(root, ["pq"])[0]) == examples(build(root, ["js"])[0])
+
+
+def test_parquet_without_pyarrow_names_pyarrow(tmp_path, monkeypatch):
+    root = write_datasets(tmp_path, {"pq": ({"file_name": "d.parquet"}, "not read")})
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(DataError, match="pyarrow") as err:
+        build(root, ["pq"])
+    assert "dataset 'pq'" in str(err.value) and "d.parquet" in str(err.value)
+
+
+def test_num_samples_subsets_or_repeats_every_record(tmp_path):
+    records = [alpaca(i) for i in range(10)]
+    root = write_datasets(tmp_path, {"down": ({"file_name": "d.json", "num_samples": 4}, records),
+                                     "up": ({"file_name": "d.json", "num_samples": 25}, None)})
+    train, _, report = build(root, ["down", "up"])
+    counts = Counter(sources(train))
+    down = {r: c for (n, r), c in counts.items() if n == "down"}
+    up = {r: c for (n, r), c in counts.items() if n == "up"}
+    assert sum(down.values()) == 4 and set(down.values()) == {1}  # a subset, no repeats
+    assert sum(up.values()) == 25 and set(up) == set(range(10))  # every record at least once
+    assert report["datasets"]["down"]["examples"] == 4 and report["datasets"]["up"]["examples"] == 25
+
+
+def test_only_the_entries_used_are_checked(tmp_path):
+    """LLaMA-Factory's own dataset_info.json holds hub and preference datasets: unused, they are left alone."""
+    root = write_datasets(tmp_path, {"local": (ALPACA_ENTRY, [alpaca(1)]),
+                                     "alpaca_en": ({"hf_hub_url": "llamafactory/alpaca_en"}, None),
+                                     "dpo_en_demo": ({"file_name": "dpo_en_demo.json", "ranking": True}, None)})
+    info = json.loads((root / "dataset_info.json").read_text())
+    del info["alpaca_en"]["file_name"]
+    (root / "dataset_info.json").write_text(json.dumps(info))
+    assert len(build(root, ["local"])[0]) == 1
+    with pytest.raises(DataError, match="dataset 'alpaca_en': 'hf_hub_url' datasets are not supported"):
+        build(root, ["local", "alpaca_en"])
+    with pytest.raises(DataError, match="dataset 'dpo_en_demo': ranking"):
+        build(root, ["dpo_en_demo"])
+    with pytest.raises(DataError, match="dataset 'alpaca_en'"):
+        load_dataset_info(root)  # every entry, when asked for all
+
+
+def test_dataset_names_as_list_or_comma_string(tmp_path):
+    root = write_datasets(tmp_path, {"a": ({}, [alpaca(1)]), "b": ({}, [alpaca(2), alpaca(3)])})
+    assert DataConfig(datasets=" a, b ,").dataset_names() == ["a", "b"]
+    as_list, _, report = build(root, ["a", "b"])
+    as_string, _, _ = build(root, "a,b")
+    assert list(report["datasets"]) == ["a", "b"]
+    assert examples(as_string) == examples(as_list) and len(as_list) == 3
+    assert sources(as_string) == [("a", 0), ("b", 0), ("b", 1)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# golden cases (real tokenizer)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _golden_root(tmp_path: Path, cases: list[dict]) -> Path:
+    return write_datasets(tmp_path, {c["id"]: (c["dataset_info"], [c["record"]]) for c in cases})
+
+
+def test_golden_cases_through_the_pipeline(tmp_path, golden_cases, real_model_file):
+    real_tok = load_tokenizer(real_model_file)
+    root = _golden_root(tmp_path, golden_cases)
+    groups: dict[tuple, list[dict]] = {}
+    for case in golden_cases:
+        groups.setdefault((bool(case.get("mask_history")), bool(case.get("train_on_prompt"))), []).append(case)
+    checked = 0
+    for (mask_history, train_on_prompt), cases in groups.items():
+        train, _, report = build(root, [c["id"] for c in cases], tokenizer=real_model_file,
+                                 mask_history=mask_history, train_on_prompt=train_on_prompt)
+        assert report["dropped"] == 0 and report["truncated"] == 0
+        for case, (ids, labels) in zip(cases, examples(train), strict=True):
+            assert ids == case["expected"]["input_ids"], case["id"]
+            assert labels == case["expected"]["labels"], case["id"]
+            # the prompt part (up to the last <_bot>) is what the tokenizer's template sends for generation
+            system, messages, tools = record_to_chat(case["record"], case["dataset_info"])
+            chat = _chat(system, messages)
+            assert chat[-1]["role"] == "assistant"
+            prompt = real_tok.apply_chat_template(chat[:-1], tools=tools, add_generation_prompt=True)["input_ids"]
+            last_bot = len(ids) - 1 - ids[::-1].index(BOT)
+            assert ids[: last_bot + 1] == prompt == case["expected"]["generation_prompt_ids"], case["id"]
+            checked += 1
+    assert checked == len(golden_cases) >= 9
+
+
+def _run_inspect(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run([sys.executable, "-m", "telechat_lab.data.inspect", *overrides], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_inspect_cli_reproduces_golden_cases(tmp_path, golden_cases, tiny_real_vocab_dir):
+    cases = [c for c in golden_cases if not c.get("mask_history") and not c.get("train_on_prompt")]
+    root = _golden_root(tmp_path / "data", cases)
+    out = tmp_path / "out" / "encoded.jsonl"
+    result = _run_inspect(tmp_path, f"model.path={tiny_real_vocab_dir}", f"data.dataset_dir={root}",
+                          f"data.datasets=[{','.join(c['id'] for c in cases)}]", "data.cutoff_len=100000",
+                          f"data.cache_dir={tmp_path / 'cache'}", f"output={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == len(cases)
+    for case, line in zip(cases, lines):
+        assert line == {"input_ids": case["expected"]["input_ids"], "labels": case["expected"]["labels"]}, case["id"]
+    # the counts: records, examples, tokens, trained tokens, truncated, dropped
+    total = re.search(r"total\W+(\d+)\W+(\d+)\W+(\d+)\W+(\d+)\W+(\d+)\W+(\d+)", result.stdout)
+    assert total, result.stdout[-3000:]
+    tokens = sum(len(c["expected"]["input_ids"]) for c in cases)
+    trained = sum(t != IGNORE for c in cases for t in c["expected"]["labels"])
+    assert [int(g) for g in total.groups()] == [len(cases), len(cases), tokens, trained, 0, 0]
+    assert f"wrote {len(cases)} examples" in result.stdout
+
+
+def test_inspect_cli_bad_input_exits_nonzero(tmp_path, tiny_dir):
+    good = json.dumps({"system": "", "dialog": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]})
+    root = write_datasets(tmp_path / "data", {"broken": ({"file_name": "broken.jsonl", "formatting": "telechat"},
+                                                         good + "\n" + good + "\n{\"system\": oops\n")})
+    result = _run_inspect(tmp_path, f"model.path={tiny_dir}", f"data.dataset_dir={root}", "data.datasets=[broken]",
+                          f"data.cache_dir={tmp_path / 'cache'}", f"output={tmp_path / 'out.jsonl'}")
+    assert result.returncode != 0
+    message = result.stdout + result.stderr
+    assert "DataError" in message and "dataset 'broken'" in message
+    assert "broken.jsonl line 3" in message and "malformed JSON" in message
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mixing, max_samples, validation split
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_mix_ratios_of_the_release_demo(tmp_path, real_model_file):
+    demo = shared_path("data", "telechat2_sft_demo")
+    ratios = json.loads((demo / "mix_ratios.json").read_text(encoding="utf-8"))
+    files = ["demo_math.jsonl", "demo_role.jsonl", "demo_code.jsonl"]  # the small ones: 1.78, 1.24, 1.0
+    names = [f.removesuffix(".jsonl") for f in files]
+    root = write_datasets(tmp_path, {n: ({"file_name": str(demo / f), "formatting": "telechat"}, None)
+                                     for n, f in zip(names, files)})
+    mix = {n: ratios[f] for n, f in zip(names, files)}
+
+    def mixed(seed):
+        train, _, report = build(root, names, tokenizer=real_model_file, mix=mix, seed=seed)
+        return train, report
+
+    train, report = mixed(1)
+    counts = Counter(sources(train))
+    for name in names:
+        n = report["datasets"][name]["records"]
+        assert report["datasets"][name]["dropped"] == 0
+        whole, frac = int(mix[name]), mix[name] - int(mix[name])
+        per_record = [counts[(name, r)] for (d, r) in counts if d == name]
+        assert len(per_record) == n  # every example at least once
+        assert sum(per_record) == report["datasets"][name]["examples"] == whole * n + round(frac * n)
+        assert Counter(per_record) == Counter({whole: n - round(frac * n), whole + 1: round(frac * n)} if frac
+                                              else {whole: n})
+    assert report["datasets"]["demo_math"]["examples"] == 50 + 39  # ratio 1.78 of 50
+    again, _ = mixed(1)
+    other, _ = mixed(2)
+    assert sources(again) == sources(train)
+    assert sources(other) != sources(train) and len(other) == len(train)
+
+
+def test_max_samples_takes_the_first_records(tmp_path):
+    root = write_datasets(tmp_path, {"a": ({"file_name": "a.jsonl"}, [alpaca(i) for i in range(10)]),
+                                     "b": ({}, [alpaca(i) for i in range(2)])})
+    train, _, report = build(root, ["a", "b"], max_samples=3)
+    assert sources(train) == [("a", 1), ("a", 2), ("a", 3), ("b", 0), ("b", 1)]
+    assert report["datasets"]["a"]["records"] == 3 and report["datasets"]["b"]["records"] == 2
+
+
+def test_val_size_fraction_and_count_seeded(tmp_path):
+    root = write_datasets(tmp_path, {"a": ({}, [alpaca(i) for i in range(30)]), "b": ({}, [alpaca(i) for i in
+                                                                                          range(30, 40)])})
+
+    def split(val_size, seed):
+        cfg = DataConfig(dataset_dir=str(root), datasets=["a", "b"], val_size=val_size, seed=seed,
+                         cache_dir=str(tmp_path / "cache"))
+        train, val, report = build_datasets(cfg, TINY)
+        return train, val, report
+
+    train, val, report = split(0.25, 3)
+    assert (len(train), len(val)) == (30, 10)
+    assert report["train"]["examples"] == 30 and report["val"]["examples"] == 10
+    everything = sorted(sources(train) + sources(val))
+    assert everything == sorted([("a", i) for i in range(30)] + [("b", i) for i in range(10)])  # disjoint, complete
+    train2, val2, _ = split(0.25, 3)
+    assert sources(train2) == sources(train) and sources(val2) == sources(val)
+    assert examples(val2) == examples(val)
+    _, val3, _ = split(0.25, 4)
+    assert set(sources(val3)) != set(sources(val))
+    train7, val7, _ = split(7, 3)
+    assert (len(train7), len(val7)) == (33, 7)
+    with pytest.raises(DataError, match="val_size"):
+        split(40, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# encoding options
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_default_system_none_empty_and_custom(tmp_path, tiny_tok):
+    records = [alpaca(1), alpaca(2, system="Record's own system.")]
+    root = write_datasets(tmp_path, {"d": ({}, records)})
+    results = {}
+    for default_system in (None, "", "Custom default."):
+        train, _, _ = build(root, ["d"], default_system=default_system)
+        results[default_system] = examples(train)
+        assert results[default_system] == [oracle(tiny_tok, r, {}, default_system=default_system) for r in records]
+    # None: TeleChat's default system block; "": no <_system> at all; a record's own system always wins
+    assert results[None][0][0][0] == 6 and results[""][0][0][0] == 4
+    assert results["Custom default."][0][0][:3] == [6, *tiny_tok("Custom default.", add_special_tokens=False)
+                                                    ["input_ids"][:2]]
+    assert results[None][1] == results[""][1] == results["Custom default."][1]
+    assert len({tuple(results[k][0][0]) for k in results}) == 3
+
+
+def test_tools_and_tool_roles(tmp_path, tiny_tok):
+    info = {"formatting": "sharegpt"}
+    call = {"name": "get_weather", "arguments": {"city": "杭州"}}
+    records = [
+        {"conversations": [  # a call, its result, the answer, then a plain turn; tools as a JSON string
+            {"from": "human", "value": "Weather in Hangzhou?"},
+            {"from": "function_call", "value": json.dumps(call)},  # ASCII-escaped: rendered as the template does
+            {"from": "observation", "value": json.dumps({"temperature": 18})},
+            {"from": "gpt", "value": "18 degrees."},
+            {"from": "human", "value": "Thanks"}, {"from": "gpt", "value": "Welcome"}],
+         "system": "Tool user.", "tools": json.dumps([WEATHER_TOOL])},
+        {"conversations": [  # two calls at once, two results; tools as a list, default system
+            {"from": "human", "value": "Paris and Rome?"},
+            {"from": "function_call", "value": json.dumps([{"name": "get_weather", "arguments": {"city": "Paris"}},
+                                                           {"name": "get_weather", "arguments": {"city": "Rome"}}])},
+            {"from": "observation", "value": "sunny"}, {"from": "observation", "value": "rainy"},
+            {"from": "gpt", "value": "Sunny in Paris, rainy in Rome."}],
+         "tools": [{"type": "function", "function": WEATHER_TOOL}]},
+    ]
+    root = write_datasets(tmp_path, {"tools": (info, records)})
+    for default_system in (None, ""):
+        train, _, _ = build(root, ["tools"], default_system=default_system)
+        got = examples(train)
+        assert got == [oracle(tiny_tok, r, info, default_system=default_system) for r in records]
+    text = tiny_tok.decode(got[0][0])
+    assert "# 可用工具" in text and '"name": "get_weather"' in text and '"city": "杭州"' in text
+    assert '<_bot> <tool_call>\n{"name": "get_weather", "arguments": {"city": "杭州"}}\n</tool_call><_end>' in text
+    assert '<_user> <tool_response>\n{"temperature": 18}\n</tool_response><_bot>' in text
+    assert text.index("Tool user.") < text.index("# 可用工具")
+    trained = tiny_tok.decode([t for t in got[1][1] if t != IGNORE])
+    assert trained.count("<tool_call>") == 2 and "tool_response" not in trained
+
+
+def test_train_on_prompt_and_mask_history(tmp_path, tiny_tok):
+    records = [alpaca(5, history=2, system="S."), alpaca(6)]
+    root = write_datasets(tmp_path, {"d": ({}, records)})
+    plain = examples(build(root, ["d"])[0])
+    for opts in ({"train_on_prompt": True}, {"mask_history": True}):
+        got = examples(build(root, ["d"], **opts)[0])
+        assert got == [oracle(tiny_tok, r, {}, **opts) for r in records], opts
+        assert [ids for ids, _ in got] == [ids for ids, _ in plain]
+    on_prompt = examples(build(root, ["d"], train_on_prompt=True)[0])
+    assert all(ids == labels for ids, labels in on_prompt)
+    masked = examples(build(root, ["d"], mask_history=True)[0])
+    assert sum(t == 2 for t in masked[0][1]) == 1 and sum(t == 2 for t in plain[0][1]) == 3
+    assert masked[1] == plain[1]  # one turn: nothing to mask
+
+
+def test_placeholders_filled_only_for_listed_datasets(tmp_path):
+    raw = [{"instruction": "Who are you?", "output": "I am {{name}}, made by {{author}}."}]
+    filled = [{"instruction": "Who are you?", "output": "I am Zed, made by Acme."}]
+    root = write_datasets(tmp_path, {"ident": ({}, raw), "other": ({"file_name": "ident.json"}, None),
+                                     "manual": ({}, filled)})
+    train, _, _ = build(root, ["ident", "other", "manual"], placeholders={"name": "Zed", "author": "Acme"},
+                        fill_placeholders=["ident"])
+    ident, other, manual = examples(train)
+    assert ident == manual and other != manual
+    unfilled, _, _ = build(root, ["ident"], fill_placeholders=[])
+    assert examples(unfilled) == [other]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# truncation and dropping
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _turns_record(first: int, last: int) -> dict:
+    """alpaca record whose turns are `first`..`last` of one fixed conversation."""
+    turns = [(f"User turn number {k} asks something.", f"Reply number {k}." + " More words." * k)
+             for k in range(4)]
+    sel = turns[first:last + 1]
+    return {"instruction": sel[-1][0], "output": sel[-1][1], "history": [list(t) for t in sel[:-1]]}
+
+
+def test_cutoff_keeps_first_whole_turns(tmp_path, tiny_tok):
+    root = write_datasets(tmp_path, {"d": ({}, [_turns_record(0, 3)])})
+    two = oracle(tiny_tok, _turns_record(0, 1), {})
+    full = oracle(tiny_tok, _turns_record(0, 3), {})
+    three = oracle(tiny_tok, _turns_record(0, 2), {})
+    for cutoff in (len(two[0]), len(three[0]) - 1):  # turns 0-1 fit whole, turn 2 does not
+        train, _, report = build(root, ["d"], cutoff_len=cutoff)
+        assert examples(train) == [two], cutoff
+        assert report["truncated"] == 1 and report["dropped"] == 0
+    assert examples(build(root, ["d"], cutoff_len=len(full[0]))[0]) == [full]
+    assert build(root, ["d"], cutoff_len=len(full[0]))[2]["truncated"] == 0
+
+
+def test_cutoff_with_mask_history_keeps_last_whole_turns(tmp_path, tiny_tok):
+    root = write_datasets(tmp_path, {"d": ({}, [_turns_record(0, 3)])})
+    last_two = oracle(tiny_tok, _turns_record(2, 3), {}, mask_history=True)
+    train, _, report = build(root, ["d"], cutoff_len=len(last_two[0]), mask_history=True)
+    assert examples(train) == [last_two] and report["truncated"] == 1
+    assert sum(t != IGNORE for t in last_two[1]) > 0
+
+
+def test_cutoff_cuts_a_single_reply_or_drops_a_prompt_without_reply(tmp_path, tiny_tok):
+    long = {"instruction": "Tell a story.", "output": "Once upon a time " * 20}
+    short = {"instruction": "Hi", "output": "Hello"}
+    root = write_datasets(tmp_path, {"d": ({}, [long, short])})
+    full_ids, full_labels = oracle(tiny_tok, long, {})
+    prompt_len = full_ids.index(BOT) + 1
+    train, _, report = build(root, ["d"], cutoff_len=prompt_len + 3)
+    (ids, labels), _ = examples(train)
+    assert ids == full_ids[:prompt_len + 3] and labels == full_labels[:prompt_len + 3]
+    assert sum(t != IGNORE for t in labels) == 3
+    assert report["datasets"]["d"]["truncated"] == 1 and report["datasets"]["d"]["dropped"] == 0
+    # the long record's prompt alone fills the cutoff: it is dropped (and counted), the short one is kept
+    short_ids = oracle(tiny_tok, short, {})[0]
+    assert len(short_ids) <= prompt_len
+    train, _, report = build(root, ["d"], cutoff_len=prompt_len)
+    assert [ids for ids, _ in examples(train)] == [short_ids]
+    assert report["dropped"] == 1 and report["datasets"]["d"]["records"] == 2
+    assert sources(train) == [("d", 1)]
+
+
+def test_truncation_never_keeps_a_prompt_without_reply():
+    conv = to_conversation(DatasetSpec(name="x", path=Path("x.json")), _turns_record(0, 3), "x")
+    full = ChatEncoder(TINY, TemplateOptions(cutoff_len=10 ** 6)).encode(conv)
+    for mask_history in (False, True):
+        kept = 0
+        for cutoff in range(1, len(full.input_ids) + 2):
+            enc = ChatEncoder(TINY, TemplateOptions(cutoff_len=cutoff, mask_history=mask_history)).encode(conv)
+            if enc is None:
+                continue
+            kept += 1
+            assert len(enc.input_ids) <= cutoff and enc.labels[-1] == enc.input_ids[-1] != IGNORE
+            assert enc.truncated == (cutoff < len(full.input_ids))
+            if not mask_history:  # first turns, then at most a cut reply: always a prefix of the full example
+                assert enc.input_ids == full.input_ids[: len(enc.input_ids)]
+                assert enc.labels == full.labels[: len(enc.labels)]
+        assert kept > len(full.input_ids) // 2
+
+
+def test_examples_without_trained_token_are_dropped_and_counted(tmp_path):
+    records = [
+        {"conversations": [{"from": "human", "value": "Only a user message"}]},
+        {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+        {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"},
+                           {"from": "human", "value": "unanswered follow-up"}]},
+    ]
+    root = write_datasets(tmp_path, {"d": ({"formatting": "sharegpt"}, records),
+                                     "none": ({"formatting": "sharegpt"}, records[:1])})
+    train, _, report = build(root, ["d"])
+    counts = report["datasets"]["d"]
+    assert (counts["records"], counts["dropped"], counts["examples"]) == (3, 1, 2) and report["dropped"] == 1
+    assert sources(train) == [("d", 1), ("d", 2)]
+    assert examples(train)[0] == examples(train)[1]  # the unanswered follow-up is left out
+    with pytest.raises(DataError, match=r"dataset 'none': all 1 records were dropped"):
+        build(root, ["d", "none"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# packing and collation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def packed_setup(tmp_path_factory, tiny_dir):
+    root = write_datasets(tmp_path_factory.mktemp("pack"), {"d": ({}, [alpaca(i, history=i % 3) for i in range(9)])})
+    train, _, _ = build(root, ["d"], tokenizer=tiny_dir, train_on_prompt=True)  # every first label is trained
+    capacity = int(train.lengths().max()) + 40
+    return train, PackedDataset(train, capacity), capacity
+
+
+def test_packing_rows_positions_labels_efficiency(packed_setup):
+    train, packed, capacity = packed_setup
+    lengths = train.lengths()
+    assert len(packed) < len(train)  # some rows hold several examples
+    assert sorted(j for row in packed.rows for j in row) == list(range(len(train)))
+    for i, row in enumerate(packed.rows):
+        item = packed[i]
+        assert len(item["input_ids"]) == sum(lengths[j] for j in row) <= capacity
+        assert item["position_ids"].tolist() == [p for j in row for p in range(lengths[j])]
+        start = 0
+        for j in row:
+            ex = train[j]
+            n = len(ex["input_ids"])
+            assert item["input_ids"][start:start + n].tolist() == ex["input_ids"].tolist()
+            assert ex["labels"][0] != IGNORE and item["labels"][start] == IGNORE  # nothing learns the next start
+            assert item["labels"][start + 1:start + n].tolist() == ex["labels"][1:].tolist()
+            start += n
+    assert packed.efficiency() == pytest.approx(lengths.sum() / (len(packed) * capacity))
+    assert 0.5 < packed.efficiency() <= 1
+
+
+def test_packed_and_padding_free_batches_give_per_example_logits(packed_setup, tiny_dir):
+    from telechat_lab.model import Telechat2ForCausalLM
+
+    train, packed, _ = packed_setup
+    model = Telechat2ForCausalLM.from_pretrained(tiny_dir).eval()
+    multi = [i for i, row in enumerate(packed.rows) if len(row) > 1]
+    shortest = min(range(len(packed)), key=lambda i: len(packed[i]["input_ids"]))
+    rows = [multi[0], shortest]  # the shorter row is padded by the collator
+    assert len(packed[shortest]["input_ids"]) < len(packed[multi[0]]["input_ids"])
+    batch = Collator()([packed[i] for i in rows])
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 2
+    loose = [train[j] for j in packed.rows[rows[0]]]
+    flat = Collator(padding_free=True)(loose)
+    assert flat["input_ids"].shape == (1, sum(len(ex["input_ids"]) for ex in loose))
+    assert "attention_mask" not in flat and (flat["input_ids"] != PAD_ID).all()
+    assert flat["position_ids"][0].tolist() == [p for ex in loose for p in range(len(ex["input_ids"]))]
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        flat_logits = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"]).logits
+        alone = {j: model(input_ids=torch.as_tensor(train[j]["input_ids"], dtype=torch.long)[None]).logits[0]
+                 for i in rows for j in packed.rows[i]}
+    for b, i in enumerate(rows):
+        start = 0
+        for j in packed.rows[i]:
+            n = len(train[j]["input_ids"])
+            torch.testing.assert_close(logits[b, start:start + n], alone[j], atol=1e-4, rtol=1e-4)
+            if b == 0:
+                torch.testing.assert_close(flat_logits[0, start:start + n], alone[j], atol=1e-4, rtol=1e-4)
+            start += n
+    # padding-free over packed rows keeps each row's own restarting positions
+    joined = Collator(padding_free=True)([packed[i] for i in rows])
+    assert joined["position_ids"][0].tolist() == [p for i in rows for p in packed[i]["position_ids"].tolist()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parallel encoding and the cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_parallel_tokenization_gives_identical_arrays(tmp_path, monkeypatch):
+    records = []
+    for i in range(300):
+        conv = [{"from": "human", "value": f"Message {i} " + "word " * (i % 17)}]
+        if i % 37:  # every 37th record has no reply: dropped, in both shares
+            conv.append({"from": "gpt", "value": f"Reply {i}." + " more" * (i % 11)})
+        records.append({"conversations": conv, "system": "S." if i % 5 else ""})
+    root = write_datasets(tmp_path, {"big": ({"file_name": "big.jsonl", "formatting": "sharegpt"}, records)})
+    contexts = []
+    real_get_context = pipeline_mod.mp.get_context
+    monkeypatch.setattr(pipeline_mod.mp, "get_context", lambda method=None: contexts.append(method)
+                        or real_get_context(method))
+    opts = {"cutoff_len": 60, "default_system": ""}  # some records truncated, some prompts too long: dropped
+    one, _, report1 = build(root, ["big"], cache_dir=str(tmp_path / "c1"), **opts)
+    assert contexts == []
+    two, _, report2 = build(root, ["big"], cache_dir=str(tmp_path / "c2"), preprocessing_num_workers=2, **opts)
+    assert len(contexts) == 1  # the worker pool was used
+    assert report1 == report2 and report1["dropped"] > 9 and report1["truncated"] > 0
+    kept = {r for _, r in sources(two)}
+    assert len(kept) == 300 - report1["dropped"] and not kept & {i + 1 for i in range(0, 300, 37)}
+    for attr in ("tokens", "labels", "offsets", "source", "index"):
+        np.testing.assert_array_equal(getattr(one, attr), getattr(two, attr), err_msg=attr)
+
+
+def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
+    root = write_datasets(tmp_path, {"d": ({"file_name": "d.jsonl"}, [alpaca(i, history=1) for i in range(8)])})
+    reads = []
+    real_read = pipeline_mod.read_records
+    monkeypatch.setattr(pipeline_mod, "read_records", lambda spec: reads.append(spec.name) or real_read(spec))
+
+    first, _, report = build(root, ["d"], cutoff_len=200)
+    assert reads == ["d"] and not report["datasets"]["d"].get("cached")
+    assert list((tmp_path / "cache" / "datasets").glob("d-*.npz"))
+    second, _, report2 = build(root, ["d"], cutoff_len=200)
+    assert reads == ["d"] and report2["datasets"]["d"]["cached"] is True  # nothing re-read
+    assert examples(second) == examples(first) and report2["train"] == report["train"]
+
+    def rebuilt(**opts) -> bool:
+        before = len(reads)
+        _, _, rep = build(root, ["d"], **{"cutoff_len": 200, **opts})
+        return len(reads) == before + 1 and not rep["datasets"]["d"].get("cached")
+
+    assert rebuilt(cutoff_len=100)
+    assert rebuilt(mask_history=True)
+    assert rebuilt(overwrite_cache=True)
+    assert not rebuilt()  # all of those are cached now
+    with open(root / "d.jsonl", "a", encoding="utf-8") as f:  # a changed data file
+        f.write(json.dumps(alpaca(99)) + "\n")
+    assert rebuilt()
+    assert build(root, ["d"], cutoff_len=200)[2]["datasets"]["d"]["records"] == 9
+
+
+def test_cache_is_invalidated_by_another_tokenizer(tmp_path, monkeypatch, real_model_file):
+    root = write_datasets(tmp_path, {"d": ({}, [alpaca(i) for i in range(3)])})
+    tiny_train, _, _ = build(root, ["d"])
+    monkeypatch.setattr(pipeline_mod, "read_records", lambda spec: pytest.fail("cache not used"))
+    assert build(root, ["d"])[2]["datasets"]["d"]["cached"] is True
+    monkeypatch.undo()
+    real_train, _, report = build(root, ["d"], tokenizer=real_model_file)
+    assert not report["datasets"]["d"].get("cached") and examples(real_train) != examples(tiny_train)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------------------------
+
+GOOD = {"good": ({}, [alpaca(1)])}
+BAD_INPUT = {
+    "malformed_jsonl_line": (
+        {"bad": ({"file_name": "bad.jsonl"}, json.dumps(alpaca(1)) + "\n\n{\"instruction\": \n")},
+        ["dataset 'bad'", "bad.jsonl line 3", "malformed JSON"]),
+    "jsonl_line_not_an_object": (
+        {"bad": ({"file_name": "bad.jsonl"}, json.dumps(alpaca(1)) + "\n[1, 2]\n")},
+        ["dataset 'bad'", "bad.jsonl line 2", "expected a JSON object"]),
+    "malformed_json_file": (
+        {"bad": ({}, '[\n {"instruction": "a",\n  "output": "b"},\n {"instruction" "c"}\n]')},
+        ["dataset 'bad'", "bad.json", "line 4", "malformed JSON"]),
+    "missing_column": (
+        {"bad": ({}, [alpaca(1), {"instruction": "no output"}])},
+        ["dataset 'bad'", "bad.json record 1", "missing required column 'output'"]),
+    "missing_renamed_column_csv": (
+        {"bad": ({"file_name": "bad.csv", "columns": {"response": "answer"}}, "instruction,output\nq,a\n")},
+        ["dataset 'bad'", "bad.csv line 2", "'answer'"]),
+    "csv_line_after_a_multiline_field": (
+        {"bad": ({"file_name": "bad.csv"}, 'instruction,output,history\n"two\nlines",a,\nq,a,not a list\n')},
+        ["dataset 'bad'", "bad.csv line 4", "history must be a list"]),
+    "json_lines_in_a_json_file": (
+        {"bad": ({}, json.dumps(alpaca(1)) + "\n" + json.dumps({"instruction": "no output"}) + "\n")},
+        ["dataset 'bad'", "bad.json line 2", "missing required column 'output'"]),
+    "unknown_sharegpt_role": (
+        {"bad": ({"formatting": "sharegpt"}, [{"conversations": [{"from": "human", "value": "q"},
+                                                                 {"from": "gpt", "value": "a"}]},
+                                              {"conversations": [{"from": "human", "value": "q"},
+                                                                 {"from": "robot", "value": "a"}]}])},
+        ["dataset 'bad'", "bad.json record 1", "message 1", "unknown role 'robot'"]),
+    "unknown_telechat_role": (
+        {"bad": ({"file_name": "bad.jsonl", "formatting": "telechat"},
+                 [{"dialog": [{"role": "user", "content": "q"}, {"role": "narrator", "content": "a"}]}])},
+        ["dataset 'bad'", "bad.jsonl line 1", "unknown role 'narrator'"]),
+    "tags_not_matching_records": (
+        {"bad": (SHAREGPT_ENTRY, [{"conversations": [{"role": "user", "content": "q"}]}])},
+        ["dataset 'bad'", "bad.json record 0", "'from'"]),
+    "unknown_tag_key": (
+        {"bad": ({"formatting": "sharegpt", "tags": {"speaker_tag": "who"}}, [])},
+        ["dataset_info.json", "dataset 'bad'", "unknown tag key(s) ['speaker_tag']"]),
+    "unknown_column_key": (
+        {"bad": ({"columns": {"answer": "output"}}, [])},
+        ["dataset_info.json", "dataset 'bad'", "unknown column key(s) ['answer']"]),
+    "unknown_entry_key": (
+        {"bad": ({"colums": {"prompt": "q"}}, [])},
+        ["dataset_info.json", "dataset 'bad'", "unknown key(s) ['colums']"]),
+    "missing_file": (
+        {"bad": ({"file_name": "absent.jsonl"}, None)},
+        ["dataset 'bad'", "absent.jsonl", "does not exist"]),
+    "empty_file": (
+        {"bad": ({"file_name": "bad.jsonl"}, "\n")},
+        ["dataset 'bad'", "bad.jsonl", "no records"]),
+    "bad_history": (
+        {"bad": ({}, [{"instruction": "q", "output": "a", "history": [["only one"]]}])},
+        ["dataset 'bad'", "bad.json record 0", "history[0]"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT), ids=list(BAD_INPUT))
+def test_bad_input_raises_data_error_naming_dataset_file_and_record(tmp_path, case):
+    datasets, expected = BAD_INPUT[case]
+    root = write_datasets(tmp_path, {**GOOD, **datasets})
+    with pytest.raises(DataError) as err:  # never a silent drop of the bad dataset
+        build(root, ["good", "bad"])
+    for part in expected:
+        assert part in str(err.value), (part, str(err.value))
+    assert examples(build(root, ["good"])[0])  # the good one alone is fine
+
+
+def test_unknown_dataset_name_and_mix_name(tmp_path):
+    root = write_datasets(tmp_path, GOOD)
+    with pytest.raises(DataError, match=r"unknown dataset\(s\) \['nope'\].*dataset_info.json"):
+        build(root, ["good", "nope"])
+    with pytest.raises(DataError, match="data.mix names dataset"):
+        build(root, ["good"], mix={"other": 2.0})
+    with pytest.raises(DataError, match="dataset_info.json does not exist"):
+        build(tmp_path / "nowhere", ["good"])
+    with pytest.raises(DataError, match="unknown data option"):
+        DataConfig.from_mapping({"datasets": ["good"], "cutof_len": 5})

@@ -1,0 +1,277 @@
+"""Training on CPU with the tiny model: config composition and validation, every adapter, freeze,
+checkpoints in HF/PEFT format, resume equivalence, DDP (gloo), a multirun with its summary, wandb
+offline."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from telechat_lab.config import ConfigError, validate
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = str(REPO / "conf")
+# small and quick: 16 identity examples, batch 4 -> 4 steps an epoch, no validation unless asked
+QUICK = ["data.datasets=[identity]", "data.max_samples=16", "data.val_size=0", "data.batch_size=4",
+         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=csv"]
+
+
+def compose_train(overrides, tmp_path=None):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        extra = [f"output_dir={tmp_path}", f"data.cache_dir={tmp_path}/cache"] if tmp_path else []
+        return compose("train", overrides=list(overrides) + extra)
+
+
+def run_train(tmp_path, *overrides):
+    from telechat_lab.training.run import train
+
+    cfg = compose_train([*QUICK, *overrides], tmp_path)
+    return train(cfg)
+
+
+def losses(out_dir, split="train"):
+    with open(Path(out_dir) / "loss_history.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f) if r["split"] == split]
+
+
+# ---------------------------------------------------------------- composition and validation
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_preset_composes(preset):
+    cfg = compose_train([f"experiment={preset}"])
+    assert cfg.task_name and cfg.model.path
+
+
+def test_reference_command_preset_reproduces_its_settings():
+    cfg = compose_train(["experiment=telechat2_7b_lora_sft"])
+    assert cfg.model.path == "./telechat_7B" and cfg.model.name == "telechat2_7b"
+    assert cfg.data.datasets == ["identity", "alpaca_en_demo"] and cfg.data.cutoff_len == 1024
+    assert cfg.data.max_samples == 100000 and cfg.data.batch_size == 1 and cfg.data.packing is False
+    assert cfg.data.preprocessing_num_workers == 16
+    assert cfg.optim.lr == 3e-5 and cfg.optim.scheduler == "cosine" and cfg.optim.warmup_steps == 0
+    assert cfg.trainer.max_epochs == 2 and cfg.trainer.accumulate_grad_batches == 1
+    assert cfg.trainer.gradient_clip_val == 1.0
+    assert cfg.adapter.type == "lora" and (cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.dropout) == (8, 16, 0.0)
+    assert cfg.adapter.target == "all"
+    assert cfg.logging_steps == 1 and cfg.save_steps == 100 and cfg.plot_loss is True
+    assert cfg.output_dir == "saves/telechat_7B_lora" and cfg.hardware.ddp_timeout == 180000000
+    assert "wandb" not in cfg.logger  # --report_to none
+
+
+@pytest.mark.parametrize("group,options", [
+    ("adapter", ["lora", "dora", "qlora", "full", "freeze"]),
+    ("hardware", ["auto", "cpu", "gpu", "ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload",
+                  "multinode"]),
+    ("model", ["tiny", "telechat2_3b", "telechat2_7b", "telechat2_35b", "telechat2_115b"]),
+    ("logger", ["csv", "tensorboard", "wandb", "none"]),
+])
+def test_every_group_option_composes(group, options):
+    for option in options:
+        cfg = compose_train([f"{group}={option}"])
+        assert cfg[group] is not None
+
+
+def test_deepspeed_config_is_generated_and_overridable():
+    from telechat_lab.training.strategy import deepspeed_config
+
+    cfg = compose_train(["hardware=deepspeed_zero3_offload", "+hardware.deepspeed.overrides.zero_optimization"
+                         ".reduce_bucket_size=1000"])
+    ds = deepspeed_config(OmegaConf.to_container(cfg.hardware.deepspeed), "bf16-mixed", 1.0, 4)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1000  # the override won
+    assert ds["bf16"]["enabled"] and ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 1.0
+
+
+def test_config_errors_are_all_listed_at_once():
+    cfg = compose_train(["adapter=full", "+adapter.quantization={bits:4}", "hardware=deepspeed_zero3",
+                         "+model.colour=blue", "optim.lr=fast", "+trainer.not_an_arg=1"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, cuda_available=False)
+    message = str(err.value)
+    for expected in ("model.colour: unknown key", "optim.lr='fast': expected int or float",
+                     "trainer.not_an_arg: not an argument", "adapter.quantization with adapter.type=full",
+                     "DeepSpeed ZeRO-3 needs CUDA"):
+        assert expected in message, message
+
+
+def test_missing_checkpoint_fails_before_loading():
+    cfg = compose_train(["model=telechat2_7b", "model.path=/nonexistent/TeleChat2-7B"])
+    with pytest.raises(ConfigError, match="model.path=/nonexistent/TeleChat2-7B: no config.json"):
+        validate(cfg, cuda_available=False)
+
+
+def test_default_config_is_valid():
+    validate(compose_train([]), cuda_available=False)
+
+
+# ---------------------------------------------------------------- training with each adapter
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora", "qlora", "full"])
+def test_adapter_trains_and_lowers_the_loss(tmp_path, adapter):
+    if adapter == "qlora":
+        pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is not installed")
+    metrics = run_train(tmp_path, f"adapter={adapter}", "trainer.max_epochs=6")
+    history = losses(tmp_path)
+    assert len(history) == 24 and metrics["steps"] == 24
+    first, last = sum(history[:4]) / 4, sum(history[-4:]) / 4
+    assert last < first - 0.5, (adapter, first, last)
+    if adapter == "full":  # a HF checkpoint directory with TeleChat2's own names
+        names = set(load_file(tmp_path / "model.safetensors"))
+        assert "transformer.h.0.self_attention.key_value.weight" in names and "lm_head.weight" in names
+    else:  # a PEFT adapter that names its base by absolute path
+        config = json.loads((tmp_path / "adapter_config.json").read_text())
+        assert Path(config["base_model_name_or_path"]).is_absolute()
+        assert (Path(config["base_model_name_or_path"]) / "config.json").exists()
+        assert set(config["target_modules"]) == {"query", "key_value", "dense", "gate_proj", "up_proj", "down_proj"}
+        assert config["use_dora"] is (adapter == "dora")
+        assert (tmp_path / "adapter_model.safetensors").exists()
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "tokenizer.model").exists()
+
+
+def test_qlora_base_really_is_4bit(tmp_path):
+    pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is not installed")
+    import bitsandbytes as bnb
+
+    from telechat_lab.tiny import checkpoint_path
+    from telechat_lab.training.module import TelechatLitModule
+
+    cfg = compose_train(["adapter=qlora"])
+    module = TelechatLitModule(checkpoint_path(None), dict(cfg.model), dict(cfg.adapter), dict(cfg.optim))
+    module.configure_model()
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in module.model.modules())
+
+
+def test_adapter_reloads_with_peft_and_gives_the_trained_logits(tmp_path):
+    from peft import PeftModel
+
+    from telechat_lab.model import Telechat2ForCausalLM
+
+    run_train(tmp_path, "adapter=lora", "trainer.max_steps=4")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    base = Telechat2ForCausalLM.from_pretrained(config["base_model_name_or_path"])
+    ids = torch.randint(20, 3000, (1, 12))
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, tmp_path).eval()(input_ids=ids).logits
+    assert (tuned - before).abs().max() > 1e-4  # the adapter is not a no-op
+
+
+def test_freeze_trains_only_the_last_blocks(tmp_path):
+    from telechat_lab.tiny import checkpoint_path
+
+    run_train(tmp_path, "adapter=freeze", "adapter.trainable_layers=1", "trainer.max_steps=3")
+    base = load_file(checkpoint_path(None) / "model.safetensors")
+    tuned = load_file(tmp_path / "model.safetensors")
+    assert set(base) == set(tuned)
+    for name in base:
+        changed = not torch.equal(base[name], tuned[name])
+        assert changed == name.startswith("transformer.h.1."), name
+
+
+def test_logged_metrics_and_plots(tmp_path):
+    run_train(tmp_path, "trainer.max_steps=6", "data.val_size=4", "trainer.val_check_interval=3",
+              "logging_steps=2")
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    columns = set(rows[0])
+    for metric in ("train_loss", "grad_norm", "tokens_seen", "tokens_per_s", "peak_mem_gb", "val_loss"):
+        assert metric in columns, columns
+    assert any(c.startswith("lr-") for c in columns)
+    seen = [float(r["tokens_seen"]) for r in rows if r.get("tokens_seen")]
+    assert len(seen) == 3 and seen == sorted(seen) and seen[0] > 0  # every 2nd of 6 steps, growing
+    assert (tmp_path / "training_loss.png").stat().st_size > 1000
+    assert (tmp_path / "validation_loss.png").stat().st_size > 1000
+    assert len(losses(tmp_path, "val")) == 2
+
+
+def test_checkpoints_every_save_steps(tmp_path):
+    run_train(tmp_path, "trainer.max_steps=4", "save_steps=2")
+    assert (tmp_path / "checkpoint-2" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "checkpoint-4" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+class StopAfter(L.Callback):
+    """Interrupts a run after `step` optimizer steps (as a crash or a pre-empted job would)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("stop_at", [3, 5])  # mid-epoch (4 batches an epoch) and in the second epoch
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, stop_at):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_train(straight, "trainer.max_steps=8", "save_steps=1")
+    run_train(split, "trainer.max_steps=8", "save_steps=1", f"+callbacks.stop._target_={__name__}.StopAfter",
+              f"+callbacks.stop.step={stop_at}")
+    assert len(losses(split)) == stop_at
+    run_train(split, "trainer.max_steps=8", "save_steps=1", "resume=true")
+    assert losses(split) == pytest.approx(losses(straight), abs=1e-5)
+    assert len(losses(split)) == 8
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="last.ckpt"):
+        run_train(tmp_path, "resume=true", "trainer.max_steps=1")
+
+
+# ---------------------------------------------------------------- processes: DDP, multirun, wandb
+
+
+def _train_cli(args, cwd, timeout=600, env=None):
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    proc = _train_cli([*QUICK, "hardware=ddp", "hardware.accelerator=cpu", "hardware.devices=2",
+                       "trainer.max_steps=3", f"output_dir={out}", f"data.cache_dir={tmp_path}/cache"], tmp_path)
+    assert (out / "adapter_model.safetensors").exists()
+    history = losses(out)
+    assert len(history) == 3
+    assert "world_size=2" in proc.stdout + proc.stderr or "distributed_backend=gloo" in proc.stdout + proc.stderr
+
+
+def test_multirun_writes_a_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    _train_cli(["-m", *QUICK, "adapter=lora,dora", "trainer.max_steps=2", f"hydra.sweep.dir={sweep}",
+                f"data.cache_dir={tmp_path}/cache"], tmp_path)
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    assert "adapter=lora" in rows[0]["overrides"].split() and "adapter=dora" in rows[1]["overrides"].split()
+    assert all(float(r["train_loss"]) > 0 and r["steps"] == "2" for r in rows)
+    assert (sweep / "0" / "adapter_model.safetensors").exists() and (sweep / "1" / "adapter_model.safetensors").exists()
+    assert "| job |" in (sweep / "summary.md").read_text()
+
+
+def test_wandb_offline_run_writes_its_files(tmp_path):
+    pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    out = tmp_path / "run"
+    _train_cli([*QUICK, "logger=wandb", "logger.wandb.offline=true", "trainer.max_steps=2", f"output_dir={out}",
+                f"data.cache_dir={tmp_path}/cache"], tmp_path, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert runs, list(out.iterdir())
+    records = next(runs[0].glob("run-*.wandb")).read_bytes()  # offline runs keep config and history here
+    for key in (b"cutoff_len", b"adapter", b"optim", b"train_loss", b"telechat-lab"):
+        assert key in records, key  # the whole resolved config, the metrics, the project
