@@ -275,3 +275,24 @@ def test_wandb_offline_run_writes_its_files(tmp_path):
     records = next(runs[0].glob("run-*.wandb")).read_bytes()  # offline runs keep config and history here
     for key in (b"cutoff_len", b"adapter", b"optim", b"train_loss", b"telechat-lab"):
         assert key in records, key  # the whole resolved config, the metrics, the project
+
+
+def test_optuna_search_minimises_validation_loss(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the sweep extra is not installed")
+    sweep = tmp_path / "optuna"
+    _train_cli(["-m", *QUICK, "hparams_search=lora_optuna", "hydra.sweeper.n_trials=2", "trainer.max_steps=2",
+                "data.val_size=4", f"hydra.sweep.dir={sweep}", f"data.cache_dir={tmp_path}/cache"], tmp_path)
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in results and "optim.lr" in results
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    best = float(results.split("best_value:")[1].split()[0])
+    assert len(rows) == 2 and best == pytest.approx(min(float(r["val_loss"]) for r in rows))
+
+
+def test_slurm_launcher_preset_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the sweep extra is not installed")
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "hardware=ddp"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert "SlurmLauncher" in launcher._target_ and launcher.tasks_per_node == 2 and launcher.nodes == 1

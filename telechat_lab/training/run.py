@@ -44,6 +44,9 @@ def train(cfg: DictConfig) -> dict:
     from .strategy import trainer_arguments
 
     validate(cfg)  # every problem at once, before anything is loaded
+    if cfg.model.get("name") == "tiny" and cfg.model.get("path"):
+        log.warning("model.path is set on model=tiny, whose hyperparameters are the CPU demo's (lr %s); for a "
+                    "real TeleChat2 choose its group, e.g. model=telechat2_7b model.path=...", cfg.optim.lr)
     output_dir = resolve_output_dir(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     os.environ[OUTPUT_ENV] = str(output_dir)
@@ -83,6 +86,14 @@ def train(cfg: DictConfig) -> dict:
 
     final_file = output_dir / "final_metrics.json"
     metrics = json.loads(final_file.read_text()) if final_file.exists() else {}
+    plot = next(cb for cb in callbacks if isinstance(cb, LossPlot))
+    if datamodule.val_set is not None and (not plot.val or plot.val[-1][0] != trainer.global_step):
+        # the run stopped between validations: measure the final model once more
+        val_loss = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val_loss"]
+        if trainer.is_global_zero:
+            plot.val.append((trainer.global_step, float(val_loss)))
+            plot.on_train_end(trainer, module)  # rewrite final_metrics.json and the plots
+            metrics = json.loads(final_file.read_text())
     metrics["output_dir"] = str(output_dir)
     if trainer.is_global_zero:
         report = datamodule.report

@@ -1,0 +1,119 @@
+"""Generation engines. Both take prompt token ids (encoded exactly as in training) and generation
+options, and yield text."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from threading import Thread
+
+import torch
+
+from telechat_lab.export import adapter_base
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_paths(model_path: str | None, adapter_path) -> tuple[Path, list[Path]]:
+    adapters = [] if not adapter_path else ([adapter_path] if isinstance(adapter_path, (str, Path))
+                                             else list(adapter_path))
+    adapters = [Path(a).expanduser().resolve() for a in adapters]
+    if model_path:
+        base = Path(model_path).expanduser().resolve()
+    elif adapters:
+        base = adapter_base(adapters[0])
+    else:
+        raise ValueError("chat needs model.path (a checkpoint or merged directory) or adapter_path")
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(f"model.path={base}: no config.json there")
+    return base, adapters
+
+
+class HuggingFaceEngine:
+    """transformers generate with a streamer; an adapter is applied with peft, without merging."""
+
+    def __init__(self, base: Path, adapters: list[Path], dtype: str = "auto", attn_implementation: str = "sdpa",
+                 device: str = "auto"):
+        from telechat_lab.model import Telechat2ForCausalLM
+        from telechat_lab.tokenizer import load_tokenizer
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto":
+            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        attn = "sdpa" if attn_implementation == "auto" else attn_implementation
+        model = Telechat2ForCausalLM.from_pretrained(str(base), dtype=DTYPES[dtype], attn_implementation=attn)
+        if adapters:
+            from peft import PeftModel
+
+            # several adapters stack as merge.py merges them: each earlier one merged in order,
+            # the last one applied on top, unmerged
+            for adapter in adapters[:-1]:
+                model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+            model = PeftModel.from_pretrained(model, str(adapters[-1]))
+        self.model = model.to(device).eval()
+        self.tokenizer = load_tokenizer(base)
+        self.device = device
+
+    def stream(self, prompt_ids: list[int], generation: dict) -> Iterator[str]:
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = generation_kwargs(generation)
+        inputs = torch.tensor([prompt_ids], device=self.device)
+        thread = Thread(target=self._generate, args=(inputs, streamer, kwargs), daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+
+    def _generate(self, inputs, streamer, kwargs):
+        with torch.no_grad():
+            self.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
+                                eos_token_id=2, pad_token_id=3, **kwargs)
+
+
+def generation_kwargs(generation: dict) -> dict:
+    temperature = float(generation.get("temperature", 0.7))
+    do_sample = bool(generation.get("do_sample", True)) and temperature > 0
+    kwargs = {"max_new_tokens": int(generation.get("max_new_tokens", 512)), "do_sample": do_sample,
+              "repetition_penalty": float(generation.get("repetition_penalty", 1.0))}
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=float(generation.get("top_p", 1.0)),
+                      top_k=int(generation.get("top_k", 50)))
+    return kwargs
+
+
+class VLLMEngine:
+    """vLLM offline engine; adapters through vLLM's LoRA support (no merge)."""
+
+    def __init__(self, base: Path, adapters: list[Path], max_model_len: int | None = None,
+                 gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1, max_lora_rank: int = 64,
+                 dtype: str = "auto"):
+        try:
+            from vllm import LLM
+        except ImportError as err:
+            raise ImportError("infer_backend=vllm needs vLLM: install the `vllm` extra "
+                              "(pip install 'telechat-lab[vllm]') on a CUDA machine") from err
+        from telechat_lab.tokenizer import load_tokenizer
+
+        config = json.loads((base / "config.json").read_text())
+        self.llm = LLM(model=str(base), trust_remote_code=True, tokenizer=str(base),
+                       max_model_len=max_model_len or config.get("training_seqlen", 8192),
+                       gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+                       enable_lora=bool(adapters), max_lora_rank=max_lora_rank, dtype=dtype)
+        self.adapters = adapters
+        self.tokenizer = load_tokenizer(base)
+
+    def stream(self, prompt_ids: list[int], generation: dict) -> Iterator[str]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+
+        kw = generation_kwargs(generation)
+        params = SamplingParams(max_tokens=kw["max_new_tokens"], temperature=kw.get("temperature", 0.0),
+                                top_p=kw.get("top_p", 1.0), top_k=kw.get("top_k", -1),
+                                repetition_penalty=kw["repetition_penalty"], stop_token_ids=[2])
+        lora = LoRARequest("adapter", 1, str(self.adapters[0])) if self.adapters else None
+        out = self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, lora_request=lora)
+        yield out[0].outputs[0].text

@@ -1,0 +1,82 @@
+"""Merge adapters into their base and write a checkpoint directory that transformers
+(`trust_remote_code=True`, with only torch + transformers installed) and vLLM load."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+MODEL_DIR = Path(__file__).resolve().parent / "model"
+REMOTE_CODE = ("configuration_telechat2.py", "modeling_telechat2.py")
+AUTO_MAP = {"AutoConfig": "configuration_telechat2.Telechat2Config",
+            "AutoModel": "modeling_telechat2.Telechat2Model",
+            "AutoModelForCausalLM": "modeling_telechat2.Telechat2ForCausalLM"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def adapter_base(adapter_dir: Path) -> Path:
+    config = adapter_dir / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"adapter_path={adapter_dir}: no adapter_config.json there")
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config} names no base_model_name_or_path: set model.path")
+    return Path(base)
+
+
+def merge_adapters(model_path: str | Path | None, adapter_paths: list[str | Path], device: str = "cpu"):
+    """The base (model.path, else the first adapter's base) with each adapter merged in, in order."""
+    from peft import PeftModel
+
+    from telechat_lab.model import Telechat2ForCausalLM
+
+    adapters = [Path(p).expanduser().resolve() for p in adapter_paths]
+    base = Path(model_path).expanduser().resolve() if model_path else adapter_base(adapters[0])
+    model = Telechat2ForCausalLM.from_pretrained(str(base), dtype=torch.float32,
+                                                 device_map=None if device == "cpu" else device)
+    if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
+        raise ValueError(f"{base} is a quantized checkpoint: LoRA weights cannot be merged into 4/8-bit weights "
+                         "exactly. Merge into the unquantized base (set model.path to it); a QLoRA adapter "
+                         "is merged that way.")
+    for adapter in adapters:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        if config.get("peft_type") != "LORA":
+            raise ValueError(f"{adapter}: only LoRA / DoRA adapters can be merged (got {config.get('peft_type')})")
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        log.info("merged %s", adapter)
+    return model.eval(), base
+
+
+def export(model, tokenizer_dir: str | Path, export_dir: str | Path, dtype: str = "bfloat16",
+           export_size: float = 5.0, legacy_format: bool = False) -> Path:
+    """Write `model` as a TeleChat2 checkpoint directory: TeleChat2's parameter names, config.json for
+    transformers and vLLM, the remote-code files, the tokenizer with its chat template and
+    generation_config.json."""
+    from telechat_lab.tokenizer import load_tokenizer, save_tokenizer
+
+    out = Path(export_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.to(DTYPES[dtype])
+    config = model.config
+    config.architectures = ["TeleChat2ForCausalLM"]
+    config.auto_map = dict(AUTO_MAP)
+    config.use_cache = True
+    model.save_pretrained(out, max_shard_size=f"{int(export_size * 1000)}MB", safe_serialization=not legacy_format)
+    # config.json: explicit num_key_value_heads (vLLM reads it), model_type telechat, the dtype saved
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(architectures=["TeleChat2ForCausalLM"], model_type="telechat", auto_map=dict(AUTO_MAP),
+               num_key_value_heads=config.num_key_value_heads, torch_dtype=dtype, dtype=dtype)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for name in REMOTE_CODE:
+        shutil.copy(MODEL_DIR / name, out / name)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    save_tokenizer(tokenizer, out)
+    generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "do_sample": False,
+                  "max_new_tokens": 1024, "repetition_penalty": 1.0}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return out

@@ -1,0 +1,284 @@
+"""merge.py / export and chat.py: merged exports load in a Python that cannot import telechat_lab,
+match the merged model, satisfy vLLM's TeleChat2 loader; chat sends the training encoding."""
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from telechat_lab.chat.session import ChatSession, batch, interactive, read_prompts
+from telechat_lab.data.formats import Conversation
+from telechat_lab.data.template import ChatEncoder, TemplateOptions
+from telechat_lab.model import Telechat2ForCausalLM
+from telechat_lab.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+NO_TELECHAT_LAB = "import sys; sys.modules['telechat_lab'] = None\n"  # any import of it now fails
+
+
+def make_adapter(base_dir: Path, out: Path, use_dora=False, seed=0) -> Path:
+    """A LoRA (or DoRA) adapter with non-zero weights, saved naming its base by absolute path."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = Telechat2ForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key_value", "dense", "gate_proj", "up_proj",
+                                                           "down_proj"], init_lora_weights=False, use_dora=use_dora)
+    peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def merged_in_memory(base_dir: Path, adapters: list[Path]):
+    from peft import PeftModel
+
+    model = Telechat2ForCausalLM.from_pretrained(base_dir)
+    for adapter in adapters:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.eval()
+
+
+def run_py(code: str, cwd: Path, timeout=300) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def run_script(script: str, args: list[str], cwd: Path, stdin: str | None = None, timeout=300):
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True,
+                          input=stdin, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_dir, tmp_path_factory):
+    """Two adapters (LoRA then DoRA) merged in order by merge.py, exported in fp32."""
+    work = tmp_path_factory.mktemp("export")
+    lora = make_adapter(tiny_dir, work / "lora", seed=1)
+    dora = make_adapter(tiny_dir, work / "dora", use_dora=True, seed=2)
+    out = work / "merged"
+    proc = run_script("merge.py", [f"adapter_path=[{lora},{dora}]", f"export_dir={out}", "dtype=float32",
+                                   "export_size=0.001"], work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"dir": out, "adapters": [lora, dora], "base": tiny_dir, "work": work}
+
+
+def test_export_layout_for_transformers_and_vllm(exported):
+    out = exported["dir"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["TeleChat2ForCausalLM"] and config["model_type"] == "telechat"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_telechat2.Telechat2ForCausalLM"
+    # what vLLM's TeleChat2 reads, written explicitly
+    for key in ("n_head", "n_layer", "ffn_hidden_size", "layer_norm_epsilon", "num_key_value_heads", "hidden_size",
+                "vocab_size"):
+        assert key in config, key
+    assert (out / "model.safetensors.index.json").exists()  # export_size sharded it
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 2 and generation["pad_token_id"] == 3
+    for name in ("configuration_telechat2.py", "modeling_telechat2.py", "tokenizer.model", "tokenizer.json",
+                 "chat_template.jinja"):
+        assert (out / name).exists(), name
+    for name in ("configuration_telechat2.py", "modeling_telechat2.py"):  # self-contained remote code
+        assert "telechat_lab" not in re.sub(r'""".*?"""', "", (out / name).read_text(), flags=re.S)
+
+
+def test_export_weights_match_what_vllm_loads(exported):
+    """vLLM maps transformer.h.N.self_attention.{query,key_value,dense}, mlp.{gate,up,down}_proj, loads the
+    dense / down_proj biases and splits key_value per KV head: names and shapes must be these."""
+    out = exported["dir"]
+    config = json.loads((out / "config.json").read_text())
+    hidden, heads, kv, ffn = config["hidden_size"], config["n_head"], config["num_key_value_heads"], \
+        config["ffn_hidden_size"]
+    head_dim = hidden // heads
+    weights = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        weights.update(load_file(shard))
+    expected = {"transformer.word_embeddings.weight": (config["vocab_size"], hidden),
+                "transformer.ln_f.weight": (hidden,), "lm_head.weight": (config["vocab_size"], hidden)}
+    for i in range(config["n_layer"]):
+        p = f"transformer.h.{i}."
+        expected.update({
+            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attention.query.weight": (hidden, hidden),
+            p + "self_attention.key_value.weight": (2 * kv * head_dim, hidden),
+            p + "self_attention.dense.weight": (hidden, hidden), p + "self_attention.dense.bias": (hidden,),
+            p + "mlp.gate_proj.weight": (ffn, hidden), p + "mlp.up_proj.weight": (ffn, hidden),
+            p + "mlp.down_proj.weight": (hidden, ffn), p + "mlp.down_proj.bias": (hidden,)})
+    assert {k: tuple(v.shape) for k, v in weights.items()} == expected  # nothing missing, extra or renamed
+
+
+def test_export_loads_without_telechat_lab_and_matches_the_merged_model(exported, tmp_path):
+    out = exported["dir"]
+    ids = torch.randint(20, 3000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = merged_in_memory(exported["base"], exported["adapters"])(input_ids=ids).logits
+    torch.save({"ids": ids}, tmp_path / "ids.pt")
+    code = NO_TELECHAT_LAB + textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model)
+        ids = torch.load({str(tmp_path / 'ids.pt')!r})["ids"]
+        with torch.no_grad():
+            torch.save(model(input_ids=ids).logits, {str(tmp_path / 'logits.pt')!r})
+        print("TOKENIZER", tok("<_user>hi<_bot>")["input_ids"][0], len(tok))
+    """)
+    stdout = run_py(code, tmp_path)
+    assert "TOKENIZER 4 3072" in stdout
+    logits = torch.load(tmp_path / "logits.pt")
+    assert (logits - expected).abs().max().item() < 1e-4
+
+
+def readme_snippet() -> str:
+    text = (REPO / "README.md").read_text()
+    match = re.search(r"<!-- export-snippet -->\s*```python\n(.*?)```", text, re.S)
+    assert match, "README has no transformers inference snippet marked <!-- export-snippet -->"
+    return match.group(1)
+
+
+def test_readme_inference_snippet_runs_on_the_export(exported, tmp_path):
+    code = NO_TELECHAT_LAB + readme_snippet().replace("/path/to/export", str(exported["dir"]))
+    stdout = run_py(code, tmp_path)
+    assert stdout.strip()  # it printed the decoded reply
+
+
+def test_qlora_adapter_merges_into_the_unquantized_base(tmp_path, tiny_dir):
+    pytest.importorskip("bitsandbytes", reason="the qlora extra is not installed")
+    from telechat_lab.export import merge_adapters
+    from telechat_lab.training.adapters import apply_adapter
+    from telechat_lab.training.module import load_base_model
+
+    adapter_cfg = {"type": "qlora", "rank": 4, "alpha": 8, "dropout": 0.0, "target": "all",
+                   "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}}
+    quantized = apply_adapter(load_base_model(tiny_dir, {"dtype": "float32"}, adapter_cfg), adapter_cfg)
+    for name, p in quantized.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    quantized.peft_config["default"].base_model_name_or_path = str(tiny_dir)
+    quantized.save_pretrained(tmp_path / "qlora")
+    merged, base = merge_adapters(None, [tmp_path / "qlora"])
+    assert base == tiny_dir and not getattr(merged, "is_quantized", False)
+    assert merged.transformer.h[0].self_attention.query.weight.dtype == torch.float32
+    original = Telechat2ForCausalLM.from_pretrained(tiny_dir)
+    assert not torch.equal(original.transformer.h[0].self_attention.query.weight,
+                           merged.transformer.h[0].self_attention.query.weight)
+
+
+def test_merging_into_a_quantized_checkpoint_is_refused(tmp_path, tiny_dir):
+    from telechat_lab.export import merge_adapters
+
+    base = tmp_path / "quantized"
+    base.mkdir()
+    for f in tiny_dir.iterdir():
+        if f.is_file():
+            (base / f.name).write_bytes(f.read_bytes())
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (base / "config.json").write_text(json.dumps(config))
+    adapter = make_adapter(tiny_dir, tmp_path / "lora")
+    with pytest.raises(ValueError, match="quantized"):
+        merge_adapters(base, [adapter])
+
+
+def test_merge_without_adapter_config_names_the_path(tmp_path):
+    proc = run_script("merge.py", [f"adapter_path={tmp_path}", f"export_dir={tmp_path / 'out'}"], tmp_path)
+    assert proc.returncode != 0 and "no adapter_config.json" in proc.stderr
+
+
+# ---------------------------------------------------------------- chat
+
+
+class RecordingEngine:
+    def __init__(self):
+        self.prompts = []
+
+    def stream(self, prompt_ids, generation):
+        self.prompts.append(list(prompt_ids))
+        yield from ("Hello", " there.")
+
+
+def test_chat_sends_the_training_encoding(tiny_dir):
+    engine = RecordingEngine()
+    session = ChatSession(engine, tiny_dir, system="Be brief.")
+    assert "".join(session.reply("Hi!")) == "Hello there."
+    list(session.reply("And now?"))
+    encoder = ChatEncoder(tiny_dir, TemplateOptions(cutoff_len=10**9))
+    full = encoder.encode(Conversation(system="Be brief.", turns=[("Hi!", "Hello there."), ("And now?", "x")]))
+    bot = 5
+    prompt_end = len(full.input_ids) - full.input_ids[::-1].index(bot)  # up to and including the last <_bot>
+    assert engine.prompts[1] == full.input_ids[:prompt_end]
+    # and the tokenizer's chat template agrees
+    tok = load_tokenizer(tiny_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+                {"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "And now?"}]
+    assert engine.prompts[1] == tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+
+
+def test_interactive_loop_with_clear_and_exit(tiny_dir):
+    engine = RecordingEngine()
+    session = ChatSession(engine, tiny_dir)
+    out = io.StringIO()
+    interactive(session, io.StringIO("first\nsecond\nclear\nthird\nexit\nnever\n"), out)
+    text = out.getvalue()
+    assert text.count("Assistant: Hello there.") == 3 and "History cleared." in text
+    assert len(engine.prompts) == 3
+    assert len(engine.prompts[1]) > len(engine.prompts[0])  # the second turn carries the first
+    assert engine.prompts[2] == session.prompt_ids("third")[:len(engine.prompts[2])]
+    assert session.turns == [("third", "Hello there.")]  # clear forgot the first two; exit stopped
+
+
+def test_chat_cli_drives_two_turns_clear_and_exit(exported, tmp_path):
+    proc = run_script("chat.py", [f"model.path={exported['dir']}", "generation.max_new_tokens=4",
+                                  "generation.do_sample=false"], tmp_path, stdin="Hello\nWho are you?\nclear\nexit\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Assistant: ") == 2 and "History cleared." in proc.stdout
+
+
+def test_chat_with_unmerged_adapter_matches_the_merged_export(exported, tmp_path):
+    from telechat_lab.chat.engines import HuggingFaceEngine
+
+    engine = HuggingFaceEngine(exported["base"], exported["adapters"], dtype="float32", device="cpu")
+    ids = torch.randint(20, 3000, (1, 12))
+    merged = Telechat2ForCausalLM.from_pretrained(exported["dir"], dtype=torch.float32)
+    with torch.no_grad():
+        assert (engine.model(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max() < 1e-4
+
+
+def test_batch_mode_writes_jsonl(tiny_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "One?"}\nplain text question\n{"instruction": "Add", "input": "1 and 2"}\n'
+                       '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},'
+                       ' {"role": "user", "content": "c"}]}\n')
+    engine = RecordingEngine()
+    session = ChatSession(engine, tiny_dir)
+    assert batch(session, str(prompts), str(tmp_path / "out.jsonl")) == 4
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["response"] for r in rows] == ["Hello there."] * 4
+    assert rows[2]["prompt"] == "Add\n1 and 2"
+    history = Conversation(system=None, turns=[("a", "b"), ("c", None)])
+    assert engine.prompts[3] == session.encoder.prompt_ids(history)  # a/b carried into the last prompt
+    with pytest.raises(ValueError, match="line 1"):
+        (tmp_path / "bad.jsonl").write_text("{oops\n")
+        read_prompts(str(tmp_path / "bad.jsonl"))
+
+
+def test_vllm_backend_without_vllm_names_the_extra(exported):
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed here")
+    except ImportError:
+        pass
+    from telechat_lab.chat.engines import VLLMEngine
+
+    with pytest.raises(ImportError, match=r"telechat-lab\[vllm\]"):
+        VLLMEngine(exported["dir"], [])
