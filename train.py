@@ -3,11 +3,16 @@
 With no arguments: LoRA on a tiny random TeleChat2 with the bundled demo data, on CPU.
 """
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
+CONF = str(Path(__file__).resolve().parent / "conf")
 
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+
+@hydra.main(config_path=CONF, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from telechat_lab.training.run import train
 
@@ -16,4 +21,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from telechat_lab.config import exit_on_unknown_overrides
+
+    exit_on_unknown_overrides(sys.argv[1:], CONF, "train")  # all unknown keys at once, not Hydra's first
     main()

@@ -148,3 +148,44 @@ def validate(cfg: DictConfig, cuda_available: bool | None = None) -> None:
             problems.append(f"{key}={values[key]}: must be positive")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def unknown_override_keys(argv: list[str], conf_dir: str, config_name: str) -> list[str]:
+    """Every `key=value` command-line override whose key is not in the composed config (Hydra itself
+    stops at the first one). Group choices (adapter=dora), `+`/`~` overrides and hydra.* are not keys."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    except Exception:  # a syntax error: Hydra reports it
+        return []
+    groups, keys = [], []
+    for o in overrides:
+        key = o.key_or_group
+        if o.is_add() or o.is_delete() or o.is_force_add() or key.split(".")[0] == "hydra":
+            continue
+        if "/" in key or (Path(conf_dir) / key).is_dir():
+            value = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.value()
+            groups.append(f"{key}={value}")
+        else:
+            keys.append(key)
+    if not keys:
+        return []
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = compose(config_name, overrides=groups)
+    except Exception:  # let Hydra report what is wrong with the groups
+        return []
+    missing = object()
+    return [k for k in keys if OmegaConf.select(cfg, k, default=missing) is missing]
+
+
+def exit_on_unknown_overrides(argv: list[str], conf_dir: str, config_name: str) -> None:
+    unknown = unknown_override_keys(argv, conf_dir, config_name)
+    if unknown:
+        import sys
+
+        lines = [f"  - {k}: unknown key (to add a new key write +{k}=...)" for k in unknown]
+        print("invalid configuration:\n" + "\n".join(lines), file=sys.stderr)
+        sys.exit(2)

@@ -29,15 +29,24 @@ def adapter_base(adapter_dir: Path) -> Path:
     return Path(base)
 
 
+def base_dtype(base: Path) -> str:
+    config = json.loads((base / "config.json").read_text())
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
+    return dtype if dtype in DTYPES else "float32"
+
+
 def merge_adapters(model_path: str | Path | None, adapter_paths: list[str | Path], device: str = "cpu"):
-    """The base (model.path, else the first adapter's base) with each adapter merged in, in order."""
+    """The base (model.path, else the first adapter's base) with each adapter merged in, in order,
+    in the base's own dtype (no fp32 copy of a large model)."""
     from peft import PeftModel
 
     from telechat_lab.model import Telechat2ForCausalLM
 
     adapters = [Path(p).expanduser().resolve() for p in adapter_paths]
     base = Path(model_path).expanduser().resolve() if model_path else adapter_base(adapters[0])
-    model = Telechat2ForCausalLM.from_pretrained(str(base), dtype=torch.float32,
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(f"base model {base}: no config.json there (set model.path)")
+    model = Telechat2ForCausalLM.from_pretrained(str(base), dtype=DTYPES[base_dtype(base)],
                                                  device_map=None if device == "cpu" else device)
     if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
         raise ValueError(f"{base} is a quantized checkpoint: LoRA weights cannot be merged into 4/8-bit weights "
@@ -52,7 +61,21 @@ def merge_adapters(model_path: str | Path | None, adapter_paths: list[str | Path
     return model.eval(), base
 
 
-def export(model, tokenizer_dir: str | Path, export_dir: str | Path, dtype: str = "bfloat16",
+def _save_bin(state_dict: dict, out: Path, max_shard: str) -> None:
+    """pytorch_model.bin (or -0000N-of-0000M.bin shards + index): transformers 5 writes safetensors only."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(state_dict, filename_pattern="pytorch_model{suffix}.bin",
+                                               max_shard_size=max_shard)
+    for filename, names in split.filename_to_tensors.items():
+        torch.save({n: state_dict[n].contiguous().clone() for n in names}, out / filename)
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state_dict.values())},
+                 "weight_map": split.tensor_to_filename}
+        (out / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def export(model, tokenizer_dir: str | Path, export_dir: str | Path, dtype: str = "auto",
            export_size: float = 5.0, legacy_format: bool = False) -> Path:
     """Write `model` as a TeleChat2 checkpoint directory: TeleChat2's parameter names, config.json for
     transformers and vLLM, the remote-code files, the tokenizer with its chat template and
@@ -61,12 +84,19 @@ def export(model, tokenizer_dir: str | Path, export_dir: str | Path, dtype: str 
 
     out = Path(export_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if dtype == "auto":  # bf16 for an fp32 base, else the base's own dtype
+        dtype = "bfloat16" if model.dtype == torch.float32 else str(model.dtype).replace("torch.", "")
     model = model.to(DTYPES[dtype])
     config = model.config
     config.architectures = ["TeleChat2ForCausalLM"]
     config.auto_map = dict(AUTO_MAP)
     config.use_cache = True
-    model.save_pretrained(out, max_shard_size=f"{int(export_size * 1000)}MB", safe_serialization=not legacy_format)
+    max_shard = f"{int(export_size * 1000)}MB"
+    if legacy_format:
+        model.config.save_pretrained(out)
+        _save_bin(model.state_dict(), out, max_shard)
+    else:
+        model.save_pretrained(out, max_shard_size=max_shard)
     # config.json: explicit num_key_value_heads (vLLM reads it), model_type telechat, the dtype saved
     cfg = json.loads((out / "config.json").read_text())
     cfg.update(architectures=["TeleChat2ForCausalLM"], model_type="telechat", auto_map=dict(AUTO_MAP),

@@ -13,7 +13,9 @@ pass the real `tokenizer.model` to get the 131072-piece vocabulary.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -42,7 +44,8 @@ def write_tiny_checkpoint(
     out = Path(out_dir).resolve()
     tokenizer = Path(tokenizer or TINY_TOKENIZER_PATH).resolve()
     ffn_hidden_size = ffn_hidden_size or 2 * hidden_size
-    signature = repr((str(tokenizer), hidden_size, n_layer, n_head, num_key_value_heads, ffn_hidden_size,
+    token_hash = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:16]  # not its path: checkouts share it
+    signature = repr((token_hash, hidden_size, n_layer, n_head, num_key_value_heads, ffn_hidden_size,
                       training_seqlen, seed, str(dtype), "init=0.1"))
     marker = out / MARKER
     if marker.exists() and marker.read_text() == signature and (out / "model.safetensors").exists():
@@ -63,11 +66,17 @@ def write_tiny_checkpoint(
     )
     torch.manual_seed(seed)
     model = Telechat2ForCausalLM(config).to(dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    save_tokenizer(tok, out)
-    model.generation_config.save_pretrained(out)
-    marker.write_text(signature)
+    # written beside, then moved into place: a process reading `out` never sees half a checkpoint
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    model.save_pretrained(staging)
+    save_tokenizer(tok, staging)
+    model.generation_config.save_pretrained(staging)
+    (staging / MARKER).write_text(signature)
+    out.mkdir(exist_ok=True)
+    for item in staging.iterdir():
+        os.replace(item, out / item.name)
+    staging.rmdir()
     return out
 
 

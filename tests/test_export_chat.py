@@ -282,3 +282,45 @@ def test_vllm_backend_without_vllm_names_the_extra(exported):
 
     with pytest.raises(ImportError, match=r"telechat-lab\[vllm\]"):
         VLLMEngine(exported["dir"], [])
+
+
+def test_default_export_is_bf16_and_legacy_format_writes_bin(exported, tmp_path):
+    from telechat_lab.export import export, merge_adapters
+
+    model, base = merge_adapters(None, exported["adapters"][:1])
+    out = export(model, base, tmp_path / "bf16")  # dtype auto: bf16 for an fp32 base
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16"
+    assert load_file(out / "model.safetensors")["lm_head.weight"].dtype == torch.bfloat16
+
+    model, base = merge_adapters(None, exported["adapters"][:1])
+    legacy = export(model, base, tmp_path / "legacy", dtype="float32", legacy_format=True, export_size=0.001)
+    assert not list(legacy.glob("*.safetensors")) and (legacy / "pytorch_model.bin.index.json").exists()
+    reloaded = Telechat2ForCausalLM.from_pretrained(legacy, dtype=torch.float32)
+    ids = torch.randint(20, 3000, (1, 8))
+    with torch.no_grad():
+        expected = merged_in_memory(exported["base"], exported["adapters"][:1])(input_ids=ids).logits
+        assert (reloaded(input_ids=ids).logits - expected).abs().max() < 1e-4
+
+
+def test_chat_cli_with_an_unmerged_adapter_in_batch_mode_from_stdin(exported, tmp_path):
+    proc = run_script("chat.py", [f"adapter_path={exported['adapters'][0]}", "input=-", "system=Be brief.",
+                                  "generation.max_new_tokens=3", "generation.do_sample=false"], tmp_path,
+                      stdin='first question\n{"prompt": "second", "system": "Own system."}\nthird\n')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r.get("prompt") for r in rows] == ["first question", "second", "third"]
+    assert all(isinstance(r["response"], str) for r in rows)
+
+
+def test_batch_mode_system_prompts(tiny_dir, tmp_path):
+    engine = RecordingEngine()
+    session = ChatSession(engine, tiny_dir, system="Configured.")
+    source = tmp_path / "p.jsonl"
+    source.write_text('plain\n{"prompt": "own", "system": "Own."}\nplain again\n')
+    batch(session, str(source), str(tmp_path / "out.jsonl"))
+    encoder = session.encoder
+    expect = [encoder.prompt_ids(Conversation(system=s, turns=[(p, None)]))
+              for s, p in (("Configured.", "plain"), ("Own.", "own"), ("Configured.", "plain again"))]
+    assert engine.prompts == expect  # a record's system applies to that record only
+    assert session.system == "Configured."

@@ -86,11 +86,13 @@ def test_deepspeed_config_is_generated_and_overridable():
 
     cfg = compose_train(["hardware=deepspeed_zero3_offload", "+hardware.deepspeed.overrides.zero_optimization"
                          ".reduce_bucket_size=1000"])
-    ds = deepspeed_config(OmegaConf.to_container(cfg.hardware.deepspeed), "bf16-mixed", 1.0, 4)
+    ds = deepspeed_config(OmegaConf.to_container(cfg.hardware.deepspeed), "bf16-mixed")
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["zero_optimization"]["reduce_bucket_size"] == 1000  # the override won
-    assert ds["bf16"]["enabled"] and ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 1.0
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    # Lightning refuses these in the config: it sets them from trainer.* itself
+    assert "gradient_accumulation_steps" not in ds and "train_micro_batch_size_per_gpu" not in ds
 
 
 def test_config_errors_are_all_listed_at_once():
@@ -295,4 +297,73 @@ def test_slurm_launcher_preset_composes():
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=slurm", "hardware=ddp"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
-    assert "SlurmLauncher" in launcher._target_ and launcher.tasks_per_node == 2 and launcher.nodes == 1
+    assert "SlurmLauncher" in launcher._target_ and launcher.tasks_per_node == 8 and launcher.nodes == 1
+
+
+def test_cli_lists_every_unknown_key_at_once(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "model.colour=blue", "adapter=dora",
+                           "adapter.rnak=4", "optim.lr=1e-4"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "model.colour: unknown key" in proc.stderr and "adapter.rnak: unknown key" in proc.stderr
+    assert "optim.lr" not in proc.stderr  # a known key is not reported
+    assert not (tmp_path / "outputs").exists()  # nothing was started
+
+
+def test_packing_checkpointing_accumulation_and_schedule(tmp_path):
+    """Packed rows, gradient checkpointing, accumulation 2, linear schedule with warmup, rsLoRA on a
+    list of targets: it trains, and the learning rate warms up then decays."""
+    run_train(tmp_path, "data.packing=true", "data.cutoff_len=256", "data.batch_size=2", "data.max_samples=40",
+              "model.gradient_checkpointing=true", "trainer.accumulate_grad_batches=2", "optim.scheduler=linear",
+              "optim.warmup_steps=2", "adapter.rslora=true", "adapter.target=[query,key_value,down_proj]",
+              "trainer.max_steps=6")
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    lr_key = next(c for c in rows[0] if c.startswith("lr-"))
+    lrs = [float(r[lr_key]) for r in rows if r.get(lr_key)]
+    peak = lrs.index(max(lrs))
+    assert lrs[0] < max(lrs) and 0 < peak < len(lrs) - 1 and lrs[-1] < max(lrs)  # warm-up, then linear decay
+    seen = [float(r["tokens_seen"]) for r in rows if r.get("tokens_seen")]
+    assert seen[-1] <= 6 * 2 * 2 * 256  # real tokens only: never more than the rows' capacity
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["use_rslora"] and set(config["target_modules"]) == {"query", "key_value", "down_proj"}
+
+
+def test_tensorboard_logger_writes_events(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    run_train(tmp_path, "logger=tensorboard", "trainer.max_steps=2")
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (tmp_path / "logs" / "metrics.csv").exists()
+
+
+def test_freeze_modules_to_save_by_name(tmp_path):
+    from telechat_lab.tiny import checkpoint_path
+
+    run_train(tmp_path, "adapter=freeze", "adapter.trainable_layers=1", "adapter.modules_to_save=[ln_f]",
+              "trainer.max_steps=2")
+    base = load_file(checkpoint_path(None) / "model.safetensors")
+    tuned = load_file(tmp_path / "model.safetensors")
+    assert not torch.equal(base["transformer.ln_f.weight"], tuned["transformer.ln_f.weight"])
+    assert torch.equal(base["lm_head.weight"], tuned["lm_head.weight"])
+    with pytest.raises(ValueError, match="no module named 'ln_final'"):
+        run_train(tmp_path / "bad", "adapter=freeze", "adapter.modules_to_save=[ln_final]", "trainer.max_steps=1")
+
+
+def test_resume_keeps_the_interrupted_runs_metrics(tmp_path):
+    run_train(tmp_path, "trainer.max_steps=8", "save_steps=1", f"+callbacks.stop._target_={__name__}.StopAfter",
+              "+callbacks.stop.step=3")
+    first = (tmp_path / "logs" / "metrics.csv").read_text()
+    run_train(tmp_path, "trainer.max_steps=8", "save_steps=1", "resume=true")
+    assert (tmp_path / "logs" / "metrics.csv").read_text() == first
+    resumed = list((tmp_path / "logs").glob("resumed-*/metrics.csv"))
+    assert len(resumed) == 1 and "train_loss" in resumed[0].read_text()
+
+
+def test_default_run_prints_where_everything_is(tmp_path):
+    out = tmp_path / "demo"
+    proc = _train_cli([f"output_dir={out}", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                       f"data.cache_dir={tmp_path}/cache"], tmp_path)
+    for line in (f"adapter: {out}", f"loss plot:  {out / 'training_loss.png'}",
+                 f"metrics:    {out / 'logs' / 'metrics.csv'}"):
+        assert line in proc.stdout
+    assert (out / "training_loss.png").exists() and (out / "adapter_model.safetensors").exists()

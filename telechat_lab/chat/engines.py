@@ -90,6 +90,8 @@ class VLLMEngine:
     def __init__(self, base: Path, adapters: list[Path], max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1, max_lora_rank: int = 64,
                  dtype: str = "auto"):
+        if len(adapters) > 1:
+            raise ValueError("infer_backend=vllm serves one adapter; merge the others first (merge.py)")
         try:
             from vllm import LLM
         except ImportError as err:

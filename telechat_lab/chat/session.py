@@ -91,11 +91,13 @@ def read_prompts(source: str, stdin: TextIO = sys.stdin) -> list[dict]:
 def batch(session: ChatSession, source: str, output: str | None, stdin: TextIO = sys.stdin,
           stdout: TextIO = sys.stdout) -> int:
     items = read_prompts(source, stdin)
+    configured_system = session.system
     out = open(output, "w", encoding="utf-8") if output else stdout
     try:
         for item in items:
             session.clear()
-            session.system = item.get("system", session.system)
+            # a record's own system prompt for that record only; otherwise the configured one
+            session.system = item.get("system") or configured_system
             if "messages" in item:
                 turns = item["messages"]
                 users = [m["content"] for m in turns if m["role"] == "user"]
@@ -108,6 +110,7 @@ def batch(session: ChatSession, source: str, output: str | None, stdin: TextIO =
             out.write(json.dumps({**item, "response": response}, ensure_ascii=False) + "\n")
             out.flush()
     finally:
+        session.system = configured_system
         if output:
             out.close()
     return len(items)

@@ -45,8 +45,8 @@ def run(cfg: DictConfig) -> dict:
 
     model_dir = checkpoint_path(cfg.model.path)
     data_cfg = DataConfig.from_mapping(OmegaConf.to_container(cfg.data, resolve=True))
-    data_cfg.val_size, data_cfg.mix = 0, None  # every example once, in dataset order
-    dataset, _, report = build_datasets(data_cfg, model_dir, shuffle_order=False)
+    data_cfg.val_size = 0  # every encoded example once, in dataset order (no mixing, sampling or split)
+    dataset, _, report = build_datasets(data_cfg, model_dir, shuffle_order=False, sample=False)
 
     if cfg.output:
         out = Path(cfg.output)

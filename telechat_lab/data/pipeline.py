@@ -281,9 +281,10 @@ def mix_indices(n: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([np.tile(np.arange(n), whole), np.sort(extra)]).astype(np.int64)
 
 
-def build_datasets(cfg: DataConfig, tokenizer_path: str | Path, shuffle_order: bool = True
+def build_datasets(cfg: DataConfig, tokenizer_path: str | Path, shuffle_order: bool = True, sample: bool = True
                    ) -> tuple[EncodedDataset, EncodedDataset | None, dict]:
-    """(train, validation or None, report). `report` holds per-dataset counts and totals."""
+    """(train, validation or None, report). `report` holds per-dataset counts and totals.
+    `sample=False` skips mixing ratios and num_samples: every encoded example once (inspection)."""
     tokenizer_path = Path(tokenizer_path)
     names = cfg.dataset_names()
     specs = load_dataset_info(cfg.resolved_dataset_dir(), names)  # only the entries used are checked
@@ -297,8 +298,8 @@ def build_datasets(cfg: DataConfig, tokenizer_path: str | Path, shuffle_order: b
     for name in names:
         ds, counts = encode_dataset(specs[name], cfg, tokenizer_path)
         n = len(ds.offsets) - 1
-        index = mix_indices(n, float(mix.get(name, 1.0)), rng)
-        wanted = specs[name].num_samples
+        index = mix_indices(n, float(mix.get(name, 1.0)) if sample else 1.0, rng)
+        wanted = specs[name].num_samples if sample else None
         if wanted and len(index):  # LLaMA-Factory's rule: a random subset, or every example plus random extras
             index = rng.permutation(index)
             extra = rng.choice(index, size=max(0, wanted - len(index)))

@@ -68,10 +68,17 @@ def _freeze_all_but(model: torch.nn.Module, n_layers: int, extra: list[str]) -> 
     n_total = model.config.n_layer
     if not 0 < n_layers <= n_total:
         raise ValueError(f"adapter.trainable_layers={n_layers}: the model has {n_total} blocks")
-    trainable = {f"transformer.h.{i}." for i in range(n_total - n_layers, n_total)}
-    trainable |= {name.rstrip(".") + "." for name in extra}
+    blocks = tuple(f"transformer.h.{i}." for i in range(n_total - n_layers, n_total))
+    names = [n for n, _ in model.named_parameters()]
+    extra_matches = {}
+    for module in extra:  # a module name anywhere in the tree: ln_f, lm_head, word_embeddings, ...
+        key = "." + module.strip(".") + "."
+        extra_matches[module] = {n for n in names if key in "." + n}
+        if not extra_matches[module]:
+            raise ValueError(f"adapter.modules_to_save: no module named '{module}' in TeleChat2")
+    chosen = set().union(*extra_matches.values()) if extra_matches else set()
     for name, param in model.named_parameters():
-        param.requires_grad_(any(name.startswith(prefix) for prefix in trainable))
+        param.requires_grad_(name.startswith(blocks) or name in chosen)
     return model
 
 

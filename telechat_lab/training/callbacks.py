@@ -14,6 +14,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from telechat_lab.data.packing import PAD_ID
+
 # Dense bf16 peak of common GPUs (TFLOP/s), for MFU; hardware.peak_tflops overrides.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
                "A10": 125.0, "V100": 125.0, "4090": 165.0}
@@ -95,7 +97,8 @@ class ThroughputMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         mask = batch.get("attention_mask")
-        tokens = int(mask.sum()) if mask is not None else int((batch["labels"] != -100).numel())
+        # packed / padding-free rows have no mask: their padding is <_pad>, which text never produces
+        tokens = int(mask.sum()) if mask is not None else int((batch["input_ids"] != PAD_ID).sum())
         tokens *= trainer.world_size
         self.tokens_seen += tokens
         self._window_tokens += tokens

@@ -17,19 +17,23 @@ log = logging.getLogger(__name__)
 
 
 class ResumableRandomSampler(Sampler[int]):
-    """A seeded permutation per epoch that can start part-way, so a resumed run sees exactly the
-    batches an uninterrupted one would have seen."""
+    """A seeded permutation per epoch, split across `world` ranks (padded by repetition to a multiple
+    of it, as DistributedSampler does), that can start part-way: a resumed run sees exactly the
+    batches an uninterrupted one would have seen, on one device or many."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch, self.start = 0, 0
+        self.per_rank = -(-n // world)
 
     def __iter__(self):
         order = np.random.default_rng(self.seed + self.epoch).permutation(self.n)
+        order = np.resize(order, self.per_rank * self.world)[self.rank::self.world]
         start, self.start = self.start, 0
         yield from order[start:].tolist()
 
     def __len__(self) -> int:  # the full epoch: Lightning counts a resumed epoch's batches from its progress
-        return self.n
+        return self.per_rank
 
     def set_epoch(self, epoch: int) -> None:  # called by Lightning at every epoch start
         self.epoch = epoch
@@ -61,23 +65,24 @@ class TelechatDataModule(L.LightningDataModule):
         return Collator(padding_free=self.cfg.padding_free)
 
     def train_dataloader(self) -> DataLoader:
-        distributed = self.trainer is not None and self.trainer.world_size > 1
-        kwargs = {}
-        if not distributed:  # under DDP Lightning installs a seeded DistributedSampler
-            self.sampler = ResumableRandomSampler(len(self.train_set), self.cfg.seed)
-            self.sampler.start = self.resume_batches * self.cfg.batch_size
-            kwargs["sampler"] = self.sampler
-        else:
-            kwargs["shuffle"] = True
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        self.sampler = ResumableRandomSampler(len(self.train_set), self.cfg.seed, rank, world)
+        self.sampler.start = self.resume_batches * self.cfg.batch_size
         return DataLoader(self.train_set, batch_size=self.cfg.batch_size, collate_fn=self.collator(),
-                          num_workers=self.cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(0),
-                          **kwargs)
+                          sampler=self.sampler, num_workers=self.cfg.dataloader_num_workers,
+                          generator=torch.Generator().manual_seed(0))
 
     def val_dataloader(self):
         if self.val_set is None:
             return []
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            from torch.utils.data import DistributedSampler
+
+            sampler = DistributedSampler(self.val_set, num_replicas=self.trainer.world_size,
+                                         rank=self.trainer.global_rank, shuffle=False)
         return DataLoader(self.val_set, batch_size=self.cfg.eval_batch_size, collate_fn=self.collator(),
-                          num_workers=self.cfg.dataloader_num_workers)
+                          sampler=sampler, num_workers=self.cfg.dataloader_num_workers)
 
     def state_dict(self) -> dict:
         if self.trainer is None:

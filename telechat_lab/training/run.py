@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from datetime import datetime
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -61,7 +62,12 @@ def train(cfg: DictConfig) -> dict:
 
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     (output_dir / "config.yaml").write_text(resolved)
-    loggers = [hydra.utils.instantiate(v) for v in (cfg.get("logger") or {}).values() if v is not None]
+    logger_cfgs = [v for v in (cfg.get("logger") or {}).values() if v is not None]
+    if cfg.resume:  # keep the interrupted run's logs: the resumed part goes to logs/resumed-<time>/
+        stamp = datetime.now().strftime("resumed-%Y%m%d-%H%M%S")
+        logger_cfgs = [OmegaConf.merge(v, {"version": stamp}) if "CSVLogger" in str(v.get("_target_")) else v
+                       for v in logger_cfgs]
+    loggers = [hydra.utils.instantiate(v) for v in logger_cfgs]
     for logger in loggers:
         if hasattr(logger, "log_hyperparams"):
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -75,7 +81,8 @@ def train(cfg: DictConfig) -> dict:
     ]
     trainer_cfg = c(cfg.trainer)
     trainer = L.Trainer(**trainer_cfg, **trainer_arguments(c(cfg.hardware), trainer_cfg), logger=loggers,
-                        callbacks=callbacks, log_every_n_steps=cfg.logging_steps, default_root_dir=str(output_dir))
+                        callbacks=callbacks, log_every_n_steps=cfg.logging_steps, default_root_dir=str(output_dir),
+                        use_distributed_sampler=False)  # the data module shards (resumably) itself
     ckpt = None
     if cfg.resume:
         last = output_dir / "checkpoints" / "last.ckpt"

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 
-def deepspeed_config(ds: dict, precision: str, grad_clip: float | None, accumulate: int) -> dict:
-    """A DeepSpeed config generated from the group; deepspeed.overrides is merged in last."""
+def deepspeed_config(ds: dict, precision: str) -> dict:
+    """A DeepSpeed config generated from the group; deepspeed.overrides is merged in last. Batch size,
+    gradient accumulation and clipping are Lightning's (trainer.*): it writes them into the config."""
     stage = ds["stage"]
     zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
                             "reduce_bucket_size": 5e8}
@@ -20,11 +21,8 @@ def deepspeed_config(ds: dict, precision: str, grad_clip: float | None, accumula
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.get("offload_params"):
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    config = {"zero_optimization": zero, "gradient_accumulation_steps": accumulate,
-              "bf16": {"enabled": precision.startswith("bf16")}, "fp16": {"enabled": precision.startswith("16")},
-              "zero_allow_untested_optimizer": True, "train_micro_batch_size_per_gpu": "auto"}
-    if grad_clip:
-        config["gradient_clipping"] = grad_clip
+    config = {"zero_optimization": zero, "bf16": {"enabled": precision.startswith("bf16")},
+              "fp16": {"enabled": precision.startswith("16")}, "zero_allow_untested_optimizer": True}
     return _merge(config, ds.get("overrides") or {})
 
 
@@ -64,7 +62,5 @@ def trainer_arguments(hardware: dict, trainer: dict) -> dict:
     elif strategy == "deepspeed":
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        config = deepspeed_config(hardware["deepspeed"], precision, trainer.get("gradient_clip_val"),
-                                  trainer.get("accumulate_grad_batches", 1))
-        args["strategy"] = DeepSpeedStrategy(config=config)
+        args["strategy"] = DeepSpeedStrategy(config=deepspeed_config(hardware["deepspeed"], precision))
     return args
