@@ -145,8 +145,14 @@ def get_encoder(tokenizer_path: Path, options: TemplateOptions, num_threads: int
     return _ENCODERS[key]
 
 
+_SHARED_RECORDS: list = []  # the records being encoded, inherited by forked workers
+
+
 def _encode_job(job: tuple) -> tuple:
     tokenizer_path, options, spec, records, placeholders = job
+    if isinstance(records, tuple):  # (dataset, start, end) into the parent's records
+        n, start, end = records
+        records = _SHARED_RECORDS[n][start:end]
     return _encode_records(get_encoder(Path(tokenizer_path), options), spec, records, placeholders)
 
 
@@ -186,46 +192,73 @@ def _fill(text: str, placeholders: dict[str, str]) -> str:
 
 def encode_dataset(spec: DatasetSpec, cfg: DataConfig, tokenizer_path: Path) -> tuple[EncodedDataset, dict]:
     """Encode one dataset (records in file order), re-using the on-disk cache when it is valid."""
-    placeholders = dict(cfg.placeholders) if spec.name in set(cfg.fill_placeholders) else {}
-    options = cfg.template_options()
-    cache_file = _cache_file(spec, cfg, tokenizer_path, options, placeholders)
-    if cache_file and cache_file.exists() and not cfg.overwrite_cache:
-        try:
-            return _load_cache(cache_file, spec.name)
-        except Exception as err:  # a corrupt cache is rebuilt, never trusted
-            log.warning("ignoring unreadable cache %s: %s", cache_file, err)
+    return encode_datasets([spec], cfg, tokenizer_path)[0]
 
-    records = read_records(spec)
-    if not records:
-        raise DataError(f"dataset '{spec.name}': {spec.path} holds no records")
-    if cfg.max_samples:
-        records = records[: cfg.max_samples]
+
+def encode_datasets(specs: list[DatasetSpec], cfg: DataConfig, tokenizer_path: Path) -> list[tuple]:
+    """[(dataset, counts)] for `specs`: cached ones loaded, the others encoded, with
+    data.preprocessing_num_workers processes sharing one pool over all their records."""
+    options = cfg.template_options()
+    results: list = [None] * len(specs)
+    pending = []  # (position, spec, records, placeholders, cache_file)
+    for i, spec in enumerate(specs):
+        placeholders = dict(cfg.placeholders) if spec.name in set(cfg.fill_placeholders) else {}
+        cache_file = _cache_file(spec, cfg, tokenizer_path, options, placeholders)
+        if cache_file.exists() and not cfg.overwrite_cache:
+            try:
+                results[i] = _load_cache(cache_file, spec.name)
+                continue
+            except Exception as err:  # a corrupt cache is rebuilt, never trusted
+                log.warning("ignoring unreadable cache %s: %s", cache_file, err)
+        records = read_records(spec)
+        if not records:
+            raise DataError(f"dataset '{spec.name}': {spec.path} holds no records")
+        if cfg.max_samples:
+            records = records[: cfg.max_samples]
+        pending.append((i, spec, records, placeholders, cache_file))
+
     workers = max(1, int(cfg.preprocessing_num_workers or 1))
-    if workers > 1 and len(records) >= 64 * workers:  # worker processes, each on a contiguous share
-        size = -(-len(records) // workers)
-        jobs = [(str(tokenizer_path), options, spec, records[i:i + size], placeholders)
-                for i in range(0, len(records), size)]
-        context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-        with context.Pool(len(jobs)) as pool:
-            parts = pool.map(_encode_job, jobs)
-        for n, part in enumerate(parts):
-            part[3][:] += n * size
-        tokens, labels, lengths, kept = (np.concatenate([p[k] for p in parts]) for k in range(4))
-        truncated, dropped = sum(p[4] for p in parts), sum(p[5] for p in parts)
+    total = sum(len(p[2]) for p in pending)
+    if workers > 1 and total >= 32 * workers:
+        chunk = -(-total // (2 * workers))  # two shares a worker evens out uneven records
+        fork = sys.platform == "linux"
+        jobs, owners = [], []
+        for n, (_, spec, records, placeholders, _) in enumerate(pending):
+            for start in range(0, len(records), chunk):
+                # forked workers read the records from the parent's memory: only (dataset, range) travels
+                share = (n, start, start + chunk) if fork else records[start:start + chunk]
+                jobs.append((str(tokenizer_path), options, spec, share, placeholders))
+                owners.append((n, start))
+        _SHARED_RECORDS[:] = [p[2] for p in pending] if fork else []
+        try:
+            with mp.get_context("fork" if fork else "spawn").Pool(min(workers, len(jobs))) as pool:
+                outputs = pool.map(_encode_job, jobs)
+        finally:
+            _SHARED_RECORDS.clear()
+        encoded = [[] for _ in pending]
+        for (n, start), part in zip(owners, outputs):
+            part[3][:] += start
+            encoded[n].append(part)
+        encoded = [tuple(np.concatenate([p[k] for p in parts]) for k in range(4))
+                   + (sum(p[4] for p in parts), sum(p[5] for p in parts)) for parts in encoded]
     else:
         encoder = get_encoder(tokenizer_path, options)
-        tokens, labels, lengths, kept, truncated, dropped = _encode_records(encoder, spec, records, placeholders)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    record_index = np.array([records[k][1] for k in kept], dtype=np.int64)
-    counts = {"records": len(records), "truncated": int(truncated), "dropped": int(dropped)}
-    if len(records) and not len(kept):
-        raise DataError(f"dataset '{spec.name}': all {len(records)} records were dropped (no trainable reply "
-                        f"within data.cutoff_len={cfg.cutoff_len})")
-    source = np.stack([np.zeros_like(record_index), record_index], axis=1)
-    dataset = EncodedDataset(tokens, labels, offsets, None, source, [spec.name])
-    if cache_file:
+        encoded = [_encode_records(encoder, spec, records, placeholders)
+                   for _, spec, records, placeholders, _ in pending]
+
+    for (i, spec, records, _, cache_file), (tokens, labels, lengths, kept, truncated, dropped) in zip(pending,
+                                                                                                      encoded):
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        record_index = np.array([records[k][1] for k in kept], dtype=np.int64)
+        counts = {"records": len(records), "truncated": int(truncated), "dropped": int(dropped)}
+        if not len(kept):
+            raise DataError(f"dataset '{spec.name}': all {len(records)} records were dropped (no trainable "
+                            f"reply within data.cutoff_len={cfg.cutoff_len})")
+        source = np.stack([np.zeros_like(record_index), record_index], axis=1)
+        dataset = EncodedDataset(tokens, labels, offsets, None, source, [spec.name])
         _save_cache(cache_file, dataset, counts)
-    return dataset, counts
+        results[i] = (dataset, counts)
+    return results
 
 
 def _file_fingerprint(spec: DatasetSpec) -> list:
@@ -295,8 +328,7 @@ def build_datasets(cfg: DataConfig, tokenizer_path: str | Path, shuffle_order: b
 
     rng = np.random.default_rng(cfg.seed)
     parts, report = [], {"datasets": {}}
-    for name in names:
-        ds, counts = encode_dataset(specs[name], cfg, tokenizer_path)
+    for name, (ds, counts) in zip(names, encode_datasets([specs[n] for n in names], cfg, tokenizer_path)):
         n = len(ds.offsets) - 1
         index = mix_indices(n, float(mix.get(name, 1.0)) if sample else 1.0, rng)
         wanted = specs[name].num_samples if sample else None
