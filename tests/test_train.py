@@ -4,6 +4,7 @@ offline."""
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -367,3 +368,8 @@ def test_default_run_prints_where_everything_is(tmp_path):
                  f"metrics:    {out / 'logs' / 'metrics.csv'}"):
         assert line in proc.stdout
     assert (out / "training_loss.png").exists() and (out / "adapter_model.safetensors").exists()
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
+    metrics = run_train(tmp_path, "hardware=cpu", "hardware.precision=bf16-mixed", "trainer.max_steps=3")
+    assert metrics["steps"] == 3 and all(math.isfinite(x) for x in losses(tmp_path))
