@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 
+from telechat_lab.model import DTYPES
+
 log = logging.getLogger(__name__)
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 REMOTE_CODE = ("configuration_telechat2.py", "modeling_telechat2.py")
 AUTO_MAP = {"AutoConfig": "configuration_telechat2.Telechat2Config",
             "AutoModel": "modeling_telechat2.Telechat2Model",
             "AutoModelForCausalLM": "modeling_telechat2.Telechat2ForCausalLM"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def adapter_base(adapter_dir: Path) -> Path:

@@ -11,8 +11,7 @@ from threading import Thread
 import torch
 
 from telechat_lab.export import adapter_base
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from telechat_lab.model import DTYPES
 
 
 def resolve_paths(model_path: str | None, adapter_path) -> tuple[Path, list[Path]]:

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
+from telechat_lab.model import DTYPES
+
 ALL_TARGETS = ["query", "key_value", "dense", "gate_proj", "up_proj", "down_proj"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def target_modules(target: Any) -> list[str]:

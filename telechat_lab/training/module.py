@@ -9,7 +9,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from .adapters import DTYPES, apply_adapter, count_parameters, quantization_config
+from telechat_lab.model import DTYPES
+
+from .adapters import apply_adapter, count_parameters, quantization_config
 
 
 def load_base_model(model_dir: Path, model: dict, adapter: dict, precision: str = "32-true"):
