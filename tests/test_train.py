@@ -373,3 +373,17 @@ def test_default_run_prints_where_everything_is(tmp_path):
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
     metrics = run_train(tmp_path, "hardware=cpu", "hardware.precision=bf16-mixed", "trainer.max_steps=3")
     assert metrics["steps"] == 3 and all(math.isfinite(x) for x in losses(tmp_path))
+
+
+def test_ddp_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """Two gloo processes: interrupted after 3 steps then resumed equals 6 steps straight (the data
+    module shards and resumes the sample order itself)."""
+    ddp = [*QUICK, "hardware=ddp", "hardware.accelerator=cpu", "hardware.devices=2", "data.batch_size=2",
+           "trainer.max_steps=6", "save_steps=1", f"data.cache_dir={tmp_path}/cache"]
+    env = {"PYTHONPATH": str(Path(__file__).parent)}
+    _train_cli([*ddp, f"output_dir={tmp_path / 'straight'}"], tmp_path, env=env)
+    _train_cli([*ddp, f"output_dir={tmp_path / 'split'}", "+callbacks.stop._target_=test_train.StopAfter",
+                "+callbacks.stop.step=3"], tmp_path, env=env)
+    assert len(losses(tmp_path / "split")) == 3
+    _train_cli([*ddp, f"output_dir={tmp_path / 'split'}", "resume=true"], tmp_path, env=env)
+    assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "straight"), abs=1e-5)
