@@ -166,7 +166,10 @@ def unknown_override_keys(argv: list[str], conf_dir: str, config_name: str) -> l
         if o.is_add() or o.is_delete() or o.is_force_add() or key.split(".")[0] == "hydra":
             continue
         if "/" in key or (Path(conf_dir) / key).is_dir():
-            value = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.value()
+            try:  # a sweep stands for its first choice; a glob(...) needs Hydra's loader: give up
+                value = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.value()
+            except Exception:
+                return []
             groups.append(f"{key}={value}")
         else:
             keys.append(key)

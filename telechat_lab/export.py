@@ -85,6 +85,8 @@ def export(model, tokenizer_dir: str | Path, export_dir: str | Path, dtype: str 
 
     out = Path(export_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("model*.safetensors*"), *out.glob("pytorch_model*.bin*")]:
+        stale.unlink()  # weights of an earlier export would be loaded instead of these
     if dtype == "auto":  # bf16 for an fp32 base, else the base's own dtype
         dtype = "bfloat16" if model.dtype == torch.float32 else str(model.dtype).replace("torch.", "")
     model = model.to(DTYPES[dtype])

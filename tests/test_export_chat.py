@@ -324,3 +324,35 @@ def test_batch_mode_system_prompts(tiny_dir, tmp_path):
               for s, p in (("Configured.", "plain"), ("Own.", "own"), ("Configured.", "plain again"))]
     assert engine.prompts == expect  # a record's system applies to that record only
     assert session.system == "Configured."
+
+
+def test_batch_messages_use_their_own_system_message(tiny_dir, tmp_path):
+    engine = RecordingEngine()
+    session = ChatSession(engine, tiny_dir, system="Configured.")
+    source = tmp_path / "m.jsonl"
+    source.write_text('{"messages": [{"role": "system", "content": "From messages."}, '
+                      '{"role": "user", "content": "q"}]}\n')
+    batch(session, str(source), str(tmp_path / "out.jsonl"))
+    assert engine.prompts[0] == session.encoder.prompt_ids(Conversation(system="From messages.", turns=[("q", None)]))
+    source.write_text('{"messages": [{"role": "system", "content": "only a system"}]}\n')
+    with pytest.raises(ValueError, match="no user message"):
+        read_prompts(str(source))
+
+
+def test_generation_errors_reach_the_caller(tiny_dir):
+    from telechat_lab.chat.engines import HuggingFaceEngine
+
+    engine = HuggingFaceEngine(tiny_dir, [], dtype="float32", device="cpu")
+    with pytest.raises(Exception):  # noqa: B017 - any error, as long as it does not hang
+        list(engine.stream([4, 100, 5], {"max_new_tokens": -5}))
+
+
+def test_export_replaces_the_weights_of_an_earlier_export(exported, tmp_path):
+    from telechat_lab.export import export, merge_adapters
+
+    out = tmp_path / "again"
+    model, base = merge_adapters(None, exported["adapters"][:1])
+    export(model, base, out, dtype="float32")
+    model, base = merge_adapters(None, exported["adapters"][:1])
+    export(model, base, out, dtype="float32", legacy_format=True)
+    assert not list(out.glob("*.safetensors")) and list(out.glob("pytorch_model*.bin"))

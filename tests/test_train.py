@@ -387,3 +387,28 @@ def test_ddp_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert len(losses(tmp_path / "split")) == 3
     _train_cli([*ddp, f"output_dir={tmp_path / 'split'}", "resume=true"], tmp_path, env=env)
     assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "straight"), abs=1e-5)
+
+
+def test_resume_a_finished_run_with_more_epochs(tmp_path):
+    """A checkpoint from an epoch's last batch: the next epoch starts from its first batch."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_train(straight, "trainer.max_epochs=2", "save_steps=4")
+    run_train(split, "trainer.max_epochs=1", "save_steps=4")
+    metrics = run_train(split, "trainer.max_epochs=2", "save_steps=4", "resume=true")
+    assert metrics["steps"] == 8
+    # the schedule differs (1 vs 2 epochs planned), so compare the data: same number of steps per epoch
+    assert len(losses(split)) == len(losses(straight)) == 8
+
+
+def test_final_validation_is_recorded_once_and_can_be_disabled(tmp_path):
+    run_train(tmp_path / "a", "data.val_size=4", "trainer.max_steps=3")
+    assert len(losses(tmp_path / "a", "val")) == 1  # measured at the end, recorded once
+    metrics = run_train(tmp_path / "b", "data.val_size=4", "trainer.max_steps=3", "+trainer.limit_val_batches=0")
+    assert metrics["val_loss"] is None and metrics["steps"] == 3
+
+
+def test_override_check_leaves_glob_sweeps_to_hydra():
+    from telechat_lab.config import unknown_override_keys
+
+    assert unknown_override_keys(["-m", "adapter=glob(*)", "optim.lr=1e-4"], CONF, "train") == []
+    assert unknown_override_keys(["-m", "adapter=lora,dora", "adapter.rnak=1"], CONF, "train") == ["adapter.rnak"]

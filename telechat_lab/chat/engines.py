@@ -61,15 +61,22 @@ class HuggingFaceEngine:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = generation_kwargs(generation)
         inputs = torch.tensor([prompt_ids], device=self.device)
-        thread = Thread(target=self._generate, args=(inputs, streamer, kwargs), daemon=True)
+        errors: list[BaseException] = []
+        thread = Thread(target=self._generate, args=(inputs, streamer, kwargs, errors), daemon=True)
         thread.start()
         yield from streamer
         thread.join()
+        if errors:  # generation failed in its thread (out of memory, bad options): raise it here
+            raise errors[0]
 
-    def _generate(self, inputs, streamer, kwargs):
-        with torch.no_grad():
-            self.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
-                                eos_token_id=2, pad_token_id=3, **kwargs)
+    def _generate(self, inputs, streamer, kwargs, errors):
+        try:
+            with torch.no_grad():
+                self.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
+                                    eos_token_id=2, pad_token_id=3, **kwargs)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            errors.append(err)
+            streamer.end()
 
 
 def generation_kwargs(generation: dict) -> dict:

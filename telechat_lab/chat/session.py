@@ -75,7 +75,11 @@ def read_prompts(source: str, stdin: TextIO = sys.stdin) -> list[dict]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{source} line {lineno}: malformed JSON ({err.msg})") from err
             if "messages" in record:
-                items.append({"messages": record["messages"], "system": record.get("system")})
+                system = record.get("system") or next(
+                    (m["content"] for m in record["messages"] if m.get("role") == "system"), None)
+                if not any(m.get("role") == "user" for m in record["messages"]):
+                    raise ValueError(f"{source} line {lineno}: 'messages' has no user message to answer")
+                items.append({"messages": record["messages"], "system": system})
             elif "prompt" in record or "instruction" in record:
                 prompt = record.get("prompt") or record["instruction"]
                 if record.get("input"):

@@ -23,13 +23,19 @@ class ResumableRandomSampler(Sampler[int]):
 
     def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
         self.n, self.seed, self.rank, self.world = n, seed, rank, world
-        self.epoch, self.start = 0, 0
+        self.epoch = 0
+        self.resume: tuple[int, int] | None = None  # (epoch, samples already consumed in it)
         self.per_rank = -(-n // world)
 
     def __iter__(self):
         order = np.random.default_rng(self.seed + self.epoch).permutation(self.n)
         order = np.resize(order, self.per_rank * self.world)[self.rank::self.world]
-        start, self.start = self.start, 0
+        start = 0
+        if self.resume is not None:  # only the interrupted epoch starts part-way
+            epoch, consumed = self.resume
+            self.resume = None
+            if epoch == self.epoch:
+                start = consumed
         yield from order[start:].tolist()
 
     def __len__(self) -> int:  # the full epoch: Lightning counts a resumed epoch's batches from its progress
@@ -46,7 +52,7 @@ class TelechatDataModule(L.LightningDataModule):
         self.train_set = self.val_set = None
         self.report: dict = {}
         self.sampler: ResumableRandomSampler | None = None
-        self.resume_batches = 0
+        self.resume: tuple[int, int] | None = None  # (epoch, batches done in it) from a checkpoint
 
     def prepare_data(self) -> None:
         build_datasets(self.cfg, self.model_dir)  # fills the on-disk cache once, on rank 0
@@ -67,7 +73,7 @@ class TelechatDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         self.sampler = ResumableRandomSampler(len(self.train_set), self.cfg.seed, rank, world)
-        self.sampler.start = self.resume_batches * self.cfg.batch_size
+        self._apply_resume()
         return DataLoader(self.train_set, batch_size=self.cfg.batch_size, collate_fn=self.collator(),
                           sampler=self.sampler, num_workers=self.cfg.dataloader_num_workers,
                           generator=torch.Generator().manual_seed(0))
@@ -92,8 +98,13 @@ class TelechatDataModule(L.LightningDataModule):
         return {"epoch_batches_done": progress.processed, "epoch": self.trainer.current_epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restored before training resumes (the loader may already exist): the next epoch
-        iteration starts after the batches the interrupted run had consumed."""
-        self.resume_batches = int(state.get("epoch_batches_done", 0))
-        if self.sampler is not None:
-            self.sampler.start = self.resume_batches * self.cfg.batch_size
+        """Restored before training resumes (the loader may already exist): the interrupted epoch
+        continues after the batches it had consumed; a checkpoint from an epoch's end starts the
+        next epoch from its beginning."""
+        self.resume = (int(state.get("epoch", 0)), int(state.get("epoch_batches_done", 0)))
+        self._apply_resume()
+
+    def _apply_resume(self) -> None:
+        if self.sampler is not None and self.resume is not None:
+            epoch, batches = self.resume
+            self.sampler.resume = (epoch, batches * self.cfg.batch_size)

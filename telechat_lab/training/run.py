@@ -30,6 +30,13 @@ def resolve_output_dir(cfg: DictConfig) -> Path:
     return Path(cfg.output_dir).resolve()
 
 
+def csv_log_dir(loggers: list, output_dir: Path) -> Path:
+    for logger in loggers:
+        if type(logger).__name__ == "CSVLogger":
+            return Path(logger.log_dir)
+    return output_dir / "logs"
+
+
 def train(cfg: DictConfig) -> dict:
     """Returns the final metrics (train_loss, val_loss, steps, output_dir)."""
     import hydra
@@ -94,11 +101,13 @@ def train(cfg: DictConfig) -> dict:
     final_file = output_dir / "final_metrics.json"
     metrics = json.loads(final_file.read_text()) if final_file.exists() else {}
     plot = next(cb for cb in callbacks if isinstance(cb, LossPlot))
-    if datamodule.val_set is not None and (not plot.val or plot.val[-1][0] != trainer.global_step):
-        # the run stopped between validations: measure the final model once more
-        val_loss = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val_loss"]
-        if trainer.is_global_zero:
-            plot.val.append((trainer.global_step, float(val_loss)))
+    validating = trainer.limit_val_batches != 0
+    if datamodule.val_set is not None and validating and (not plot.val or plot.val[-1][0] != trainer.global_step):
+        # the run stopped between validations: measure the final model once more (LossPlot records it)
+        results = trainer.validate(module, datamodule=datamodule, verbose=False)
+        if results and "val_loss" in results[0] and trainer.is_global_zero:
+            if not plot.val or plot.val[-1][0] != trainer.global_step:
+                plot.val.append((trainer.global_step, float(results[0]["val_loss"])))
             plot.on_train_end(trainer, module)  # rewrite final_metrics.json and the plots
             metrics = json.loads(final_file.read_text())
     metrics["output_dir"] = str(output_dir)
@@ -111,7 +120,7 @@ def train(cfg: DictConfig) -> dict:
                  f"final train loss {metrics.get('train_loss')}, validation loss {metrics.get('val_loss')}",
                  f"{'adapter' if cfg.adapter.type in ('lora', 'dora', 'qlora') else 'model'}: {output_dir}",
                  f"loss plot:  {output_dir / 'training_loss.png'}",
-                 f"metrics:    {output_dir / 'logs' / 'metrics.csv'}",
+                 f"metrics:    {csv_log_dir(loggers, output_dir) / 'metrics.csv'}",
                  f"resume:     python train.py output_dir={output_dir} resume=true"]
         print("\n" + "\n".join(lines))
     return metrics
