@@ -13,15 +13,15 @@ pass the real `tokenizer.model` to get the 131072-piece vocabulary.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import tempfile
 from pathlib import Path
 
 import torch
 
+from telechat_lab import cache_root
 from telechat_lab.model import Telechat2Config, Telechat2ForCausalLM
-from telechat_lab.tokenizer import TINY_TOKENIZER_PATH, load_tokenizer, save_tokenizer
+from telechat_lab.tokenizer import TINY_TOKENIZER_PATH, load_tokenizer, save_tokenizer, tokenizer_hash
 
 MARKER = ".telechat_tiny"  # records the arguments, so an up-to-date directory is re-used
 
@@ -44,7 +44,7 @@ def write_tiny_checkpoint(
     out = Path(out_dir).resolve()
     tokenizer = Path(tokenizer or TINY_TOKENIZER_PATH).resolve()
     ffn_hidden_size = ffn_hidden_size or 2 * hidden_size
-    token_hash = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:16]  # not its path: checkouts share it
+    token_hash = tokenizer_hash(tokenizer)[:16]  # not its path: checkouts share the directory
     signature = repr((token_hash, hidden_size, n_layer, n_head, num_key_value_heads, ffn_hidden_size,
                       training_seqlen, seed, str(dtype), "init=0.1"))
     marker = out / MARKER
@@ -81,8 +81,7 @@ def write_tiny_checkpoint(
 
 
 def default_tiny_dir() -> Path:
-    cache = os.environ.get("TELECHAT_LAB_CACHE", "~/.cache/telechat_lab")
-    return Path(cache).expanduser() / "tiny-telechat2"
+    return cache_root() / "tiny-telechat2"
 
 
 def checkpoint_path(path: str | os.PathLike | None) -> Path:

@@ -27,6 +27,7 @@ standard ``TokenizersBackend`` class, ``chat_template.jinja`` and a copy of ``to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -51,12 +52,14 @@ __all__ = [
     "UNK_TOKEN",
     "USER_TOKEN",
     "build_backend_tokenizer",
+    "find_model_file",
     "format_tool_call",
     "format_tool_response",
     "format_tools",
     "load_tiny_tokenizer",
     "load_tokenizer",
     "save_tokenizer",
+    "tokenizer_hash",
 ]
 
 # --------------------------------------------------------------------------------------------------------------
@@ -371,12 +374,27 @@ def build_backend_tokenizer(model_file: str | os.PathLike):
     return tok
 
 
-def _model_file(path: str | os.PathLike) -> Path | None:
+def find_model_file(path: str | os.PathLike) -> Path | None:
+    """``path`` itself when it is a file, else ``path/tokenizer.model`` when that exists, else None."""
     path = Path(path)
     if path.is_file():
         return path
     candidate = path / _MODEL_FILE
     return candidate if candidate.is_file() else None
+
+
+_HASHES: dict[str, str] = {}
+
+
+def tokenizer_hash(path: str | os.PathLike) -> str:
+    """sha256 of the SentencePiece model at ``path`` (file or directory), remembered per file."""
+    model = find_model_file(path)
+    if model is None:
+        raise FileNotFoundError(f"no {_MODEL_FILE} at {path}")
+    key = str(model.resolve())
+    if key not in _HASHES:
+        _HASHES[key] = hashlib.sha256(model.read_bytes()).hexdigest()
+    return _HASHES[key]
 
 
 def load_tokenizer(path: str | os.PathLike, chat_template: str | None = None):
@@ -390,7 +408,7 @@ def load_tokenizer(path: str | os.PathLike, chat_template: str | None = None):
     """
     from transformers import TokenizersBackend
 
-    model_file = _model_file(path)
+    model_file = find_model_file(path)
     if model_file is None:
         if (Path(path) / "tokenizer.json").is_file():
             tok = TokenizersBackend.from_pretrained(str(path))

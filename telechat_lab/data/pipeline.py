@@ -22,6 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from telechat_lab import cache_root
+from telechat_lab.tokenizer import tokenizer_hash
+
 from .formats import to_conversation
 from .registry import DataError, DatasetSpec, index_unit, load_dataset_info, read_records
 from .template import IGNORE, TEMPLATE_VERSION, ChatEncoder, TemplateOptions
@@ -265,21 +268,10 @@ def _file_fingerprint(spec: DatasetSpec) -> list:
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in spec.files()]
 
 
-_TOKENIZER_HASHES: dict[str, str] = {}
-
-
-def _tokenizer_hash(path: Path) -> str:
-    model = path if path.is_file() else path / "tokenizer.model"
-    key = str(model.resolve())
-    if key not in _TOKENIZER_HASHES:
-        _TOKENIZER_HASHES[key] = hashlib.sha256(model.read_bytes()).hexdigest()
-    return _TOKENIZER_HASHES[key]
-
-
 def _cache_file(spec, cfg, tokenizer_path, options, placeholders) -> Path | None:
-    root = Path(cfg.cache_dir or os.environ.get("TELECHAT_LAB_CACHE", "~/.cache/telechat_lab")).expanduser()
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
     key = json.dumps({
-        "version": TEMPLATE_VERSION, "files": _file_fingerprint(spec), "tokenizer": _tokenizer_hash(tokenizer_path),
+        "version": TEMPLATE_VERSION, "files": _file_fingerprint(spec), "tokenizer": tokenizer_hash(tokenizer_path),
         "spec": [spec.formatting, spec.columns, spec.tags], "options": asdict(options),
         "placeholders": placeholders, "max_samples": cfg.max_samples,
     }, sort_keys=True, default=str)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from telechat_lab.tokenizer import CONTROL_TOKENS, DEFAULT_SYSTEM_PROMPT, format_tools
+from telechat_lab.tokenizer import CONTROL_TOKENS, DEFAULT_SYSTEM_PROMPT, find_model_file, format_tools
 
 from .formats import Conversation, tools_of
 
@@ -51,9 +51,8 @@ class ChatEncoder:
                  num_threads: int = 1):
         import sentencepiece as spm
 
-        path = Path(tokenizer_path)
-        model_file = path if path.is_file() else path / "tokenizer.model"
-        if not model_file.is_file():
+        model_file = find_model_file(tokenizer_path)
+        if model_file is None:
             raise FileNotFoundError(f"no tokenizer.model at {tokenizer_path}")
         self.model_file = model_file
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
