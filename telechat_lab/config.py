@@ -29,7 +29,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
               "warmup_ratio": NUM, "min_lr_ratio": NUM},
     "data": {"dataset_dir": str, "datasets": (list, str), "mix": (dict, type(None)), "max_samples": (int, type(None)),
              "val_size": NUM, "cutoff_len": int, "packing": bool, "padding_free": bool, "train_on_prompt": bool,
-             "mask_history": bool, "default_system": OPT_STR, "placeholders": dict, "fill_placeholders": list,
+             "mask_history": bool, "train_role_tokens": bool, "default_system": OPT_STR, "placeholders": dict, "fill_placeholders": list,
              "preprocessing_num_workers": int, "cache_dir": OPT_STR, "overwrite_cache": bool, "seed": int,
              "batch_size": int, "eval_batch_size": int, "dataloader_num_workers": int},
     "": {"task_name": str, "output_dir": str, "seed": int, "resume": bool, "logging_steps": int, "save_steps": int,

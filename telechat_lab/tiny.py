@@ -46,7 +46,7 @@ def write_tiny_checkpoint(
     ffn_hidden_size = ffn_hidden_size or 2 * hidden_size
     token_hash = tokenizer_hash(tokenizer)[:16]  # not its path: checkouts share the directory
     signature = repr((token_hash, hidden_size, n_layer, n_head, num_key_value_heads, ffn_hidden_size,
-                      training_seqlen, seed, str(dtype), "init=0.1"))
+                      training_seqlen, seed, str(dtype), "init=0.1", "tool-tags"))  # bump: rewrite old dirs
     marker = out / MARKER
     if marker.exists() and marker.read_text() == signature and (out / "model.safetensors").exists():
         return out
@@ -80,20 +80,9 @@ def write_tiny_checkpoint(
     return out
 
 
-def default_tiny_dir() -> Path:
-    return cache_root() / "tiny-telechat2"
-
-
-def checkpoint_path(path: str | os.PathLike | None) -> Path:
-    """`model.path` resolved: a checkpoint directory that must exist, or, when None, the tiny
-    model (written on first use)."""
-    if path is None or str(path) in ("", "null", "None"):
-        return write_tiny_checkpoint(default_tiny_dir())
-    resolved = Path(path).expanduser().resolve()
-    if not (resolved / "config.json").is_file():
-        raise FileNotFoundError(f"model.path={path}: no config.json there; point model.path at a TeleChat2 "
-                                "checkpoint directory (config.json, *.safetensors, tokenizer.model)")
-    return resolved
+def default_tiny_checkpoint() -> Path:
+    """The tiny model of the demo (model.path null), written on first use under the cache root."""
+    return write_tiny_checkpoint(cache_root() / "tiny-telechat2")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,8 +4,10 @@ The tokenizer is a *fast* tokenizer (``transformers.TokenizersBackend``, a.k.a. 
 whose ``tokenizers`` pipeline is built here from the SentencePiece ``tokenizer.model``. It encodes exactly like
 ``sentencepiece.SentencePieceProcessor.encode`` (checked by ``tests/test_tokenizer.py`` on the golden cases, on
 every record of the release's demo data and on every piece of the vocabulary), with one deliberate addition
-required by SPEC section 5: the control pieces (``<_user>``, ``<_bot>``, ``<_end>``, ...) written in text become
-their ids, and every text segment between them is encoded on its own (so each gets the dummy-prefix ``▁``).
+required by SPEC sections 4-5: the control pieces (``<_user>``, ``<_bot>``, ``<_end>``, ...) written in text become
+their ids, and every text segment between them is encoded on its own (so each gets the dummy-prefix ``▁``). Ids 9-12
+are named, as in the release's own tokenizer, by the tool tags ``<tool_call>``, ``</tool_call>``,
+``<tool_response>``, ``</tool_response>`` (not ``<_control1..4>``).
 
 How the pipeline reproduces SentencePiece's BPE encoder:
 
@@ -43,12 +45,15 @@ __all__ = [
     "CONTROL_TOKENS",
     "DEFAULT_SYSTEM_PROMPT",
     "EOS_TOKEN",
+    "IGNORE_INDEX",
     "OBSERVATION_TOKEN",
     "PAD_TOKEN",
+    "SPECIAL_TOKENS",
     "SYSTEM_TOKEN",
     "TINY_TOKENIZER_PATH",
     "TOOLS_PREFIX",
     "TOOLS_SUFFIX",
+    "TOOL_TAGS",
     "UNK_TOKEN",
     "USER_TOKEN",
     "build_backend_tokenizer",
@@ -56,17 +61,19 @@ __all__ = [
     "format_tool_call",
     "format_tool_response",
     "format_tools",
-    "load_tiny_tokenizer",
     "load_tokenizer",
     "save_tokenizer",
+    "split_tool_tags",
     "tokenizer_hash",
+    "visible_ids",
 ]
 
 # --------------------------------------------------------------------------------------------------------------
 # Constants (SPEC sections 4 and 5)
 # --------------------------------------------------------------------------------------------------------------
 
-#: The control pieces of TeleChat2 and their ids (identical in the tiny tokenizer shipped in assets/).
+#: The control pieces of TeleChat2's SentencePiece model and their ids (identical in the tiny tokenizer shipped in
+#: assets/). SentencePiece never produces them from text.
 CONTROL_TOKENS: dict[str, int] = {
     "<_unk>": 0,
     "<_start>": 1,
@@ -87,6 +94,19 @@ USER_TOKEN = "<_user>"
 BOT_TOKEN = "<_bot>"
 SYSTEM_TOKEN = "<_system>"
 OBSERVATION_TOKEN = "<_observation>"
+
+#: The tool tags: the release's tokenizer gives the control ids 9-12 these names (SPEC section 4), so wherever
+#: one of these strings stands in text it is that id, in the tokenizer and in the training encoder alike.
+TOOL_TAGS: dict[str, int] = {"<tool_call>": 9, "</tool_call>": 10, "<tool_response>": 11, "</tool_response>": 12}
+#: The special tokens of the fast tokenizer by name: the control pieces, ids 9-12 under their tool-tag names.
+SPECIAL_TOKENS: dict[str, int] = dict(
+    sorted({**{n: i for n, i in CONTROL_TOKENS.items() if i not in TOOL_TAGS.values()}, **TOOL_TAGS}.items(),
+           key=lambda item: item[1])
+)
+BOS_ID, EOS_ID, PAD_ID = CONTROL_TOKENS[BOS_TOKEN], CONTROL_TOKENS[EOS_TOKEN], CONTROL_TOKENS[PAD_TOKEN]
+SYSTEM_ID, USER_ID, BOT_ID = CONTROL_TOKENS[SYSTEM_TOKEN], CONTROL_TOKENS[USER_TOKEN], CONTROL_TOKENS[BOT_TOKEN]
+#: The label of a token that is not trained (PyTorch's cross-entropy ignore_index).
+IGNORE_INDEX = -100
 
 DEFAULT_SYSTEM_PROMPT = (
     "你是中国电信星辰语义大模型，英文名是TeleChat，你是由中电信人工智能科技有限公司和中国电信人工智能研究院"
@@ -145,6 +165,26 @@ def format_tool_response(content: Any) -> str:
     """``<tool_response>\\n{content}\\n</tool_response>`` (non-string content is dumped as JSON)."""
     text = content if isinstance(content, str) else _dumps(content)
     return "<tool_response>\n" + text + "\n</tool_response>"
+
+
+_TOOL_TAG_RE = re.compile("(" + "|".join(re.escape(tag) for tag in TOOL_TAGS) + ")")
+
+
+def split_tool_tags(text: str) -> list[str | int]:
+    """``text`` cut at the tool tags: text segments (never empty) and the tags' ids, in order."""
+    if "tool_" not in text:
+        return [text] if text else []
+    parts = _TOOL_TAG_RE.split(text)
+    return [TOOL_TAGS[part] if n % 2 else part for n, part in enumerate(parts) if part]
+
+
+_HIDDEN_IDS = frozenset(i for i in CONTROL_TOKENS.values() if i not in TOOL_TAGS.values())
+
+
+def visible_ids(ids: Iterable[int]) -> list[int]:
+    """A generated answer's ids as a user reads them: control tokens (``<_end>``, ...) dropped, tool tags kept
+    (a tool call the model makes is ids 9/10: it must reach the user, SPEC section 4)."""
+    return [i for i in ids if i not in _HIDDEN_IDS]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -335,6 +375,9 @@ def build_backend_tokenizer(model_file: str | os.PathLike):
             raise ValueError(f"{model_file}: expected control piece {name} at id {idx}")
 
     vocab = {p.piece: i for i, p in enumerate(pieces)}
+    for name, idx in TOOL_TAGS.items():  # ids 9-12 go by the release's names
+        del vocab[pieces[idx].piece]
+        vocab[name] = idx
     normal = {p.piece: (p.score, i) for i, p in enumerate(pieces) if p.type == _NORMAL}
     ranked = []
     for piece, (score, idx) in normal.items():
@@ -368,9 +411,13 @@ def build_backend_tokenizer(model_file: str | os.PathLike):
     dec = [decoders.Replace("▁", " ")]
     if trainer.byte_fallback:
         dec.append(decoders.ByteFallback())
-    dec += [decoders.Fuse(), decoders.Strip(content=" ", left=1, right=0)]
+    dec.append(decoders.Fuse())
+    # the text after a tool tag was encoded as its own segment, with its own dummy prefix: drop that space, as
+    # SentencePiece's decode of the segment does (so "<tool_call>\n{...}" decodes to itself)
+    dec += [decoders.Replace(tag + " ", tag) for tag in TOOL_TAGS]
+    dec.append(decoders.Strip(content=" ", left=1, right=0))
     tok.decoder = decoders.Sequence(dec)
-    tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in CONTROL_TOKENS])
+    tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in SPECIAL_TOKENS])
     return tok
 
 
@@ -424,7 +471,7 @@ def load_tokenizer(path: str | os.PathLike, chat_template: str | None = None):
         eos_token=EOS_TOKEN,
         unk_token=UNK_TOKEN,
         pad_token=PAD_TOKEN,
-        extra_special_tokens=[t for t in CONTROL_TOKENS if t not in (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, PAD_TOKEN)],
+        extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, PAD_TOKEN)],
         add_bos_token=False,
         add_eos_token=False,
         clean_up_tokenization_spaces=False,
@@ -433,11 +480,6 @@ def load_tokenizer(path: str | os.PathLike, chat_template: str | None = None):
     )
     tok.name_or_path = str(model_file.parent if Path(path).is_file() else path)
     return tok
-
-
-def load_tiny_tokenizer():
-    """The tiny tokenizer of the out-of-the-box demo and the tests (``assets/tiny_tokenizer.model``)."""
-    return load_tokenizer(TINY_TOKENIZER_PATH)
 
 
 def save_tokenizer(tokenizer, save_directory: str | os.PathLike) -> list[str]:

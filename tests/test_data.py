@@ -27,7 +27,7 @@ from telechat_lab.data import DataConfig, DataError, DatasetSpec, build_datasets
 from telechat_lab.data import pipeline as pipeline_mod
 from telechat_lab.data.formats import to_conversation
 from telechat_lab.data.packing import PAD_ID, Collator, PackedDataset
-from telechat_lab.data.template import BOT, IGNORE, ChatEncoder, TemplateOptions
+from telechat_lab.data.template import BOT, IGNORE, USER, ChatEncoder, TemplateOptions
 from telechat_lab.tokenizer import TINY_TOKENIZER_PATH, load_tokenizer
 
 TINY = TINY_TOKENIZER_PATH
@@ -253,16 +253,24 @@ def _golden_root(tmp_path: Path, cases: list[dict]) -> Path:
     return write_datasets(tmp_path, {c["id"]: (c["dataset_info"], [c["record"]]) for c in cases})
 
 
+GOLDEN_FLAGS = ("mask_history", "train_on_prompt", "train_role_tokens")  # each maps to data.<flag>
+
+
+def golden_groups(cases: list[dict]) -> dict[tuple[bool, ...], list[dict]]:
+    """The golden cases grouped by their options (one build per group)."""
+    groups: dict[tuple[bool, ...], list[dict]] = {}
+    for case in cases:
+        groups.setdefault(tuple(bool(case.get(flag)) for flag in GOLDEN_FLAGS), []).append(case)
+    return groups
+
+
 def test_golden_cases_through_the_pipeline(tmp_path, golden_cases, real_model_file):
     real_tok = load_tokenizer(real_model_file)
     root = _golden_root(tmp_path, golden_cases)
-    groups: dict[tuple, list[dict]] = {}
-    for case in golden_cases:
-        groups.setdefault((bool(case.get("mask_history")), bool(case.get("train_on_prompt"))), []).append(case)
     checked = 0
-    for (mask_history, train_on_prompt), cases in groups.items():
+    for flags, cases in golden_groups(golden_cases).items():
         train, _, report = build(root, [c["id"] for c in cases], tokenizer=real_model_file,
-                                 mask_history=mask_history, train_on_prompt=train_on_prompt)
+                                 **dict(zip(GOLDEN_FLAGS, flags)))
         assert report["dropped"] == 0 and report["truncated"] == 0
         for case, (ids, labels) in zip(cases, examples(train), strict=True):
             assert ids == case["expected"]["input_ids"], case["id"]
@@ -275,7 +283,8 @@ def test_golden_cases_through_the_pipeline(tmp_path, golden_cases, real_model_fi
             last_bot = len(ids) - 1 - ids[::-1].index(BOT)
             assert ids[: last_bot + 1] == prompt == case["expected"]["generation_prompt_ids"], case["id"]
             checked += 1
-    assert checked == len(golden_cases) >= 9
+    assert checked == len(golden_cases) >= 11
+    assert {"telechat_tool_tags", "release_role_tokens"} <= {c["id"] for c in golden_cases}
 
 
 def _run_inspect(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -284,25 +293,34 @@ def _run_inspect(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_inspect_cli_reproduces_golden_cases(tmp_path, golden_cases, tiny_real_vocab_dir):
-    cases = [c for c in golden_cases if not c.get("mask_history") and not c.get("train_on_prompt")]
-    root = _golden_root(tmp_path / "data", cases)
-    out = tmp_path / "out" / "encoded.jsonl"
-    result = _run_inspect(tmp_path, f"model.path={tiny_real_vocab_dir}", f"data.dataset_dir={root}",
-                          f"data.datasets=[{','.join(c['id'] for c in cases)}]", "data.cutoff_len=100000",
-                          f"data.cache_dir={tmp_path / 'cache'}", f"output={out}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert len(lines) == len(cases)
-    for case, line in zip(cases, lines):
-        assert line == {"input_ids": case["expected"]["input_ids"], "labels": case["expected"]["labels"]}, case["id"]
-    # the counts: records, examples, tokens, trained tokens, truncated, dropped
-    total = re.search(r"total\W+(\d+)\W+(\d+)\W+(\d+)\W+(\d+)\W+(\d+)\W+(\d+)", result.stdout)
-    assert total, result.stdout[-3000:]
-    tokens = sum(len(c["expected"]["input_ids"]) for c in cases)
-    trained = sum(t != IGNORE for c in cases for t in c["expected"]["labels"])
-    assert [int(g) for g in total.groups()] == [len(cases), len(cases), tokens, trained, 0, 0]
-    assert f"wrote {len(cases)} examples" in result.stdout
+def test_inspect_cli_reproduces_golden_cases(tmp_path, golden_cases, real_model_file):
+    # inspection needs only the tokenizer: a directory holding tokenizer.model and nothing else
+    tok_dir = tmp_path / "tokenizer_only"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.model").write_bytes(real_model_file.read_bytes())
+    root = _golden_root(tmp_path / "data", golden_cases)
+    checked = 0
+    for flags, cases in golden_groups(golden_cases).items():
+        out = tmp_path / "out" / f"encoded-{checked}.jsonl"
+        options = [f"data.{flag}={str(on).lower()}" for flag, on in zip(GOLDEN_FLAGS, flags)]
+        result = _run_inspect(tmp_path, f"model.path={tok_dir}", f"data.dataset_dir={root}",
+                              f"data.datasets=[{','.join(c['id'] for c in cases)}]", "data.cutoff_len=100000",
+                              f"data.cache_dir={tmp_path / 'cache'}", f"output={out}", *options)
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        assert len(lines) == len(cases)
+        for case, line in zip(cases, lines):
+            expected = {"input_ids": case["expected"]["input_ids"], "labels": case["expected"]["labels"]}
+            assert line == expected, case["id"]
+        # the counts: records, examples, tokens, trained tokens, truncated, dropped
+        total = re.search(r"total\W+(\d+)\W+(\d+)\W+(\d+)\W+(\d+)\W+(\d+)\W+(\d+)", result.stdout)
+        assert total, result.stdout[-3000:]
+        tokens = sum(len(c["expected"]["input_ids"]) for c in cases)
+        trained = sum(t != IGNORE for c in cases for t in c["expected"]["labels"])
+        assert [int(g) for g in total.groups()] == [len(cases), len(cases), tokens, trained, 0, 0]
+        assert f"wrote {len(cases)} examples" in result.stdout
+        checked += len(cases)
+    assert checked == len(golden_cases)
 
 
 def test_inspect_cli_bad_input_exits_nonzero(tmp_path, tiny_dir):
@@ -435,11 +453,41 @@ def test_tools_and_tool_roles(tmp_path, tiny_tok):
         assert got == [oracle(tiny_tok, r, info, default_system=default_system) for r in records]
     text = tiny_tok.decode(got[0][0])
     assert "# 可用工具" in text and '"name": "get_weather"' in text and '"city": "杭州"' in text
-    assert '<_bot> <tool_call>\n{"name": "get_weather", "arguments": {"city": "杭州"}}\n</tool_call><_end>' in text
-    assert '<_user> <tool_response>\n{"temperature": 18}\n</tool_response><_bot>' in text
+    # the tags are the control ids 9-12 (in the tools block of the system prompt too), and decode back
+    assert '<_bot><tool_call>\n{"name": "get_weather", "arguments": {"city": "杭州"}}\n</tool_call><_end>' in text
+    assert '<_user><tool_response>\n{"temperature": 18}\n</tool_response><_bot>' in text
+    assert Counter(got[0][0])[9] == 3 and Counter(got[0][0])[12] == 1  # 2 in the tools block, 1 call; 1 result
     assert text.index("Tool user.") < text.index("# 可用工具")
     trained = tiny_tok.decode([t for t in got[1][1] if t != IGNORE])
     assert trained.count("<tool_call>") == 2 and "tool_response" not in trained
+
+
+def test_train_role_tokens_in_every_format_with_mask_history_and_packing(tmp_path):
+    telechat = {"system": "S.", "dialog": [{"role": "user", "content": "u1"}, {"role": "bot", "content": "b1"},
+                                           {"role": "user", "content": "u2"}, {"role": "bot", "content": "b2"}]}
+    sharegpt = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
+                                  {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}]}
+    root = write_datasets(tmp_path, {"a": ({}, [alpaca(3, history=2, system="S."), alpaca(4)]),
+                                     "s": ({"formatting": "sharegpt"}, [sharegpt]),
+                                     "t": ({"formatting": "telechat", "file_name": "t.jsonl"}, [telechat])})
+    for mask_history in (False, True):
+        plain = examples(build(root, ["a", "s", "t"], mask_history=mask_history)[0])
+        train = build(root, ["a", "s", "t"], mask_history=mask_history, train_role_tokens=True)[0]
+        roles = examples(train)
+        for (ids, labels), (role_ids, role_labels) in zip(plain, roles, strict=True):
+            assert role_ids == ids
+            expected = list(labels)  # each trained reply's <_bot>, and the <_user> that opens its turn
+            starts = [i for i in range(1, len(labels)) if labels[i] != IGNORE and labels[i - 1] == IGNORE]
+            for start in starts:
+                assert ids[start - 1] == BOT
+                expected[start - 1] = BOT
+                expected[max(i for i in range(start) if ids[i] == USER)] = USER
+            assert role_labels == expected
+            assert sum(t == USER for t in role_labels) == (1 if mask_history else ids.count(USER))
+        # packing keeps them: every row's labels are its examples' (each example's first label ignored)
+        packed = PackedDataset(train, 4096)
+        assert sum(int((packed[r]["labels"] == USER).sum()) for r in range(len(packed))) == sum(
+            lab.count(USER) for _, lab in roles)
 
 
 def test_train_on_prompt_and_mask_history(tmp_path, tiny_tok):

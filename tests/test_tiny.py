@@ -8,7 +8,7 @@ import torch
 
 from telechat_lab.model import Telechat2ForCausalLM
 from telechat_lab.tiny import main, write_tiny_checkpoint
-from telechat_lab.tokenizer import CONTROL_TOKENS, load_tokenizer
+from telechat_lab.tokenizer import CONTROL_TOKENS, SPECIAL_TOKENS, load_tokenizer
 
 
 def test_tiny_checkpoint_is_a_complete_telechat2_directory(tiny_dir):
@@ -19,7 +19,7 @@ def test_tiny_checkpoint_is_a_complete_telechat2_directory(tiny_dir):
     assert config["hidden_size"] == 64 and config["n_layer"] == 2 and config["num_key_value_heads"] == 2
     tok = load_tokenizer(tiny_dir)
     assert config["vocab_size"] == len(tok) == 3072
-    for name, idx in CONTROL_TOKENS.items():  # the same control pieces at the same ids as TeleChat2
+    for name, idx in SPECIAL_TOKENS.items():  # the same control pieces at the same ids as TeleChat2
         assert tok.convert_tokens_to_ids(name) == idx
     assert tok("<_user>hi<_bot>")["input_ids"][0] == CONTROL_TOKENS["<_user>"]
 

@@ -22,7 +22,9 @@ from telechat_lab.tokenizer import (
     CHAT_TEMPLATE,
     CONTROL_TOKENS,
     DEFAULT_SYSTEM_PROMPT,
+    SPECIAL_TOKENS,
     TINY_TOKENIZER_PATH,
+    TOOL_TAGS,
     TOOLS_PREFIX,
     TOOLS_SUFFIX,
     format_tool_call,
@@ -30,6 +32,7 @@ from telechat_lab.tokenizer import (
     format_tools,
     load_tokenizer,
     save_tokenizer,
+    visible_ids,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +42,8 @@ GOLDEN_CASES = SHARED / "golden" / "template" / "cases.jsonl"
 DEMO_DIR = SHARED / "data" / "telechat2_sft_demo"
 NO_SHARED = f"shared reference files not found under {SHARED} (set TELECHAT_SHARED)"
 
-_CONTROL_RE = re.compile("(" + "|".join(re.escape(t) for t in CONTROL_TOKENS) + ")")
+# the special tokens by the names the fast tokenizer knows them (ids 9-12 as the tool tags)
+_CONTROL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 _USER_DEFINED, _NORMAL = 4, 1
 
 
@@ -57,11 +61,12 @@ class Pair:
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
 
     def reference(self, text: str) -> list[int]:
-        """SPEC section 5: split at control tokens, each one is its id, each segment is sp.encode'd alone."""
+        """SPEC sections 4-5: split at control tokens and tool tags, each one is its id, each segment is
+        sp.encode'd alone."""
         ids: list[int] = []
         for segment in _CONTROL_RE.split(text):
-            if segment in CONTROL_TOKENS:
-                ids.append(CONTROL_TOKENS[segment])
+            if segment in SPECIAL_TOKENS:
+                ids.append(SPECIAL_TOKENS[segment])
             elif segment:
                 ids += self.sp.encode(segment)
         return ids
@@ -216,6 +221,9 @@ TRICKY = [
     "混合 mixed 文本 text 123",
     "<_user without closing and <_bot> with one",
     "<_user><_bot><_end>",
+    "<tool_call>\n{\"name\": \"f\"}\n</tool_call>x<tool_response>\nok\n</tool_response>",
+    "<tool_call> spaced </tool_call><tool_call>",
+    "<_control1> is text now, <tool_call is not a tag",
     'json: {"name": "get_weather", "arguments": {"city": "北京"}}',
     "def f(x):\n\treturn x ** 2  # comment",
 ]
@@ -235,7 +243,7 @@ def test_control_pieces_have_the_spec_ids(pair: Pair):
 
 def test_control_tokens_in_text_become_ids(pair: Pair):
     tok, sp = pair.tok, pair.sp
-    for name, idx in CONTROL_TOKENS.items():
+    for name, idx in SPECIAL_TOKENS.items():
         assert tok.encode(name, add_special_tokens=False) == [idx]
         assert sp.encode(name) != [idx]  # SentencePiece alone never produces a control id (SPEC section 4)
     text = "<_system>S\n<_user>hi there<_bot> yo<_end>\n<_user>again<_bot>"
@@ -262,11 +270,30 @@ def test_control_tokens_in_text_become_ids(pair: Pair):
     ]
 
 
+def test_tool_tags_are_control_ids_9_to_12(pair: Pair):
+    """The release's tokenizer names ids 9-12 by the tool tags (SPEC section 4); the SentencePiece pieces
+    <_control1..4> behind them are no longer names that text can produce."""
+    tok, sp = pair.tok, pair.sp
+    assert TOOL_TAGS == {"<tool_call>": 9, "</tool_call>": 10, "<tool_response>": 11, "</tool_response>": 12}
+    assert [sp.id_to_piece(i) for i in TOOL_TAGS.values()] == [f"<_control{i}>" for i in range(1, 5)]
+    assert tok.convert_ids_to_tokens(list(TOOL_TAGS.values())) == list(TOOL_TAGS)
+    call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    ids = tok.encode("a" + call, add_special_tokens=False)
+    assert ids == sp.encode("a") + [9] + sp.encode('\n{"name": "f", "arguments": {}}\n') + [10]
+    assert tok.encode("<_control1>", add_special_tokens=False) == sp.encode("<_control1>")
+    # decoding gives the tags back, with the text after each exactly as written
+    for text in (call, "<tool_response>\nok\n</tool_response>", "<tool_call> two  spaces</tool_call>", "x<tool_call>"):
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    # a generated answer as a user reads it: <_end> and the other controls dropped, the tags kept
+    assert visible_ids([9, 100, 10, 2, 3, 4, 5, 11, 12]) == [9, 100, 10, 11, 12]
+    assert tok.decode(visible_ids(ids + [2])) == "a" + call
+
+
 def test_special_tokens_and_no_bos(pair: Pair):
     tok = pair.tok
     assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 3)
     assert (tok.unk_token, tok.bos_token, tok.eos_token, tok.pad_token) == ("<_unk>", "<_start>", "<_end>", "<_pad>")
-    assert set(tok.all_special_ids) == set(CONTROL_TOKENS.values())
+    assert set(tok.all_special_ids) == set(CONTROL_TOKENS.values()) == set(SPECIAL_TOKENS.values())
     assert tok.is_fast
     ids = tok("hello")["input_ids"]  # add_special_tokens=True by default: still no bos / eos
     assert ids == pair.sp.encode("hello")
@@ -305,7 +332,8 @@ def test_fast_equals_sentencepiece_on_demo_data(pair: Pair, demo_records):
     tok = pair.tok
     raw = [t for record in demo_records for t in _record_texts(record)]
     assert len(raw) > 10000
-    assert pair.fast(raw) == pair.sp.encode(raw)
+    assert sum("<tool_call>" in t for t in raw) > 100  # the release's tool data: its tags are ids 9-12
+    assert pair.fast(raw) == [pair.reference(t) for t in raw]
     rendered = []
     for record in demo_records:
         system, messages, _ = record_to_chat(record, {"formatting": "telechat"})
@@ -317,7 +345,7 @@ def test_fast_equals_sentencepiece_on_demo_data(pair: Pair, demo_records):
 def test_fast_equals_sentencepiece_on_golden_case(real: Pair, case):
     system, messages, tools = record_to_chat(case["record"], case["dataset_info"])
     texts = _record_texts(case["record"])
-    assert real.fast(texts) == real.sp.encode(texts)
+    assert real.fast(texts) == [real.reference(t) for t in texts]
     rendered = real.tok.apply_chat_template(_chat(system, messages), tools=tools, tokenize=False)
     assert real.fast([rendered]) == [real.reference(rendered)] == [case["expected"]["input_ids"]]
 
@@ -346,6 +374,12 @@ def test_chat_template_matches_golden_case(real: Pair, case):
     elif case.get("mask_history"):
         last_start = max(i for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
         mask = [int(i >= last_start and m) for i, m in enumerate(mask)]
+    if case.get("train_role_tokens"):  # each trained reply's <_bot> and the <_user> that opens its turn
+        ids = out["input_ids"]
+        for start in [i for i, m in enumerate(mask) if m and not mask[i - 1]]:
+            assert ids[start - 1] == 5
+            mask[start - 1] = 1
+            mask[max(i for i in range(start) if ids[i] == 4)] = 1
     labels = [i if m else -100 for i, m in zip(out["input_ids"], mask)]
     assert labels == expected["labels"]
 
@@ -361,7 +395,8 @@ def test_golden_tool_case_layout(real: Pair):
         and any(t.get("from") == "observation" for t in c["record"]["conversations"])
     )
     text = "".join(real.tok.convert_ids_to_tokens(case["expected"]["input_ids"]))
-    assert "<_bot>▁<tool_call>\n" in text and "</tool_call><_end>▁\n<_user>▁<tool_response>\n" in text
+    # the tags are ids 9-12: the text after each is its own segment, with its own "▁"
+    assert "<_bot><tool_call>▁\n" in text and "</tool_call><_end>▁\n<_user><tool_response>▁\n" in text
     assert "</tool_response><_bot>" in text
 
 
@@ -506,7 +541,7 @@ def test_tool_calls_and_results_render(tiny: Pair):
 
 def test_decode_round_trip(pair: Pair):
     tok, sp = pair.tok, pair.sp
-    for text in [t for t in TRICKY if "<_" not in t]:
+    for text in [t for t in TRICKY if not _CONTROL_RE.search(t)]:  # tags: test_tool_tags_are_control_ids_9_to_12
         ids = tok.encode(text, add_special_tokens=False)
         assert tok.decode(ids) == sp.decode(ids)
         # a literal "▁" in the text decodes as a space, in SentencePiece too

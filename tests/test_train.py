@@ -147,11 +147,11 @@ def test_qlora_base_really_is_4bit(tmp_path):
     pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is not installed")
     import bitsandbytes as bnb
 
-    from telechat_lab.tiny import checkpoint_path
+    from telechat_lab.resolve import model_dir
     from telechat_lab.training.module import TelechatLitModule
 
     cfg = compose_train(["adapter=qlora"])
-    module = TelechatLitModule(checkpoint_path(None), dict(cfg.model), dict(cfg.adapter), dict(cfg.optim))
+    module = TelechatLitModule(model_dir(None), dict(cfg.model), dict(cfg.adapter), dict(cfg.optim))
     module.configure_model()
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in module.model.modules())
 
@@ -172,10 +172,10 @@ def test_adapter_reloads_with_peft_and_gives_the_trained_logits(tmp_path):
 
 
 def test_freeze_trains_only_the_last_blocks(tmp_path):
-    from telechat_lab.tiny import checkpoint_path
+    from telechat_lab.resolve import model_dir
 
     run_train(tmp_path, "adapter=freeze", "adapter.trainable_layers=1", "trainer.max_steps=3")
-    base = load_file(checkpoint_path(None) / "model.safetensors")
+    base = load_file(model_dir(None) / "model.safetensors")
     tuned = load_file(tmp_path / "model.safetensors")
     assert set(base) == set(tuned)
     for name in base:
@@ -338,11 +338,11 @@ def test_tensorboard_logger_writes_events(tmp_path):
 
 
 def test_freeze_modules_to_save_by_name(tmp_path):
-    from telechat_lab.tiny import checkpoint_path
+    from telechat_lab.resolve import model_dir
 
     run_train(tmp_path, "adapter=freeze", "adapter.trainable_layers=1", "adapter.modules_to_save=[ln_f]",
               "trainer.max_steps=2")
-    base = load_file(checkpoint_path(None) / "model.safetensors")
+    base = load_file(model_dir(None) / "model.safetensors")
     tuned = load_file(tmp_path / "model.safetensors")
     assert not torch.equal(base["transformer.ln_f.weight"], tuned["transformer.ln_f.weight"])
     assert torch.equal(base["lm_head.weight"], tuned["lm_head.weight"])

@@ -40,10 +40,10 @@ def run(cfg: DictConfig) -> dict:
     from rich.table import Table
 
     from telechat_lab.data import DataConfig, build_datasets
-    from telechat_lab.tiny import checkpoint_path
+    from telechat_lab.resolve import tokenizer_dir
     from telechat_lab.tokenizer import load_tokenizer
 
-    model_dir = checkpoint_path(cfg.model.path)
+    model_dir = tokenizer_dir(cfg.model.path)
     data_cfg = DataConfig.from_mapping(OmegaConf.to_container(cfg.data, resolve=True))
     data_cfg.val_size = 0  # every encoded example once, in dataset order (no mixing, sampling or split)
     dataset, _, report = build_datasets(data_cfg, model_dir, shuffle_order=False, sample=False)

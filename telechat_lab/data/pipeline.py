@@ -47,6 +47,7 @@ class DataConfig:
     padding_free: bool = False
     train_on_prompt: bool = False
     mask_history: bool = False
+    train_role_tokens: bool = False  # also train each trained turn's <_user>/<_bot> (the release's SFT script)
     default_system: str | None = None  # None: TeleChat's default prompt; "": no system block
     placeholders: dict[str, str] = field(default_factory=lambda: {"name": "TeleChat", "author": "TeleAI"})
     fill_placeholders: Sequence[str] = ("identity",)  # datasets whose {{name}}/{{author}} are filled
@@ -74,7 +75,8 @@ class DataConfig:
         return names
 
     def template_options(self) -> TemplateOptions:
-        return TemplateOptions(self.cutoff_len, self.train_on_prompt, self.mask_history, self.default_system)
+        return TemplateOptions(self.cutoff_len, self.train_on_prompt, self.mask_history, self.default_system,
+                               self.train_role_tokens)
 
     def resolved_dataset_dir(self) -> Path:
         path = Path(self.dataset_dir).expanduser()

@@ -5,8 +5,10 @@
 Control tokens are placed by id; every text segment between them is encoded on its own with
 SentencePiece (so each gets its dummy-prefix "▁"), exactly like the tokenizer's chat template but
 without rendering and re-splitting a string: text in a record that looks like a control token stays
-text. Each reply and its `<_end>` are trained; `mask_history` trains only the last reply,
-`train_on_prompt` trains everything.
+text, except the four tool tags (`<tool_call>` ... `</tool_response>`), which are the control ids 9-12
+wherever they stand (SPEC section 4). Each reply and its `<_end>` are trained; `mask_history` trains
+only the last reply, `train_on_prompt` trains everything, `train_role_tokens` also trains the `<_user>`
+and `<_bot>` of each trained turn (the release's own SFT script).
 
 Truncation to `cutoff_len` keeps whole turns where it can (the first ones, or with `mask_history`
 the last ones), else cuts the reply of the one turn kept; a prompt is never kept without at least
@@ -18,13 +20,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from telechat_lab.tokenizer import CONTROL_TOKENS, DEFAULT_SYSTEM_PROMPT, find_model_file, format_tools
+from telechat_lab.tokenizer import (
+    BOT_ID,
+    DEFAULT_SYSTEM_PROMPT,
+    EOS_ID,
+    IGNORE_INDEX,
+    SYSTEM_ID,
+    USER_ID,
+    find_model_file,
+    format_tools,
+    split_tool_tags,
+)
 
 from .formats import Conversation, tools_of
 
-SYSTEM, USER, BOT, END = (CONTROL_TOKENS[t] for t in ("<_system>", "<_user>", "<_bot>", "<_end>"))
-IGNORE = -100
-TEMPLATE_VERSION = "telechat2-v2"  # part of the cache key: bump when the encoding changes
+SYSTEM, USER, BOT, END, IGNORE = SYSTEM_ID, USER_ID, BOT_ID, EOS_ID, IGNORE_INDEX
+TEMPLATE_VERSION = "telechat2-v3"  # part of the cache key: bump when the encoding changes
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,7 @@ class TemplateOptions:
     train_on_prompt: bool = False
     mask_history: bool = False
     default_system: str | None = DEFAULT_SYSTEM_PROMPT  # None: TeleChat's default; "": no system block
+    train_role_tokens: bool = False  # also train each trained turn's <_user> and <_bot>
 
 
 @dataclass
@@ -63,7 +75,14 @@ class ChatEncoder:
         self._system_memo: dict[str, list[int]] = {}  # system prompts repeat across a dataset
 
     def encode_text(self, text: str) -> list[int]:
-        return self.sp.encode(text) if text else []
+        """`text` as one segment: SentencePiece's ids, with the tool tags as their control ids."""
+        ids: list[int] = []
+        for part in split_tool_tags(text):
+            if isinstance(part, int):
+                ids.append(part)
+            else:
+                ids += self.sp.encode(part)
+        return ids
 
     def system_text(self, conv: Conversation, where: str = "") -> str:
         """The system prompt as rendered: record's or default, tools appended; "" for no block."""
@@ -89,31 +108,43 @@ class ChatEncoder:
     def encode_batch(self, convs: list[Conversation], wheres: list[str] | None = None) -> list[Encoded | None]:
         wheres = wheres or [""] * len(convs)
         slots: dict[str, int] = {}  # distinct text segment -> position in the SentencePiece batch
+
+        def plan(text: str) -> list[int]:
+            # a text as its segments: a tool tag by its id (>= 0), a text segment by ~slot (< 0)
+            return [part if isinstance(part, int) else ~slots.setdefault(part, len(slots))
+                    for part in split_tool_tags(text)]
+
         plans = []
         for conv, where in zip(convs, wheres):
             system = self.system_text(conv, where)
             prefix = self._system_memo.get(system) if system else []
-            sys_slot = None
-            if prefix is None:
-                sys_slot = slots.setdefault(system + "\n", len(slots))
-            turn_slots = [(slots.setdefault(u, len(slots)), slots.setdefault(a, len(slots))) for u, a in conv.turns]
-            plans.append((system, prefix, sys_slot, turn_slots))
+            sys_plan = plan(system + "\n") if prefix is None else None
+            plans.append((system, prefix, sys_plan, [(plan(u), plan(a)) for u, a in conv.turns]))
         texts = list(slots)
         if self.num_threads > 1:  # SentencePiece's own thread pool
             pieces = self.sp.encode(texts, num_threads=self.num_threads) if texts else []
         else:  # a plain loop is faster than the batch call on one thread
             encode = self.sp.encode
             pieces = [encode(t) for t in texts]
-        for i, text in enumerate(texts):
-            if not text:
-                pieces[i] = []
+
+        def ids(parts: list[int]) -> list[int]:
+            if len(parts) == 1 and parts[0] < 0:
+                return pieces[~parts[0]]
+            out: list[int] = []
+            for part in parts:
+                if part >= 0:
+                    out.append(part)
+                else:
+                    out += pieces[~part]
+            return out
+
         results = []
-        for system, prefix, sys_slot, turn_slots in plans:
-            if sys_slot is not None:
-                prefix = [SYSTEM, *pieces[sys_slot]]
+        for system, prefix, sys_plan, turn_plans in plans:
+            if sys_plan is not None:
+                prefix = [SYSTEM, *ids(sys_plan)]
                 if len(self._system_memo) < 4096:
                     self._system_memo[system] = prefix
-            turns = [([USER, *pieces[u], BOT], [*pieces[a], END]) for u, a in turn_slots]
+            turns = [([USER, *ids(u), BOT], [*ids(a), END]) for u, a in turn_plans]
             results.append(self._assemble(prefix, turns))
         return results
 
@@ -155,9 +186,15 @@ class ChatEncoder:
                 prompt = self.newline + prompt
             input_ids += prompt
             input_ids += reply
-            labels += prompt if opts.train_on_prompt else [IGNORE] * len(prompt)
             # a reply is trained unless mask_history keeps only the record's last one
-            labels += reply if (opts.train_on_prompt or not opts.mask_history or i == last) else [IGNORE] * len(reply)
+            trained = opts.train_on_prompt or not opts.mask_history or i == last
+            if opts.train_on_prompt:
+                labels += prompt
+            elif opts.train_role_tokens and trained:  # text never encodes to <_user>/<_bot>: only the markers
+                labels += [t if t in (USER, BOT) else IGNORE for t in prompt]
+            else:
+                labels += [IGNORE] * len(prompt)
+            labels += reply if trained else [IGNORE] * len(reply)
         # every kept reply has at least one token, so something is trained unless mask_history
         # lost the last reply (it never does: truncation keeps the last turn first)
         return Encoded(input_ids, labels, truncated)

@@ -44,7 +44,7 @@ def train(cfg: DictConfig) -> dict:
 
     from telechat_lab.config import validate
     from telechat_lab.data import DataConfig
-    from telechat_lab.tiny import checkpoint_path
+    from telechat_lab.resolve import model_dir as resolve_model_dir
 
     from .callbacks import HFCheckpoint, LossPlot, ThroughputMonitor
     from .datamodule import TelechatDataModule
@@ -61,7 +61,7 @@ def train(cfg: DictConfig) -> dict:
     OmegaConf.update(cfg, "output_dir", str(output_dir), force_add=True)
     L.seed_everything(cfg.seed, workers=True)
 
-    model_dir = checkpoint_path(cfg.model.path)
+    model_dir = resolve_model_dir(cfg.model.path)
     data_cfg = DataConfig.from_mapping(OmegaConf.to_container(cfg.data, resolve=True))
     datamodule = TelechatDataModule(data_cfg, model_dir)
     c = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
