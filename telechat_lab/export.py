@@ -100,10 +100,12 @@ def export(model, tokenizer_dir: str | Path, export_dir: str | Path, dtype: str 
         _save_bin(model.state_dict(), out, max_shard)
     else:
         model.save_pretrained(out, max_shard_size=max_shard)
-    # config.json: explicit num_key_value_heads (vLLM reads it), model_type telechat, the dtype saved
+    # config.json: explicit num_key_value_heads (vLLM reads it), model_type telechat, the dtype saved, and
+    # flash_attn, which the release's own modeling files read on every forward (SPEC section 7)
     cfg = json.loads((out / "config.json").read_text())
     cfg.update(architectures=["TeleChat2ForCausalLM"], model_type="telechat", auto_map=dict(AUTO_MAP),
-               num_key_value_heads=config.num_key_value_heads, torch_dtype=dtype, dtype=dtype)
+               num_key_value_heads=config.num_key_value_heads, torch_dtype=dtype, dtype=dtype,
+               flash_attn=bool(getattr(config, "flash_attn", False)))
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     for name in REMOTE_CODE:
         shutil.copy(MODEL_DIR / name, out / name)

@@ -18,7 +18,7 @@ from telechat_lab.chat.session import ChatSession, batch, interactive, read_prom
 from telechat_lab.data.formats import Conversation
 from telechat_lab.data.template import ChatEncoder, TemplateOptions
 from telechat_lab.model import Telechat2ForCausalLM
-from telechat_lab.tokenizer import load_tokenizer
+from telechat_lab.tokenizer import load_tokenizer, save_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 NO_TELECHAT_LAB = "import sys; sys.modules['telechat_lab'] = None\n"  # any import of it now fails
@@ -77,6 +77,8 @@ def test_export_layout_for_transformers_and_vllm(exported):
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["TeleChat2ForCausalLM"] and config["model_type"] == "telechat"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_telechat2.Telechat2ForCausalLM"
+    # the release's own modeling files read config.flash_attn on every forward (SPEC section 7)
+    assert config["flash_attn"] is False
     # what vLLM's TeleChat2 reads, written explicitly
     for key in ("n_head", "n_layer", "ffn_hidden_size", "layer_norm_epsilon", "num_key_value_heads", "hidden_size",
                 "vocab_size"):
@@ -132,11 +134,33 @@ def test_export_loads_without_telechat_lab_and_matches_the_merged_model(exported
         with torch.no_grad():
             torch.save(model(input_ids=ids).logits, {str(tmp_path / 'logits.pt')!r})
         print("TOKENIZER", tok("<_user>hi<_bot>")["input_ids"][0], len(tok))
+        print("FLASH_ATTN", model.config.flash_attn)  # what the release's modeling files read
     """)
     stdout = run_py(code, tmp_path)
-    assert "TOKENIZER 4 3072" in stdout
+    assert "TOKENIZER 4 3072" in stdout and "FLASH_ATTN False" in stdout
     logits = torch.load(tmp_path / "logits.pt")
     assert (logits - expected).abs().max().item() < 1e-4
+
+
+def test_export_tokenizer_loads_without_remote_code(exported, tmp_path):
+    """The tokenizer is a standard fast tokenizer: AutoTokenizer loads it with trust_remote_code=False (nothing
+    asks, no module of the export runs), and also with the argument left out in a non-interactive process."""
+    out = exported["dir"]
+    expected = load_tokenizer(out)("<tool_call>\n天气</tool_call>")["input_ids"]
+    assert expected[0] == 9
+    code = NO_TELECHAT_LAB + textwrap.dedent(f"""
+        import sys
+        from transformers import AutoTokenizer
+        for kwargs in ({{"trust_remote_code": False}}, {{}}):
+            tok = AutoTokenizer.from_pretrained({str(out)!r}, **kwargs)
+            assert type(tok).__name__ == "TokenizersBackend", type(tok)
+            print("IDS", tok("<tool_call>\\n天气</tool_call>")["input_ids"])
+        assert not [m for m in sys.modules if m.startswith("transformers_modules")], "remote code ran"
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(f"IDS {expected}") == 2, proc.stdout
 
 
 def readme_snippet() -> str:
@@ -356,3 +380,44 @@ def test_export_replaces_the_weights_of_an_earlier_export(exported, tmp_path):
     model, base = merge_adapters(None, exported["adapters"][:1])
     export(model, base, out, dtype="float32", legacy_format=True)
     assert not list(out.glob("*.safetensors")) and list(out.glob("pytorch_model*.bin"))
+
+
+def tool_calling_model(tiny_dir: Path, out: Path, answer: list[int]) -> Path:
+    """A copy of the tiny model rigged so that greedy decoding after <_bot> emits `answer` then <_end>: the
+    blocks add nothing (zero output projections), each token's embedding is its own direction, and lm_head
+    maps that direction to the next token of the chain."""
+    from telechat_lab.tokenizer import BOT_ID, EOS_ID
+
+    model = Telechat2ForCausalLM.from_pretrained(tiny_dir)
+    chain = [BOT_ID, *answer, EOS_ID]
+    assert len(set(chain[:-1])) == len(chain) - 1 <= model.config.hidden_size
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for linear in (block.self_attention.dense, block.mlp.down_proj):
+                linear.weight.zero_()
+                linear.bias.zero_()
+        model.transformer.word_embeddings.weight.zero_()
+        model.lm_head.weight.zero_()
+        for slot, (token, following) in enumerate(zip(chain, chain[1:])):
+            model.transformer.word_embeddings.weight[token, slot] = 1.0
+            model.lm_head.weight[following, slot] = 10.0
+    model.save_pretrained(out)
+    save_tokenizer(load_tokenizer(tiny_dir), out)
+    return out
+
+
+def test_chat_batch_mode_returns_the_tool_call_tags_the_model_generates(tiny_dir, tmp_path):
+    """A released model emits a tool call as ids 9 ... 10; batch chat must hand it to the user with the tags."""
+    tok = load_tokenizer(tiny_dir)
+    answer = tok.encode("<tool_call>\nweather</tool_call>", add_special_tokens=False)  # no token twice
+    assert answer[0] == 9 and answer[-1] == 10 and 9 not in answer[1:-1]
+    model_dir = tool_calling_model(tiny_dir, tmp_path / "tool_model", answer)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is the weather?\n")
+    out = tmp_path / "answers.jsonl"
+    proc = run_script("chat.py", [f"model.path={model_dir}", f"input={prompts}", f"output={out}",
+                                  "generation.do_sample=false", "generation.max_new_tokens=10",
+                                  "generation.repetition_penalty=1.0"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    response = json.loads(out.read_text().splitlines()[0])["response"]
+    assert response == "<tool_call>\nweather</tool_call>", response

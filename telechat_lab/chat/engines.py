@@ -12,6 +12,7 @@ import torch
 
 from telechat_lab.export import adapter_base
 from telechat_lab.model import DTYPES
+from telechat_lab.tokenizer import EOS_ID, PAD_ID, visible_ids
 
 
 def resolve_paths(model_path: str | None, adapter_path) -> tuple[Path, list[Path]]:
@@ -56,9 +57,7 @@ class HuggingFaceEngine:
         self.device = device
 
     def stream(self, prompt_ids: list[int], generation: dict) -> Iterator[str]:
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = _answer_streamer(self.tokenizer)
         kwargs = generation_kwargs(generation)
         inputs = torch.tensor([prompt_ids], device=self.device)
         errors: list[BaseException] = []
@@ -73,10 +72,24 @@ class HuggingFaceEngine:
         try:
             with torch.no_grad():
                 self.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
-                                    eos_token_id=2, pad_token_id=3, **kwargs)
+                                    eos_token_id=EOS_ID, pad_token_id=PAD_ID, **kwargs)
         except BaseException as err:  # noqa: BLE001 - handed to the caller
             errors.append(err)
             streamer.end()
+
+
+def _answer_streamer(tokenizer):
+    """A TextIteratorStreamer that shows the answer as `visible_ids` says: the tool tags (ids 9/10 of a tool
+    call) kept, the other control tokens (<_end>, ...) dropped. `skip_special_tokens` would drop both."""
+    from transformers import TextIteratorStreamer
+
+    class AnswerStreamer(TextIteratorStreamer):
+        def put(self, value):
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                return super().put(value)
+            return super().put(torch.tensor(visible_ids(value.reshape(-1).tolist()), dtype=torch.long))
+
+    return AnswerStreamer(tokenizer, skip_prompt=True, skip_special_tokens=False)
 
 
 def generation_kwargs(generation: dict) -> dict:
@@ -121,7 +134,8 @@ class VLLMEngine:
         kw = generation_kwargs(generation)
         params = SamplingParams(max_tokens=kw["max_new_tokens"], temperature=kw.get("temperature", 0.0),
                                 top_p=kw.get("top_p", 1.0), top_k=kw.get("top_k", -1),
-                                repetition_penalty=kw["repetition_penalty"], stop_token_ids=[2])
+                                repetition_penalty=kw["repetition_penalty"], stop_token_ids=[EOS_ID])
         lora = LoRARequest("adapter", 1, str(self.adapters[0])) if self.adapters else None
         out = self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, lora_request=lora)
-        yield out[0].outputs[0].text
+        # decoded here, not by vLLM (which drops every special token): the tool tags must reach the user
+        yield self.tokenizer.decode(visible_ids(out[0].outputs[0].token_ids))
