@@ -1,28 +1,26 @@
 """Chat with TeleChat2 in the terminal, or answer a file of prompts:
 `python chat.py model.path=DIR [adapter_path=ADAPTER] [infer_backend=vllm] [input=FILE output=OUT]`."""
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from telechat_lab.config import check_command_line
+from telechat_lab.errors import reported
 
-@hydra.main(config_path="conf", config_name="chat", version_base="1.3")
+CONF = str(Path(__file__).resolve().parent / "conf")
+
+
+@hydra.main(config_path=CONF, config_name="chat", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from telechat_lab.chat.engines import HuggingFaceEngine, VLLMEngine, resolve_paths
-    from telechat_lab.chat.session import ChatSession, batch, interactive
+    from telechat_lab.chat import run_chat
 
-    base, adapters = resolve_paths(cfg.model.path, cfg.adapter_path)
-    if cfg.infer_backend == "vllm":
-        engine = VLLMEngine(base, adapters, **OmegaConf.to_container(cfg.vllm))
-    elif cfg.infer_backend == "huggingface":
-        engine = HuggingFaceEngine(base, adapters, cfg.model.dtype, cfg.model.attn_implementation, cfg.device)
-    else:
-        raise ValueError(f"infer_backend={cfg.infer_backend}: use huggingface or vllm")
-    session = ChatSession(engine, base, cfg.system, cfg.default_system, OmegaConf.to_container(cfg.generation))
-    if cfg.input:
-        batch(session, cfg.input, cfg.output)
-    else:
-        interactive(session)
+    with reported():
+        run_chat(OmegaConf.to_object(cfg))
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:], CONF, "chat")  # every problem at once
     main()

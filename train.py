@@ -9,19 +9,24 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from telechat_lab.errors import reported
+from telechat_lab.training.run import check_command_line
+
 CONF = str(Path(__file__).resolve().parent / "conf")
 
 
 @hydra.main(config_path=CONF, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from telechat_lab.training.run import train
 
-    metrics = train(cfg)
-    return metrics.get(cfg.get("optimized_metric", "val_loss"))  # the value an Optuna sweep minimises
+    with reported(multirun=HydraConfig.get().mode == RunMode.MULTIRUN):
+        metrics = train(cfg)
+    return metrics.get(cfg.optimized_metric)  # the value an Optuna sweep minimises
 
 
 if __name__ == "__main__":
-    from telechat_lab.config import exit_on_unknown_overrides
-
-    exit_on_unknown_overrides(sys.argv[1:], CONF, "train")  # all unknown keys at once, not Hydra's first
+    check_command_line(sys.argv[1:], CONF)  # every problem at once, before Hydra writes anything
     main()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from telechat_lab.errors import ConfigError, OutputDirError
 from telechat_lab.model import DTYPES
 
 log = logging.getLogger(__name__)
@@ -20,46 +21,36 @@ AUTO_MAP = {"AutoConfig": "configuration_telechat2.Telechat2Config",
             "AutoModelForCausalLM": "modeling_telechat2.Telechat2ForCausalLM"}
 
 
-def adapter_base(adapter_dir: Path) -> Path:
-    config = adapter_dir / "adapter_config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"adapter_path={adapter_dir}: no adapter_config.json there")
-    base = json.loads(config.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{config} names no base_model_name_or_path: set model.path")
-    return Path(base)
+def check_export_dir(export_dir: str | Path, base: Path, adapters: list[Path]) -> Path:
+    """The export directory, refused (OutputDirError, nothing written) when it is, contains or lies inside the
+    base or an adapter directory: merged weights would replace what they were made from."""
+    out = Path(export_dir).expanduser().resolve()
+    for name, path in [("the base model", base), *(("an adapter", a) for a in adapters)]:
+        path = path.resolve()
+        relation = "is" if out == path else "lies inside" if path in out.parents else \
+            "contains" if out in path.parents else None
+        if relation:
+            raise OutputDirError(f"export_dir={out} {relation} {name} ({path}): choose another export_dir; "
+                                 "nothing was written")
+    return out
 
 
-def base_dtype(base: Path) -> str:
-    config = json.loads((base / "config.json").read_text())
-    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
-    return dtype if dtype in DTYPES else "float32"
-
-
-def merge_adapters(model_path: str | Path | None, adapter_paths: list[str | Path], device: str = "cpu"):
-    """The base (model.path, else the first adapter's base) with each adapter merged in, in order,
-    in the base's own dtype (no fp32 copy of a large model)."""
+def merge_adapters(base: Path, adapters: list[Path], device: str = "cpu"):
+    """`base` with each adapter merged in, in order, in the base's own dtype (no fp32 copy of a large model).
+    `base` and `adapters` as `telechat_lab.resolve.base_and_adapters` gives them (checked)."""
     from peft import PeftModel
 
-    from telechat_lab.model import Telechat2ForCausalLM
+    from telechat_lab.model.loading import checkpoint_dtype, load_model
 
-    adapters = [Path(p).expanduser().resolve() for p in adapter_paths]
-    base = Path(model_path).expanduser().resolve() if model_path else adapter_base(adapters[0])
-    if not (base / "config.json").is_file():
-        raise FileNotFoundError(f"base model {base}: no config.json there (set model.path)")
-    model = Telechat2ForCausalLM.from_pretrained(str(base), dtype=DTYPES[base_dtype(base)],
-                                                 device_map=None if device == "cpu" else device)
+    model = load_model(base, checkpoint_dtype(base), device_map=None if device == "cpu" else device)
     if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
-        raise ValueError(f"{base} is a quantized checkpoint: LoRA weights cannot be merged into 4/8-bit weights "
-                         "exactly. Merge into the unquantized base (set model.path to it); a QLoRA adapter "
-                         "is merged that way.")
+        raise ConfigError(f"{base} is a quantized checkpoint: LoRA weights cannot be merged into 4/8-bit weights "
+                          "exactly. Merge into the unquantized base (set model.path to it); a QLoRA adapter "
+                          "is merged that way.")
     for adapter in adapters:
-        config = json.loads((adapter / "adapter_config.json").read_text())
-        if config.get("peft_type") != "LORA":
-            raise ValueError(f"{adapter}: only LoRA / DoRA adapters can be merged (got {config.get('peft_type')})")
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         log.info("merged %s", adapter)
-    return model.eval(), base
+    return model.eval()
 
 
 def _save_bin(state_dict: dict, out: Path, max_shard: str) -> None:
@@ -76,17 +67,24 @@ def _save_bin(state_dict: dict, out: Path, max_shard: str) -> None:
         (out / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def is_export(directory: Path) -> bool:
+    """Whether `directory` holds an earlier export of this project (which a new export may replace)."""
+    return (directory / "config.json").is_file() and all((directory / name).is_file() for name in REMOTE_CODE)
+
+
 def export(model, tokenizer_dir: str | Path, export_dir: str | Path, dtype: str = "auto",
            export_size: float = 5.0, legacy_format: bool = False) -> Path:
     """Write `model` as a TeleChat2 checkpoint directory: TeleChat2's parameter names, config.json for
     transformers and vLLM, the remote-code files, the tokenizer with its chat template and
-    generation_config.json."""
-    from telechat_lab.tokenizer import load_tokenizer, save_tokenizer
+    generation_config.json. Written beside `export_dir` and renamed into place: an earlier export there is
+    replaced whole only once the new one is complete; a non-empty directory that is not an export is refused."""
+    from telechat_lab.files import staged_dir
+    from telechat_lab.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer, save_tokenizer
 
-    out = Path(export_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("model*.safetensors*"), *out.glob("pytorch_model*.bin*")]:
-        stale.unlink()  # weights of an earlier export would be loaded instead of these
+    final = Path(export_dir).expanduser().resolve()
+    if final.exists() and any(final.iterdir()) and not is_export(final):
+        raise OutputDirError(f"export_dir={final} is not empty and holds no earlier export: choose another "
+                             "export_dir (nothing was written)")
     if dtype == "auto":  # bf16 for an fp32 base, else the base's own dtype
         dtype = "bfloat16" if model.dtype == torch.float32 else str(model.dtype).replace("torch.", "")
     model = model.to(DTYPES[dtype])
@@ -95,23 +93,37 @@ def export(model, tokenizer_dir: str | Path, export_dir: str | Path, dtype: str 
     config.auto_map = dict(AUTO_MAP)
     config.use_cache = True
     max_shard = f"{int(export_size * 1000)}MB"
-    if legacy_format:
-        model.config.save_pretrained(out)
-        _save_bin(model.state_dict(), out, max_shard)
-    else:
-        model.save_pretrained(out, max_shard_size=max_shard)
-    # config.json: explicit num_key_value_heads (vLLM reads it), model_type telechat, the dtype saved, and
-    # flash_attn, which the release's own modeling files read on every forward (SPEC section 7)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg.update(architectures=["TeleChat2ForCausalLM"], model_type="telechat", auto_map=dict(AUTO_MAP),
-               num_key_value_heads=config.num_key_value_heads, torch_dtype=dtype, dtype=dtype,
-               flash_attn=bool(getattr(config, "flash_attn", False)))
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    for name in REMOTE_CODE:
-        shutil.copy(MODEL_DIR / name, out / name)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    save_tokenizer(tokenizer, out)
-    generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "do_sample": False,
-                  "max_new_tokens": 1024, "repetition_penalty": 1.0}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    with staged_dir(final) as out:
+        if legacy_format:
+            model.config.save_pretrained(out)
+            _save_bin(model.state_dict(), out, max_shard)
+        else:
+            model.save_pretrained(out, max_shard_size=max_shard)
+        # config.json: explicit num_key_value_heads (vLLM reads it), model_type telechat, the dtype saved, and
+        # flash_attn, which the release's own modeling files read on every forward (SPEC section 7)
+        cfg = json.loads((out / "config.json").read_text())
+        cfg.update(architectures=["TeleChat2ForCausalLM"], model_type="telechat", auto_map=dict(AUTO_MAP),
+                   num_key_value_heads=config.num_key_value_heads, torch_dtype=dtype, dtype=dtype,
+                   flash_attn=bool(getattr(config, "flash_attn", False)))
+        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        for name in REMOTE_CODE:
+            shutil.copy(MODEL_DIR / name, out / name)
+        save_tokenizer(load_tokenizer(tokenizer_dir), out)
+        generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "do_sample": False,
+                      "max_new_tokens": 1024, "repetition_penalty": 1.0}
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return final
+
+
+def merge_and_export(settings) -> Path:
+    """merge.py: check the base, the adapters and the export directory before loading anything, merge, export."""
+    from telechat_lab.resolve import base_and_adapters
+
+    base, adapters = base_and_adapters(settings.model.path, settings.adapter_path)
+    check_export_dir(settings.export_dir, base, adapters)
+    model = merge_adapters(base, adapters, device=settings.export_device)
+    out = export(model, base, settings.export_dir, dtype=settings.dtype, export_size=settings.export_size,
+                 legacy_format=settings.export_legacy_format)
+    print(f"merged {len(adapters)} adapter(s) into {base}\nexported to {out}\n"
+          f"serve it: vllm serve {out} --trust-remote-code")
     return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from telechat_lab.errors import CheckpointError
 from telechat_lab.tokenizer import find_model_file
 
 
@@ -21,7 +22,7 @@ def model_dir(path: str | os.PathLike | None) -> Path:
         return default_tiny_checkpoint()
     resolved = Path(path).expanduser().resolve()
     if not (resolved / "config.json").is_file():
-        raise FileNotFoundError(f"model.path={path}: no config.json there; point model.path at a TeleChat2 "
+        raise CheckpointError(f"model.path={path}: no config.json there; point model.path at a TeleChat2 "
                                 "checkpoint directory (config.json, *.safetensors, tokenizer.model)")
     return resolved
 
@@ -33,6 +34,48 @@ def tokenizer_dir(path: str | os.PathLike | None) -> Path:
         return model_dir(None)
     resolved = Path(path).expanduser().resolve()
     if find_model_file(resolved) is None:
-        raise FileNotFoundError(f"model.path={path}: no tokenizer.model there (a TeleChat2 checkpoint directory, "
+        raise CheckpointError(f"model.path={path}: no tokenizer.model there (a TeleChat2 checkpoint directory, "
                                 "or any directory holding its tokenizer.model)")
     return resolved
+
+
+def adapter_dirs(adapter_path: str | os.PathLike | list | None) -> list[Path]:
+    """adapter_path as a list of absolute directories (it may be one path or a list)."""
+    if adapter_path in (None, "", []):
+        return []
+    paths = [adapter_path] if isinstance(adapter_path, (str, os.PathLike)) else list(adapter_path)
+    return [Path(p).expanduser().resolve() for p in paths]
+
+
+def check_adapter(directory: Path) -> dict:
+    """An adapter directory's adapter_config.json (a LoRA / DoRA one), with its weights present and complete;
+    CheckpointError naming the file otherwise."""
+    from telechat_lab.files import check_safetensors, read_json
+
+    if not directory.is_dir():
+        raise CheckpointError(f"adapter_path={directory}: no such directory")
+    config = read_json(directory / "adapter_config.json", "the adapter config")
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{directory}: only LoRA / DoRA adapters can be applied or merged "
+                              f"(adapter_config.json says peft_type={config.get('peft_type')})")
+    weights = directory / "adapter_model.safetensors"
+    if weights.is_file():
+        check_safetensors(weights)
+    elif not (directory / "adapter_model.bin").is_file():
+        raise CheckpointError(f"{weights} is missing (an interrupted write?)")
+    return config
+
+
+def base_and_adapters(model_path: str | None, adapter_path) -> tuple[Path, list[Path]]:
+    """The base checkpoint (model.path, else the first adapter's base_model_name_or_path) and the adapters, every
+    file they need checked before anything is loaded."""
+    adapters = adapter_dirs(adapter_path)
+    configs = [check_adapter(a) for a in adapters]
+    if model_path:
+        return model_dir(model_path), adapters
+    if not adapters:
+        raise CheckpointError("model.path is not set and there is no adapter_path to take the base from")
+    base = configs[0].get("base_model_name_or_path")
+    if not base:
+        raise CheckpointError(f"{adapters[0] / 'adapter_config.json'} names no base_model_name_or_path: set model.path")
+    return model_dir(base), adapters

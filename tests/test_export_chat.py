@@ -38,6 +38,15 @@ def make_adapter(base_dir: Path, out: Path, use_dora=False, seed=0) -> Path:
     return out
 
 
+def merge(adapters: list[Path], model_path=None):
+    """(merged model, base) as merge.py makes them: base and adapters resolved and checked, then merged."""
+    from telechat_lab.export import merge_adapters
+    from telechat_lab.resolve import base_and_adapters
+
+    base, adapters = base_and_adapters(model_path, adapters)
+    return merge_adapters(base, adapters), base
+
+
 def merged_in_memory(base_dir: Path, adapters: list[Path]):
     from peft import PeftModel
 
@@ -178,19 +187,18 @@ def test_readme_inference_snippet_runs_on_the_export(exported, tmp_path):
 
 def test_qlora_adapter_merges_into_the_unquantized_base(tmp_path, tiny_dir):
     pytest.importorskip("bitsandbytes", reason="the qlora extra is not installed")
-    from telechat_lab.export import merge_adapters
+    from telechat_lab.config import AdapterConfig, ModelConfig, QuantizationConfig
     from telechat_lab.training.adapters import apply_adapter
     from telechat_lab.training.module import load_base_model
 
-    adapter_cfg = {"type": "qlora", "rank": 4, "alpha": 8, "dropout": 0.0, "target": "all",
-                   "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}}
-    quantized = apply_adapter(load_base_model(tiny_dir, {"dtype": "float32"}, adapter_cfg), adapter_cfg)
+    adapter_cfg = AdapterConfig(type="qlora", rank=4, alpha=8, quantization=QuantizationConfig(compute_dtype="float32"))
+    quantized = apply_adapter(load_base_model(tiny_dir, ModelConfig(dtype="float32"), adapter_cfg), adapter_cfg)
     for name, p in quantized.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     quantized.peft_config["default"].base_model_name_or_path = str(tiny_dir)
     quantized.save_pretrained(tmp_path / "qlora")
-    merged, base = merge_adapters(None, [tmp_path / "qlora"])
+    merged, base = merge([tmp_path / "qlora"])
     assert base == tiny_dir and not getattr(merged, "is_quantized", False)
     assert merged.transformer.h[0].self_attention.query.weight.dtype == torch.float32
     original = Telechat2ForCausalLM.from_pretrained(tiny_dir)
@@ -199,6 +207,7 @@ def test_qlora_adapter_merges_into_the_unquantized_base(tmp_path, tiny_dir):
 
 
 def test_merging_into_a_quantized_checkpoint_is_refused(tmp_path, tiny_dir):
+    from telechat_lab.errors import ConfigError
     from telechat_lab.export import merge_adapters
 
     base = tmp_path / "quantized"
@@ -210,13 +219,14 @@ def test_merging_into_a_quantized_checkpoint_is_refused(tmp_path, tiny_dir):
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (base / "config.json").write_text(json.dumps(config))
     adapter = make_adapter(tiny_dir, tmp_path / "lora")
-    with pytest.raises(ValueError, match="quantized"):
+    with pytest.raises(ConfigError, match="quantized"):
         merge_adapters(base, [adapter])
 
 
 def test_merge_without_adapter_config_names_the_path(tmp_path):
     proc = run_script("merge.py", [f"adapter_path={tmp_path}", f"export_dir={tmp_path / 'out'}"], tmp_path)
-    assert proc.returncode != 0 and "no adapter_config.json" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"the adapter config {tmp_path / 'adapter_config.json'} does not exist" in proc.stderr
 
 
 # ---------------------------------------------------------------- chat
@@ -257,7 +267,7 @@ def test_interactive_loop_with_clear_and_exit(tiny_dir):
     assert text.count("Assistant: Hello there.") == 3 and "History cleared." in text
     assert len(engine.prompts) == 3
     assert len(engine.prompts[1]) > len(engine.prompts[0])  # the second turn carries the first
-    assert engine.prompts[2] == session.prompt_ids("third")[:len(engine.prompts[2])]
+    assert engine.prompts[2] == session.prompt_ids("third", turns=[])[0]  # the cleared session: no history
     assert session.turns == [("third", "Hello there.")]  # clear forgot the first two; exit stopped
 
 
@@ -309,15 +319,15 @@ def test_vllm_backend_without_vllm_names_the_extra(exported):
 
 
 def test_default_export_is_bf16_and_legacy_format_writes_bin(exported, tmp_path):
-    from telechat_lab.export import export, merge_adapters
+    from telechat_lab.export import export
 
-    model, base = merge_adapters(None, exported["adapters"][:1])
+    model, base = merge(exported["adapters"][:1])
     out = export(model, base, tmp_path / "bf16")  # dtype auto: bf16 for an fp32 base
     config = json.loads((out / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16"
     assert load_file(out / "model.safetensors")["lm_head.weight"].dtype == torch.bfloat16
 
-    model, base = merge_adapters(None, exported["adapters"][:1])
+    model, base = merge(exported["adapters"][:1])
     legacy = export(model, base, tmp_path / "legacy", dtype="float32", legacy_format=True, export_size=0.001)
     assert not list(legacy.glob("*.safetensors")) and (legacy / "pytorch_model.bin.index.json").exists()
     reloaded = Telechat2ForCausalLM.from_pretrained(legacy, dtype=torch.float32)
@@ -359,7 +369,7 @@ def test_batch_messages_use_their_own_system_message(tiny_dir, tmp_path):
     batch(session, str(source), str(tmp_path / "out.jsonl"))
     assert engine.prompts[0] == session.encoder.prompt_ids(Conversation(system="From messages.", turns=[("q", None)]))
     source.write_text('{"messages": [{"role": "system", "content": "only a system"}]}\n')
-    with pytest.raises(ValueError, match="no user message"):
+    with pytest.raises(ValueError, match="must end with the user message to answer"):
         read_prompts(str(source))
 
 
@@ -372,12 +382,12 @@ def test_generation_errors_reach_the_caller(tiny_dir):
 
 
 def test_export_replaces_the_weights_of_an_earlier_export(exported, tmp_path):
-    from telechat_lab.export import export, merge_adapters
+    from telechat_lab.export import export
 
     out = tmp_path / "again"
-    model, base = merge_adapters(None, exported["adapters"][:1])
+    model, base = merge(exported["adapters"][:1])
     export(model, base, out, dtype="float32")
-    model, base = merge_adapters(None, exported["adapters"][:1])
+    model, base = merge(exported["adapters"][:1])
     export(model, base, out, dtype="float32", legacy_format=True)
     assert not list(out.glob("*.safetensors")) and list(out.glob("pytorch_model*.bin"))
 

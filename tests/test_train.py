@@ -17,7 +17,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from telechat_lab.config import ConfigError, validate
+from telechat_lab.config import ConfigError, TrainConfig, config_problems, validate
+from telechat_lab.errors import OutputDirError
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")
@@ -33,10 +34,15 @@ def compose_train(overrides, tmp_path=None):
 
 
 def run_train(tmp_path, *overrides):
+    """train() as train.py runs it: the composed config and the command line's overrides."""
     from telechat_lab.training.run import train
 
-    cfg = compose_train([*QUICK, *overrides], tmp_path)
-    return train(cfg)
+    overrides = [*QUICK, *overrides, f"output_dir={tmp_path}", f"data.cache_dir={tmp_path}/cache"]
+    return train(compose_train(overrides), overrides)
+
+
+def typed(cfg) -> TrainConfig:
+    return OmegaConf.to_object(cfg)
 
 
 def losses(out_dir, split="train"):
@@ -50,7 +56,8 @@ def losses(out_dir, split="train"):
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
 def test_every_experiment_preset_composes(preset):
     cfg = compose_train([f"experiment={preset}"])
-    assert cfg.task_name and cfg.model.path
+    problems = config_problems(cfg, cuda_available=True)
+    assert cfg.task_name and all(p.startswith("model.path=") for p in problems), problems
 
 
 def test_reference_command_preset_reproduces_its_settings():
@@ -82,27 +89,28 @@ def test_every_group_option_composes(group, options):
         assert cfg[group] is not None
 
 
-def test_deepspeed_config_is_generated_and_overridable():
-    from telechat_lab.training.strategy import deepspeed_config
+def test_deepspeed_arguments_and_overrides():
+    from telechat_lab.training.strategy import deepspeed_arguments, trainer_arguments
 
-    cfg = compose_train(["hardware=deepspeed_zero3_offload", "+hardware.deepspeed.overrides.zero_optimization"
-                         ".reduce_bucket_size=1000"])
-    ds = deepspeed_config(OmegaConf.to_container(cfg.hardware.deepspeed), "bf16-mixed")
-    assert ds["zero_optimization"]["stage"] == 3
-    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
-    assert ds["zero_optimization"]["reduce_bucket_size"] == 1000  # the override won
-    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
-    # Lightning refuses these in the config: it sets them from trainer.* itself
-    assert "gradient_accumulation_steps" not in ds and "train_micro_batch_size_per_gpu" not in ds
+    cfg = typed(compose_train(["hardware=deepspeed_zero3_offload", "+hardware.deepspeed.overrides.zero_optimization"
+                               ".reduce_bucket_size=1000"]))
+    args = deepspeed_arguments(cfg.hardware.deepspeed, exclude_frozen=True)
+    assert args == {"stage": 3, "offload_optimizer": True, "offload_parameters": True, "pin_memory": True,
+                    "exclude_frozen_parameters": True}
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+    strategy = trainer_arguments(cfg.hardware)["strategy"]
+    zero = strategy.config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu" and zero["reduce_bucket_size"] == 1000
 
 
 def test_config_errors_are_all_listed_at_once():
-    cfg = compose_train(["adapter=full", "+adapter.quantization={bits:4}", "hardware=deepspeed_zero3",
+    # composed as train.py's command-line check does: onto the schema's untyped copy, so every bad value arrives
+    cfg = compose_train(["schema=train_unchecked", "adapter=full", "+adapter.quantization={bits:4}", "hardware=deepspeed_zero3",
                          "+model.colour=blue", "optim.lr=fast", "+trainer.not_an_arg=1"])
     with pytest.raises(ConfigError) as err:
         validate(cfg, cuda_available=False)
     message = str(err.value)
-    for expected in ("model.colour: unknown key", "optim.lr='fast': expected int or float",
+    for expected in ("model.colour: unknown key", "optim.lr='fast': expected a number",
                      "trainer.not_an_arg: not an argument", "adapter.quantization with adapter.type=full",
                      "DeepSpeed ZeRO-3 needs CUDA"):
         assert expected in message, message
@@ -150,8 +158,8 @@ def test_qlora_base_really_is_4bit(tmp_path):
     from telechat_lab.resolve import model_dir
     from telechat_lab.training.module import TelechatLitModule
 
-    cfg = compose_train(["adapter=qlora"])
-    module = TelechatLitModule(model_dir(None), dict(cfg.model), dict(cfg.adapter), dict(cfg.optim))
+    cfg = typed(compose_train(["adapter=qlora"]))
+    module = TelechatLitModule(model_dir(None), cfg.model, cfg.adapter, cfg.optim)
     module.configure_model()
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in module.model.modules())
 
@@ -203,7 +211,7 @@ def test_checkpoints_every_save_steps(tmp_path):
     run_train(tmp_path, "trainer.max_steps=4", "save_steps=2")
     assert (tmp_path / "checkpoint-2" / "adapter_model.safetensors").exists()
     assert (tmp_path / "checkpoint-4" / "adapter_model.safetensors").exists()
-    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000002.ckpt", "step-0000004.ckpt"]
 
 
 class StopAfter(L.Callback):
@@ -224,14 +232,14 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, stop_at):
     run_train(split, "trainer.max_steps=8", "save_steps=1", f"+callbacks.stop._target_={__name__}.StopAfter",
               f"+callbacks.stop.step={stop_at}")
     assert len(losses(split)) == stop_at
-    run_train(split, "trainer.max_steps=8", "save_steps=1", "resume=true")
+    run_train(split, "trainer.max_steps=8", "save_steps=1", "resume=true", "+callbacks.stop=null")
     assert losses(split) == pytest.approx(losses(straight), abs=1e-5)
     assert len(losses(split)) == 8
 
 
-def test_resume_without_a_checkpoint_says_so(tmp_path):
-    with pytest.raises(FileNotFoundError, match="last.ckpt"):
-        run_train(tmp_path, "resume=true", "trainer.max_steps=1")
+def test_resume_without_a_run_says_so(tmp_path):
+    with pytest.raises(OutputDirError, match="holds no run to continue"):
+        run_train(tmp_path / "nothing", "resume=true", "trainer.max_steps=1")
 
 
 # ---------------------------------------------------------------- processes: DDP, multirun, wandb
@@ -354,7 +362,7 @@ def test_resume_keeps_the_interrupted_runs_metrics(tmp_path):
     run_train(tmp_path, "trainer.max_steps=8", "save_steps=1", f"+callbacks.stop._target_={__name__}.StopAfter",
               "+callbacks.stop.step=3")
     first = (tmp_path / "logs" / "metrics.csv").read_text()
-    run_train(tmp_path, "trainer.max_steps=8", "save_steps=1", "resume=true")
+    run_train(tmp_path, "trainer.max_steps=8", "save_steps=1", "resume=true", "+callbacks.stop=null")
     assert (tmp_path / "logs" / "metrics.csv").read_text() == first
     resumed = list((tmp_path / "logs").glob("resumed-*/metrics.csv"))
     assert len(resumed) == 1 and "train_loss" in resumed[0].read_text()
@@ -385,7 +393,7 @@ def test_ddp_resume_reproduces_the_uninterrupted_run(tmp_path):
     _train_cli([*ddp, f"output_dir={tmp_path / 'split'}", "+callbacks.stop._target_=test_train.StopAfter",
                 "+callbacks.stop.step=3"], tmp_path, env=env)
     assert len(losses(tmp_path / "split")) == 3
-    _train_cli([*ddp, f"output_dir={tmp_path / 'split'}", "resume=true"], tmp_path, env=env)
+    _train_cli([*ddp, f"output_dir={tmp_path / 'split'}", "resume=true", "+callbacks.stop=null"], tmp_path, env=env)
     assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "straight"), abs=1e-5)
 
 
@@ -408,7 +416,8 @@ def test_final_validation_is_recorded_once_and_can_be_disabled(tmp_path):
 
 
 def test_override_check_leaves_glob_sweeps_to_hydra():
-    from telechat_lab.config import unknown_override_keys
+    from telechat_lab.config import command_line_config
 
-    assert unknown_override_keys(["-m", "adapter=glob(*)", "optim.lr=1e-4"], CONF, "train") == []
-    assert unknown_override_keys(["-m", "adapter=lora,dora", "adapter.rnak=1"], CONF, "train") == ["adapter.rnak"]
+    assert command_line_config(["-m", "adapter=glob(*)", "optim.lr=1e-4"], CONF, "train") == ([], None)
+    problems, _ = command_line_config(["-m", "adapter=lora,dora", "adapter.rnak=1"], CONF, "train")
+    assert problems == ["adapter.rnak: unknown key (to add a new key write +adapter.rnak=...)"]

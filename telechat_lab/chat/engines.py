@@ -10,40 +10,21 @@ from threading import Thread
 
 import torch
 
-from telechat_lab.export import adapter_base
-from telechat_lab.model import DTYPES
 from telechat_lab.tokenizer import EOS_ID, PAD_ID, visible_ids
-
-
-def resolve_paths(model_path: str | None, adapter_path) -> tuple[Path, list[Path]]:
-    adapters = [] if not adapter_path else ([adapter_path] if isinstance(adapter_path, (str, Path))
-                                             else list(adapter_path))
-    adapters = [Path(a).expanduser().resolve() for a in adapters]
-    if model_path:
-        base = Path(model_path).expanduser().resolve()
-    elif adapters:
-        base = adapter_base(adapters[0])
-    else:
-        raise ValueError("chat needs model.path (a checkpoint or merged directory) or adapter_path")
-    if not (base / "config.json").is_file():
-        raise FileNotFoundError(f"model.path={base}: no config.json there")
-    return base, adapters
 
 
 class HuggingFaceEngine:
     """transformers generate with a streamer; an adapter is applied with peft, without merging."""
 
-    def __init__(self, base: Path, adapters: list[Path], dtype: str = "auto", attn_implementation: str = "sdpa",
+    def __init__(self, base: Path, adapters: list[Path], dtype: str = "auto", attn_implementation: str = "auto",
                  device: str = "auto"):
-        from telechat_lab.model import Telechat2ForCausalLM
+        from telechat_lab.model.loading import load_model, resolve_attention, resolve_dtype
         from telechat_lab.tokenizer import load_tokenizer
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        attn = "sdpa" if attn_implementation == "auto" else attn_implementation
-        model = Telechat2ForCausalLM.from_pretrained(str(base), dtype=DTYPES[dtype], attn_implementation=attn)
+        on_cuda = device.startswith("cuda")
+        model = load_model(base, resolve_dtype(dtype, on_cuda=on_cuda), resolve_attention(attn_implementation, on_cuda))
         if adapters:
             from peft import PeftModel
 
@@ -55,6 +36,7 @@ class HuggingFaceEngine:
         self.model = model.to(device).eval()
         self.tokenizer = load_tokenizer(base)
         self.device = device
+        self.max_length = model.config.training_seqlen
 
     def stream(self, prompt_ids: list[int], generation: dict) -> Iterator[str]:
         streamer = _answer_streamer(self.tokenizer)
@@ -119,8 +101,8 @@ class VLLMEngine:
         from telechat_lab.tokenizer import load_tokenizer
 
         config = json.loads((base / "config.json").read_text())
-        self.llm = LLM(model=str(base), trust_remote_code=True, tokenizer=str(base),
-                       max_model_len=max_model_len or config.get("training_seqlen", 8192),
+        self.max_length = max_model_len or config.get("training_seqlen", 8192)
+        self.llm = LLM(model=str(base), trust_remote_code=True, tokenizer=str(base), max_model_len=self.max_length,
                        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
                        enable_lora=bool(adapters), max_lora_rank=max_lora_rank, dtype=dtype)
         self.adapters = adapters

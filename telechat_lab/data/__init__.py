@@ -1,9 +1,12 @@
 """Data pipeline: dataset_info.json registry -> record formats -> TeleChat2 chat encoding ->
 tokenised, cached, mixed and split datasets -> padded or packed batches."""
 
+from telechat_lab.config import DataConfig
+from telechat_lab.errors import DataError
+
 from .formats import Conversation, to_conversation
-from .pipeline import DataConfig, EncodedDataset, build_datasets
-from .registry import DataError, DatasetSpec, load_dataset_info
+from .pipeline import EncodedDataset, build_datasets
+from .registry import DatasetSpec, load_dataset_info
 from .template import ChatEncoder
 
 __all__ = [

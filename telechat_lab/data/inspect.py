@@ -10,10 +10,14 @@ highlighted, with the counts.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+
+from telechat_lab.config import check_command_line
+from telechat_lab.errors import reported
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -39,19 +43,19 @@ def run(cfg: DictConfig) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from telechat_lab.data import DataConfig, build_datasets
+    from telechat_lab.data import build_datasets
+    from telechat_lab.files import atomic_open
     from telechat_lab.resolve import tokenizer_dir
     from telechat_lab.tokenizer import load_tokenizer
 
-    model_dir = tokenizer_dir(cfg.model.path)
-    data_cfg = DataConfig.from_mapping(OmegaConf.to_container(cfg.data, resolve=True))
+    settings = OmegaConf.to_object(cfg)
+    model_dir = tokenizer_dir(settings.model.path)
+    data_cfg = settings.data
     data_cfg.val_size = 0  # every encoded example once, in dataset order (no mixing, sampling or split)
     dataset, _, report = build_datasets(data_cfg, model_dir, shuffle_order=False, sample=False)
 
     if cfg.output:
-        out = Path(cfg.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w", encoding="utf-8") as f:
+        with atomic_open(cfg.output) as f:
             for i in range(len(dataset)):
                 ex = dataset[i]
                 f.write(json.dumps({"input_ids": ex["input_ids"].tolist(), "labels": ex["labels"].tolist()}) + "\n")
@@ -80,8 +84,10 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=CONF_DIR, config_name="inspect", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with reported():
+        run(cfg)
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:], CONF_DIR, "inspect")
     main()

@@ -16,13 +16,14 @@ import os
 import sys
 from array import array
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from telechat_lab import cache_root
+from telechat_lab.config import DataConfig
 from telechat_lab.tokenizer import tokenizer_hash
 
 from .formats import to_conversation
@@ -33,56 +34,26 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass
-class DataConfig:
-    """The `data` config group (conf/data/*.yaml)."""
+def dataset_names(cfg: DataConfig) -> list[str]:
+    """data.datasets as a list (it may be given as "a,b")."""
+    names = cfg.datasets.split(",") if isinstance(cfg.datasets, str) else list(cfg.datasets)
+    names = [n.strip() for n in names if n and n.strip()]
+    if not names:
+        raise DataError("data.datasets is empty: name at least one dataset of dataset_info.json")
+    return names
 
-    dataset_dir: str = "data"
-    datasets: Any = ("identity", "alpaca_en_demo")  # list, or "a,b" string
-    mix: dict[str, float] | None = None  # per-dataset sampling ratio (1.5 = every example, half again)
-    max_samples: int | None = None  # per dataset, the first N records
-    val_size: float = 0.0  # fraction (< 1) or number of examples for validation
-    cutoff_len: int = 1024
-    packing: bool = False
-    padding_free: bool = False
-    train_on_prompt: bool = False
-    mask_history: bool = False
-    train_role_tokens: bool = False  # also train each trained turn's <_user>/<_bot> (the release's SFT script)
-    default_system: str | None = None  # None: TeleChat's default prompt; "": no system block
-    placeholders: dict[str, str] = field(default_factory=lambda: {"name": "TeleChat", "author": "TeleAI"})
-    fill_placeholders: Sequence[str] = ("identity",)  # datasets whose {{name}}/{{author}} are filled
-    preprocessing_num_workers: int = 1
-    cache_dir: str | None = None  # default ~/.cache/telechat_lab/datasets
-    overwrite_cache: bool = False
-    seed: int = 42
-    batch_size: int = 4  # per device (LLaMA-Factory's per_device_train_batch_size)
-    eval_batch_size: int = 4
-    dataloader_num_workers: int = 0
 
-    @classmethod
-    def from_mapping(cls, cfg: Any) -> DataConfig:
-        data = dict(cfg)
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise DataError(f"unknown data option(s) {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
-        return cls(**data)
+def template_options(cfg: DataConfig) -> TemplateOptions:
+    return TemplateOptions(cfg.cutoff_len, cfg.train_on_prompt, cfg.mask_history, cfg.default_system,
+                           cfg.train_role_tokens)
 
-    def dataset_names(self) -> list[str]:
-        names = self.datasets.split(",") if isinstance(self.datasets, str) else list(self.datasets)
-        names = [n.strip() for n in names if n and n.strip()]
-        if not names:
-            raise DataError("data.datasets is empty: name at least one dataset of dataset_info.json")
-        return names
 
-    def template_options(self) -> TemplateOptions:
-        return TemplateOptions(self.cutoff_len, self.train_on_prompt, self.mask_history, self.default_system,
-                               self.train_role_tokens)
-
-    def resolved_dataset_dir(self) -> Path:
-        path = Path(self.dataset_dir).expanduser()
-        if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
-            path = REPO_ROOT / path  # the bundled data/ when run from elsewhere
-        return path.resolve()
+def resolved_dataset_dir(dataset_dir: str) -> Path:
+    """data.dataset_dir; a relative one that does not exist in the working directory is the bundled demo data's."""
+    path = Path(dataset_dir).expanduser()
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        path = REPO_ROOT / path
+    return path.resolve()
 
 
 class EncodedDataset:
@@ -203,7 +174,7 @@ def encode_dataset(spec: DatasetSpec, cfg: DataConfig, tokenizer_path: Path) -> 
 def encode_datasets(specs: list[DatasetSpec], cfg: DataConfig, tokenizer_path: Path) -> list[tuple]:
     """[(dataset, counts)] for `specs`: cached ones loaded, the others encoded, with
     data.preprocessing_num_workers processes sharing one pool over all their records."""
-    options = cfg.template_options()
+    options = template_options(cfg)
     results: list = [None] * len(specs)
     pending = []  # (position, spec, records, placeholders, cache_file)
     for i, spec in enumerate(specs):
@@ -313,8 +284,8 @@ def build_datasets(cfg: DataConfig, tokenizer_path: str | Path, shuffle_order: b
     """(train, validation or None, report). `report` holds per-dataset counts and totals.
     `sample=False` skips mixing ratios and num_samples: every encoded example once (inspection)."""
     tokenizer_path = Path(tokenizer_path)
-    names = cfg.dataset_names()
-    specs = load_dataset_info(cfg.resolved_dataset_dir(), names)  # only the entries used are checked
+    names = dataset_names(cfg)
+    specs = load_dataset_info(resolved_dataset_dir(cfg.dataset_dir), names)  # only the entries used are checked
     mix = dict(cfg.mix or {})
     unknown_mix = set(mix) - set(names)
     if unknown_mix:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from telechat_lab.errors import DataError
+
 FORMATS = ("alpaca", "sharegpt", "telechat")
 COLUMN_KEYS = {"prompt", "query", "response", "history", "messages", "system", "tools"}
 TAG_KEYS = {"role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag"}
@@ -24,10 +26,6 @@ DEFAULT_COLUMNS = {
 }
 DEFAULT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
-
-
-class DataError(ValueError):
-    """Bad dataset configuration or record; the message names the dataset, file and record."""
 
 
 @dataclass(frozen=True)

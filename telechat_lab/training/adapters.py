@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from telechat_lab.config import AdapterConfig
 from telechat_lab.model import DTYPES
 
 ALL_TARGETS = ["query", "key_value", "dense", "gate_proj", "up_proj", "down_proj"]
@@ -22,9 +23,9 @@ def target_modules(target: Any) -> list[str]:
     return names
 
 
-def quantization_config(adapter: dict):
+def quantization_config(adapter: AdapterConfig):
     """bitsandbytes config for adapter.quantization (QLoRA), else None."""
-    quant = adapter.get("quantization")
+    quant = adapter.quantization
     if not quant:
         return None
     try:
@@ -34,32 +35,32 @@ def quantization_config(adapter: dict):
                           "(pip install 'telechat-lab[qlora]')") from err
     from transformers import BitsAndBytesConfig
 
-    if quant.get("bits", 4) == 8:
+    if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.get("quant_type", "nf4"),
-                              bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
-                              bnb_4bit_compute_dtype=DTYPES[quant.get("compute_dtype", "bfloat16")])
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+                              bnb_4bit_use_double_quant=quant.double_quant,
+                              bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype])
 
 
-def apply_adapter(model: torch.nn.Module, adapter: dict, gradient_checkpointing: bool = False) -> torch.nn.Module:
-    kind = adapter["type"]
-    if kind == "full":
+def apply_adapter(model: torch.nn.Module, adapter: AdapterConfig, gradient_checkpointing: bool = False
+                  ) -> torch.nn.Module:
+    if adapter.type == "full":
         model.requires_grad_(True)
         return model
-    if kind == "freeze":
-        return _freeze_all_but(model, adapter.get("trainable_layers", 1), adapter.get("modules_to_save") or [])
+    if adapter.type == "freeze":
+        return _freeze_all_but(model, adapter.trainable_layers, adapter.modules_to_save or [])
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if adapter.get("quantization"):
+    if adapter.quantization:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     config = LoraConfig(
-        r=adapter["rank"],
-        lora_alpha=adapter["alpha"],
-        lora_dropout=adapter["dropout"],
-        target_modules=target_modules(adapter["target"]),
-        use_rslora=bool(adapter.get("rslora")),
-        use_dora=bool(adapter.get("use_dora")),
-        modules_to_save=adapter.get("modules_to_save"),
+        r=adapter.rank,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=target_modules(adapter.target),
+        use_rslora=adapter.rslora,
+        use_dora=adapter.use_dora,
+        modules_to_save=adapter.modules_to_save,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)

@@ -1,10 +1,9 @@
-"""Callbacks: HF-format checkpoints (adapter or full model), throughput / MFU / memory logging, and
-the loss plots."""
+"""Callbacks: throughput / MFU / memory logging, and the loss history and plots."""
 
 from __future__ import annotations
 
 import csv
-import json
+import io
 import os
 import resource
 import time
@@ -12,9 +11,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
 from telechat_lab.data.packing import PAD_ID
+from telechat_lab.files import atomic_write_text
 
 # Dense bf16 peak of common GPUs (TFLOP/s), for MFU; hardware.peak_tflops overrides.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
@@ -30,46 +29,6 @@ def peak_flops(override: float | None) -> float | None:
             if key in name:
                 return tflops * 1e12
     return None
-
-
-class HFCheckpoint(L.Callback):
-    """Every `save_steps` optimizer steps to output_dir/checkpoint-STEP, and at the end to output_dir:
-    a PEFT adapter (adapter_config.json + adapter_model.safetensors, `base_model_name_or_path` the
-    absolute base directory) or, for full / freeze fine-tuning, a HF checkpoint directory with
-    TeleChat2's own parameter names; the tokenizer and the resolved config (config.yaml) beside it."""
-
-    def __init__(self, output_dir: str | Path, base_dir: str | Path, save_steps: int, resolved_config: str):
-        self.output_dir, self.base_dir = Path(output_dir), Path(base_dir).resolve()
-        self.save_steps, self.resolved_config = save_steps, resolved_config
-        self._last_saved = -1
-        self._tokenizer = None
-
-    def save(self, pl_module, directory: Path) -> None:
-        from telechat_lab.tokenizer import load_tokenizer, save_tokenizer
-
-        model = pl_module.model
-        directory.mkdir(parents=True, exist_ok=True)
-        if hasattr(model, "peft_config"):
-            for config in model.peft_config.values():
-                config.base_model_name_or_path = str(self.base_dir)
-            model.save_pretrained(directory)
-        else:
-            model.save_pretrained(directory)
-            model.generation_config.save_pretrained(directory)
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.base_dir)
-        save_tokenizer(self._tokenizer, directory)
-        (directory / "config.yaml").write_text(self.resolved_config)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if step and step % self.save_steps == 0 and step != self._last_saved and trainer.is_global_zero:
-            self.save(pl_module, self.output_dir / f"checkpoint-{step}")
-            self._last_saved = step
-
-    def on_train_end(self, trainer, pl_module):
-        if trainer.is_global_zero:
-            self.save(pl_module, self.output_dir)
 
 
 class ThroughputMonitor(L.Callback):
@@ -120,9 +79,16 @@ class ThroughputMonitor(L.Callback):
         self._window_tokens, self._window_start = 0, time.perf_counter()
 
 
+def csv_log_dir(loggers: list, output_dir: Path) -> Path:
+    for logger in loggers:
+        if type(logger).__name__ == "CSVLogger":
+            return Path(logger.log_dir)
+    return output_dir / "logs"
+
+
 class LossPlot(L.Callback):
-    """training_loss.png (raw and smoothed) and validation_loss.png in output_dir, from the logged
-    metrics, plus metrics.json with the final values."""
+    """Records the training and validation losses (kept in resumable checkpoints) and writes them:
+    loss_history.csv, training_loss.png (raw and smoothed) and validation_loss.png in output_dir."""
 
     def __init__(self, output_dir: str | Path, enabled: bool = True):
         self.output_dir, self.enabled = Path(output_dir), enabled
@@ -142,19 +108,15 @@ class LossPlot(L.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module):
         loss = trainer.callback_metrics.get("val_loss")
-        if loss is not None and not trainer.sanity_checking:
+        if loss is not None and not trainer.sanity_checking and (not self.val or self.val[-1][0] != trainer.global_step):
             self.val.append((trainer.global_step, float(loss)))
 
-    @rank_zero_only
-    def on_train_end(self, trainer, pl_module):
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        final = {"train_loss": self.train[-1][1] if self.train else None,
-                 "val_loss": self.val[-1][1] if self.val else None, "steps": trainer.global_step}
-        (self.output_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
-        with open(self.output_dir / "loss_history.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["step", "split", "loss"])
-            writer.writerows([(s, "train", v) for s, v in self.train] + [(s, "val", v) for s, v in self.val])
+    def write(self) -> None:
+        rows = io.StringIO()
+        writer = csv.writer(rows)
+        writer.writerow(["step", "split", "loss"])
+        writer.writerows([(s, "train", v) for s, v in self.train] + [(s, "val", v) for s, v in self.val])
+        atomic_write_text(self.output_dir / "loss_history.csv", rows.getvalue())
         if self.enabled and self.train:
             plot_losses(self.output_dir, self.train, self.val)
 

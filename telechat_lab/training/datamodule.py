@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from telechat_lab.data import DataConfig, build_datasets
+from telechat_lab.config import DataConfig
+from telechat_lab.data import build_datasets
 from telechat_lab.data.packing import Collator, PackedDataset
 
 log = logging.getLogger(__name__)

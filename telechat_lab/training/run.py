@@ -1,22 +1,55 @@
-"""One training run from a composed config: validate, build, fit, report where everything is."""
+"""One training run from a composed config, in four steps: prepare (validate, the output directory's rules,
+what a resume continues), build (data, model, trainer), fit, report (the final metrics, written once, here)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from telechat_lab.config import TrainConfig, config_values, validate
+from telechat_lab.errors import ConfigError, Interrupted, OutputDirError
+
 log = logging.getLogger(__name__)
-OUTPUT_ENV = "TELECHAT_LAB_OUTPUT_DIR"  # pins output_dir for the processes DDP launches
+OUTPUT_ENV = "TELECHAT_LAB_OUTPUT_DIR"  # pins output_dir for the processes a DDP launcher starts
 
 
-def resolve_output_dir(cfg: DictConfig) -> Path:
+@dataclass
+class Run:
+    """A prepared run: its settings and where everything is."""
+
+    settings: TrainConfig
+    values: dict  # the same settings as plain values (what config.yaml holds)
+    output_dir: Path
+    model_dir: Path
+    run_id: str
+    checkpoint: Path | None = None  # what a resume continues from
+    parts: dict = field(default_factory=dict)
+
+
+def launched_worker() -> bool:
+    """A process a launcher started for another rank of this run (it reads the run's files, never writes them)."""
+    return any(os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+
+
+def hydra_overrides() -> list[str]:
+    """The command line's overrides when running under @hydra.main (else none)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def resolve_output_dir(output_dir: str) -> Path:
     """The run's directory: output_dir, or in a Hydra multirun the job's own directory."""
-    if os.environ.get(OUTPUT_ENV) and os.environ.get("LOCAL_RANK", "0") != "0":
+    if os.environ.get(OUTPUT_ENV) and launched_worker():
         return Path(os.environ[OUTPUT_ENV])
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -25,102 +58,216 @@ def resolve_output_dir(cfg: DictConfig) -> Path:
         hc = HydraConfig.get()
         if hc.mode == RunMode.MULTIRUN:
             return Path(hc.runtime.output_dir).resolve()
-    except ValueError:  # not under @hydra.main (tests composing the config)
+    except ValueError:  # not under @hydra.main (the Python API)
         pass
-    return Path(cfg.output_dir).resolve()
+    return Path(output_dir).expanduser().resolve()
 
 
-def csv_log_dir(loggers: list, output_dir: Path) -> Path:
-    for logger in loggers:
-        if type(logger).__name__ == "CSVLogger":
-            return Path(logger.log_dir)
-    return output_dir / "logs"
+def _resolved_group(cfg: DictConfig | dict, key: str) -> Any:
+    """A logger / callbacks group resolved (its interpolations may name the Hydra job)."""
+    node = cfg.get(key)
+    if node is None or isinstance(cfg, dict):
+        return node
+    try:
+        return OmegaConf.to_container(node, resolve=True)
+    except Exception as err:
+        raise ConfigError(f"invalid configuration:\n  - {key}: does not resolve ({err})") from err
 
 
-def train(cfg: DictConfig) -> dict:
-    """Returns the final metrics (train_loss, val_loss, steps, output_dir)."""
+def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None) -> Run:
+    """Validate; apply the output directory's rules (nothing the user has is overwritten); for resume=true, the
+    run's own settings and its newest valid checkpoint; write config.yaml and run.json."""
+    from telechat_lab.data.pipeline import resolved_dataset_dir
+    from telechat_lab.resolve import model_dir as resolve_model_dir
+
+    from .checkpoints import newest_checkpoint
+    from .rundir import (
+        check_output_dir,
+        clear_run,
+        read_run_record,
+        resumed_settings,
+        run_files,
+        run_id,
+        write_run_record,
+    )
+
+    overrides = hydra_overrides() if overrides is None else list(overrides)
+    validate(cfg)  # every problem at once, before anything is loaded or written
+    values = config_values(cfg)
+    output_dir = resolve_output_dir(values["output_dir"])
+    if isinstance(cfg, DictConfig):  # loggers write under the run's own directory (a sweep job's, ...)
+        cfg = cfg.copy()
+        OmegaConf.update(cfg, "output_dir", str(output_dir), force_add=True)
+    for key in ("logger", "callbacks"):
+        values[key] = _resolved_group(cfg, key)
+    model_dir = resolve_model_dir(values["model"]["path"])
+    if values["model"]["path"]:  # recorded absolute: a resume from another directory finds the same files
+        values["model"]["path"] = str(model_dir)
+    data_dir = resolved_dataset_dir(values["data"]["dataset_dir"])
+    values["data"]["dataset_dir"] = str(data_dir)
+    values["output_dir"] = str(output_dir)
+
+    worker = launched_worker()
+    resume = bool(values["resume"])
+    if not resume and os.environ.get("SLURM_RESTART_COUNT", "0") != "0" and not worker \
+            and read_run_record(output_dir).get("run_id") == run_id(values):
+        log.warning("SLURM requeued this job: resuming the run in %s", output_dir)
+        resume = values["resume"] = True
+    if not worker:
+        protected = {"model.path": model_dir} if values["model"]["path"] else {}
+        protected["data.dataset_dir"] = data_dir
+        check_output_dir(output_dir, resume=resume, overwrite=bool(values["overwrite"]), protected=protected)
+    if resume:
+        values = resumed_settings(output_dir, values, overrides)
+        validate(values)
+    identity = run_id(values)
+    checkpoint = None
+    if resume:
+        checkpoint = newest_checkpoint(output_dir / "checkpoints", identity)
+        if checkpoint is None:
+            raise OutputDirError(f"resume=true: no readable checkpoint in {output_dir / 'checkpoints'} (the run "
+                                 "stopped before its first one); start it again with overwrite=true")
+    if not worker:
+        if values["overwrite"] and run_files(output_dir):
+            clear_run(output_dir)
+        _write_settings(output_dir, values)
+        if not resume:
+            write_run_record(output_dir, values, overrides)
+    os.environ[OUTPUT_ENV] = str(output_dir)
+    settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), values))
+    return Run(settings, values, output_dir, model_dir, identity, checkpoint)
+
+
+def _write_settings(output_dir: Path, values: dict) -> None:
+    from telechat_lab.files import atomic_write_text
+
+    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(values)))
+
+
+def build(run: Run) -> None:
+    """The data module, the LightningModule, the loggers, callbacks and the Trainer."""
     import hydra
     import lightning as L
 
-    from telechat_lab.config import validate
-    from telechat_lab.data import DataConfig
-    from telechat_lab.resolve import model_dir as resolve_model_dir
-
-    from .callbacks import HFCheckpoint, LossPlot, ThroughputMonitor
+    from .callbacks import LossPlot, ThroughputMonitor
+    from .checkpoints import RunCheckpoints
     from .datamodule import TelechatDataModule
     from .module import TelechatLitModule
     from .strategy import trainer_arguments
 
-    validate(cfg)  # every problem at once, before anything is loaded
-    if cfg.model.get("name") == "tiny" and cfg.model.get("path"):
-        log.warning("model.path is set on model=tiny, whose hyperparameters are the CPU demo's (lr %s); for a "
-                    "real TeleChat2 choose its group, e.g. model=telechat2_7b model.path=...", cfg.optim.lr)
-    output_dir = resolve_output_dir(cfg)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    os.environ[OUTPUT_ENV] = str(output_dir)
-    OmegaConf.update(cfg, "output_dir", str(output_dir), force_add=True)
-    L.seed_everything(cfg.seed, workers=True)
-
-    model_dir = resolve_model_dir(cfg.model.path)
-    data_cfg = DataConfig.from_mapping(OmegaConf.to_container(cfg.data, resolve=True))
-    datamodule = TelechatDataModule(data_cfg, model_dir)
-    c = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
-    module = TelechatLitModule(model_dir, c(cfg.model), c(cfg.adapter), c(cfg.optim))
-
-    resolved = OmegaConf.to_yaml(cfg, resolve=True)
-    (output_dir / "config.yaml").write_text(resolved)
-    logger_cfgs = [v for v in (cfg.get("logger") or {}).values() if v is not None]
-    if cfg.resume:  # keep the interrupted run's logs: the resumed part goes to logs/resumed-<time>/
+    s = run.settings
+    L.seed_everything(s.seed, workers=True, verbose=False)
+    datamodule = TelechatDataModule(s.data, run.model_dir)
+    module = TelechatLitModule(run.model_dir, s.model, s.adapter, s.optim, s.nan_policy, s.nan_max_skips)
+    logger_cfgs = [v for v in (s.logger or {}).values() if v is not None]
+    if run.checkpoint is not None:  # keep the interrupted run's CSV logs: the resumed part goes to logs/resumed-*
         stamp = datetime.now().strftime("resumed-%Y%m%d-%H%M%S")
-        logger_cfgs = [OmegaConf.merge(v, {"version": stamp}) if "CSVLogger" in str(v.get("_target_")) else v
-                       for v in logger_cfgs]
+        logger_cfgs = [{**v, "version": stamp} if "CSVLogger" in str(v.get("_target_")) else v for v in logger_cfgs]
     loggers = [hydra.utils.instantiate(v) for v in logger_cfgs]
     for logger in loggers:
-        if hasattr(logger, "log_hyperparams"):
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    callbacks = [hydra.utils.instantiate(v) for v in (cfg.get("callbacks") or {}).values() if v is not None]
-    callbacks += [
-        HFCheckpoint(output_dir, model_dir, cfg.save_steps, resolved),
-        ThroughputMonitor(cfg.logging_steps, cfg.hardware.get("peak_tflops")),
-        LossPlot(output_dir, cfg.plot_loss),
-        L.pytorch.callbacks.ModelCheckpoint(dirpath=output_dir / "checkpoints", every_n_train_steps=cfg.save_steps,
-                                            save_top_k=0, save_last=True),
-    ]
-    trainer_cfg = c(cfg.trainer)
-    trainer = L.Trainer(**trainer_cfg, **trainer_arguments(c(cfg.hardware), trainer_cfg), logger=loggers,
-                        callbacks=callbacks, log_every_n_steps=cfg.logging_steps, default_root_dir=str(output_dir),
+        logger.log_hyperparams(run.values)
+    checkpoints = RunCheckpoints(run.output_dir, run.model_dir, run.run_id, s.save_steps, s.save_total_limit,
+                                 OmegaConf.to_yaml(OmegaConf.create(run.values)))
+    plot = LossPlot(run.output_dir, s.plot_loss)
+    callbacks = [hydra.utils.instantiate(v) for v in (s.callbacks or {}).values() if v is not None]
+    # the checkpoints last: what they save includes the other callbacks' record of the step just finished
+    callbacks += [ThroughputMonitor(s.logging_steps, s.hardware.peak_tflops), plot, checkpoints]
+    hardware = trainer_arguments(s.hardware, exclude_frozen=s.adapter.type != "full")
+    trainer = L.Trainer(**s.trainer, **hardware, logger=loggers, callbacks=callbacks,
+                        log_every_n_steps=s.logging_steps, default_root_dir=str(run.output_dir),
+                        enable_checkpointing=False,  # RunCheckpoints writes them (atomically, pruned)
                         use_distributed_sampler=False)  # the data module shards (resumably) itself
-    ckpt = None
-    if cfg.resume:
-        last = output_dir / "checkpoints" / "last.ckpt"
-        if not last.exists():
-            raise FileNotFoundError(f"resume=true but {last} does not exist (output_dir={output_dir})")
-        ckpt = str(last)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    run.parts = {"datamodule": datamodule, "module": module, "trainer": trainer, "loggers": loggers,
+                 "checkpoints": checkpoints, "plot": plot}
 
-    final_file = output_dir / "final_metrics.json"
-    metrics = json.loads(final_file.read_text()) if final_file.exists() else {}
-    plot = next(cb for cb in callbacks if isinstance(cb, LossPlot))
-    validating = trainer.limit_val_batches != 0
-    if datamodule.val_set is not None and validating and (not plot.val or plot.val[-1][0] != trainer.global_step):
-        # the run stopped between validations: measure the final model once more (LossPlot records it)
-        results = trainer.validate(module, datamodule=datamodule, verbose=False)
-        if results and "val_loss" in results[0] and trainer.is_global_zero:
-            if not plot.val or plot.val[-1][0] != trainer.global_step:
-                plot.val.append((trainer.global_step, float(results[0]["val_loss"])))
-            plot.on_train_end(trainer, module)  # rewrite final_metrics.json and the plots
-            metrics = json.loads(final_file.read_text())
-    metrics["output_dir"] = str(output_dir)
-    if trainer.is_global_zero:
-        report = datamodule.report
-        lines = [f"trained {module.n_trainable:,} of {module.n_params:,} parameters for {trainer.global_step} steps "
-                 f"on {report.get('train', {}).get('examples')} examples"
-                 + (f" (packing efficiency {report['packing_efficiency']:.1%})" if "packing_efficiency" in report
-                    else ""),
-                 f"final train loss {metrics.get('train_loss')}, validation loss {metrics.get('val_loss')}",
-                 f"{'adapter' if cfg.adapter.type in ('lora', 'dora', 'qlora') else 'model'}: {output_dir}",
-                 f"loss plot:  {output_dir / 'training_loss.png'}",
-                 f"metrics:    {csv_log_dir(loggers, output_dir) / 'metrics.csv'}",
-                 f"resume:     python train.py output_dir={output_dir} resume=true"]
-        print("\n" + "\n".join(lines))
+
+def fit(run: Run) -> None:
+    """Train; then, for a completed run whose last validation is older than its last step, validate once more."""
+    trainer, module, datamodule = run.parts["trainer"], run.parts["module"], run.parts["datamodule"]
+    plot = run.parts["plot"]
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.checkpoint) if run.checkpoint else None)
+    if run.parts["checkpoints"].stop_signal is not None:
+        return
+    validating = datamodule.val_set is not None and trainer.limit_val_batches != 0
+    if validating and (not plot.val or plot.val[-1][0] != trainer.global_step):
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # LossPlot records it
+
+
+def report(run: Run) -> dict:
+    """The final metrics (final_metrics.json, written here only), the loss history and plots, and where
+    everything is."""
+    from telechat_lab.files import write_json
+
+    from .callbacks import csv_log_dir
+
+    trainer, plot, module = run.parts["trainer"], run.parts["plot"], run.parts["module"]
+    stopped = run.parts["checkpoints"].stop_signal
+    metrics = {"train_loss": plot.train[-1][1] if plot.train else None,
+               "val_loss": plot.val[-1][1] if plot.val else None, "steps": trainer.global_step,
+               "skipped_steps": module.skipped_steps, "status": "completed" if stopped is None else "stopped",
+               "output_dir": str(run.output_dir)}
+    if not trainer.is_global_zero:
+        return metrics
+    plot.write()
+    if stopped is None:
+        write_json(run.output_dir / "final_metrics.json", {k: v for k, v in metrics.items() if k != "output_dir"})
+    report = run.parts["datamodule"].report
+    adapter = run.settings.adapter.type in ("lora", "dora", "qlora")
+    lines = [f"trained {module.n_trainable:,} of {module.n_params:,} parameters for {trainer.global_step} steps "
+             f"on {report.get('train', {}).get('examples')} examples"
+             + (f" (packing efficiency {report['packing_efficiency']:.1%})" if "packing_efficiency" in report
+                else ""),
+             f"final train loss {_fmt(metrics['train_loss'])}, validation loss {_fmt(metrics['val_loss'])}"
+             + (f", {module.skipped_steps} steps skipped (nan_policy=skip)" if module.skipped_steps else ""),
+             f"{'adapter' if adapter else 'model'}: {run.output_dir}" if stopped is None
+             else f"stopped at step {trainer.global_step}: the checkpoint to continue from is in "
+                  f"{run.output_dir / 'checkpoints'}",
+             f"loss plot:  {run.output_dir / 'training_loss.png'}",
+             f"metrics:    {csv_log_dir(run.parts['loggers'], run.output_dir) / 'metrics.csv'}",
+             f"resume:     python train.py output_dir={run.output_dir} resume=true"]
+    print("\n" + "\n".join(lines), flush=True)
+    return metrics
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def check_command_line(argv: list[str], conf_dir: str) -> None:
+    """train.py, before Hydra starts (and writes into the output directory): every config problem at once, then
+    the output directory's rules; a problem is printed and exits 2."""
+    import sys
+
+    from telechat_lab.config import check_command_line as check_config
+    from telechat_lab.errors import reported
+    from telechat_lab.resolve import model_dir
+
+    from .rundir import check_output_dir
+
+    cfg = check_config(argv, conf_dir, "train")
+    if cfg is None or launched_worker() or {"-m", "--multirun"} & set(argv) or cfg.get("hydra", {}).get("mode"):
+        return  # sweep jobs have directories of their own: each job checks its own
+    values = config_values(cfg)
+    with reported():
+        protected = {"model.path": model_dir(values["model"]["path"])} if values["model"]["path"] else {}
+        check_output_dir(resolve_output_dir(values["output_dir"]), resume=values["resume"],
+                         overwrite=values["overwrite"], protected=protected)
+    sys.stdout.flush()
+
+
+def train(cfg: DictConfig | dict, overrides: list[str] | None = None) -> dict:
+    """Run one training job; returns its final metrics (train_loss, val_loss, steps, status, output_dir).
+    `overrides`: the command-line overrides that made `cfg` (under @hydra.main they are read from Hydra); with
+    resume=true they say which settings were given explicitly."""
+    import signal
+
+    run = prepare(cfg, overrides)
+    build(run)
+    fit(run)
+    metrics = report(run)
+    stopped = run.parts["checkpoints"].stop_signal
+    if stopped is not None:
+        raise Interrupted(f"stopped by {signal.Signals(stopped).name} after step {metrics['steps']}: a resumable "
+                          f"checkpoint is in {run.output_dir / 'checkpoints'}; continue with "
+                          f"python train.py output_dir={run.output_dir} resume=true", stopped)
     return metrics

@@ -3,64 +3,49 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 import torch
 
-
-def deepspeed_config(ds: dict, precision: str) -> dict:
-    """A DeepSpeed config generated from the group; deepspeed.overrides is merged in last. Batch size,
-    gradient accumulation and clipping are Lightning's (trainer.*): it writes them into the config."""
-    stage = ds["stage"]
-    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
-                            "reduce_bucket_size": 5e8}
-    if stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_prefetch_bucket_size=5e8,
-                    stage3_param_persistence_threshold=1e6)
-    if ds.get("offload_optimizer"):
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if ds.get("offload_params"):
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    config = {"zero_optimization": zero, "bf16": {"enabled": precision.startswith("bf16")},
-              "fp16": {"enabled": precision.startswith("16")}, "zero_allow_untested_optimizer": True}
-    return _merge(config, ds.get("overrides") or {})
+from telechat_lab.config import DeepSpeedConfig, HardwareConfig
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def resolve_precision(hardware: dict, on_gpu: bool) -> str:
-    precision = hardware.get("precision", "auto")
-    if precision != "auto":
-        return precision
+def resolve_precision(hardware: HardwareConfig, on_gpu: bool) -> str:
+    if hardware.precision != "auto":
+        return hardware.precision
     if not on_gpu:
         return "32-true"
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
-def trainer_arguments(hardware: dict, trainer: dict) -> dict:
-    on_gpu = hardware.get("accelerator") in ("gpu", "cuda") or (
-        hardware.get("accelerator") == "auto" and torch.cuda.is_available())
-    accelerator = "gpu" if on_gpu else "cpu"
-    precision = resolve_precision(hardware, on_gpu)
-    devices = hardware.get("devices", "auto")
+def deepspeed_arguments(ds: DeepSpeedConfig, exclude_frozen: bool) -> dict:
+    """DeepSpeedStrategy's own arguments for the group (it builds the DeepSpeed config from them; batch size,
+    accumulation, clipping and precision are Lightning's, from trainer.* and hardware.precision)."""
+    offload = ds.offload_optimizer or ds.offload_params
+    return {"stage": ds.stage, "offload_optimizer": ds.offload_optimizer, "offload_parameters": ds.offload_params,
+            "pin_memory": offload, "exclude_frozen_parameters": exclude_frozen}
+
+
+def trainer_arguments(hardware: HardwareConfig, exclude_frozen: bool = False) -> dict:
+    """`exclude_frozen`: an adapter run, whose DeepSpeed checkpoints need not hold the frozen base."""
+    on_gpu = hardware.accelerator in ("gpu", "cuda") or (hardware.accelerator == "auto" and torch.cuda.is_available())
+    devices = hardware.devices
     if devices == "auto" and not on_gpu:
         devices = 1
-    args = {"accelerator": accelerator, "devices": devices, "num_nodes": hardware.get("num_nodes", 1),
-            "precision": precision}
-    strategy = hardware.get("strategy", "auto")
-    if strategy == "ddp":
+    args = {"accelerator": "gpu" if on_gpu else "cpu", "devices": devices, "num_nodes": hardware.num_nodes,
+            "precision": resolve_precision(hardware, on_gpu)}
+    timeout = timedelta(seconds=hardware.ddp_timeout)
+    if hardware.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        backend = hardware.get("process_group_backend") or ("nccl" if on_gpu else "gloo")
-        args["strategy"] = DDPStrategy(timeout=timedelta(seconds=hardware.get("ddp_timeout", 1800)),
-                                       process_group_backend=backend)
-    elif strategy == "deepspeed":
+        backend = hardware.process_group_backend or ("nccl" if on_gpu else "gloo")
+        args["strategy"] = DDPStrategy(timeout=timeout, process_group_backend=backend)
+    elif hardware.strategy == "deepspeed":
         from lightning.pytorch.strategies import DeepSpeedStrategy
+        from omegaconf import OmegaConf
 
-        args["strategy"] = DeepSpeedStrategy(config=deepspeed_config(hardware["deepspeed"], precision))
+        strategy = DeepSpeedStrategy(**deepspeed_arguments(hardware.deepspeed, exclude_frozen), timeout=timeout,
+                                     process_group_backend=hardware.process_group_backend)
+        if hardware.deepspeed.overrides:  # merged into the config DeepSpeedStrategy generated
+            strategy.config = OmegaConf.to_container(OmegaConf.merge(strategy.config, hardware.deepspeed.overrides))
+        args["strategy"] = strategy
     return args

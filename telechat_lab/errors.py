@@ -1,0 +1,63 @@
+"""The errors a user can cause or meet, and how the command-line entry points report them: one message that
+names the key, file or line at fault, no traceback, and an exit code per kind."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class UserError(ValueError):
+    """Something the user can fix; the message says what and where."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """Bad settings; the message lists every problem at once, by key."""
+
+
+class DataError(UserError):
+    """A bad dataset entry or record; the message names the dataset, the file and the line or record."""
+
+
+class CheckpointError(UserError):
+    """A model, adapter or checkpoint on disk that is missing, incomplete or corrupt; the message names the file."""
+
+
+class OutputDirError(UserError):
+    """An output directory whose contents a command would destroy; nothing was written."""
+
+
+class TrainingStopped(Exception):
+    """Training stopped before its end: the message says why and what was kept."""
+
+    exit_code = 1
+
+
+class NonFiniteLoss(TrainingStopped):
+    """The loss or the gradient norm became NaN or infinite (nan_policy=stop, or too many skipped steps)."""
+
+    exit_code = 3
+
+
+class Interrupted(TrainingStopped):
+    """SIGINT / SIGTERM / SIGUSR1: the step finished and a resumable checkpoint was written."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: SIGINT 130, SIGTERM 143
+
+
+@contextmanager
+def reported(multirun: bool = False) -> Iterator[None]:
+    """Run a command: a UserError or TrainingStopped becomes its message on stderr and its exit code. In a sweep
+    (`multirun`) the job fails with the message instead, so that the sweeper records it and goes on."""
+    try:
+        yield
+    except (UserError, TrainingStopped) as err:
+        print(f"error: {err}" if isinstance(err, UserError) else str(err), file=sys.stderr, flush=True)
+        if multirun:
+            raise
+        sys.exit(err.exit_code)

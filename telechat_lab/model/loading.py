@@ -1,0 +1,64 @@
+"""Loading a TeleChat2 checkpoint directory for training, merging or chat: the one place that decides what
+`auto` means for dtype and attention, and that turns a loader's anonymous error into one naming the broken file.
+
+Not copied into exports (unlike the configuration and modeling files beside it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+#: the dtype names configs use (model.dtype, merge dtype, quantization compute_dtype)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def flash_attn_installed() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_attention(requested: str, on_cuda: bool) -> str:
+    """`auto`: flash_attention_2 on a CUDA GPU with the flash-attn package, else sdpa."""
+    if requested != "auto":
+        return requested
+    return "flash_attention_2" if on_cuda and flash_attn_installed() else "sdpa"
+
+
+def resolve_dtype(requested: str, *, precision: str | None = None, on_cuda: bool = False) -> torch.dtype:
+    """`auto` for training (`precision` given): the dtype of a "-true" precision, else fp32 master weights under
+    mixed precision; for inference: bf16 on a CUDA GPU, else fp32."""
+    if requested != "auto":
+        return DTYPES[requested]
+    if precision is not None:
+        return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
+    return torch.bfloat16 if on_cuda else torch.float32
+
+
+def checkpoint_dtype(directory: Path) -> torch.dtype:
+    """The dtype a checkpoint's config.json records (fp32 when it records none)."""
+    from telechat_lab.files import read_json
+
+    config = read_json(directory / "config.json", "the model config")
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
+    return DTYPES.get(name, torch.float32)
+
+
+def load_model(directory: str | Path, dtype: torch.dtype, attn_implementation: str = "sdpa", **kwargs):
+    """`Telechat2ForCausalLM.from_pretrained`; a missing, truncated or corrupt weight file is named."""
+    from telechat_lab.files import find_broken_weights
+
+    from .modeling_telechat2 import Telechat2ForCausalLM
+
+    directory = Path(directory)
+    try:
+        return Telechat2ForCausalLM.from_pretrained(str(directory), dtype=dtype,
+                                                    attn_implementation=attn_implementation, **kwargs)
+    except (ImportError, MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception:
+        find_broken_weights(directory)  # raises CheckpointError naming the file when one is broken
+        raise

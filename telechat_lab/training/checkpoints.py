@@ -1,0 +1,202 @@
+"""What a run keeps on disk, and when: every `save_steps` optimizer steps, at its last step, and when a signal
+(SIGINT, SIGTERM, SIGUSR1) asks it to stop.
+
+At each of these points, once the step is finished:
+- a resumable checkpoint `checkpoints/step-NNNNNNN.ckpt` (trained parameters, optimizer, scheduler, data position,
+  the run's id), written under a temporary name and renamed into place, so that a crash leaves the previous one
+  intact; the newest `save_total_limit` are kept;
+- a Hugging Face checkpoint `checkpoint-N/` (a PEFT adapter, or for full / freeze fine-tuning a TeleChat2
+  directory, with the tokenizer and config.yaml), staged and renamed likewise, pruned likewise;
+- nothing at all when a trained parameter is NaN or infinite.
+At the end of a completed run the adapter (or model) is also written into the output directory itself.
+
+A signal lets the step finish, writes the resumable checkpoint and stops the run; under SLURM, SIGUSR1 (sent
+ahead of the time limit by `#SBATCH --signal=USR1@120`) also requeues the job, which resumes by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from telechat_lab.errors import CheckpointError, NonFiniteLoss
+from telechat_lab.files import TEMP_PREFIX, remove_stale_temporaries, staged_dir, staged_files
+
+log = logging.getLogger(__name__)
+STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
+HF_DIR = re.compile(r"^checkpoint-(\d+)$")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def trained_parameters_finite(module: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters() if p.requires_grad and p.numel())
+
+
+class RunCheckpoints(L.Callback):
+    def __init__(self, output_dir: Path, base_dir: Path, run_id: str, save_steps: int, keep: int | None,
+                 resolved_config: str):
+        self.output_dir, self.base_dir = Path(output_dir), Path(base_dir).resolve()
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.run_id, self.save_steps, self.keep, self.resolved_config = run_id, save_steps, keep, resolved_config
+        self.stop_signal: int | None = None  # the signal that stopped the run, once it has
+        self._requested = 0
+        self._last_saved = -1
+        self._previous_handlers: dict = {}
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------------------------ signals
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._requested and signum == signal.SIGINT:  # a second Ctrl+C: stop now, without a checkpoint
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self._requested = signum
+        log.warning("received %s: finishing this step, then writing a resumable checkpoint and stopping%s",
+                    signal.Signals(signum).name, " (Ctrl+C again to abort)" if signum == signal.SIGINT else "")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            remove_stale_temporaries(self.checkpoint_dir)
+            remove_stale_temporaries(self.output_dir)
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def _stop_requested(self, trainer) -> int:
+        """The signal any rank received (every rank must stop at the same step)."""
+        if trainer.world_size == 1:
+            return self._requested
+        flag = torch.tensor([self._requested], device=trainer.strategy.root_device)
+        return int(trainer.strategy.reduce(flag, reduce_op="max").item())
+
+    # ------------------------------------------------------------------------------------ saving
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["telechat_run"] = {"run_id": self.run_id, "step": trainer.global_step}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        requested = self._stop_requested(trainer)
+        step = trainer.global_step
+        last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+        final = (0 < trainer.max_steps <= step) or (trainer.is_last_batch and last_epoch)
+        if step and step != self._last_saved and (step % self.save_steps == 0 or final or requested):
+            self.save(trainer, pl_module, step)
+        if requested:
+            self.stop_signal = requested
+            trainer.should_stop = True
+            if requested == signal.SIGUSR1 and trainer.is_global_zero:
+                requeue_slurm_job()
+
+    def save(self, trainer, pl_module, step: int) -> None:
+        if not trained_parameters_finite(pl_module.model):
+            raise NonFiniteLoss(f"a trained parameter is NaN or infinite at step {step}: nothing of it was saved; "
+                                f"the last good checkpoint is step {self._last_saved if self._last_saved > 0 else 'none'}")
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        final = self.checkpoint_dir / f"step-{step:07d}.ckpt"
+        staging = self.checkpoint_dir / f"{TEMP_PREFIX}{final.name}"
+        trainer.save_checkpoint(staging)  # every rank takes part (sharded strategies); ends with a barrier
+        if trainer.is_global_zero:
+            os.replace(staging, final)
+            with staged_dir(self.output_dir / f"checkpoint-{step}") as directory:
+                self.save_pretrained(pl_module, directory)
+            self._prune()
+        trainer.strategy.barrier("telechat_lab.checkpoint")
+        self._last_saved = step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """The finished run's adapter (or model) in the output directory itself; not for a stopped run."""
+        if self.stop_signal is None and trainer.is_global_zero:
+            with staged_files(self.output_dir) as directory:
+                self.save_pretrained(pl_module, directory)
+
+    def save_pretrained(self, pl_module, directory: Path) -> None:
+        """A PEFT adapter naming its base by absolute path, or for full / freeze fine-tuning a HF checkpoint
+        directory with TeleChat2's names; the tokenizer and config.yaml beside it."""
+        from telechat_lab.tokenizer import load_tokenizer, save_tokenizer
+
+        model = pl_module.model
+        if hasattr(model, "peft_config"):
+            for config in model.peft_config.values():
+                config.base_model_name_or_path = str(self.base_dir)
+        else:
+            model.generation_config.save_pretrained(directory)
+        model.save_pretrained(directory)
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.base_dir)
+        save_tokenizer(self._tokenizer, directory)
+        (directory / "config.yaml").write_text(self.resolved_config)
+
+    def _prune(self) -> None:
+        if not self.keep:
+            return
+        for pattern, directory in ((STEP_FILE, self.checkpoint_dir), (HF_DIR, self.output_dir)):
+            found = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := pattern.match(p.name)))
+            for _, path in found[:-self.keep]:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def requeue_slurm_job() -> None:
+    """Under SLURM, put this job back in the queue (it resumes from the checkpoint just written)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode:
+        log.error("scontrol requeue %s failed: %s", job, result.stderr.strip())
+    else:
+        log.warning("requeued SLURM job %s: it resumes from the checkpoint just written", job)
+
+
+# ------------------------------------------------------------------------------------------------ resuming
+
+
+def _checkpoint_meta(path: Path) -> dict:
+    if path.is_dir():  # a sharded (DeepSpeed) checkpoint: its step is in its name
+        match = STEP_FILE.match(path.name)
+        return {"step": int(match.group(1)) if match else -1, "run_id": None}
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return {"step": int(state["global_step"]), "run_id": (state.get("telechat_run") or {}).get("run_id")}
+
+
+def newest_checkpoint(checkpoint_dir: Path, run_id: str) -> Path | None:
+    """The resumable checkpoint with the highest recorded step that loads; unreadable ones are skipped with a
+    warning naming them. A checkpoint of another run is refused."""
+    if not checkpoint_dir.is_dir():
+        return None
+    found = []
+    for path in checkpoint_dir.iterdir():
+        if path.name.startswith(TEMP_PREFIX) or not path.name.endswith(".ckpt"):
+            continue
+        try:
+            meta = _checkpoint_meta(path)
+        except Exception as err:
+            log.warning("skipping %s: it cannot be read (%s); falling back to an earlier checkpoint", path,
+                        str(err).splitlines()[0] if str(err) else type(err).__name__)
+            continue
+        if meta["run_id"] not in (None, run_id):
+            raise CheckpointError(f"{path} belongs to another run (its settings differ from "
+                                  f"{checkpoint_dir.parent / 'config.yaml'}); move it away or resume its own run")
+        found.append((meta["step"], path))
+    return max(found)[1] if found else None
