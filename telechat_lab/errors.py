@@ -22,6 +22,15 @@ class DataError(UserError):
     """A bad dataset entry or record; the message names the dataset, the file and the line or record."""
 
 
+class BadRecord(DataError):
+    """One record that cannot be trained on; `reason` is its short kind (counted per dataset when
+    data.on_bad_record=skip), the message says where and what exactly."""
+
+    def __init__(self, where: str, reason: str, detail: str = ""):
+        super().__init__(f"{where}: {reason}{detail}")
+        self.where, self.reason = where, reason
+
+
 class CheckpointError(UserError):
     """A model, adapter or checkpoint on disk that is missing, incomplete or corrupt; the message names the file."""
 

@@ -24,7 +24,8 @@ from conftest import shared_path
 from test_tokenizer import _chat, record_to_chat
 
 from telechat_lab.config import config_problems
-from telechat_lab.data import DataConfig, DataError, DatasetSpec, build_datasets, load_dataset_info
+from telechat_lab.data import DataConfig, DataError, DatasetSpec, build_datasets, format_report, load_dataset_info
+from telechat_lab.data import encode as encode_mod
 from telechat_lab.data import pipeline as pipeline_mod
 from telechat_lab.data.formats import to_conversation
 from telechat_lab.data.packing import PAD_ID, Collator, PackedDataset
@@ -313,12 +314,13 @@ def test_inspect_cli_reproduces_golden_cases(tmp_path, golden_cases, real_model_
         for case, line in zip(cases, lines):
             expected = {"input_ids": case["expected"]["input_ids"], "labels": case["expected"]["labels"]}
             assert line == expected, case["id"]
-        # the counts: records, examples, tokens, trained tokens, truncated, dropped
-        total = re.search(r"total\W+(\d+)\W+(\d+)\W+(\d+)\W+(\d+)\W+(\d+)\W+(\d+)", result.stdout)
-        assert total, result.stdout[-3000:]
+        # the counts: records, examples, tokens, trained tokens, truncated, dropped, skipped
+        rows = re.findall(r"^(\w+)" + r"\s+([\d,]+)" * 7 + r"\s*$", result.stdout, re.M)
+        assert rows, result.stdout[-3000:]
+        total = rows[-1][1:]  # the total row (or the one dataset's)
         tokens = sum(len(c["expected"]["input_ids"]) for c in cases)
         trained = sum(t != IGNORE for c in cases for t in c["expected"]["labels"])
-        assert [int(g) for g in total.groups()] == [len(cases), len(cases), tokens, trained, 0, 0]
+        assert [int(g.replace(",", "")) for g in total] == [len(cases), len(cases), tokens, trained, 0, 0, 0]
         assert f"wrote {len(cases)} examples" in result.stdout
         checked += len(cases)
     assert checked == len(golden_cases)
@@ -591,7 +593,7 @@ def test_truncation_never_keeps_a_prompt_without_reply():
         assert kept > len(full.input_ids) // 2
 
 
-def test_examples_without_trained_token_are_dropped_and_counted(tmp_path):
+def test_records_without_a_reply_are_errors_or_skipped_and_counted(tmp_path):
     records = [
         {"conversations": [{"from": "human", "value": "Only a user message"}]},
         {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
@@ -600,13 +602,17 @@ def test_examples_without_trained_token_are_dropped_and_counted(tmp_path):
     ]
     root = write_datasets(tmp_path, {"d": ({"formatting": "sharegpt"}, records),
                                      "none": ({"formatting": "sharegpt"}, records[:1])})
-    train, _, report = build(root, ["d"])
+    with pytest.raises(DataError, match=r"dataset 'd': .*d.json record 0: the conversation ends without a reply"):
+        build(root, ["d"])
+    train, _, report = build(root, ["d"], on_bad_record="skip")
     counts = report["datasets"]["d"]
-    assert (counts["records"], counts["dropped"], counts["examples"]) == (3, 1, 2) and report["dropped"] == 1
-    assert sources(train) == [("d", 1), ("d", 2)]
-    assert examples(train)[0] == examples(train)[1]  # the unanswered follow-up is left out
-    with pytest.raises(DataError, match=r"dataset 'none': all 1 records were dropped"):
-        build(root, ["d", "none"])
+    assert (counts["records"], counts["skipped"], counts["examples"], counts["dropped"]) == (3, 2, 1, 0)
+    assert counts["skip_reasons"] == {"the conversation ends without a reply": 2}
+    assert counts["skipped_at"][0].endswith("d.json record 0") and counts["skipped_at"][1].endswith("record 2")
+    assert sources(train) == [("d", 1)]
+    assert "d: 2 skipped (2 the conversation ends without a reply), e.g." in format_report(report)
+    with pytest.raises(DataError, match=r"dataset 'none': none of its 1 records is left to train on"):
+        build(root, ["d", "none"], on_bad_record="skip")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -686,22 +692,24 @@ def test_parallel_tokenization_gives_identical_arrays(tmp_path, monkeypatch):
     records = []
     for i in range(300):
         conv = [{"from": "human", "value": f"Message {i} " + "word " * (i % 17)}]
-        if i % 37:  # every 37th record has no reply: dropped, in both shares
+        if i % 37:  # every 37th record has no reply: a bad record, skipped in both shares
             conv.append({"from": "gpt", "value": f"Reply {i}." + " more" * (i % 11)})
         records.append({"conversations": conv, "system": "S." if i % 5 else ""})
     root = write_datasets(tmp_path, {"big": ({"file_name": "big.jsonl", "formatting": "sharegpt"}, records)})
     contexts = []
-    real_get_context = pipeline_mod.mp.get_context
-    monkeypatch.setattr(pipeline_mod.mp, "get_context", lambda method=None: contexts.append(method)
+    real_get_context = encode_mod.mp.get_context
+    monkeypatch.setattr(encode_mod.mp, "get_context", lambda method=None: contexts.append(method)
                         or real_get_context(method))
-    opts = {"cutoff_len": 60, "default_system": ""}  # some records truncated, some prompts too long: dropped
+    # some records truncated, some prompts too long (dropped), the 9 without a reply skipped
+    opts = {"cutoff_len": 60, "default_system": "", "on_bad_record": "skip"}
     one, _, report1 = build(root, ["big"], cache_dir=str(tmp_path / "c1"), **opts)
     assert contexts == []
     two, _, report2 = build(root, ["big"], cache_dir=str(tmp_path / "c2"), preprocessing_num_workers=2, **opts)
     assert len(contexts) == 1  # the worker pool was used
-    assert report1 == report2 and report1["dropped"] > 9 and report1["truncated"] > 0
+    assert report1 == report2 and report1["dropped"] > 0 and report1["truncated"] > 0 and report1["skipped"] == 9
+    assert report1["datasets"]["big"]["skip_reasons"] == {"the conversation ends without a reply": 9}
     kept = {r for _, r in sources(two)}
-    assert len(kept) == 300 - report1["dropped"] and not kept & {i + 1 for i in range(0, 300, 37)}
+    assert len(kept) == 300 - report1["dropped"] - 9 and not kept & {i + 1 for i in range(0, 300, 37)}
     for attr in ("tokens", "labels", "offsets", "source", "index"):
         np.testing.assert_array_equal(getattr(one, attr), getattr(two, attr), err_msg=attr)
 
@@ -709,8 +717,8 @@ def test_parallel_tokenization_gives_identical_arrays(tmp_path, monkeypatch):
 def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     root = write_datasets(tmp_path, {"d": ({"file_name": "d.jsonl"}, [alpaca(i, history=1) for i in range(8)])})
     reads = []
-    real_read = pipeline_mod.read_records
-    monkeypatch.setattr(pipeline_mod, "read_records", lambda spec: reads.append(spec.name) or real_read(spec))
+    real_read = encode_mod.read_records
+    monkeypatch.setattr(encode_mod, "read_records", lambda spec, skip: reads.append(spec.name) or real_read(spec, skip))
 
     first, _, report = build(root, ["d"], cutoff_len=200)
     assert reads == ["d"] and not report["datasets"]["d"].get("cached")
@@ -737,7 +745,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
 def test_cache_is_invalidated_by_another_tokenizer(tmp_path, monkeypatch, real_model_file):
     root = write_datasets(tmp_path, {"d": ({}, [alpaca(i) for i in range(3)])})
     tiny_train, _, _ = build(root, ["d"])
-    monkeypatch.setattr(pipeline_mod, "read_records", lambda spec: pytest.fail("cache not used"))
+    monkeypatch.setattr(encode_mod, "read_records", lambda spec, skip: pytest.fail("cache not used"))
     assert build(root, ["d"])[2]["datasets"]["d"]["cached"] is True
     monkeypatch.undo()
     real_train, _, report = build(root, ["d"], tokenizer=real_model_file)
@@ -755,22 +763,48 @@ BAD_INPUT = {
         ["dataset 'bad'", "bad.jsonl line 3", "malformed JSON"]),
     "jsonl_line_not_an_object": (
         {"bad": ({"file_name": "bad.jsonl"}, json.dumps(alpaca(1)) + "\n[1, 2]\n")},
-        ["dataset 'bad'", "bad.jsonl line 2", "expected a JSON object"]),
+        ["dataset 'bad'", "bad.jsonl line 2", "not a JSON object"]),
     "malformed_json_file": (
         {"bad": ({}, '[\n {"instruction": "a",\n  "output": "b"},\n {"instruction" "c"}\n]')},
         ["dataset 'bad'", "bad.json", "line 4", "malformed JSON"]),
     "missing_column": (
         {"bad": ({}, [alpaca(1), {"instruction": "no output"}])},
-        ["dataset 'bad'", "bad.json record 1", "missing required column 'output'"]),
+        ["dataset 'bad'", "bad.json record 1", "missing column 'output'"]),
     "missing_renamed_column_csv": (
         {"bad": ({"file_name": "bad.csv", "columns": {"response": "answer"}}, "instruction,output\nq,a\n")},
         ["dataset 'bad'", "bad.csv line 2", "'answer'"]),
     "csv_line_after_a_multiline_field": (
         {"bad": ({"file_name": "bad.csv"}, 'instruction,output,history\n"two\nlines",a,\nq,a,not a list\n')},
-        ["dataset 'bad'", "bad.csv line 4", "history must be a list"]),
+        ["dataset 'bad'", "bad.csv line 4", "history is not a list"]),
     "json_lines_in_a_json_file": (
         {"bad": ({}, json.dumps(alpaca(1)) + "\n" + json.dumps({"instruction": "no output"}) + "\n")},
-        ["dataset 'bad'", "bad.json line 2", "missing required column 'output'"]),
+        ["dataset 'bad'", "bad.json line 2", "missing column 'output'"]),
+    # bad records that used to train silently
+    "output_null": (
+        {"bad": ({}, [alpaca(1), {**alpaca(2), "output": None}])}, ["bad.json record 1", "output is null"]),
+    "instruction_null": (
+        {"bad": ({"file_name": "bad.jsonl"}, [alpaca(1), {**alpaca(2), "instruction": None}])},
+        ["bad.jsonl line 2", "instruction is null"]),
+    "empty_output": (
+        {"bad": ({}, [{**alpaca(2), "output": "  "}])}, ["bad.json record 0", "empty reply"]),
+    "csv_row_missing_a_field": (
+        {"bad": ({"file_name": "bad.csv"}, "instruction,input,output\nq,,a\nq2,only two\n")},
+        ["bad.csv line 3", "fewer fields than the header (2 for 3)"]),
+    "csv_row_with_an_extra_field": (
+        {"bad": ({"file_name": "bad.csv"}, "instruction,output\nq,a,surplus\n")},
+        ["bad.csv line 2", "more fields than the header (3 for 2)"]),
+    "sharegpt_two_user_messages": (
+        {"bad": ({"formatting": "sharegpt"}, [{"conversations": [
+            {"from": "human", "value": "a"}, {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}]}])},
+        ["bad.json record 0: message 1", "turns do not alternate (two user messages in a row)"]),
+    "sharegpt_two_assistant_replies": (
+        {"bad": ({"formatting": "sharegpt"}, [{"conversations": [
+            {"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "gpt", "value": "c"}]}])},
+        ["bad.json record 0: message 2", "turns do not alternate (two assistant messages in a row)"]),
+    "telechat_trailing_user": (
+        {"bad": ({"file_name": "bad.jsonl", "formatting": "telechat"}, [{"dialog": [
+            {"role": "user", "content": "q"}, {"role": "bot", "content": "a"}, {"role": "user", "content": "q2"}]}])},
+        ["bad.jsonl line 1", "the conversation ends without a reply"]),
     "unknown_sharegpt_role": (
         {"bad": ({"formatting": "sharegpt"}, [{"conversations": [{"from": "human", "value": "q"},
                                                                  {"from": "gpt", "value": "a"}]},
@@ -826,3 +860,19 @@ def test_unknown_dataset_name_and_mix_name(tmp_path):
         build(tmp_path / "nowhere", ["good"])
     problems = config_problems({"datasets": ["good"], "cutof_len": 5}, DataConfig)
     assert problems == ["cutof_len: unknown key (known: " + ", ".join(sorted(DataConfig.__dataclass_fields__)) + ")"]
+
+
+def test_bad_records_skipped_and_reported_per_dataset(tmp_path):
+    """data.on_bad_record=skip: every bad record is left out, counted by reason and shown in the report, and the
+    good ones train exactly as they would alone."""
+    bad_jsonl = "\n".join([json.dumps(alpaca(1)), '{"instruction": ', json.dumps({**alpaca(2), "output": None}),
+                           json.dumps(alpaca(3))])
+    root = write_datasets(tmp_path, {"mixed": ({"file_name": "mixed.jsonl"}, bad_jsonl),
+                                     "clean": ({"file_name": "clean.jsonl"}, [alpaca(1), alpaca(3)])})
+    train, _, report = build(root, ["mixed"], on_bad_record="skip")
+    counts = report["datasets"]["mixed"]
+    assert (counts["records"], counts["examples"], counts["skipped"]) == (4, 2, 2)
+    assert counts["skip_reasons"] == {"malformed JSON": 1, "output is null": 1}
+    assert examples(train) == examples(build(root, ["clean"])[0])
+    text = format_report(report)
+    assert "mixed: 2 skipped (1 malformed JSON, 1 output is null), e.g." in text and "mixed.jsonl line 2" in text

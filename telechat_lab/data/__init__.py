@@ -5,7 +5,8 @@ from telechat_lab.config import DataConfig
 from telechat_lab.errors import DataError
 
 from .formats import Conversation, to_conversation
-from .pipeline import EncodedDataset, build_datasets
+from .dataset import EncodedDataset
+from .pipeline import build_datasets, format_report
 from .registry import DatasetSpec, load_dataset_info
 from .template import ChatEncoder
 
@@ -17,6 +18,7 @@ __all__ = [
     "DatasetSpec",
     "EncodedDataset",
     "build_datasets",
+    "format_report",
     "load_dataset_info",
     "to_conversation",
 ]

@@ -1,6 +1,12 @@
 """Records in each dataset format -> one `Conversation`: a system prompt, tools, and alternating
 user / assistant turns (SPEC.md section 6). Tool calls and tool results become the assistant and user
-text TeleChat2 was trained on (`<tool_call>...`, `<tool_response>...`)."""
+text TeleChat2 was trained on (`<tool_call>...`, `<tool_response>...`).
+
+A record that cannot be trained on as written raises `BadRecord` (with `data.on_bad_record=skip` it is
+skipped and counted): a required field missing, null or not a string, an empty reply, turns that do not
+alternate, a conversation that does not start with the user or ends without a reply. Consecutive messages of
+one side are joined only where that is what they mean: a reply followed by its tool call(s), and several tool
+results in a row."""
 
 from __future__ import annotations
 
@@ -8,18 +14,21 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from telechat_lab.errors import BadRecord
 from telechat_lab.tokenizer import format_tool_call, format_tool_response
 
-from .registry import DataError, DatasetSpec
+from .registry import DatasetSpec
 
 USER, ASSISTANT = "user", "assistant"
+TEXT, CALL, RESULT = "text", "call", "result"
+JOINABLE = {(ASSISTANT, TEXT, CALL), (ASSISTANT, CALL, CALL), (USER, RESULT, RESULT)}  # (side, before, after)
 
 
 @dataclass
 class Conversation:
     system: str | None  # None or "": the configured default system prompt
     turns: list[tuple[str, str]] = field(default_factory=list)  # (user text, assistant text)
-    tools: Any = None  # list of tool definitions or its JSON string
+    tools: list | None = None  # the tool definitions, parsed
 
 
 def to_conversation(spec: DatasetSpec, record: dict, where: str) -> Conversation:
@@ -31,66 +40,84 @@ def to_conversation(spec: DatasetSpec, record: dict, where: str) -> Conversation
     return _telechat(spec, record, where)
 
 
-def _text(value: Any, where: str, what: str) -> str:
+def _optional_text(value: Any, where: str, what: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise DataError(f"{where}: {what} must be a string, got {type(value).__name__}")
+        raise BadRecord(where, f"{what} is not a string", f" (got {type(value).__name__})")
     return value
 
 
-def _required(record: dict, column: str, where: str, key: str) -> Any:
+def _required_text(record: dict, column: str, where: str, key: str) -> str:
     if column not in record:
-        raise DataError(f"{where}: missing required column '{column}' (columns.{key}); "
-                        f"the record has {sorted(record)}")
-    return record[column]
+        raise BadRecord(where, f"missing column '{column}'", f" (columns.{key}; the record has {sorted(record)})")
+    value = record[column]
+    if value is None:
+        raise BadRecord(where, f"{column} is null")
+    return _optional_text(value, where, column)
+
+
+def _reply(text: str, where: str) -> str:
+    if not text.strip():
+        raise BadRecord(where, "empty reply", " (nothing but <_end> would be trained)")
+    return text
 
 
 def _alpaca(spec: DatasetSpec, record: dict, where: str) -> Conversation:
-    prompt = _text(_required(record, spec.column("prompt"), where, "prompt"), where, "prompt")
-    response = _text(_required(record, spec.column("response"), where, "response"), where, "response")
-    query = _text(record.get(spec.column("query")), where, "query")
+    prompt = _required_text(record, spec.column("prompt"), where, "prompt")
+    response = _reply(_required_text(record, spec.column("response"), where, "response"), where)
+    query = _optional_text(record.get(spec.column("query")), where, spec.column("query"))
     history = record.get(spec.column("history")) or []
     if not isinstance(history, list):
-        raise DataError(f"{where}: history must be a list of [query, answer] pairs")
+        raise BadRecord(where, "history is not a list", " (of [query, answer] pairs)")
     turns = []
     for i, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
-            raise DataError(f"{where}: history[{i}] must be a [query, answer] pair of strings")
-        turns.append((pair[0], pair[1]))
+            raise BadRecord(where, "history item is not a [query, answer] pair", f" (history[{i}])")
+        turns.append((pair[0], _reply(pair[1], f"{where}: history[{i}]")))
+    if not (prompt + query).strip():
+        raise BadRecord(where, "empty prompt")
     turns.append((prompt + "\n" + query if query else prompt, response))
-    system = _text(record.get(spec.column("system")), where, "system")
-    return Conversation(system=system, turns=turns, tools=record.get(spec.column("tools")))
+    system = _optional_text(record.get(spec.column("system")), where, spec.column("system"))
+    return Conversation(system=system, turns=turns, tools=tools_of(record.get(spec.column("tools")), where))
 
 
 def _sharegpt(spec: DatasetSpec, record: dict, where: str) -> Conversation:
-    messages = _required(record, spec.column("messages"), where, "messages")
+    column = spec.column("messages")
+    if column not in record:
+        raise BadRecord(where, f"missing column '{column}'", f" (columns.messages; the record has {sorted(record)})")
+    messages = record[column]
     if not isinstance(messages, list):
-        raise DataError(f"{where}: '{spec.column('messages')}' must be a list of messages")
+        raise BadRecord(where, f"'{column}' is not a list of messages")
     role_tag, content_tag = spec.tag("role_tag"), spec.tag("content_tag")
-    sides = {spec.tag("user_tag"): (USER, None), spec.tag("observation_tag"): (USER, "observation"),
-             spec.tag("assistant_tag"): (ASSISTANT, None), spec.tag("function_tag"): (ASSISTANT, "function_call")}
-    system = _text(record.get(spec.column("system")), where, "system")
-    parsed: list[tuple[str, str]] = []
+    roles = {spec.tag("user_tag"): (USER, TEXT), spec.tag("observation_tag"): (USER, RESULT),
+             spec.tag("assistant_tag"): (ASSISTANT, TEXT), spec.tag("function_tag"): (ASSISTANT, CALL)}
+    system = _optional_text(record.get(spec.column("system")), where, spec.column("system"))
+    parsed: list[tuple[str, str, str, int]] = []
     for i, msg in enumerate(messages):
+        spot = f"{where}: message {i}"
         if not isinstance(msg, dict) or role_tag not in msg or content_tag not in msg:
-            raise DataError(f"{where}: message {i} must be an object with '{role_tag}' and '{content_tag}'")
-        role, content = msg[role_tag], _text(msg[content_tag], f"{where}: message {i}", content_tag)
+            raise BadRecord(spot, f"a message without '{role_tag}' and '{content_tag}'")
+        role = msg[role_tag]
+        if msg[content_tag] is None:
+            raise BadRecord(spot, f"{content_tag} is null")
+        content = _optional_text(msg[content_tag], spot, content_tag)
         if role == spec.tag("system_tag"):
             if i != 0:
-                raise DataError(f"{where}: message {i}: a system message must come first")
+                raise BadRecord(spot, "a system message after the first")
             system = content  # a leading system message overrides the system column
             continue
-        if role not in sides:
-            raise DataError(f"{where}: message {i}: unknown role '{role}'; expected one of "
-                            f"{sorted(sides) + [spec.tag('system_tag')]} (set tags in dataset_info.json)")
-        side, kind = sides[role]
-        if kind == "function_call":
+        if role not in roles:
+            raise BadRecord(spot, f"unknown role '{role}'", f"; expected one of {sorted(roles) + [spec.tag('system_tag')]}"
+                            " (set the tags in dataset_info.json)")
+        side, kind = roles[role]
+        if kind == CALL:
             content = _tool_calls_text(content)
-        elif kind == "observation":
+        elif kind == RESULT:
             content = format_tool_response(content)
-        parsed.append((side, content))
-    return Conversation(system=system, turns=_pair_turns(parsed, where), tools=record.get(spec.column("tools")))
+        parsed.append((side, kind, content, i))
+    return Conversation(system=system, turns=_pair_turns(parsed, where),
+                        tools=tools_of(record.get(spec.column("tools")), where))
 
 
 def _tool_calls_text(content: str) -> str:
@@ -108,34 +135,50 @@ def _tool_calls_text(content: str) -> str:
 
 
 def _telechat(spec: DatasetSpec, record: dict, where: str) -> Conversation:
-    dialog = _required(record, spec.column("messages"), where, "messages")
+    column = spec.column("messages")
+    if column not in record:
+        raise BadRecord(where, f"missing column '{column}'", f" (the record has {sorted(record)})")
+    dialog = record[column]
     if not isinstance(dialog, list):
-        raise DataError(f"{where}: '{spec.column('messages')}' must be a list of {{role, content}}")
+        raise BadRecord(where, f"'{column}' is not a list of {{role, content}}")
     roles = {"user": USER, "bot": ASSISTANT, "assistant": ASSISTANT}
     parsed = []
     for i, msg in enumerate(dialog):
+        spot = f"{where}: {column}[{i}]"
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise DataError(f"{where}: dialog[{i}] must be an object with 'role' and 'content'")
+            raise BadRecord(spot, "a message without 'role' and 'content'")
         if msg["role"] not in roles:
-            raise DataError(f"{where}: dialog[{i}]: unknown role '{msg['role']}'; expected 'user' or 'bot'")
-        parsed.append((roles[msg["role"]], _text(msg["content"], f"{where}: dialog[{i}]", "content")))
-    system = _text(record.get(spec.column("system")), where, "system")
-    return Conversation(system=system, turns=_pair_turns(parsed, where), tools=record.get(spec.column("tools")))
+            raise BadRecord(spot, f"unknown role '{msg['role']}'", " (expected 'user' or 'bot')")
+        if msg["content"] is None:
+            raise BadRecord(spot, "content is null")
+        parsed.append((roles[msg["role"]], TEXT, _optional_text(msg["content"], spot, "content"), i))
+    system = _optional_text(record.get(spec.column("system")), where, spec.column("system"))
+    return Conversation(system=system, turns=_pair_turns(parsed, where),
+                        tools=tools_of(record.get(spec.column("tools")), where))
 
 
-def _pair_turns(messages: list[tuple[str, str]], where: str) -> list[tuple[str, str]]:
-    """Consecutive messages of one side (a reply then its tool call, several tool results) join with
-    a newline; a conversation must start with the user, and a trailing user message (no reply to
-    train on) is left out."""
-    merged: list[list[str]] = []
-    for side, content in messages:
+def _pair_turns(messages: list[tuple[str, str, str, int]], where: str) -> list[tuple[str, str]]:
+    """(side, kind, text, index) messages -> (user, assistant) turns. A reply and the tool call(s) after it, or
+    several tool results in a row, join with a newline; any other two messages of one side in a row are an
+    error, as are a conversation that starts with the assistant or ends with the user."""
+    merged: list[list] = []  # [side, last kind, text]
+    for side, kind, content, index in messages:
         if merged and merged[-1][0] == side:
-            merged[-1][1] += "\n" + content
+            if (side, merged[-1][1], kind) not in JOINABLE:
+                raise BadRecord(f"{where}: message {index}", "turns do not alternate",
+                                f" (two {side} messages in a row)")
+            merged[-1][1], merged[-1][2] = kind, merged[-1][2] + "\n" + content
         else:
-            merged.append([side, content])
-    if merged and merged[0][0] != USER:
-        raise DataError(f"{where}: the conversation must start with a user (or observation) message")
-    return [(merged[i][1], merged[i + 1][1]) for i in range(0, len(merged) - 1, 2)]
+            merged.append([side, kind, content])
+    if not merged:
+        raise BadRecord(where, "no messages")
+    if merged[0][0] != USER:
+        raise BadRecord(where, "the conversation starts with the assistant")
+    if merged[-1][0] == USER:
+        raise BadRecord(where, "the conversation ends without a reply", " (its last message is the user's)")
+    for i in range(1, len(merged), 2):
+        _reply(merged[i][2], where)
+    return [(merged[i][2], merged[i + 1][2]) for i in range(0, len(merged) - 1, 2)]
 
 
 def tools_of(value: Any, where: str) -> list | None:
@@ -146,7 +189,7 @@ def tools_of(value: Any, where: str) -> list | None:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
-            raise DataError(f"{where}: the tools column is not valid JSON ({err.msg})") from err
+            raise BadRecord(where, "the tools column is not valid JSON", f" ({err.msg})") from err
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-        raise DataError(f"{where}: tools must be a list of tool definitions (objects)")
+        raise BadRecord(where, "tools is not a list of tool definitions")
     return value or None

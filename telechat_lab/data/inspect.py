@@ -41,9 +41,8 @@ def highlighted(tokenizer, input_ids, labels):
 
 def run(cfg: DictConfig) -> dict:
     from rich.console import Console
-    from rich.table import Table
 
-    from telechat_lab.data import build_datasets
+    from telechat_lab.data import build_datasets, format_report
     from telechat_lab.files import atomic_open
     from telechat_lab.resolve import tokenizer_dir
     from telechat_lab.tokenizer import load_tokenizer
@@ -67,16 +66,7 @@ def run(cfg: DictConfig) -> dict:
         name = dataset.names[dataset.source[dataset.index[i], 0]]
         console.rule(f"{name} record {dataset.source[dataset.index[i], 1]}: {len(ex['input_ids'])} tokens")
         console.print(highlighted(tokenizer, ex["input_ids"], ex["labels"]))
-    table = Table(title="encoded data (trained tokens in green above)")
-    for col in ("dataset", "records", "examples", "tokens", "trained tokens", "truncated", "dropped"):
-        table.add_column(col, justify="right" if col != "dataset" else "left")
-    for name, d in report["datasets"].items():
-        table.add_row(name, *(str(d[k]) for k in ("records", "examples", "tokens", "trained_tokens", "truncated",
-                                                   "dropped")))
-    total = report["train"]
-    table.add_row("total", str(sum(d["records"] for d in report["datasets"].values())), str(total["examples"]),
-                  str(total["tokens"]), str(total["trained_tokens"]), str(report["truncated"]), str(report["dropped"]))
-    console.print(table)
+    console.print(format_report(report), highlight=False)
     if cfg.output:
         console.print(f"wrote {len(dataset)} examples to {cfg.output}")
     return report

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .pipeline import EncodedDataset
-from .template import IGNORE
+from telechat_lab.tokenizer import IGNORE_INDEX as IGNORE
+from telechat_lab.tokenizer import PAD_ID
 
-PAD_ID = 3  # <_pad>
+from .dataset import EncodedDataset
 
 
 def pack_rows(lengths: np.ndarray, capacity: int) -> list[list[int]]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from telechat_lab.errors import DataError
+from telechat_lab.errors import BadRecord, DataError
 
 FORMATS = ("alpaca", "sharegpt", "telechat")
 COLUMN_KEYS = {"prompt", "query", "response", "history", "messages", "system", "tools"}
@@ -110,16 +110,24 @@ def _spec(name: str, entry: Any, dataset_dir: Path, info_path: Path) -> DatasetS
                        split=entry.get("split", "train"))
 
 
-def read_records(spec: DatasetSpec) -> list[tuple[Path, int, dict]]:
-    """All records of a dataset as (file, index, record); `index` is the line number (1-based) for
-    jsonl/csv and the record index (0-based) for json/parquet."""
+def read_records(spec: DatasetSpec, skip_bad: bool = False) -> tuple[list[tuple[Path, int, dict]], list[BadRecord]]:
+    """(records, bad): every record of a dataset as (file, index, record), `index` the line number (1-based)
+    for jsonl/csv and the record index (0-based) for json/parquet. A line that is no record (malformed JSON, a
+    CSV row with too few or too many fields) raises BadRecord, or with `skip_bad` is returned in `bad`."""
     records: list[tuple[Path, int, dict]] = []
+    bad: list[BadRecord] = []
     for path in spec.files():
         try:
-            records.extend((path, index, rec) for index, rec in _read_file(spec, path))
+            for index, rec in _read_file(spec, path):
+                if isinstance(rec, BadRecord):
+                    if not skip_bad:
+                        raise rec
+                    bad.append(rec)
+                else:
+                    records.append((path, index, rec))
         except UnicodeDecodeError as err:
             raise DataError(f"dataset '{spec.name}': {path}: not UTF-8 text ({err})") from err
-    return records
+    return records, bad
 
 
 def _read_file(spec: DatasetSpec, path: Path):
@@ -133,9 +141,11 @@ def _read_file(spec: DatasetSpec, path: Path):
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{where} line {lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
+                    yield lineno, BadRecord(f"{where} line {lineno}", "malformed JSON",
+                                            f" ({err.msg} at column {err.colno})")
+                    continue
                 if not isinstance(rec, dict):
-                    raise DataError(f"{where} line {lineno}: expected a JSON object, got {type(rec).__name__}")
+                    rec = BadRecord(f"{where} line {lineno}", "not a JSON object", f" (a {type(rec).__name__})")
                 yield lineno, rec
     elif suffix == ".json":
         try:
@@ -148,13 +158,20 @@ def _read_file(spec: DatasetSpec, path: Path):
             raise DataError(f"{where}: expected a list of records")
         for index, rec in enumerate(data):
             if not isinstance(rec, dict):
-                raise DataError(f"{where} record {index}: expected an object, got {type(rec).__name__}")
+                rec = BadRecord(f"{where} record {index}", "not an object", f" (a {type(rec).__name__})")
             yield index, rec
     elif suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
             lineno = 2  # the line a record starts on (a quoted field may span several lines)
             for rec in reader:
+                if None in rec:  # DictReader puts the fields beyond the header under the key None
+                    rec = BadRecord(f"{where} line {lineno}", "more fields than the header",
+                                    f" ({len(reader.fieldnames) + len(rec[None])} for {len(reader.fieldnames)})")
+                elif None in rec.values():  # ... and None for the fields the row lacks
+                    have = sum(v is not None for v in rec.values())
+                    rec = BadRecord(f"{where} line {lineno}", "fewer fields than the header",
+                                    f" ({have} for {len(reader.fieldnames)})")
                 yield lineno, rec
                 lineno = reader.line_num + 1
     elif suffix == ".parquet":

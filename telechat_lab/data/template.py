@@ -32,7 +32,7 @@ from telechat_lab.tokenizer import (
     split_tool_tags,
 )
 
-from .formats import Conversation, tools_of
+from .formats import Conversation
 
 SYSTEM, USER, BOT, END, IGNORE = SYSTEM_ID, USER_ID, BOT_ID, EOS_ID, IGNORE_INDEX
 TEMPLATE_VERSION = "telechat2-v3"  # part of the cache key: bump when the encoding changes
@@ -84,14 +84,13 @@ class ChatEncoder:
                 ids += self.sp.encode(part)
         return ids
 
-    def system_text(self, conv: Conversation, where: str = "") -> str:
+    def system_text(self, conv: Conversation) -> str:
         """The system prompt as rendered: record's or default, tools appended; "" for no block."""
         system = conv.system or self.default_system
-        tools = tools_of(conv.tools, where) if conv.tools is not None else None
-        return system + format_tools(tools) if tools else system
+        return system + format_tools(conv.tools) if conv.tools else system
 
-    def system_ids(self, conv: Conversation, where: str = "") -> list[int]:
-        system = self.system_text(conv, where)
+    def system_ids(self, conv: Conversation) -> list[int]:
+        system = self.system_text(conv)
         if not system:
             return []
         ids = self._system_memo.get(system)
@@ -101,12 +100,11 @@ class ChatEncoder:
                 self._system_memo[system] = ids
         return ids
 
-    def encode(self, conv: Conversation, where: str = "") -> Encoded | None:
+    def encode(self, conv: Conversation) -> Encoded | None:
         """None when nothing would be trained (no reply, or no room for any reply token)."""
-        return self.encode_batch([conv], [where])[0]
+        return self.encode_batch([conv])[0]
 
-    def encode_batch(self, convs: list[Conversation], wheres: list[str] | None = None) -> list[Encoded | None]:
-        wheres = wheres or [""] * len(convs)
+    def encode_batch(self, convs: list[Conversation]) -> list[Encoded | None]:
         slots: dict[str, int] = {}  # distinct text segment -> position in the SentencePiece batch
 
         def plan(text: str) -> list[int]:
@@ -115,8 +113,8 @@ class ChatEncoder:
                     for part in split_tool_tags(text)]
 
         plans = []
-        for conv, where in zip(convs, wheres):
-            system = self.system_text(conv, where)
+        for conv in convs:
+            system = self.system_text(conv)
             prefix = self._system_memo.get(system) if system else []
             sys_plan = plan(system + "\n") if prefix is None else None
             plans.append((system, prefix, sys_plan, [(plan(u), plan(a)) for u, a in conv.turns]))

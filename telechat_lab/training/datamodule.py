@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from telechat_lab.config import DataConfig
-from telechat_lab.data import build_datasets
+from telechat_lab.data import build_datasets, format_report
 from telechat_lab.data.packing import Collator, PackedDataset
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class TelechatDataModule(L.LightningDataModule):
             val = PackedDataset(val, self.cfg.cutoff_len) if val is not None else None
             self.report["packing_efficiency"] = round(train.efficiency(), 4)
         self.train_set, self.val_set = train, val
+        if self.trainer is None or self.trainer.is_global_zero:
+            print(format_report(self.report), flush=True)
 
     def collator(self) -> Collator:
         return Collator(padding_free=self.cfg.padding_free)

@@ -1,0 +1,284 @@
+"""Encoding datasets: records -> conversations -> ids and labels, in `data.preprocessing_num_workers`
+processes sharing one pool over every dataset's records, with a progress bar, and cached on disk as arrays
+keyed by the files, the tokenizer, the template version and the options (a second run, or every job of a
+sweep, re-uses it)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+from array import array
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from telechat_lab import cache_root
+from telechat_lab.config import DataConfig
+from telechat_lab.errors import BadRecord, DataError
+from telechat_lab.tokenizer import tokenizer_hash
+
+from .dataset import EncodedDataset
+from .formats import to_conversation
+from .registry import DatasetSpec, index_unit, read_records
+from .template import TEMPLATE_VERSION, ChatEncoder, TemplateOptions
+
+log = logging.getLogger(__name__)
+BATCH = 4096  # records per SentencePiece batch call
+EXAMPLES_SHOWN = 3  # of the dropped / skipped records, how many the report names
+
+
+class EncodeJob(NamedTuple):
+    tokenizer_path: str
+    options: TemplateOptions
+    spec: DatasetSpec
+    records: list | tuple  # (file, index, record) triples, or (dataset, start, end) into the parent's records
+    placeholders: dict
+    skip_bad: bool
+
+
+class EncodedPart(NamedTuple):
+    """A run of one dataset's records, encoded."""
+
+    tokens: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+    kept: np.ndarray  # the position (among the records given) of each example
+    truncated: int
+    dropped: list[str]  # where each record without a trainable reply within cutoff_len is
+    skipped: list[tuple[str, str]]  # (reason, where) of each bad record skipped
+
+    @staticmethod
+    def join(parts: list[tuple[int, EncodedPart]]) -> EncodedPart:
+        """Parts of one dataset, each with the position of its first record."""
+        return EncodedPart(*(np.concatenate([getattr(p, k) for _, p in parts]) for k in ("tokens", "labels", "lengths")),
+                           np.concatenate([p.kept + start for start, p in parts]),
+                           sum(p.truncated for _, p in parts), [w for _, p in parts for w in p.dropped],
+                           [s for _, p in parts for s in p.skipped])
+
+
+_ENCODERS: dict[tuple, ChatEncoder] = {}
+
+
+def get_encoder(tokenizer_path: Path, options: TemplateOptions, num_threads: int = 1) -> ChatEncoder:
+    """One encoder per (tokenizer, options, threads), shared by every dataset of a run."""
+    key = (str(tokenizer_path), options, num_threads)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = ChatEncoder(tokenizer_path, options, num_threads=num_threads)
+    return _ENCODERS[key]
+
+
+_SHARED_RECORDS: list = []  # the records being encoded, inherited by forked workers
+
+
+def _encode_job(job: EncodeJob) -> EncodedPart:
+    records = job.records
+    if isinstance(records, tuple):
+        n, start, end = records
+        records = _SHARED_RECORDS[n][start:end]
+    return encode_records(get_encoder(Path(job.tokenizer_path), job.options), job.spec, records, job.placeholders,
+                          job.skip_bad)
+
+
+def encode_records(encoder: ChatEncoder, spec: DatasetSpec, records: list, placeholders: dict,
+                   skip_bad: bool = False) -> EncodedPart:
+    tokens: list[int] = []
+    labels: list[int] = []
+    lengths, kept, truncated, dropped, skipped = [], [], 0, [], []
+    units: dict = {}  # file -> what its record index counts ("line" or "record")
+    for start in range(0, len(records), BATCH):
+        convs, positions, wheres = [], [], []
+        for pos, (path, index, record) in enumerate(records[start:start + BATCH], start):
+            unit = units.get(path) or units.setdefault(path, index_unit(path))
+            where = f"dataset '{spec.name}': {path} {unit} {index}"
+            try:
+                conv = to_conversation(spec, record, where)
+            except BadRecord as bad:
+                if not skip_bad:
+                    raise
+                skipped.append((bad.reason, bad.where))
+                continue
+            if placeholders:
+                conv.turns = [(_fill(u, placeholders), _fill(a, placeholders)) for u, a in conv.turns]
+            convs.append(conv)
+            positions.append(pos)
+            wheres.append(where)
+        for pos, where, enc in zip(positions, wheres, encoder.encode_batch(convs)):
+            if enc is None:
+                dropped.append(where)
+                continue
+            truncated += enc.truncated
+            tokens += enc.input_ids
+            labels += enc.labels
+            lengths.append(len(enc.input_ids))
+            kept.append(pos)
+    return EncodedPart(np.frombuffer(array("i", tokens), dtype=np.int32),
+                       np.frombuffer(array("i", labels), dtype=np.int32),
+                       np.asarray(lengths, dtype=np.int64), np.asarray(kept, dtype=np.int64), truncated, dropped,
+                       skipped)
+
+
+def _fill(text: str, placeholders: dict[str, str]) -> str:
+    for key, value in placeholders.items():
+        text = text.replace("{{" + key + "}}", value)
+    return text
+
+
+class _Pending(NamedTuple):
+    position: int  # in the specs asked for
+    spec: DatasetSpec
+    records: list
+    unreadable: list[BadRecord]  # lines that are no record at all (skipped)
+    placeholders: dict
+    cache_file: Path
+
+
+def encode_datasets(specs: list[DatasetSpec], cfg: DataConfig, tokenizer_path: Path, options: TemplateOptions
+                    ) -> list[tuple[EncodedDataset, dict]]:
+    """[(dataset, counts)] for `specs`: cached ones loaded, the others encoded, with
+    data.preprocessing_num_workers processes sharing one pool over all their records."""
+    results: list = [None] * len(specs)
+    pending: list[_Pending] = []
+    skip_bad = cfg.on_bad_record == "skip"
+    for i, spec in enumerate(specs):
+        placeholders = dict(cfg.placeholders) if spec.name in set(cfg.fill_placeholders) else {}
+        cache_file = _cache_file(spec, cfg, tokenizer_path, options, placeholders)
+        if cache_file.exists() and not cfg.overwrite_cache:
+            try:
+                results[i] = _load_cache(cache_file, spec.name)
+                continue
+            except Exception as err:  # a corrupt cache is rebuilt, never trusted
+                log.warning("ignoring unreadable cache %s: %s", cache_file, err)
+        records, unreadable = read_records(spec, skip_bad)
+        if not records:
+            raise DataError(f"dataset '{spec.name}': {spec.path} holds no records"
+                            + (f" ({len(unreadable)} unreadable lines skipped)" if unreadable else ""))
+        if cfg.max_samples:
+            records = records[: cfg.max_samples]
+        pending.append(_Pending(i, spec, records, unreadable, placeholders, cache_file))
+    if not pending:
+        return results
+
+    encoded = _encode_pending(pending, str(tokenizer_path), options, skip_bad,
+                              max(1, int(cfg.preprocessing_num_workers or 1)))
+    for job, part in zip(pending, encoded):
+        skipped = [(bad.reason, bad.where) for bad in job.unreadable] + part.skipped
+        counts = {"records": len(job.records) + len(job.unreadable), "truncated": int(part.truncated),
+                  "dropped": len(part.dropped), "skipped": len(skipped),
+                  "skip_reasons": dict(Counter(reason for reason, _ in skipped)),
+                  "dropped_at": part.dropped[:EXAMPLES_SHOWN], "skipped_at": [w for _, w in skipped[:EXAMPLES_SHOWN]]}
+        if not len(part.kept):
+            raise DataError(f"dataset '{job.spec.name}': none of its {counts['records']} records is left to train on "
+                            f"({counts['dropped']} without a trainable reply within data.cutoff_len={cfg.cutoff_len}"
+                            f", {counts['skipped']} skipped as bad records)")
+        offsets = np.concatenate([[0], np.cumsum(part.lengths)]).astype(np.int64)
+        record_index = np.array([job.records[k][1] for k in part.kept], dtype=np.int64)
+        source = np.stack([np.zeros_like(record_index), record_index], axis=1)
+        dataset = EncodedDataset(part.tokens, part.labels, offsets, None, source, [job.spec.name])
+        _save_cache(job.cache_file, dataset, counts)
+        results[job.position] = (dataset, counts)
+    return results
+
+
+def _encode_pending(pending: list[_Pending], tokenizer_path: str, options: TemplateOptions, skip_bad: bool,
+                    workers: int) -> list[EncodedPart]:
+    total = sum(len(p.records) for p in pending)
+    progress = _Progress(total, f"encoding {', '.join(p.spec.name for p in pending)}")
+    if workers == 1 or total < 32 * workers:
+        encoder = get_encoder(Path(tokenizer_path), options)
+        parts = []
+        for p in pending:
+            pieces = []
+            for start in range(0, len(p.records), BATCH):
+                pieces.append((start, encode_records(encoder, p.spec, p.records[start:start + BATCH], p.placeholders,
+                                                     skip_bad)))
+                progress.advance(len(pieces[-1][1].lengths) + len(pieces[-1][1].dropped) + len(pieces[-1][1].skipped))
+            parts.append(EncodedPart.join(pieces))
+        progress.close()
+        return parts
+    chunk = min(BATCH, -(-total // (2 * workers)))  # two shares a worker at least, evening out uneven records
+    fork = sys.platform == "linux"
+    jobs, owners = [], []
+    for n, p in enumerate(pending):
+        for start in range(0, len(p.records), chunk):
+            # forked workers read the records from the parent's memory: only (dataset, range) travels
+            share = (n, start, start + chunk) if fork else p.records[start:start + chunk]
+            jobs.append(EncodeJob(tokenizer_path, options, p.spec, share, p.placeholders, skip_bad))
+            owners.append((n, start))
+    _SHARED_RECORDS[:] = [p.records for p in pending] if fork else []
+    outputs = []
+    try:
+        with mp.get_context("fork" if fork else "spawn").Pool(min(workers, len(jobs))) as pool:
+            for part in pool.imap(_encode_job, jobs):
+                outputs.append(part)
+                progress.advance(len(part.lengths) + len(part.dropped) + len(part.skipped))
+    finally:
+        _SHARED_RECORDS.clear()
+        progress.close()
+    by_dataset: list[list] = [[] for _ in pending]
+    for (n, start), part in zip(owners, outputs):
+        by_dataset[n].append((start, part))
+    return [EncodedPart.join(parts) for parts in by_dataset]
+
+
+class _Progress:
+    """A progress bar on a terminal; on a log (no terminal), a line at the start and at the end."""
+
+    def __init__(self, total: int, description: str):
+        self.total, self.done, self.bar = total, 0, None
+        if total < 2 * BATCH:  # a second's work: nothing to show
+            return
+        if sys.stderr.isatty():
+            from rich.progress import Progress
+
+            self.bar = Progress(transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(description, total=total)
+        else:
+            print(f"{description}: {total:,} records ...", file=sys.stderr, flush=True)
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _file_fingerprint(spec: DatasetSpec) -> list:
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in spec.files()]
+
+
+def _cache_file(spec: DatasetSpec, cfg: DataConfig, tokenizer_path: Path, options: TemplateOptions,
+                placeholders: dict) -> Path:
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
+    key = json.dumps({
+        "version": TEMPLATE_VERSION, "files": _file_fingerprint(spec), "tokenizer": tokenizer_hash(tokenizer_path),
+        "spec": [spec.formatting, spec.columns, spec.tags], "options": asdict(options),
+        "placeholders": placeholders, "max_samples": cfg.max_samples, "on_bad_record": cfg.on_bad_record,
+    }, sort_keys=True, default=str)
+    return root / "datasets" / f"{spec.name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
+
+
+def _save_cache(path: Path, ds: EncodedDataset, counts: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, tokens=ds.tokens, labels=ds.labels, offsets=ds.offsets, source=ds.source,
+             counts=np.frombuffer(json.dumps(counts).encode(), dtype=np.uint8))
+    os.replace(tmp, path)
+
+
+def _load_cache(path: Path, name: str) -> tuple[EncodedDataset, dict]:
+    with np.load(path) as f:
+        counts = json.loads(f["counts"].tobytes().decode())
+        ds = EncodedDataset(f["tokens"], f["labels"], f["offsets"], None, f["source"], [name])
+    counts["cached"] = True
+    return ds, counts
