@@ -76,10 +76,16 @@ def main() -> None:
 
     def pipeline(workers: int):
         def run():
-            cfg = DataConfig(dataset_dir=str(work), datasets=list(info), cutoff_len=1_000_000,
-                             preprocessing_num_workers=workers, cache_dir=tempfile.mkdtemp(dir=work))
+            cfg = DataConfig(
+                dataset_dir=str(work),
+                datasets=list(info),
+                cutoff_len=1_000_000,
+                preprocessing_num_workers=workers,
+                cache_dir=tempfile.mkdtemp(dir=work),
+            )
             train, _, report = build_datasets(cfg, args.tokenizer)
             assert report["train"]["examples"] == n, report
+
         return run
 
     # raw SentencePiece over the same segments: system+"\n", each message, the "\n" between turns
@@ -95,9 +101,11 @@ def main() -> None:
             sp.encode(s)
 
     tok = load_tokenizer(args.tokenizer)
-    chats = [[{"role": "system", "content": rec.get("system") or ""}]
-             + [{"role": "user" if m["role"] == "user" else "assistant", "content": m["content"]}
-                for m in rec["dialog"]] for rec in records]
+    chats = [
+        [{"role": "system", "content": rec.get("system") or ""}]
+        + [{"role": "user" if m["role"] == "user" else "assistant", "content": m["content"]} for m in rec["dialog"]]
+        for rec in records
+    ]
 
     def chat_template_loop():
         for messages in chats:

@@ -21,13 +21,17 @@ from pathlib import Path
 
 CPU_PATCHES = [  # (what the release has, what a CPU needs)
     (").cuda()", ")"),
-    ("        assert flash_attn_unpadded_func is not None, ('Please install FlashAttention first, '\n"
-     "                                                      'e.g., with pip install flash-attn')\n"
-     "        assert rearrange is not None, 'Please install einops first, e.g., with pip install einops'\n",
-     "        pass\n"),
+    (
+        "        assert flash_attn_unpadded_func is not None, ('Please install FlashAttention first, '\n"
+        "                                                      'e.g., with pip install flash-attn')\n"
+        "        assert rearrange is not None, 'Please install einops first, e.g., with pip install einops'\n",
+        "        pass\n",
+    ),
 ]
-FP32_ROPE = [("emb.cos()[:, None, :].half()", "emb.cos()[:, None, :]"),
-             ("emb.sin()[:, None, :].half()", "emb.sin()[:, None, :]")]
+FP32_ROPE = [
+    ("emb.cos()[:, None, :].half()", "emb.cos()[:, None, :]"),
+    ("emb.sin()[:, None, :].half()", "emb.sin()[:, None, :]"),
+]
 
 COMPARE = """
 import sys, torch
@@ -64,21 +68,25 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for case, kv_heads in (("gqa", 2), ("mha", 4)):
-            base = write_tiny_checkpoint(work / f"tiny_{case}", n_head=4, num_key_value_heads=kv_heads,
-                                         training_seqlen=64)
+            base = write_tiny_checkpoint(
+                work / f"tiny_{case}", n_head=4, num_key_value_heads=kv_heads, training_seqlen=64
+            )
             out = export(Telechat2ForCausalLM.from_pretrained(base), base, work / f"export_{case}", dtype="float32")
             (out / "modeling_telechat2.py").write_text(source, encoding="utf-8")
             ids = torch.randint(20, 3000, (2, 40), generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
                 ours = Telechat2ForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
             torch.save({"ids": ids, "ours": ours}, work / "ours.pt")
-            proc = subprocess.run([sys.executable, "-c", COMPARE, str(out), str(work / "ours.pt")],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, "-c", COMPARE, str(out), str(work / "ours.pt")], capture_output=True, text=True
+            )
             if proc.returncode:
                 raise SystemExit(f"{case}: the release's code failed on the export:\n{proc.stderr[-3000:]}")
             diff, scale, module = proc.stdout.split()
-            print(f"{case}: max |logit difference| {float(diff):.3g} (logits up to {float(scale):.3g}), "
-                  f"release code: {module}")
+            print(
+                f"{case}: max |logit difference| {float(diff):.3g} (logits up to {float(scale):.3g}), "
+                f"release code: {module}"
+            )
 
 
 if __name__ == "__main__":

@@ -272,11 +272,20 @@ class Gen:
             res = {"+": a + b, "-": a - b, "*": a * b}[op]
             return f"{a} {op} {b} = {res}"
         if kind == 1:
-            return f"{n(1990, 2030)}-{r.randint(1, 12):02d}-{r.randint(1, 28):02d} {r.randint(0, 23):02d}:{r.randint(0, 59):02d}"
+            return (
+                f"{n(1990, 2030)}-{r.randint(1, 12):02d}-{r.randint(1, 28):02d} "
+                f"{r.randint(0, 23):02d}:{r.randint(0, 59):02d}"
+            )
         if kind == 2:
-            return f"{n(1990, 2030)}年{r.randint(1, 12)}月{r.randint(1, 28)}日，温度{r.randint(-10, 40)}°C，湿度{n(10, 99)}%。"
+            return (
+                f"{n(1990, 2030)}年{r.randint(1, 12)}月{r.randint(1, 28)}日，"
+                f"温度{r.randint(-10, 40)}°C，湿度{n(10, 99)}%。"
+            )
         if kind == 3:
-            return f"The price rose from ${n(1, 500)}.{r.randint(0, 99):02d} to ${n(1, 900)}.{r.randint(0, 99):02d} ({r.uniform(-20, 20):+.1f}%)."
+            return (
+                f"The price rose from ${n(1, 500)}.{r.randint(0, 99):02d} "
+                f"to ${n(1, 900)}.{r.randint(0, 99):02d} ({r.uniform(-20, 20):+.1f}%)."
+            )
         if kind == 4:
             return f"x = {r.uniform(-100, 100):.4f}, y = {r.uniform(0, 1):.3e}, n = {r.randint(0, 10**6):,}"
         if kind == 5:
@@ -387,7 +396,10 @@ class Gen:
         r = self.r
         kind = r.randint(0, 3)
         if kind == 0:
-            return f"https://www.{self.c(EN_NOUNS)}.com/{self.c(EN_NOUNS)}/{r.randint(1, 999)}?q={self.c(EN_NOUNS)}&page={r.randint(1, 9)}"
+            return (
+                f"https://www.{self.c(EN_NOUNS)}.com/{self.c(EN_NOUNS)}/{r.randint(1, 999)}"
+                f"?q={self.c(EN_NOUNS)}&page={r.randint(1, 9)}"
+            )
         if kind == 1:
             return f"{self.c(EN_NAMES).lower()}.{self.c(EN_NAMES).lower()}@{self.c(EN_NOUNS)}.org"
         if kind == 2:

@@ -21,13 +21,32 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from telechat_lab.errors import ConfigError
 
-__all__ = ["ChatConfig", "ConfigError", "DataConfig", "InspectConfig", "MergeConfig", "TrainConfig",
-           "check_command_line", "command_line_config", "config_problems", "register_schemas", "validate"]
+__all__ = [
+    "ChatConfig",
+    "ConfigError",
+    "DataConfig",
+    "InspectConfig",
+    "MergeConfig",
+    "TrainConfig",
+    "check_command_line",
+    "command_line_config",
+    "config_problems",
+    "register_schemas",
+    "validate",
+]
 
 
-def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, choices: tuple = (),
-            min: float | None = None, gt: float | None = None, types: tuple = (), on_resume: str = "fixed",
-            hint: str = "") -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Any = dataclasses.MISSING,
+    choices: tuple = (),
+    min: float | None = None,
+    gt: float | None = None,
+    types: tuple = (),
+    on_resume: str = "fixed",
+    hint: str = "",
+) -> Any:
     """A dataclass field with what the validator checks (see the module docstring); `hint` is added to its
     out-of-range message."""
     meta = {"choices": choices, "min": min, "gt": gt, "types": types, "on_resume": on_resume, "hint": hint}
@@ -54,11 +73,14 @@ class DataConfig:
     """The `data` group: datasets and their encoding (LLaMA-Factory option names where one exists)."""
 
     dataset_dir: str = "data"  # holds dataset_info.json; relative: the working dir, else the bundled demo data
-    datasets: Any = setting(factory=lambda: ["identity", "alpaca_en_demo", "sharegpt_tools_demo", "telechat_demo"],
-                            types=(list, str))  # a list, or "a,b"
+    datasets: Any = setting(
+        factory=lambda: ["identity", "alpaca_en_demo", "sharegpt_tools_demo", "telechat_demo"], types=(list, str)
+    )  # a list, or "a,b"
     mix: dict[str, float] | None = None  # {name: ratio}: 1.5 = every example plus half again (seeded)
     max_samples: int | None = setting(None, min=1, hint="null takes every record")  # per dataset: its first N
-    val_size: float = setting(0.05, min=0, hint="0: no validation")  # fraction (< 1) or number of examples held out for validation
+    val_size: float = setting(
+        0.05, min=0, hint="0: no validation"
+    )  # fraction (< 1) or number of examples held out for validation
     cutoff_len: int = setting(1024, min=8)
     packing: bool = False  # several examples per row, no attention across them
     padding_free: bool = False  # a whole batch as one row with no padding (flash attention)
@@ -232,8 +254,7 @@ class InspectConfig:
     seed: int = 42
 
 
-SCHEMAS: dict[str, type] = {"train": TrainConfig, "chat": ChatConfig, "merge": MergeConfig,
-                            "inspect": InspectConfig}
+SCHEMAS: dict[str, type] = {"train": TrainConfig, "chat": ChatConfig, "merge": MergeConfig, "inspect": InspectConfig}
 
 
 def register_schemas() -> None:
@@ -272,8 +293,11 @@ def _type_problem(value: Any, annotation: Any, meta: dict, where: str, problems:
         else:
             _check_fields(value, annotation, where + ".", problems)
     elif annotation is Any:
-        if value is not None and meta.get("types") and (not isinstance(value, meta["types"]) or
-                                  (isinstance(value, bool) and bool not in meta["types"])):
+        if (
+            value is not None
+            and meta.get("types")
+            and (not isinstance(value, meta["types"]) or (isinstance(value, bool) and bool not in meta["types"]))
+        ):
             problems.append(f"{where}={value!r}: expected {' or '.join(t.__name__ for t in meta['types'])}")
     elif origin is list:
         if not isinstance(value, list):
@@ -338,11 +362,27 @@ def field_meta(path: str, schema: type = TrainConfig) -> dict | None:
 
 
 # Lightning Trainer arguments the validator bounds, and those the hardware/logger/callbacks groups set instead
-TRAINER_BOUNDS = {"accumulate_grad_batches": {"min": 1}, "gradient_clip_val": {"min": 0},
-                  "max_epochs": {"min": -1}, "min_epochs": {"min": 0}, "check_val_every_n_epoch": {"min": 1},
-                  "num_sanity_val_steps": {"min": -1}, "log_every_n_steps": {"min": 1}}
-TRAINER_MANAGED = {"accelerator", "devices", "strategy", "num_nodes", "precision", "logger", "callbacks",
-                   "default_root_dir", "use_distributed_sampler", "log_every_n_steps"}
+TRAINER_BOUNDS = {
+    "accumulate_grad_batches": {"min": 1},
+    "gradient_clip_val": {"min": 0},
+    "max_epochs": {"min": -1},
+    "min_epochs": {"min": 0},
+    "check_val_every_n_epoch": {"min": 1},
+    "num_sanity_val_steps": {"min": -1},
+    "log_every_n_steps": {"min": 1},
+}
+TRAINER_MANAGED = {
+    "accelerator",
+    "devices",
+    "strategy",
+    "num_nodes",
+    "precision",
+    "logger",
+    "callbacks",
+    "default_root_dir",
+    "use_distributed_sampler",
+    "log_every_n_steps",
+}
 
 
 def _trainer_problems(trainer: dict, problems: list[str]) -> None:
@@ -352,8 +392,9 @@ def _trainer_problems(trainer: dict, problems: list[str]) -> None:
     for key, value in trainer.items():
         where = f"trainer.{key}"
         if key in TRAINER_MANAGED:
-            problems.append(f"{where}: set by train.py (logging_steps, and the hardware/logger/callbacks groups), "
-                            "not under trainer")
+            problems.append(
+                f"{where}: set by train.py (logging_steps, and the hardware/logger/callbacks groups), not under trainer"
+            )
         elif key not in arguments:
             problems.append(f"{where}: not an argument of lightning.pytorch.Trainer")
         elif key in TRAINER_BOUNDS:
@@ -374,12 +415,17 @@ def _cross_field_problems(values: dict, cuda_available: bool, problems: list[str
     model, data = values.get("model") or {}, values.get("data") or {}
     kind, quant = adapter.get("type"), adapter.get("quantization")
     if quant and kind in ("full", "freeze"):
-        problems.append(f"adapter.quantization with adapter.type={kind}: a quantised base cannot be trained "
-                        "directly; use adapter=qlora")
+        problems.append(
+            f"adapter.quantization with adapter.type={kind}: a quantised base cannot be trained "
+            "directly; use adapter=qlora"
+        )
     if kind == "qlora" and not quant:
         problems.append("adapter=qlora needs adapter.quantization (bits, quant_type, ...)")
-    if kind in ("lora", "dora", "qlora") and isinstance(adapter.get("dropout"), (int, float)) \
-            and adapter["dropout"] >= 1:
+    if (
+        kind in ("lora", "dora", "qlora")
+        and isinstance(adapter.get("dropout"), (int, float))
+        and adapter["dropout"] >= 1
+    ):
         problems.append(f"adapter.dropout={adapter['dropout']}: must be below 1")
     ds = hardware.get("deepspeed")
     if hardware.get("strategy") == "deepspeed":
@@ -387,8 +433,10 @@ def _cross_field_problems(values: dict, cuda_available: bool, problems: list[str
             problems.append("hardware.strategy=deepspeed needs hardware.deepspeed (stage, offload_...)")
         if hardware.get("accelerator") == "cpu" or not cuda_available:
             stage = ds.get("stage") if isinstance(ds, dict) else "?"
-            problems.append(f"hardware={hardware.get('name')}: DeepSpeed ZeRO-{stage} needs CUDA GPUs "
-                            f"({'accelerator=cpu' if hardware.get('accelerator') == 'cpu' else 'none is visible'})")
+            problems.append(
+                f"hardware={hardware.get('name')}: DeepSpeed ZeRO-{stage} needs CUDA GPUs "
+                f"({'accelerator=cpu' if hardware.get('accelerator') == 'cpu' else 'none is visible'})"
+            )
         if kind == "qlora":
             problems.append("adapter=qlora with DeepSpeed: bitsandbytes 4-bit weights cannot be sharded by ZeRO")
     if hardware.get("accelerator") in ("gpu", "cuda") and not cuda_available:
@@ -432,8 +480,9 @@ def config_values(cfg: DictConfig | dict) -> dict:
     return values
 
 
-def config_problems(cfg: DictConfig | dict, schema: type = TrainConfig, cuda_available: bool | None = None
-                    ) -> list[str]:
+def config_problems(
+    cfg: DictConfig | dict, schema: type = TrainConfig, cuda_available: bool | None = None
+) -> list[str]:
     """Every problem of a composed config, as one line each (empty: it is valid)."""
     values = config_values(cfg)
     problems: list[str] = []
@@ -460,8 +509,21 @@ def validate(cfg: DictConfig | dict, schema: type = TrainConfig, cuda_available:
 # ------------------------------------------------------------------------------------------------ command line
 
 # Hydra's own flags: completion, help, printing the config; the check leaves these runs to Hydra untouched
-HYDRA_INFO_FLAGS = {"-sc", "--shell-completion", "-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info",
-                    "--version", "-p", "--package", "--resolve"}
+HYDRA_INFO_FLAGS = {
+    "-sc",
+    "--shell-completion",
+    "-h",
+    "--help",
+    "--hydra-help",
+    "-c",
+    "--cfg",
+    "-i",
+    "--info",
+    "--version",
+    "-p",
+    "--package",
+    "--resolve",
+}
 
 
 def _config_source(argv: list[str], conf_dir: str, config_name: str) -> tuple[str, str, list[str]]:
@@ -490,8 +552,9 @@ def _has_key(cfg: DictConfig, dotted: str) -> bool:
     return isinstance(node, DictConfig) and name in node.keys()  # `in node` is false for a "???" value
 
 
-def command_line_config(argv: list[str], conf_dir: str, config_name: str = "train"
-                        ) -> tuple[list[str], DictConfig | None]:
+def command_line_config(
+    argv: list[str], conf_dir: str, config_name: str = "train"
+) -> tuple[list[str], DictConfig | None]:
     """(every problem, the composed config) of a command line: unknown override keys (Hydra itself stops at the
     first) and everything `config_problems` finds. A sweep stands for its first choice; what Hydra must report
     itself (a syntax error, a missing group option) is left to it (no problems, no config)."""
@@ -520,8 +583,11 @@ def command_line_config(argv: list[str], conf_dir: str, config_name: str = "trai
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
             lenient = [f"schema={config_name}_unchecked", *hydra_args, *(t for _, t, _ in groups)]
             plain = compose(config_name, overrides=lenient)
-            unknown = [k for k, _, o in keys if not (o.is_add() or o.is_force_add() or o.is_delete())
-                       and not _has_key(plain, k)]
+            unknown = [
+                k
+                for k, _, o in keys
+                if not (o.is_add() or o.is_force_add() or o.is_delete()) and not _has_key(plain, k)
+            ]
             known = [t for k, t, _ in keys if k not in unknown]
             cfg = compose(config_name, overrides=[*lenient, *known])
     except Exception:  # let Hydra report what is wrong with the groups

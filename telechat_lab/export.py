@@ -16,9 +16,11 @@ from telechat_lab.model import DTYPES
 log = logging.getLogger(__name__)
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 REMOTE_CODE = ("configuration_telechat2.py", "modeling_telechat2.py")
-AUTO_MAP = {"AutoConfig": "configuration_telechat2.Telechat2Config",
-            "AutoModel": "modeling_telechat2.Telechat2Model",
-            "AutoModelForCausalLM": "modeling_telechat2.Telechat2ForCausalLM"}
+AUTO_MAP = {
+    "AutoConfig": "configuration_telechat2.Telechat2Config",
+    "AutoModel": "modeling_telechat2.Telechat2Model",
+    "AutoModelForCausalLM": "modeling_telechat2.Telechat2ForCausalLM",
+}
 
 
 def check_export_dir(export_dir: str | Path, base: Path, adapters: list[Path]) -> Path:
@@ -27,11 +29,19 @@ def check_export_dir(export_dir: str | Path, base: Path, adapters: list[Path]) -
     out = Path(export_dir).expanduser().resolve()
     for name, path in [("the base model", base), *(("an adapter", a) for a in adapters)]:
         path = path.resolve()
-        relation = "is" if out == path else "lies inside" if path in out.parents else \
-            "contains" if out in path.parents else None
+        relation = (
+            "is"
+            if out == path
+            else "lies inside"
+            if path in out.parents
+            else "contains"
+            if out in path.parents
+            else None
+        )
         if relation:
-            raise OutputDirError(f"export_dir={out} {relation} {name} ({path}): choose another export_dir; "
-                                 "nothing was written")
+            raise OutputDirError(
+                f"export_dir={out} {relation} {name} ({path}): choose another export_dir; nothing was written"
+            )
     return out
 
 
@@ -44,9 +54,11 @@ def merge_adapters(base: Path, adapters: list[Path], device: str = "cpu"):
 
     model = load_model(base, checkpoint_dtype(base), device_map=None if device == "cpu" else device)
     if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
-        raise ConfigError(f"{base} is a quantized checkpoint: LoRA weights cannot be merged into 4/8-bit weights "
-                          "exactly. Merge into the unquantized base (set model.path to it); a QLoRA adapter "
-                          "is merged that way.")
+        raise ConfigError(
+            f"{base} is a quantized checkpoint: LoRA weights cannot be merged into 4/8-bit weights "
+            "exactly. Merge into the unquantized base (set model.path to it); a QLoRA adapter "
+            "is merged that way."
+        )
     for adapter in adapters:
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         log.info("merged %s", adapter)
@@ -57,13 +69,16 @@ def _save_bin(state_dict: dict, out: Path, max_shard: str) -> None:
     """pytorch_model.bin (or -0000N-of-0000M.bin shards + index): transformers 5 writes safetensors only."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    split = split_torch_state_dict_into_shards(state_dict, filename_pattern="pytorch_model{suffix}.bin",
-                                               max_shard_size=max_shard)
+    split = split_torch_state_dict_into_shards(
+        state_dict, filename_pattern="pytorch_model{suffix}.bin", max_shard_size=max_shard
+    )
     for filename, names in split.filename_to_tensors.items():
         torch.save({n: state_dict[n].contiguous().clone() for n in names}, out / filename)
     if split.is_sharded:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state_dict.values())},
-                 "weight_map": split.tensor_to_filename}
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state_dict.values())},
+            "weight_map": split.tensor_to_filename,
+        }
         (out / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -72,8 +87,14 @@ def is_export(directory: Path) -> bool:
     return (directory / "config.json").is_file() and all((directory / name).is_file() for name in REMOTE_CODE)
 
 
-def export(model, tokenizer_dir: str | Path, export_dir: str | Path, dtype: str = "auto",
-           export_size: float = 5.0, legacy_format: bool = False) -> Path:
+def export(
+    model,
+    tokenizer_dir: str | Path,
+    export_dir: str | Path,
+    dtype: str = "auto",
+    export_size: float = 5.0,
+    legacy_format: bool = False,
+) -> Path:
     """Write `model` as a TeleChat2 checkpoint directory: TeleChat2's parameter names, config.json for
     transformers and vLLM, the remote-code files, the tokenizer with its chat template and
     generation_config.json. Written beside `export_dir` and renamed into place: an earlier export there is
@@ -83,8 +104,10 @@ def export(model, tokenizer_dir: str | Path, export_dir: str | Path, dtype: str 
 
     final = Path(export_dir).expanduser().resolve()
     if final.exists() and any(final.iterdir()) and not is_export(final):
-        raise OutputDirError(f"export_dir={final} is not empty and holds no earlier export: choose another "
-                             "export_dir (nothing was written)")
+        raise OutputDirError(
+            f"export_dir={final} is not empty and holds no earlier export: choose another "
+            "export_dir (nothing was written)"
+        )
     if dtype == "auto":  # bf16 for an fp32 base, else the base's own dtype
         dtype = "bfloat16" if model.dtype == torch.float32 else str(model.dtype).replace("torch.", "")
     model = model.to(DTYPES[dtype])
@@ -102,15 +125,27 @@ def export(model, tokenizer_dir: str | Path, export_dir: str | Path, dtype: str 
         # config.json: explicit num_key_value_heads (vLLM reads it), model_type telechat, the dtype saved, and
         # flash_attn, which the release's own modeling files read on every forward (SPEC section 7)
         cfg = json.loads((out / "config.json").read_text())
-        cfg.update(architectures=["TeleChat2ForCausalLM"], model_type="telechat", auto_map=dict(AUTO_MAP),
-                   num_key_value_heads=config.num_key_value_heads, torch_dtype=dtype, dtype=dtype,
-                   flash_attn=bool(getattr(config, "flash_attn", False)))
+        cfg.update(
+            architectures=["TeleChat2ForCausalLM"],
+            model_type="telechat",
+            auto_map=dict(AUTO_MAP),
+            num_key_value_heads=config.num_key_value_heads,
+            torch_dtype=dtype,
+            dtype=dtype,
+            flash_attn=bool(getattr(config, "flash_attn", False)),
+        )
         (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         for name in REMOTE_CODE:
             shutil.copy(MODEL_DIR / name, out / name)
         save_tokenizer(load_tokenizer(tokenizer_dir), out)
-        generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "do_sample": False,
-                      "max_new_tokens": 1024, "repetition_penalty": 1.0}
+        generation = {
+            "bos_token_id": BOS_ID,
+            "eos_token_id": EOS_ID,
+            "pad_token_id": PAD_ID,
+            "do_sample": False,
+            "max_new_tokens": 1024,
+            "repetition_penalty": 1.0,
+        }
         (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return final
 
@@ -122,8 +157,16 @@ def merge_and_export(settings) -> Path:
     base, adapters = base_and_adapters(settings.model.path, settings.adapter_path)
     check_export_dir(settings.export_dir, base, adapters)
     model = merge_adapters(base, adapters, device=settings.export_device)
-    out = export(model, base, settings.export_dir, dtype=settings.dtype, export_size=settings.export_size,
-                 legacy_format=settings.export_legacy_format)
-    print(f"merged {len(adapters)} adapter(s) into {base}\nexported to {out}\n"
-          f"serve it: vllm serve {out} --trust-remote-code")
+    out = export(
+        model,
+        base,
+        settings.export_dir,
+        dtype=settings.dtype,
+        export_size=settings.export_size,
+        legacy_format=settings.export_legacy_format,
+    )
+    print(
+        f"merged {len(adapters)} adapter(s) into {base}\nexported to {out}\n"
+        f"serve it: vllm serve {out} --trust-remote-code"
+    )
     return out

@@ -117,8 +117,9 @@ def read_json(path: str | os.PathLike, what: str = "") -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{label} is not valid JSON (line {err.lineno}: {err.msg}): incomplete or "
-                              "corrupt") from err
+        raise CheckpointError(
+            f"{label} is not valid JSON (line {err.lineno}: {err.msg}): incomplete or corrupt"
+        ) from err
 
 
 def check_safetensors(path: Path) -> None:

@@ -22,8 +22,10 @@ def model_dir(path: str | os.PathLike | None) -> Path:
         return default_tiny_checkpoint()
     resolved = Path(path).expanduser().resolve()
     if not (resolved / "config.json").is_file():
-        raise CheckpointError(f"model.path={path}: no config.json there; point model.path at a TeleChat2 "
-                                "checkpoint directory (config.json, *.safetensors, tokenizer.model)")
+        raise CheckpointError(
+            f"model.path={path}: no config.json there; point model.path at a TeleChat2 "
+            "checkpoint directory (config.json, *.safetensors, tokenizer.model)"
+        )
     return resolved
 
 
@@ -34,8 +36,10 @@ def tokenizer_dir(path: str | os.PathLike | None) -> Path:
         return model_dir(None)
     resolved = Path(path).expanduser().resolve()
     if find_model_file(resolved) is None:
-        raise CheckpointError(f"model.path={path}: no tokenizer.model there (a TeleChat2 checkpoint directory, "
-                                "or any directory holding its tokenizer.model)")
+        raise CheckpointError(
+            f"model.path={path}: no tokenizer.model there (a TeleChat2 checkpoint directory, "
+            "or any directory holding its tokenizer.model)"
+        )
     return resolved
 
 
@@ -56,8 +60,10 @@ def check_adapter(directory: Path) -> dict:
         raise CheckpointError(f"adapter_path={directory}: no such directory")
     config = read_json(directory / "adapter_config.json", "the adapter config")
     if config.get("peft_type") != "LORA":
-        raise CheckpointError(f"{directory}: only LoRA / DoRA adapters can be applied or merged "
-                              f"(adapter_config.json says peft_type={config.get('peft_type')})")
+        raise CheckpointError(
+            f"{directory}: only LoRA / DoRA adapters can be applied or merged "
+            f"(adapter_config.json says peft_type={config.get('peft_type')})"
+        )
     weights = directory / "adapter_model.safetensors"
     if weights.is_file():
         check_safetensors(weights)

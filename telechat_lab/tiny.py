@@ -45,8 +45,21 @@ def write_tiny_checkpoint(
     tokenizer = Path(tokenizer or TINY_TOKENIZER_PATH).resolve()
     ffn_hidden_size = ffn_hidden_size or 2 * hidden_size
     token_hash = tokenizer_hash(tokenizer)[:16]  # not its path: checkouts share the directory
-    signature = repr((token_hash, hidden_size, n_layer, n_head, num_key_value_heads, ffn_hidden_size,
-                      training_seqlen, seed, str(dtype), "init=0.1", "tool-tags"))  # bump: rewrite old dirs
+    signature = repr(
+        (
+            token_hash,
+            hidden_size,
+            n_layer,
+            n_head,
+            num_key_value_heads,
+            ffn_hidden_size,
+            training_seqlen,
+            seed,
+            str(dtype),
+            "init=0.1",
+            "tool-tags",
+        )
+    )  # bump: rewrite old dirs
     marker = out / MARKER
     if marker.exists() and marker.read_text() == signature and (out / "model.safetensors").exists():
         return out
@@ -96,8 +109,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--training-seqlen", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    out = write_tiny_checkpoint(args.out_dir, args.tokenizer, args.hidden_size, args.n_layer, args.n_head,
-                                args.kv_heads, training_seqlen=args.training_seqlen, seed=args.seed)
+    out = write_tiny_checkpoint(
+        args.out_dir,
+        args.tokenizer,
+        args.hidden_size,
+        args.n_layer,
+        args.n_head,
+        args.kv_heads,
+        training_seqlen=args.training_seqlen,
+        seed=args.seed,
+    )
     print(f"tiny TeleChat2 checkpoint written to {out}")
 
 

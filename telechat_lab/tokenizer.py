@@ -100,8 +100,10 @@ OBSERVATION_TOKEN = "<_observation>"
 TOOL_TAGS: dict[str, int] = {"<tool_call>": 9, "</tool_call>": 10, "<tool_response>": 11, "</tool_response>": 12}
 #: The special tokens of the fast tokenizer by name: the control pieces, ids 9-12 under their tool-tag names.
 SPECIAL_TOKENS: dict[str, int] = dict(
-    sorted({**{n: i for n, i in CONTROL_TOKENS.items() if i not in TOOL_TAGS.values()}, **TOOL_TAGS}.items(),
-           key=lambda item: item[1])
+    sorted(
+        {**{n: i for n, i in CONTROL_TOKENS.items() if i not in TOOL_TAGS.values()}, **TOOL_TAGS}.items(),
+        key=lambda item: item[1],
+    )
 )
 BOS_ID, EOS_ID, PAD_ID = CONTROL_TOKENS[BOS_TOKEN], CONTROL_TOKENS[EOS_TOKEN], CONTROL_TOKENS[PAD_TOKEN]
 SYSTEM_ID, USER_ID, BOT_ID = CONTROL_TOKENS[SYSTEM_TOKEN], CONTROL_TOKENS[USER_TOKEN], CONTROL_TOKENS[BOT_TOKEN]
@@ -115,7 +117,8 @@ DEFAULT_SYSTEM_PROMPT = (
 
 #: Appended to the system prompt before the tool definitions (one JSON line each), then TOOLS_SUFFIX.
 TOOLS_PREFIX = (
-    "\n\n# 可用工具\n你可以调用<tools></tools>标签中包含的一个或多个工具来辅助你回答问题,以下是可用工具详情：\n<tools>\n"
+    "\n\n# 可用工具\n你可以调用<tools></tools>标签中包含的一个或多个工具来辅助你回答问题,"
+    "以下是可用工具详情：\n<tools>\n"
 )
 TOOLS_SUFFIX = (
     "</tools>\n\n# 调用方法\n你需要遵循工具的要求，使用json格式返回工具名称及参数，并用<tool_call></tool_call>包含。"
@@ -277,7 +280,8 @@ _CHAT_TEMPLATE_SRC = """
                     {%- else -%}
                         {%- set arguments = fn['arguments'] | tojson -%}
                     {%- endif -%}
-                    {{- '<tool_call>\\n{"name": ' + (fn['name'] | tojson) + ', "arguments": ' + arguments + '}\\n</tool_call>' -}}
+                    {{- '<tool_call>\\n{"name": ' + (fn['name'] | tojson)
+                        + ', "arguments": ' + arguments + '}\\n</tool_call>' -}}
                 {%- endfor -%}
             {%- endif -%}
             {{- '<_end>' -}}
@@ -286,7 +290,8 @@ _CHAT_TEMPLATE_SRC = """
             {{- '\\n' -}}
         {%- endif -%}
     {%- else -%}
-        {{- raise_exception('TeleChat2 chat template: unsupported role ' + role + ' (a system message must come first)') -}}
+        {{- raise_exception('TeleChat2 chat template: unsupported role ' + role
+                            + ' (a system message must come first)') -}}
     {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt and (not loop_messages or loop_messages[-1]['role'] not in ['assistant', 'bot']) -%}
@@ -401,9 +406,7 @@ def build_backend_tokenizer(model_file: str | os.PathLike):
     )
     # SentencePiece always adds the dummy prefix; Metaspace skips it when the segment already starts with "▁",
     # so such a segment gets a second "▁" first.
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.Replace(" ", "▁"), normalizers.Replace(Regex(r"\A▁"), "▁▁")]
-    )
+    tok.normalizer = normalizers.Sequence([normalizers.Replace(" ", "▁"), normalizers.Replace(Regex(r"\A▁"), "▁▁")])
     pre = [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)]
     if user_defined:
         pre.append(pre_tokenizers.Split(Regex(_longest_match_regex(user_defined)), behavior="isolated"))

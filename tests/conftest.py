@@ -1,13 +1,18 @@
 """Shared fixtures. `../shared` (reference material beside the checkout) is optional: tests that
-need it skip with a reason where it is absent. TELECHAT_SHARED overrides its location."""
+need it skip with a reason where it is absent. TELECHAT_SHARED overrides its location.
+
+The tests never touch the user's cache: TELECHAT_LAB_CACHE (the tiny model, encoded datasets) points at a
+directory of this test session, inherited by the processes the tests start."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TELECHAT_SHARED", REPO.parent / "shared"))
+os.environ["TELECHAT_LAB_CACHE"] = tempfile.mkdtemp(prefix="telechat-lab-test-cache-")
 
 
 def shared_path(*parts: str) -> Path:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import shared_path
-from test_tokenizer import _chat, record_to_chat
+from helpers import record_to_chat, with_system
 
 from telechat_lab.config import config_problems
 from telechat_lab.data import DataConfig, DataError, DatasetSpec, build_datasets, format_report, load_dataset_info
@@ -35,15 +35,26 @@ from telechat_lab.tokenizer import TINY_TOKENIZER_PATH, load_tokenizer
 TINY = TINY_TOKENIZER_PATH
 
 # The two dataset_info.json entries of the issue, exactly as written (plus the file name).
-ALPACA_ENTRY = {"columns": {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
-                            "history": "history"}}
-SHAREGPT_ENTRY = {"formatting": "sharegpt", "columns": {"messages": "conversations", "system": "system",
-                                                        "tools": "tools"},
-                  "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "user",
-                           "assistant_tag": "assistant"}}
+ALPACA_ENTRY = {
+    "columns": {
+        "prompt": "instruction",
+        "query": "input",
+        "response": "output",
+        "system": "system",
+        "history": "history",
+    }
+}
+SHAREGPT_ENTRY = {
+    "formatting": "sharegpt",
+    "columns": {"messages": "conversations", "system": "system", "tools": "tools"},
+    "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "user", "assistant_tag": "assistant"},
+}
 
-WEATHER_TOOL = {"name": "get_weather", "description": "Weather of a city.",
-                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "Weather of a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -52,9 +63,13 @@ WEATHER_TOOL = {"name": "get_weather", "description": "Weather of a city.",
 
 
 def alpaca(i: int, history: int = 0, system: str = "", input_: str = "") -> dict:
-    return {"instruction": f"Question number {i}: what is {i} plus {i}?", "input": input_,
-            "output": f"It is {2 * i}." + " Indeed." * (i % 4), "system": system,
-            "history": [[f"Earlier question {i}.{k}?", f"Earlier answer {i}.{k}."] for k in range(history)]}
+    return {
+        "instruction": f"Question number {i}: what is {i} plus {i}?",
+        "input": input_,
+        "output": f"It is {2 * i}." + " Indeed." * (i % 4),
+        "system": system,
+        "history": [[f"Earlier question {i}.{k}?", f"Earlier answer {i}.{k}."] for k in range(history)],
+    }
 
 
 def write_datasets(root: Path, datasets: dict[str, tuple[dict, object]]) -> Path:
@@ -83,8 +98,7 @@ def write_datasets(root: Path, datasets: dict[str, tuple[dict, object]]) -> Path
 def build(root: Path, names, tokenizer=TINY, **options):
     """(train, val, report) in dataset order, no validation split unless asked."""
     options = {"val_size": 0, "cutoff_len": 100000, "cache_dir": str(root / "cache"), **options}
-    return build_datasets(DataConfig(dataset_dir=str(root), datasets=names, **options), tokenizer,
-                          shuffle_order=False)
+    return build_datasets(DataConfig(dataset_dir=str(root), datasets=names, **options), tokenizer, shuffle_order=False)
 
 
 def examples(ds) -> list[tuple[list[int], list[int]]]:
@@ -98,8 +112,14 @@ def sources(ds) -> list[tuple[str, int]]:
 def oracle(tok, record: dict, info: dict, *, train_on_prompt=False, mask_history=False, default_system=None):
     """(input_ids, labels) from the tokenizer's chat template: the trained tokens are its generation spans."""
     system, messages, tools = record_to_chat(record, info)
-    out = tok.apply_chat_template(_chat(system, messages), tools=tools, default_system=default_system,
-                                  tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    out = tok.apply_chat_template(
+        with_system(system, messages),
+        tools=tools,
+        default_system=default_system,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
     ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
     if train_on_prompt:
         mask = [1] * len(mask)
@@ -144,11 +164,19 @@ def test_alpaca_entry_as_written_matches_chat_template(tmp_path, tiny_tok):
 
 def test_sharegpt_entry_as_written_matches_chat_template(tmp_path, tiny_tok):
     records = [
-        {"conversations": [{"from": "user", "value": "Hi there"}, {"from": "assistant", "value": "Hello!"},
-                           {"from": "user", "value": "Weather in Paris?"}, {"from": "assistant", "value": "Sunny."}],
-         "system": "Be kind."},
-        {"conversations": [{"from": "user", "value": "Only a question"}, {"from": "assistant", "value": "Answer"}],
-         "tools": json.dumps([WEATHER_TOOL])},
+        {
+            "conversations": [
+                {"from": "user", "value": "Hi there"},
+                {"from": "assistant", "value": "Hello!"},
+                {"from": "user", "value": "Weather in Paris?"},
+                {"from": "assistant", "value": "Sunny."},
+            ],
+            "system": "Be kind.",
+        },
+        {
+            "conversations": [{"from": "user", "value": "Only a question"}, {"from": "assistant", "value": "Answer"}],
+            "tools": json.dumps([WEATHER_TOOL]),
+        },
     ]
     root = write_datasets(tmp_path, {"dataset_name": (SHAREGPT_ENTRY, records)})
     train, _, _ = build(root, ["dataset_name"])
@@ -156,19 +184,21 @@ def test_sharegpt_entry_as_written_matches_chat_template(tmp_path, tiny_tok):
 
 
 def test_file_types_and_folder_give_the_same_examples(tmp_path):
-    records = [{k: v for k, v in alpaca(i, input_="ctx" if i % 2 else "").items() if k != "history"}
-               for i in range(6)]
+    records = [{k: v for k, v in alpaca(i, input_="ctx" if i % 2 else "").items() if k != "history"} for i in range(6)]
     (tmp_path / "src").mkdir()
     with open(tmp_path / "src" / "d.csv", "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
         writer.writeheader()
         writer.writerows(records)
-    root = write_datasets(tmp_path / "src", {
-        "as_json": ({"file_name": "d.json"}, records),
-        "as_jsonl": ({"file_name": "d.jsonl"}, records),
-        "as_csv": ({"file_name": "d.csv"}, None),
-        "as_folder": ({"file_name": "parts"}, None),
-    })
+    root = write_datasets(
+        tmp_path / "src",
+        {
+            "as_json": ({"file_name": "d.json"}, records),
+            "as_jsonl": ({"file_name": "d.jsonl"}, records),
+            "as_csv": ({"file_name": "d.csv"}, None),
+            "as_folder": ({"file_name": "parts"}, None),
+        },
+    )
     (root / "parts").mkdir()  # a folder of files: read in name order, whatever their types
     (root / "parts" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]), encoding="utf-8")
     (root / "parts" / "b.json").write_text(json.dumps(records[2:4]), encoding="utf-8")
@@ -208,8 +238,13 @@ def test_parquet_without_pyarrow_names_pyarrow(tmp_path, monkeypatch):
 
 def test_num_samples_subsets_or_repeats_every_record(tmp_path):
     records = [alpaca(i) for i in range(10)]
-    root = write_datasets(tmp_path, {"down": ({"file_name": "d.json", "num_samples": 4}, records),
-                                     "up": ({"file_name": "d.json", "num_samples": 25}, None)})
+    root = write_datasets(
+        tmp_path,
+        {
+            "down": ({"file_name": "d.json", "num_samples": 4}, records),
+            "up": ({"file_name": "d.json", "num_samples": 25}, None),
+        },
+    )
     train, _, report = build(root, ["down", "up"])
     counts = Counter(sources(train))
     down = {r: c for (n, r), c in counts.items() if n == "down"}
@@ -221,9 +256,14 @@ def test_num_samples_subsets_or_repeats_every_record(tmp_path):
 
 def test_only_the_entries_used_are_checked(tmp_path):
     """LLaMA-Factory's own dataset_info.json holds hub and preference datasets: unused, they are left alone."""
-    root = write_datasets(tmp_path, {"local": (ALPACA_ENTRY, [alpaca(1)]),
-                                     "alpaca_en": ({"hf_hub_url": "llamafactory/alpaca_en"}, None),
-                                     "dpo_en_demo": ({"file_name": "dpo_en_demo.json", "ranking": True}, None)})
+    root = write_datasets(
+        tmp_path,
+        {
+            "local": (ALPACA_ENTRY, [alpaca(1)]),
+            "alpaca_en": ({"hf_hub_url": "llamafactory/alpaca_en"}, None),
+            "dpo_en_demo": ({"file_name": "dpo_en_demo.json", "ranking": True}, None),
+        },
+    )
     info = json.loads((root / "dataset_info.json").read_text())
     del info["alpaca_en"]["file_name"]
     (root / "dataset_info.json").write_text(json.dumps(info))
@@ -271,15 +311,16 @@ def test_golden_cases_through_the_pipeline(tmp_path, golden_cases, real_model_fi
     root = _golden_root(tmp_path, golden_cases)
     checked = 0
     for flags, cases in golden_groups(golden_cases).items():
-        train, _, report = build(root, [c["id"] for c in cases], tokenizer=real_model_file,
-                                 **dict(zip(GOLDEN_FLAGS, flags)))
+        train, _, report = build(
+            root, [c["id"] for c in cases], tokenizer=real_model_file, **dict(zip(GOLDEN_FLAGS, flags))
+        )
         assert report["dropped"] == 0 and report["truncated"] == 0
         for case, (ids, labels) in zip(cases, examples(train), strict=True):
             assert ids == case["expected"]["input_ids"], case["id"]
             assert labels == case["expected"]["labels"], case["id"]
             # the prompt part (up to the last <_bot>) is what the tokenizer's template sends for generation
             system, messages, tools = record_to_chat(case["record"], case["dataset_info"])
-            chat = _chat(system, messages)
+            chat = with_system(system, messages)
             assert chat[-1]["role"] == "assistant"
             prompt = real_tok.apply_chat_template(chat[:-1], tools=tools, add_generation_prompt=True)["input_ids"]
             last_bot = len(ids) - 1 - ids[::-1].index(BOT)
@@ -291,8 +332,14 @@ def test_golden_cases_through_the_pipeline(tmp_path, golden_cases, real_model_fi
 
 def _run_inspect(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    return subprocess.run([sys.executable, "-m", "telechat_lab.data.inspect", *overrides], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "telechat_lab.data.inspect", *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_inspect_cli_reproduces_golden_cases(tmp_path, golden_cases, real_model_file):
@@ -305,9 +352,16 @@ def test_inspect_cli_reproduces_golden_cases(tmp_path, golden_cases, real_model_
     for flags, cases in golden_groups(golden_cases).items():
         out = tmp_path / "out" / f"encoded-{checked}.jsonl"
         options = [f"data.{flag}={str(on).lower()}" for flag, on in zip(GOLDEN_FLAGS, flags)]
-        result = _run_inspect(tmp_path, f"model.path={tok_dir}", f"data.dataset_dir={root}",
-                              f"data.datasets=[{','.join(c['id'] for c in cases)}]", "data.cutoff_len=100000",
-                              f"data.cache_dir={tmp_path / 'cache'}", f"output={out}", *options)
+        result = _run_inspect(
+            tmp_path,
+            f"model.path={tok_dir}",
+            f"data.dataset_dir={root}",
+            f"data.datasets=[{','.join(c['id'] for c in cases)}]",
+            "data.cutoff_len=100000",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"output={out}",
+            *options,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
         assert len(lines) == len(cases)
@@ -328,10 +382,23 @@ def test_inspect_cli_reproduces_golden_cases(tmp_path, golden_cases, real_model_
 
 def test_inspect_cli_bad_input_exits_nonzero(tmp_path, tiny_dir):
     good = json.dumps({"system": "", "dialog": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]})
-    root = write_datasets(tmp_path / "data", {"broken": ({"file_name": "broken.jsonl", "formatting": "telechat"},
-                                                         good + "\n" + good + "\n{\"system\": oops\n")})
-    result = _run_inspect(tmp_path, f"model.path={tiny_dir}", f"data.dataset_dir={root}", "data.datasets=[broken]",
-                          f"data.cache_dir={tmp_path / 'cache'}", f"output={tmp_path / 'out.jsonl'}")
+    root = write_datasets(
+        tmp_path / "data",
+        {
+            "broken": (
+                {"file_name": "broken.jsonl", "formatting": "telechat"},
+                good + "\n" + good + '\n{"system": oops\n',
+            )
+        },
+    )
+    result = _run_inspect(
+        tmp_path,
+        f"model.path={tiny_dir}",
+        f"data.dataset_dir={root}",
+        "data.datasets=[broken]",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"output={tmp_path / 'out.jsonl'}",
+    )
     assert result.returncode == 2  # a user error: one message, no traceback
     message = result.stdout + result.stderr
     assert "Traceback" not in message and message.startswith("error: dataset 'broken'")
@@ -349,8 +416,9 @@ def test_mix_ratios_of_the_release_demo(tmp_path, real_model_file):
     ratios = json.loads((demo / "mix_ratios.json").read_text(encoding="utf-8"))
     files = ["demo_math.jsonl", "demo_role.jsonl", "demo_code.jsonl"]  # the small ones: 1.78, 1.24, 1.0
     names = [f.removesuffix(".jsonl") for f in files]
-    root = write_datasets(tmp_path, {n: ({"file_name": str(demo / f), "formatting": "telechat"}, None)
-                                     for n, f in zip(names, files)})
+    root = write_datasets(
+        tmp_path, {n: ({"file_name": str(demo / f), "formatting": "telechat"}, None) for n, f in zip(names, files)}
+    )
     mix = {n: ratios[f] for n, f in zip(names, files)}
 
     def mixed(seed):
@@ -366,8 +434,9 @@ def test_mix_ratios_of_the_release_demo(tmp_path, real_model_file):
         per_record = [counts[(name, r)] for (d, r) in counts if d == name]
         assert len(per_record) == n  # every example at least once
         assert sum(per_record) == report["datasets"][name]["examples"] == whole * n + round(frac * n)
-        assert Counter(per_record) == Counter({whole: n - round(frac * n), whole + 1: round(frac * n)} if frac
-                                              else {whole: n})
+        assert Counter(per_record) == Counter(
+            {whole: n - round(frac * n), whole + 1: round(frac * n)} if frac else {whole: n}
+        )
     assert report["datasets"]["demo_math"]["examples"] == 50 + 39  # ratio 1.78 of 50
     again, _ = mixed(1)
     other, _ = mixed(2)
@@ -376,20 +445,24 @@ def test_mix_ratios_of_the_release_demo(tmp_path, real_model_file):
 
 
 def test_max_samples_takes_the_first_records(tmp_path):
-    root = write_datasets(tmp_path, {"a": ({"file_name": "a.jsonl"}, [alpaca(i) for i in range(10)]),
-                                     "b": ({}, [alpaca(i) for i in range(2)])})
+    root = write_datasets(
+        tmp_path,
+        {"a": ({"file_name": "a.jsonl"}, [alpaca(i) for i in range(10)]), "b": ({}, [alpaca(i) for i in range(2)])},
+    )
     train, _, report = build(root, ["a", "b"], max_samples=3)
     assert sources(train) == [("a", 1), ("a", 2), ("a", 3), ("b", 0), ("b", 1)]
     assert report["datasets"]["a"]["records"] == 3 and report["datasets"]["b"]["records"] == 2
 
 
 def test_val_size_fraction_and_count_seeded(tmp_path):
-    root = write_datasets(tmp_path, {"a": ({}, [alpaca(i) for i in range(30)]), "b": ({}, [alpaca(i) for i in
-                                                                                          range(30, 40)])})
+    root = write_datasets(
+        tmp_path, {"a": ({}, [alpaca(i) for i in range(30)]), "b": ({}, [alpaca(i) for i in range(30, 40)])}
+    )
 
     def split(val_size, seed):
-        cfg = DataConfig(dataset_dir=str(root), datasets=["a", "b"], val_size=val_size, seed=seed,
-                         cache_dir=str(tmp_path / "cache"))
+        cfg = DataConfig(
+            dataset_dir=str(root), datasets=["a", "b"], val_size=val_size, seed=seed, cache_dir=str(tmp_path / "cache")
+        )
         train, val, report = build_datasets(cfg, TINY)
         return train, val, report
 
@@ -424,8 +497,10 @@ def test_default_system_none_empty_and_custom(tmp_path, tiny_tok):
         assert results[default_system] == [oracle(tiny_tok, r, {}, default_system=default_system) for r in records]
     # None: TeleChat's default system block; "": no <_system> at all; a record's own system always wins
     assert results[None][0][0][0] == 6 and results[""][0][0][0] == 4
-    assert results["Custom default."][0][0][:3] == [6, *tiny_tok("Custom default.", add_special_tokens=False)
-                                                    ["input_ids"][:2]]
+    assert results["Custom default."][0][0][:3] == [
+        6,
+        *tiny_tok("Custom default.", add_special_tokens=False)["input_ids"][:2],
+    ]
     assert results[None][1] == results[""][1] == results["Custom default."][1]
     assert len({tuple(results[k][0][0]) for k in results}) == 3
 
@@ -434,20 +509,36 @@ def test_tools_and_tool_roles(tmp_path, tiny_tok):
     info = {"formatting": "sharegpt"}
     call = {"name": "get_weather", "arguments": {"city": "杭州"}}
     records = [
-        {"conversations": [  # a call, its result, the answer, then a plain turn; tools as a JSON string
-            {"from": "human", "value": "Weather in Hangzhou?"},
-            {"from": "function_call", "value": json.dumps(call)},  # ASCII-escaped: rendered as the template does
-            {"from": "observation", "value": json.dumps({"temperature": 18})},
-            {"from": "gpt", "value": "18 degrees."},
-            {"from": "human", "value": "Thanks"}, {"from": "gpt", "value": "Welcome"}],
-         "system": "Tool user.", "tools": json.dumps([WEATHER_TOOL])},
-        {"conversations": [  # two calls at once, two results; tools as a list, default system
-            {"from": "human", "value": "Paris and Rome?"},
-            {"from": "function_call", "value": json.dumps([{"name": "get_weather", "arguments": {"city": "Paris"}},
-                                                           {"name": "get_weather", "arguments": {"city": "Rome"}}])},
-            {"from": "observation", "value": "sunny"}, {"from": "observation", "value": "rainy"},
-            {"from": "gpt", "value": "Sunny in Paris, rainy in Rome."}],
-         "tools": [{"type": "function", "function": WEATHER_TOOL}]},
+        {
+            "conversations": [  # a call, its result, the answer, then a plain turn; tools as a JSON string
+                {"from": "human", "value": "Weather in Hangzhou?"},
+                {"from": "function_call", "value": json.dumps(call)},  # ASCII-escaped: rendered as the template does
+                {"from": "observation", "value": json.dumps({"temperature": 18})},
+                {"from": "gpt", "value": "18 degrees."},
+                {"from": "human", "value": "Thanks"},
+                {"from": "gpt", "value": "Welcome"},
+            ],
+            "system": "Tool user.",
+            "tools": json.dumps([WEATHER_TOOL]),
+        },
+        {
+            "conversations": [  # two calls at once, two results; tools as a list, default system
+                {"from": "human", "value": "Paris and Rome?"},
+                {
+                    "from": "function_call",
+                    "value": json.dumps(
+                        [
+                            {"name": "get_weather", "arguments": {"city": "Paris"}},
+                            {"name": "get_weather", "arguments": {"city": "Rome"}},
+                        ]
+                    ),
+                },
+                {"from": "observation", "value": "sunny"},
+                {"from": "observation", "value": "rainy"},
+                {"from": "gpt", "value": "Sunny in Paris, rainy in Rome."},
+            ],
+            "tools": [{"type": "function", "function": WEATHER_TOOL}],
+        },
     ]
     root = write_datasets(tmp_path, {"tools": (info, records)})
     for default_system in (None, ""):
@@ -466,13 +557,31 @@ def test_tools_and_tool_roles(tmp_path, tiny_tok):
 
 
 def test_train_role_tokens_in_every_format_with_mask_history_and_packing(tmp_path):
-    telechat = {"system": "S.", "dialog": [{"role": "user", "content": "u1"}, {"role": "bot", "content": "b1"},
-                                           {"role": "user", "content": "u2"}, {"role": "bot", "content": "b2"}]}
-    sharegpt = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
-                                  {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}]}
-    root = write_datasets(tmp_path, {"a": ({}, [alpaca(3, history=2, system="S."), alpaca(4)]),
-                                     "s": ({"formatting": "sharegpt"}, [sharegpt]),
-                                     "t": ({"formatting": "telechat", "file_name": "t.jsonl"}, [telechat])})
+    telechat = {
+        "system": "S.",
+        "dialog": [
+            {"role": "user", "content": "u1"},
+            {"role": "bot", "content": "b1"},
+            {"role": "user", "content": "u2"},
+            {"role": "bot", "content": "b2"},
+        ],
+    }
+    sharegpt = {
+        "conversations": [
+            {"from": "human", "value": "q"},
+            {"from": "gpt", "value": "a"},
+            {"from": "human", "value": "q2"},
+            {"from": "gpt", "value": "a2"},
+        ]
+    }
+    root = write_datasets(
+        tmp_path,
+        {
+            "a": ({}, [alpaca(3, history=2, system="S."), alpaca(4)]),
+            "s": ({"formatting": "sharegpt"}, [sharegpt]),
+            "t": ({"formatting": "telechat", "file_name": "t.jsonl"}, [telechat]),
+        },
+    )
     for mask_history in (False, True):
         plain = examples(build(root, ["a", "s", "t"], mask_history=mask_history)[0])
         train = build(root, ["a", "s", "t"], mask_history=mask_history, train_role_tokens=True)[0]
@@ -490,7 +599,8 @@ def test_train_role_tokens_in_every_format_with_mask_history_and_packing(tmp_pat
         # packing keeps them: every row's labels are its examples' (each example's first label ignored)
         packed = PackedDataset(train, 4096)
         assert sum(int((packed[r]["labels"] == USER).sum()) for r in range(len(packed))) == sum(
-            lab.count(USER) for _, lab in roles)
+            lab.count(USER) for _, lab in roles
+        )
 
 
 def test_train_on_prompt_and_mask_history(tmp_path, tiny_tok):
@@ -511,10 +621,12 @@ def test_train_on_prompt_and_mask_history(tmp_path, tiny_tok):
 def test_placeholders_filled_only_for_listed_datasets(tmp_path):
     raw = [{"instruction": "Who are you?", "output": "I am {{name}}, made by {{author}}."}]
     filled = [{"instruction": "Who are you?", "output": "I am Zed, made by Acme."}]
-    root = write_datasets(tmp_path, {"ident": ({}, raw), "other": ({"file_name": "ident.json"}, None),
-                                     "manual": ({}, filled)})
-    train, _, _ = build(root, ["ident", "other", "manual"], placeholders={"name": "Zed", "author": "Acme"},
-                        fill_placeholders=["ident"])
+    root = write_datasets(
+        tmp_path, {"ident": ({}, raw), "other": ({"file_name": "ident.json"}, None), "manual": ({}, filled)}
+    )
+    train, _, _ = build(
+        root, ["ident", "other", "manual"], placeholders={"name": "Zed", "author": "Acme"}, fill_placeholders=["ident"]
+    )
     ident, other, manual = examples(train)
     assert ident == manual and other != manual
     unfilled, _, _ = build(root, ["ident"], fill_placeholders=[])
@@ -528,9 +640,8 @@ def test_placeholders_filled_only_for_listed_datasets(tmp_path):
 
 def _turns_record(first: int, last: int) -> dict:
     """alpaca record whose turns are `first`..`last` of one fixed conversation."""
-    turns = [(f"User turn number {k} asks something.", f"Reply number {k}." + " More words." * k)
-             for k in range(4)]
-    sel = turns[first:last + 1]
+    turns = [(f"User turn number {k} asks something.", f"Reply number {k}." + " More words." * k) for k in range(4)]
+    sel = turns[first : last + 1]
     return {"instruction": sel[-1][0], "output": sel[-1][1], "history": [list(t) for t in sel[:-1]]}
 
 
@@ -563,7 +674,7 @@ def test_cutoff_cuts_a_single_reply_or_drops_a_prompt_without_reply(tmp_path, ti
     prompt_len = full_ids.index(BOT) + 1
     train, _, report = build(root, ["d"], cutoff_len=prompt_len + 3)
     (ids, labels), _ = examples(train)
-    assert ids == full_ids[:prompt_len + 3] and labels == full_labels[:prompt_len + 3]
+    assert ids == full_ids[: prompt_len + 3] and labels == full_labels[: prompt_len + 3]
     assert sum(t != IGNORE for t in labels) == 3
     assert report["datasets"]["d"]["truncated"] == 1 and report["datasets"]["d"]["dropped"] == 0
     # the long record's prompt alone fills the cutoff: it is dropped (and counted), the short one is kept
@@ -577,7 +688,7 @@ def test_cutoff_cuts_a_single_reply_or_drops_a_prompt_without_reply(tmp_path, ti
 
 def test_truncation_never_keeps_a_prompt_without_reply():
     conv = to_conversation(DatasetSpec(name="x", path=Path("x.json")), _turns_record(0, 3), "x")
-    full = ChatEncoder(TINY, TemplateOptions(cutoff_len=10 ** 6)).encode(conv)
+    full = ChatEncoder(TINY, TemplateOptions(cutoff_len=10**6)).encode(conv)
     for mask_history in (False, True):
         kept = 0
         for cutoff in range(1, len(full.input_ids) + 2):
@@ -597,11 +708,17 @@ def test_records_without_a_reply_are_errors_or_skipped_and_counted(tmp_path):
     records = [
         {"conversations": [{"from": "human", "value": "Only a user message"}]},
         {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
-        {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"},
-                           {"from": "human", "value": "unanswered follow-up"}]},
+        {
+            "conversations": [
+                {"from": "human", "value": "Q"},
+                {"from": "gpt", "value": "A"},
+                {"from": "human", "value": "unanswered follow-up"},
+            ]
+        },
     ]
-    root = write_datasets(tmp_path, {"d": ({"formatting": "sharegpt"}, records),
-                                     "none": ({"formatting": "sharegpt"}, records[:1])})
+    root = write_datasets(
+        tmp_path, {"d": ({"formatting": "sharegpt"}, records), "none": ({"formatting": "sharegpt"}, records[:1])}
+    )
     with pytest.raises(DataError, match=r"dataset 'd': .*d.json record 0: the conversation ends without a reply"):
         build(root, ["d"])
     train, _, report = build(root, ["d"], on_bad_record="skip")
@@ -641,9 +758,9 @@ def test_packing_rows_positions_labels_efficiency(packed_setup):
         for j in row:
             ex = train[j]
             n = len(ex["input_ids"])
-            assert item["input_ids"][start:start + n].tolist() == ex["input_ids"].tolist()
+            assert item["input_ids"][start : start + n].tolist() == ex["input_ids"].tolist()
             assert ex["labels"][0] != IGNORE and item["labels"][start] == IGNORE  # nothing learns the next start
-            assert item["labels"][start + 1:start + n].tolist() == ex["labels"][1:].tolist()
+            assert item["labels"][start + 1 : start + n].tolist() == ex["labels"][1:].tolist()
             start += n
     assert packed.efficiency() == pytest.approx(lengths.sum() / (len(packed) * capacity))
     assert 0.5 < packed.efficiency() <= 1
@@ -668,15 +785,18 @@ def test_packed_and_padding_free_batches_give_per_example_logits(packed_setup, t
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
         flat_logits = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"]).logits
-        alone = {j: model(input_ids=torch.as_tensor(train[j]["input_ids"], dtype=torch.long)[None]).logits[0]
-                 for i in rows for j in packed.rows[i]}
+        alone = {
+            j: model(input_ids=torch.as_tensor(train[j]["input_ids"], dtype=torch.long)[None]).logits[0]
+            for i in rows
+            for j in packed.rows[i]
+        }
     for b, i in enumerate(rows):
         start = 0
         for j in packed.rows[i]:
             n = len(train[j]["input_ids"])
-            torch.testing.assert_close(logits[b, start:start + n], alone[j], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(logits[b, start : start + n], alone[j], atol=1e-4, rtol=1e-4)
             if b == 0:
-                torch.testing.assert_close(flat_logits[0, start:start + n], alone[j], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(flat_logits[0, start : start + n], alone[j], atol=1e-4, rtol=1e-4)
             start += n
     # padding-free over packed rows keeps each row's own restarting positions
     joined = Collator(padding_free=True)([packed[i] for i in rows])
@@ -698,8 +818,9 @@ def test_parallel_tokenization_gives_identical_arrays(tmp_path, monkeypatch):
     root = write_datasets(tmp_path, {"big": ({"file_name": "big.jsonl", "formatting": "sharegpt"}, records)})
     contexts = []
     real_get_context = encode_mod.mp.get_context
-    monkeypatch.setattr(encode_mod.mp, "get_context", lambda method=None: contexts.append(method)
-                        or real_get_context(method))
+    monkeypatch.setattr(
+        encode_mod.mp, "get_context", lambda method=None: contexts.append(method) or real_get_context(method)
+    )
     # some records truncated, some prompts too long (dropped), the 9 without a reply skipped
     opts = {"cutoff_len": 60, "default_system": "", "on_bad_record": "skip"}
     one, _, report1 = build(root, ["big"], cache_dir=str(tmp_path / "c1"), **opts)
@@ -759,83 +880,145 @@ def test_cache_is_invalidated_by_another_tokenizer(tmp_path, monkeypatch, real_m
 GOOD = {"good": ({}, [alpaca(1)])}
 BAD_INPUT = {
     "malformed_jsonl_line": (
-        {"bad": ({"file_name": "bad.jsonl"}, json.dumps(alpaca(1)) + "\n\n{\"instruction\": \n")},
-        ["dataset 'bad'", "bad.jsonl line 3", "malformed JSON"]),
+        {"bad": ({"file_name": "bad.jsonl"}, json.dumps(alpaca(1)) + '\n\n{"instruction": \n')},
+        ["dataset 'bad'", "bad.jsonl line 3", "malformed JSON"],
+    ),
     "jsonl_line_not_an_object": (
         {"bad": ({"file_name": "bad.jsonl"}, json.dumps(alpaca(1)) + "\n[1, 2]\n")},
-        ["dataset 'bad'", "bad.jsonl line 2", "not a JSON object"]),
+        ["dataset 'bad'", "bad.jsonl line 2", "not a JSON object"],
+    ),
     "malformed_json_file": (
         {"bad": ({}, '[\n {"instruction": "a",\n  "output": "b"},\n {"instruction" "c"}\n]')},
-        ["dataset 'bad'", "bad.json", "line 4", "malformed JSON"]),
+        ["dataset 'bad'", "bad.json", "line 4", "malformed JSON"],
+    ),
     "missing_column": (
         {"bad": ({}, [alpaca(1), {"instruction": "no output"}])},
-        ["dataset 'bad'", "bad.json record 1", "missing column 'output'"]),
+        ["dataset 'bad'", "bad.json record 1", "missing column 'output'"],
+    ),
     "missing_renamed_column_csv": (
         {"bad": ({"file_name": "bad.csv", "columns": {"response": "answer"}}, "instruction,output\nq,a\n")},
-        ["dataset 'bad'", "bad.csv line 2", "'answer'"]),
+        ["dataset 'bad'", "bad.csv line 2", "'answer'"],
+    ),
     "csv_line_after_a_multiline_field": (
         {"bad": ({"file_name": "bad.csv"}, 'instruction,output,history\n"two\nlines",a,\nq,a,not a list\n')},
-        ["dataset 'bad'", "bad.csv line 4", "history is not a list"]),
+        ["dataset 'bad'", "bad.csv line 4", "history is not a list"],
+    ),
     "json_lines_in_a_json_file": (
         {"bad": ({}, json.dumps(alpaca(1)) + "\n" + json.dumps({"instruction": "no output"}) + "\n")},
-        ["dataset 'bad'", "bad.json line 2", "missing column 'output'"]),
+        ["dataset 'bad'", "bad.json line 2", "missing column 'output'"],
+    ),
     # bad records that used to train silently
-    "output_null": (
-        {"bad": ({}, [alpaca(1), {**alpaca(2), "output": None}])}, ["bad.json record 1", "output is null"]),
+    "output_null": ({"bad": ({}, [alpaca(1), {**alpaca(2), "output": None}])}, ["bad.json record 1", "output is null"]),
     "instruction_null": (
         {"bad": ({"file_name": "bad.jsonl"}, [alpaca(1), {**alpaca(2), "instruction": None}])},
-        ["bad.jsonl line 2", "instruction is null"]),
-    "empty_output": (
-        {"bad": ({}, [{**alpaca(2), "output": "  "}])}, ["bad.json record 0", "empty reply"]),
+        ["bad.jsonl line 2", "instruction is null"],
+    ),
+    "empty_output": ({"bad": ({}, [{**alpaca(2), "output": "  "}])}, ["bad.json record 0", "empty reply"]),
     "csv_row_missing_a_field": (
         {"bad": ({"file_name": "bad.csv"}, "instruction,input,output\nq,,a\nq2,only two\n")},
-        ["bad.csv line 3", "fewer fields than the header (2 for 3)"]),
+        ["bad.csv line 3", "fewer fields than the header (2 for 3)"],
+    ),
     "csv_row_with_an_extra_field": (
         {"bad": ({"file_name": "bad.csv"}, "instruction,output\nq,a,surplus\n")},
-        ["bad.csv line 2", "more fields than the header (3 for 2)"]),
+        ["bad.csv line 2", "more fields than the header (3 for 2)"],
+    ),
     "sharegpt_two_user_messages": (
-        {"bad": ({"formatting": "sharegpt"}, [{"conversations": [
-            {"from": "human", "value": "a"}, {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}]}])},
-        ["bad.json record 0: message 1", "turns do not alternate (two user messages in a row)"]),
+        {
+            "bad": (
+                {"formatting": "sharegpt"},
+                [
+                    {
+                        "conversations": [
+                            {"from": "human", "value": "a"},
+                            {"from": "human", "value": "b"},
+                            {"from": "gpt", "value": "c"},
+                        ]
+                    }
+                ],
+            )
+        },
+        ["bad.json record 0: message 1", "turns do not alternate (two user messages in a row)"],
+    ),
     "sharegpt_two_assistant_replies": (
-        {"bad": ({"formatting": "sharegpt"}, [{"conversations": [
-            {"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "gpt", "value": "c"}]}])},
-        ["bad.json record 0: message 2", "turns do not alternate (two assistant messages in a row)"]),
+        {
+            "bad": (
+                {"formatting": "sharegpt"},
+                [
+                    {
+                        "conversations": [
+                            {"from": "human", "value": "a"},
+                            {"from": "gpt", "value": "b"},
+                            {"from": "gpt", "value": "c"},
+                        ]
+                    }
+                ],
+            )
+        },
+        ["bad.json record 0: message 2", "turns do not alternate (two assistant messages in a row)"],
+    ),
     "telechat_trailing_user": (
-        {"bad": ({"file_name": "bad.jsonl", "formatting": "telechat"}, [{"dialog": [
-            {"role": "user", "content": "q"}, {"role": "bot", "content": "a"}, {"role": "user", "content": "q2"}]}])},
-        ["bad.jsonl line 1", "the conversation ends without a reply"]),
+        {
+            "bad": (
+                {"file_name": "bad.jsonl", "formatting": "telechat"},
+                [
+                    {
+                        "dialog": [
+                            {"role": "user", "content": "q"},
+                            {"role": "bot", "content": "a"},
+                            {"role": "user", "content": "q2"},
+                        ]
+                    }
+                ],
+            )
+        },
+        ["bad.jsonl line 1", "the conversation ends without a reply"],
+    ),
     "unknown_sharegpt_role": (
-        {"bad": ({"formatting": "sharegpt"}, [{"conversations": [{"from": "human", "value": "q"},
-                                                                 {"from": "gpt", "value": "a"}]},
-                                              {"conversations": [{"from": "human", "value": "q"},
-                                                                 {"from": "robot", "value": "a"}]}])},
-        ["dataset 'bad'", "bad.json record 1", "message 1", "unknown role 'robot'"]),
+        {
+            "bad": (
+                {"formatting": "sharegpt"},
+                [
+                    {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+                    {"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]},
+                ],
+            )
+        },
+        ["dataset 'bad'", "bad.json record 1", "message 1", "unknown role 'robot'"],
+    ),
     "unknown_telechat_role": (
-        {"bad": ({"file_name": "bad.jsonl", "formatting": "telechat"},
-                 [{"dialog": [{"role": "user", "content": "q"}, {"role": "narrator", "content": "a"}]}])},
-        ["dataset 'bad'", "bad.jsonl line 1", "unknown role 'narrator'"]),
+        {
+            "bad": (
+                {"file_name": "bad.jsonl", "formatting": "telechat"},
+                [{"dialog": [{"role": "user", "content": "q"}, {"role": "narrator", "content": "a"}]}],
+            )
+        },
+        ["dataset 'bad'", "bad.jsonl line 1", "unknown role 'narrator'"],
+    ),
     "tags_not_matching_records": (
         {"bad": (SHAREGPT_ENTRY, [{"conversations": [{"role": "user", "content": "q"}]}])},
-        ["dataset 'bad'", "bad.json record 0", "'from'"]),
+        ["dataset 'bad'", "bad.json record 0", "'from'"],
+    ),
     "unknown_tag_key": (
         {"bad": ({"formatting": "sharegpt", "tags": {"speaker_tag": "who"}}, [])},
-        ["dataset_info.json", "dataset 'bad'", "unknown tag key(s) ['speaker_tag']"]),
+        ["dataset_info.json", "dataset 'bad'", "unknown tag key(s) ['speaker_tag']"],
+    ),
     "unknown_column_key": (
         {"bad": ({"columns": {"answer": "output"}}, [])},
-        ["dataset_info.json", "dataset 'bad'", "unknown column key(s) ['answer']"]),
+        ["dataset_info.json", "dataset 'bad'", "unknown column key(s) ['answer']"],
+    ),
     "unknown_entry_key": (
         {"bad": ({"colums": {"prompt": "q"}}, [])},
-        ["dataset_info.json", "dataset 'bad'", "unknown key(s) ['colums']"]),
+        ["dataset_info.json", "dataset 'bad'", "unknown key(s) ['colums']"],
+    ),
     "missing_file": (
         {"bad": ({"file_name": "absent.jsonl"}, None)},
-        ["dataset 'bad'", "absent.jsonl", "does not exist"]),
-    "empty_file": (
-        {"bad": ({"file_name": "bad.jsonl"}, "\n")},
-        ["dataset 'bad'", "bad.jsonl", "no records"]),
+        ["dataset 'bad'", "absent.jsonl", "does not exist"],
+    ),
+    "empty_file": ({"bad": ({"file_name": "bad.jsonl"}, "\n")}, ["dataset 'bad'", "bad.jsonl", "no records"]),
     "bad_history": (
         {"bad": ({}, [{"instruction": "q", "output": "a", "history": [["only one"]]}])},
-        ["dataset 'bad'", "bad.json record 0", "history[0]"]),
+        ["dataset 'bad'", "bad.json record 0", "history[0]"],
+    ),
 }
 
 
@@ -865,10 +1048,16 @@ def test_unknown_dataset_name_and_mix_name(tmp_path):
 def test_bad_records_skipped_and_reported_per_dataset(tmp_path):
     """data.on_bad_record=skip: every bad record is left out, counted by reason and shown in the report, and the
     good ones train exactly as they would alone."""
-    bad_jsonl = "\n".join([json.dumps(alpaca(1)), '{"instruction": ', json.dumps({**alpaca(2), "output": None}),
-                           json.dumps(alpaca(3))])
-    root = write_datasets(tmp_path, {"mixed": ({"file_name": "mixed.jsonl"}, bad_jsonl),
-                                     "clean": ({"file_name": "clean.jsonl"}, [alpaca(1), alpaca(3)])})
+    bad_jsonl = "\n".join(
+        [json.dumps(alpaca(1)), '{"instruction": ', json.dumps({**alpaca(2), "output": None}), json.dumps(alpaca(3))]
+    )
+    root = write_datasets(
+        tmp_path,
+        {
+            "mixed": ({"file_name": "mixed.jsonl"}, bad_jsonl),
+            "clean": ({"file_name": "clean.jsonl"}, [alpaca(1), alpaca(3)]),
+        },
+    )
     train, _, report = build(root, ["mixed"], on_bad_record="skip")
     counts = report["datasets"]["mixed"]
     assert (counts["records"], counts["examples"], counts["skipped"]) == (4, 2, 2)

@@ -30,8 +30,13 @@ def make_adapter(base_dir: Path, out: Path, use_dora=False, seed=0) -> Path:
 
     torch.manual_seed(seed)
     model = Telechat2ForCausalLM.from_pretrained(base_dir)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key_value", "dense", "gate_proj", "up_proj",
-                                                           "down_proj"], init_lora_weights=False, use_dora=use_dora)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "key_value", "dense", "gate_proj", "up_proj", "down_proj"],
+        init_lora_weights=False,
+        use_dora=use_dora,
+    )
     peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
     peft_model.save_pretrained(out)
@@ -57,15 +62,28 @@ def merged_in_memory(base_dir: Path, adapters: list[Path]):
 
 
 def run_py(code: str, cwd: Path, timeout=300) -> str:
-    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
 def run_script(script: str, args: list[str], cwd: Path, stdin: str | None = None, timeout=300):
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True,
-                          input=stdin, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +93,9 @@ def exported(tiny_dir, tmp_path_factory):
     lora = make_adapter(tiny_dir, work / "lora", seed=1)
     dora = make_adapter(tiny_dir, work / "dora", use_dora=True, seed=2)
     out = work / "merged"
-    proc = run_script("merge.py", [f"adapter_path=[{lora},{dora}]", f"export_dir={out}", "dtype=float32",
-                                   "export_size=0.001"], work)
+    proc = run_script(
+        "merge.py", [f"adapter_path=[{lora},{dora}]", f"export_dir={out}", "dtype=float32", "export_size=0.001"], work
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"dir": out, "adapters": [lora, dora], "base": tiny_dir, "work": work}
 
@@ -89,14 +108,26 @@ def test_export_layout_for_transformers_and_vllm(exported):
     # the release's own modeling files read config.flash_attn on every forward (SPEC section 7)
     assert config["flash_attn"] is False
     # what vLLM's TeleChat2 reads, written explicitly
-    for key in ("n_head", "n_layer", "ffn_hidden_size", "layer_norm_epsilon", "num_key_value_heads", "hidden_size",
-                "vocab_size"):
+    for key in (
+        "n_head",
+        "n_layer",
+        "ffn_hidden_size",
+        "layer_norm_epsilon",
+        "num_key_value_heads",
+        "hidden_size",
+        "vocab_size",
+    ):
         assert key in config, key
     assert (out / "model.safetensors.index.json").exists()  # export_size sharded it
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 2 and generation["pad_token_id"] == 3
-    for name in ("configuration_telechat2.py", "modeling_telechat2.py", "tokenizer.model", "tokenizer.json",
-                 "chat_template.jinja"):
+    for name in (
+        "configuration_telechat2.py",
+        "modeling_telechat2.py",
+        "tokenizer.model",
+        "tokenizer.json",
+        "chat_template.jinja",
+    ):
         assert (out / name).exists(), name
     for name in ("configuration_telechat2.py", "modeling_telechat2.py"):  # self-contained remote code
         assert "telechat_lab" not in re.sub(r'""".*?"""', "", (out / name).read_text(), flags=re.S)
@@ -107,23 +138,37 @@ def test_export_weights_match_what_vllm_loads(exported):
     dense / down_proj biases and splits key_value per KV head: names and shapes must be these."""
     out = exported["dir"]
     config = json.loads((out / "config.json").read_text())
-    hidden, heads, kv, ffn = config["hidden_size"], config["n_head"], config["num_key_value_heads"], \
-        config["ffn_hidden_size"]
+    hidden, heads, kv, ffn = (
+        config["hidden_size"],
+        config["n_head"],
+        config["num_key_value_heads"],
+        config["ffn_hidden_size"],
+    )
     head_dim = hidden // heads
     weights = {}
     for shard in sorted(out.glob("*.safetensors")):
         weights.update(load_file(shard))
-    expected = {"transformer.word_embeddings.weight": (config["vocab_size"], hidden),
-                "transformer.ln_f.weight": (hidden,), "lm_head.weight": (config["vocab_size"], hidden)}
+    expected = {
+        "transformer.word_embeddings.weight": (config["vocab_size"], hidden),
+        "transformer.ln_f.weight": (hidden,),
+        "lm_head.weight": (config["vocab_size"], hidden),
+    }
     for i in range(config["n_layer"]):
         p = f"transformer.h.{i}."
-        expected.update({
-            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-            p + "self_attention.query.weight": (hidden, hidden),
-            p + "self_attention.key_value.weight": (2 * kv * head_dim, hidden),
-            p + "self_attention.dense.weight": (hidden, hidden), p + "self_attention.dense.bias": (hidden,),
-            p + "mlp.gate_proj.weight": (ffn, hidden), p + "mlp.up_proj.weight": (ffn, hidden),
-            p + "mlp.down_proj.weight": (hidden, ffn), p + "mlp.down_proj.bias": (hidden,)})
+        expected.update(
+            {
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+                p + "self_attention.query.weight": (hidden, hidden),
+                p + "self_attention.key_value.weight": (2 * kv * head_dim, hidden),
+                p + "self_attention.dense.weight": (hidden, hidden),
+                p + "self_attention.dense.bias": (hidden,),
+                p + "mlp.gate_proj.weight": (ffn, hidden),
+                p + "mlp.up_proj.weight": (ffn, hidden),
+                p + "mlp.down_proj.weight": (hidden, ffn),
+                p + "mlp.down_proj.bias": (hidden,),
+            }
+        )
     assert {k: tuple(v.shape) for k, v in weights.items()} == expected  # nothing missing, extra or renamed
 
 
@@ -139,9 +184,9 @@ def test_export_loads_without_telechat_lab_and_matches_the_merged_model(exported
         model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True)
         assert type(model).__module__.startswith("transformers_modules"), type(model)
-        ids = torch.load({str(tmp_path / 'ids.pt')!r})["ids"]
+        ids = torch.load({str(tmp_path / "ids.pt")!r})["ids"]
         with torch.no_grad():
-            torch.save(model(input_ids=ids).logits, {str(tmp_path / 'logits.pt')!r})
+            torch.save(model(input_ids=ids).logits, {str(tmp_path / "logits.pt")!r})
         print("TOKENIZER", tok("<_user>hi<_bot>")["input_ids"][0], len(tok))
         print("FLASH_ATTN", model.config.flash_attn)  # what the release's modeling files read
     """)
@@ -166,8 +211,15 @@ def test_export_tokenizer_loads_without_remote_code(exported, tmp_path):
             print("IDS", tok("<tool_call>\\n天气</tool_call>")["input_ids"])
         assert not [m for m in sys.modules if m.startswith("transformers_modules")], "remote code ran"
     """)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count(f"IDS {expected}") == 2, proc.stdout
 
@@ -202,8 +254,9 @@ def test_qlora_adapter_merges_into_the_unquantized_base(tmp_path, tiny_dir):
     assert base == tiny_dir and not getattr(merged, "is_quantized", False)
     assert merged.transformer.h[0].self_attention.query.weight.dtype == torch.float32
     original = Telechat2ForCausalLM.from_pretrained(tiny_dir)
-    assert not torch.equal(original.transformer.h[0].self_attention.query.weight,
-                           merged.transformer.h[0].self_attention.query.weight)
+    assert not torch.equal(
+        original.transformer.h[0].self_attention.query.weight, merged.transformer.h[0].self_attention.query.weight
+    )
 
 
 def test_merging_into_a_quantized_checkpoint_is_refused(tmp_path, tiny_dir):
@@ -253,8 +306,12 @@ def test_chat_sends_the_training_encoding(tiny_dir):
     assert engine.prompts[1] == full.input_ids[:prompt_end]
     # and the tokenizer's chat template agrees
     tok = load_tokenizer(tiny_dir)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
-                {"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "And now?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello there."},
+        {"role": "user", "content": "And now?"},
+    ]
     assert engine.prompts[1] == tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
 
 
@@ -272,8 +329,12 @@ def test_interactive_loop_with_clear_and_exit(tiny_dir):
 
 
 def test_chat_cli_drives_two_turns_clear_and_exit(exported, tmp_path):
-    proc = run_script("chat.py", [f"model.path={exported['dir']}", "generation.max_new_tokens=4",
-                                  "generation.do_sample=false"], tmp_path, stdin="Hello\nWho are you?\nclear\nexit\n")
+    proc = run_script(
+        "chat.py",
+        [f"model.path={exported['dir']}", "generation.max_new_tokens=4", "generation.do_sample=false"],
+        tmp_path,
+        stdin="Hello\nWho are you?\nclear\nexit\n",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("Assistant: ") == 2 and "History cleared." in proc.stdout
 
@@ -290,9 +351,11 @@ def test_chat_with_unmerged_adapter_matches_the_merged_export(exported, tmp_path
 
 def test_batch_mode_writes_jsonl(tiny_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "One?"}\nplain text question\n{"instruction": "Add", "input": "1 and 2"}\n'
-                       '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},'
-                       ' {"role": "user", "content": "c"}]}\n')
+    prompts.write_text(
+        '{"prompt": "One?"}\nplain text question\n{"instruction": "Add", "input": "1 and 2"}\n'
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},'
+        ' {"role": "user", "content": "c"}]}\n'
+    )
     engine = RecordingEngine()
     session = ChatSession(engine, tiny_dir)
     assert batch(session, str(prompts), str(tmp_path / "out.jsonl")) == 4
@@ -309,6 +372,7 @@ def test_batch_mode_writes_jsonl(tiny_dir, tmp_path):
 def test_vllm_backend_without_vllm_names_the_extra(exported):
     try:
         import vllm  # noqa: F401
+
         pytest.skip("vLLM is installed here")
     except ImportError:
         pass
@@ -338,9 +402,18 @@ def test_default_export_is_bf16_and_legacy_format_writes_bin(exported, tmp_path)
 
 
 def test_chat_cli_with_an_unmerged_adapter_in_batch_mode_from_stdin(exported, tmp_path):
-    proc = run_script("chat.py", [f"adapter_path={exported['adapters'][0]}", "input=-", "system=Be brief.",
-                                  "generation.max_new_tokens=3", "generation.do_sample=false"], tmp_path,
-                      stdin='first question\n{"prompt": "second", "system": "Own system."}\nthird\n')
+    proc = run_script(
+        "chat.py",
+        [
+            f"adapter_path={exported['adapters'][0]}",
+            "input=-",
+            "system=Be brief.",
+            "generation.max_new_tokens=3",
+            "generation.do_sample=false",
+        ],
+        tmp_path,
+        stdin='first question\n{"prompt": "second", "system": "Own system."}\nthird\n',
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r.get("prompt") for r in rows] == ["first question", "second", "third"]
@@ -354,8 +427,10 @@ def test_batch_mode_system_prompts(tiny_dir, tmp_path):
     source.write_text('plain\n{"prompt": "own", "system": "Own."}\nplain again\n')
     batch(session, str(source), str(tmp_path / "out.jsonl"))
     encoder = session.encoder
-    expect = [encoder.prompt_ids(Conversation(system=s, turns=[(p, None)]))
-              for s, p in (("Configured.", "plain"), ("Own.", "own"), ("Configured.", "plain again"))]
+    expect = [
+        encoder.prompt_ids(Conversation(system=s, turns=[(p, None)]))
+        for s, p in (("Configured.", "plain"), ("Own.", "own"), ("Configured.", "plain again"))
+    ]
     assert engine.prompts == expect  # a record's system applies to that record only
     assert session.system == "Configured."
 
@@ -364,8 +439,9 @@ def test_batch_messages_use_their_own_system_message(tiny_dir, tmp_path):
     engine = RecordingEngine()
     session = ChatSession(engine, tiny_dir, system="Configured.")
     source = tmp_path / "m.jsonl"
-    source.write_text('{"messages": [{"role": "system", "content": "From messages."}, '
-                      '{"role": "user", "content": "q"}]}\n')
+    source.write_text(
+        '{"messages": [{"role": "system", "content": "From messages."}, {"role": "user", "content": "q"}]}\n'
+    )
     batch(session, str(source), str(tmp_path / "out.jsonl"))
     assert engine.prompts[0] == session.encoder.prompt_ids(Conversation(system="From messages.", turns=[("q", None)]))
     source.write_text('{"messages": [{"role": "system", "content": "only a system"}]}\n')
@@ -425,9 +501,18 @@ def test_chat_batch_mode_returns_the_tool_call_tags_the_model_generates(tiny_dir
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("What is the weather?\n")
     out = tmp_path / "answers.jsonl"
-    proc = run_script("chat.py", [f"model.path={model_dir}", f"input={prompts}", f"output={out}",
-                                  "generation.do_sample=false", "generation.max_new_tokens=10",
-                                  "generation.repetition_penalty=1.0"], tmp_path)
+    proc = run_script(
+        "chat.py",
+        [
+            f"model.path={model_dir}",
+            f"input={prompts}",
+            f"output={out}",
+            "generation.do_sample=false",
+            "generation.max_new_tokens=10",
+            "generation.repetition_penalty=1.0",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     response = json.loads(out.read_text().splitlines()[0])["response"]
     assert response == "<tool_call>\nweather</tool_call>", response

@@ -18,8 +18,17 @@ BACKENDS = ["sdpa", "eager"]
 
 
 def small_config(**overrides) -> Telechat2Config:
-    cfg = dict(vocab_size=256, hidden_size=64, n_layer=2, n_head=4, num_key_value_heads=2, ffn_hidden_size=96,
-               training_seqlen=32, base_seqlen=32, initializer_range=0.15)  # sharp attention: RoPE errors show
+    cfg = dict(
+        vocab_size=256,
+        hidden_size=64,
+        n_layer=2,
+        n_head=4,
+        num_key_value_heads=2,
+        ffn_hidden_size=96,
+        training_seqlen=32,
+        base_seqlen=32,
+        initializer_range=0.15,
+    )  # sharp attention: RoPE errors show
     cfg.update(overrides)
     return Telechat2Config(**cfg)
 
@@ -47,8 +56,9 @@ def test_matches_reference_golden(case, backend):
     model = Telechat2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation=backend).eval()
     assert model.config._attn_implementation == backend
     with torch.no_grad():
-        out = model(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"],
-                    labels=expected["labels"])
+        out = model(
+            input_ids=expected["input_ids"], attention_mask=expected["attention_mask"], labels=expected["labels"]
+        )
     keep = expected["attention_mask"].bool()
     logit_err = (out.logits - expected["logits"]).abs()[keep].max().item()
     loss_err = abs(out.loss.item() - expected["loss"].item())
@@ -90,7 +100,7 @@ def spec_forward(model: Telechat2ForCausalLM, input_ids: torch.Tensor) -> torch.
     cos, sin = torch.cat([ang, ang], -1).cos() * mscale, torch.cat([ang, ang], -1).sin() * mscale
 
     def rope(x):  # x [T, H, d]
-        x1, x2 = x[..., : d // 2], x[..., d // 2:]
+        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
         return x * cos[:, None] + torch.cat([-x2, x1], -1) * sin[:, None]
 
     h = sd["transformer.word_embeddings.weight"][input_ids[0]]
@@ -208,8 +218,8 @@ def test_greedy_generate_with_cache_equals_recompute(backend):
     with torch.no_grad():  # and the step logits agree, not only their argmax
         for n in (20, 41, 63):
             cache = model(input_ids=cached[:, :n], use_cache=True).cache
-            step = model(input_ids=cached[:, n:n + 1], cache=cache).logits[0, -1]
-            full = model(input_ids=cached[:, :n + 1]).logits[0, -1]
+            step = model(input_ids=cached[:, n : n + 1], cache=cache).logits[0, -1]
+            full = model(input_ids=cached[:, : n + 1]).logits[0, -1]
             assert (step - full).abs().max() < 1e-4
 
 
@@ -275,20 +285,38 @@ def test_sharded_checkpoint_with_official_names_loads(tmp_path):
 def _official_style_dir(tmp_path, model, **config_changes):
     """A checkpoint laid out like the release: its own config.json (model_type telechat, extra
     fields, auto_map to remote code that must never run) and model.safetensors."""
-    cfg = {"architectures": ["Telechat2ForCausalLM"], "model_type": "telechat", "vocab_size": 256,
-           "hidden_size": 64, "n_layer": 2, "n_head": 4, "num_key_value_heads": 2, "ffn_hidden_size": 96,
-           "layer_norm_epsilon": 1e-5, "training_seqlen": 32, "base_seqlen": 32, "flash_attn": True,
-           "logn": True, "some_future_field": {"x": 1}, "torch_dtype": "float32",
-           "auto_map": {"AutoConfig": "configuration_telechat2.Telechat2Config",
-                        "AutoModelForCausalLM": "modeling_telechat2.Telechat2ForCausalLM"}}
+    cfg = {
+        "architectures": ["Telechat2ForCausalLM"],
+        "model_type": "telechat",
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "n_layer": 2,
+        "n_head": 4,
+        "num_key_value_heads": 2,
+        "ffn_hidden_size": 96,
+        "layer_norm_epsilon": 1e-5,
+        "training_seqlen": 32,
+        "base_seqlen": 32,
+        "flash_attn": True,
+        "logn": True,
+        "some_future_field": {"x": 1},
+        "torch_dtype": "float32",
+        "auto_map": {
+            "AutoConfig": "configuration_telechat2.Telechat2Config",
+            "AutoModelForCausalLM": "modeling_telechat2.Telechat2ForCausalLM",
+        },
+    }
     cfg.update(config_changes)
     cfg = {k: v for k, v in cfg.items() if v != "ABSENT"}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     boom = "raise RuntimeError('remote code was executed')\n"
     (tmp_path / "configuration_telechat2.py").write_text(boom)
     (tmp_path / "modeling_telechat2.py").write_text(boom)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     return tmp_path
 
 
@@ -330,6 +358,7 @@ def test_flash_attention_without_package_names_the_extra(tmp_path):
     pytest.importorskip("torch")
     try:
         import flash_attn  # noqa: F401
+
         pytest.skip("flash-attn is installed here; the error path cannot be shown")
     except ImportError:
         pass

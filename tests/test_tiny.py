@@ -27,13 +27,14 @@ def test_tiny_checkpoint_is_a_complete_telechat2_directory(tiny_dir):
 def test_tiny_checkpoint_chats_end_to_end(tiny_dir):
     tok = load_tokenizer(tiny_dir)
     model = Telechat2ForCausalLM.from_pretrained(tiny_dir).eval()
-    ids = tok.apply_chat_template([{"role": "user", "content": "Hello!"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Hello!"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     assert ids[0, 0].item() == CONTROL_TOKENS["<_system>"] and ids[0, -1].item() == CONTROL_TOKENS["<_bot>"]
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > ids.shape[1]
-    assert isinstance(tok.decode(out[0, ids.shape[1]:]), str)
+    assert isinstance(tok.decode(out[0, ids.shape[1] :]), str)
     assert model.generation_config.eos_token_id == CONTROL_TOKENS["<_end>"]
     assert model.generation_config.pad_token_id == CONTROL_TOKENS["<_pad>"]
 

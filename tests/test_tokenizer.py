@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+from helpers import record_to_chat, with_system
 
 from telechat_lab.tokenizer import (
     CHAT_TEMPLATE,
@@ -111,81 +112,6 @@ def demo_records() -> list[dict]:
     return [record for path in files for record in _read_jsonl(path)]
 
 
-def record_to_chat(record: dict, info: dict) -> tuple[str, list[dict], list | None]:
-    """SPEC section 6, reduced to what the golden cases use: a record -> (system, messages, tools)."""
-    fmt = info.get("formatting", "alpaca")
-    columns = info.get("columns", {})
-    tools = None
-    if fmt == "alpaca":
-        c = {
-            "prompt": "instruction",
-            "query": "input",
-            "response": "output",
-            "system": "system",
-            "history": "history",
-            **columns,
-        }
-        system = record.get(c["system"]) or ""
-        messages = []
-        for query, answer in record.get(c["history"]) or []:
-            messages += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
-        prompt, query = record.get(c["prompt"]) or "", record.get(c["query"]) or ""
-        messages += [
-            {"role": "user", "content": prompt + ("\n" + query if query else "")},
-            {"role": "assistant", "content": record.get(c["response"]) or ""},
-        ]
-    elif fmt == "sharegpt":
-        c = {"messages": "conversations", "system": "system", "tools": "tools", **columns}
-        tags = {
-            "role_tag": "from",
-            "content_tag": "value",
-            "user_tag": "human",
-            "assistant_tag": "gpt",
-            "observation_tag": "observation",
-            "function_tag": "function_call",
-            "system_tag": "system",
-            **info.get("tags", {}),
-        }
-        system = record.get(c["system"]) or ""
-        tools = record.get(c["tools"]) or None
-        if isinstance(tools, str):
-            tools = json.loads(tools) if tools.strip() else None
-        messages = []
-        for i, turn in enumerate(record[c["messages"]]):
-            role, content = turn[tags["role_tag"]], turn[tags["content_tag"]]
-            if role == tags["system_tag"] and i == 0:
-                system = content
-            elif role == tags["user_tag"]:
-                messages.append({"role": "user", "content": content})
-            elif role == tags["assistant_tag"]:
-                messages.append({"role": "assistant", "content": content})
-            elif role == tags["observation_tag"]:
-                messages.append({"role": "tool", "content": content})
-            elif role == tags["function_tag"]:
-                calls = json.loads(content)
-                calls = calls if isinstance(calls, list) else [calls]
-                messages.append(
-                    {
-                        "role": "assistant",
-                        "content": "",
-                        "tool_calls": [{"type": "function", "function": call} for call in calls],
-                    }
-                )
-            else:
-                raise ValueError(f"unknown role {role!r}")
-    elif fmt == "telechat":
-        system = record.get("system") or ""
-        roles = {"user": "user", "bot": "assistant"}
-        messages = [{"role": roles[turn["role"]], "content": turn["content"]} for turn in record["dialog"]]
-    else:
-        raise ValueError(f"unknown format {fmt!r}")
-    return system, messages, tools
-
-
-def _chat(system: str, messages: list[dict]) -> list[dict]:
-    return ([{"role": "system", "content": system}] if system else []) + messages
-
-
 def _record_texts(record) -> list[str]:
     """Every string inside a raw record (its contents), for the raw-text exactness checks."""
     if isinstance(record, str):
@@ -221,7 +147,7 @@ TRICKY = [
     "混合 mixed 文本 text 123",
     "<_user without closing and <_bot> with one",
     "<_user><_bot><_end>",
-    "<tool_call>\n{\"name\": \"f\"}\n</tool_call>x<tool_response>\nok\n</tool_response>",
+    '<tool_call>\n{"name": "f"}\n</tool_call>x<tool_response>\nok\n</tool_response>',
     "<tool_call> spaced </tool_call><tool_call>",
     "<_control1> is text now, <tool_call is not a tag",
     'json: {"name": "get_weather", "arguments": {"city": "北京"}}',
@@ -337,7 +263,7 @@ def test_fast_equals_sentencepiece_on_demo_data(pair: Pair, demo_records):
     rendered = []
     for record in demo_records:
         system, messages, _ = record_to_chat(record, {"formatting": "telechat"})
-        rendered.append(tok.apply_chat_template(_chat(system, messages), tokenize=False))
+        rendered.append(tok.apply_chat_template(with_system(system, messages), tokenize=False))
     assert pair.fast(rendered) == [pair.reference(text) for text in rendered]
 
 
@@ -346,7 +272,7 @@ def test_fast_equals_sentencepiece_on_golden_case(real: Pair, case):
     system, messages, tools = record_to_chat(case["record"], case["dataset_info"])
     texts = _record_texts(case["record"])
     assert real.fast(texts) == [real.reference(t) for t in texts]
-    rendered = real.tok.apply_chat_template(_chat(system, messages), tools=tools, tokenize=False)
+    rendered = real.tok.apply_chat_template(with_system(system, messages), tools=tools, tokenize=False)
     assert real.fast([rendered]) == [real.reference(rendered)] == [case["expected"]["input_ids"]]
 
 
@@ -359,7 +285,7 @@ def test_fast_equals_sentencepiece_on_golden_case(real: Pair, case):
 def test_chat_template_matches_golden_case(real: Pair, case):
     tok, expected = real.tok, case["expected"]
     system, messages, tools = record_to_chat(case["record"], case["dataset_info"])
-    chat = _chat(system, messages)
+    chat = with_system(system, messages)
     assert chat[-1]["role"] == "assistant"
 
     prompt_ids = tok.apply_chat_template(chat[:-1], tools=tools, add_generation_prompt=True, tokenize=True)
@@ -566,8 +492,8 @@ for trust in (False, True):
     out[str(trust)] = {
         "class": type(tok).__name__,
         "texts": tok(probes["texts"], add_special_tokens=True)["input_ids"],
-        "chats": [[tok.apply_chat_template(m, tokenize=False, **kw), tok.apply_chat_template(m, return_dict=False, **kw)]
-                  for m, kw in probes["chats"]],
+        "chats": [[tok.apply_chat_template(m, tokenize=False, **kw),
+                   tok.apply_chat_template(m, return_dict=False, **kw)] for m, kw in probes["chats"]],
         "special": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id],
         "telechat_lab_imported": any(k.startswith("telechat_lab") and sys.modules[k] is not None for k in sys.modules),
     }

@@ -5,14 +5,13 @@ offline."""
 import csv
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
+from helpers import CONF, QUICK, REPO, compose_train, losses, run_train, train_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -20,34 +19,9 @@ from safetensors.torch import load_file
 from telechat_lab.config import ConfigError, TrainConfig, config_problems, validate
 from telechat_lab.errors import OutputDirError
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = str(REPO / "conf")
-# small and quick: 16 identity examples, batch 4 -> 4 steps an epoch, no validation unless asked
-QUICK = ["data.datasets=[identity]", "data.max_samples=16", "data.val_size=0", "data.batch_size=4",
-         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=csv"]
-
-
-def compose_train(overrides, tmp_path=None):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        extra = [f"output_dir={tmp_path}", f"data.cache_dir={tmp_path}/cache"] if tmp_path else []
-        return compose("train", overrides=list(overrides) + extra)
-
-
-def run_train(tmp_path, *overrides):
-    """train() as train.py runs it: the composed config and the command line's overrides."""
-    from telechat_lab.training.run import train
-
-    overrides = [*QUICK, *overrides, f"output_dir={tmp_path}", f"data.cache_dir={tmp_path}/cache"]
-    return train(compose_train(overrides), overrides)
-
 
 def typed(cfg) -> TrainConfig:
     return OmegaConf.to_object(cfg)
-
-
-def losses(out_dir, split="train"):
-    with open(Path(out_dir) / "loss_history.csv") as f:
-        return [float(r["loss"]) for r in csv.DictReader(f) if r["split"] == split]
 
 
 # ---------------------------------------------------------------- composition and validation
@@ -76,13 +50,18 @@ def test_reference_command_preset_reproduces_its_settings():
     assert "wandb" not in cfg.logger  # --report_to none
 
 
-@pytest.mark.parametrize("group,options", [
-    ("adapter", ["lora", "dora", "qlora", "full", "freeze"]),
-    ("hardware", ["auto", "cpu", "gpu", "ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload",
-                  "multinode"]),
-    ("model", ["tiny", "telechat2_3b", "telechat2_7b", "telechat2_35b", "telechat2_115b"]),
-    ("logger", ["csv", "tensorboard", "wandb", "none"]),
-])
+@pytest.mark.parametrize(
+    "group,options",
+    [
+        ("adapter", ["lora", "dora", "qlora", "full", "freeze"]),
+        (
+            "hardware",
+            ["auto", "cpu", "gpu", "ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "multinode"],
+        ),
+        ("model", ["tiny", "telechat2_3b", "telechat2_7b", "telechat2_35b", "telechat2_115b"]),
+        ("logger", ["csv", "tensorboard", "wandb", "none"]),
+    ],
+)
 def test_every_group_option_composes(group, options):
     for option in options:
         cfg = compose_train([f"{group}={option}"])
@@ -92,11 +71,22 @@ def test_every_group_option_composes(group, options):
 def test_deepspeed_arguments_and_overrides():
     from telechat_lab.training.strategy import deepspeed_arguments, trainer_arguments
 
-    cfg = typed(compose_train(["hardware=deepspeed_zero3_offload", "+hardware.deepspeed.overrides.zero_optimization"
-                               ".reduce_bucket_size=1000"]))
+    cfg = typed(
+        compose_train(
+            [
+                "hardware=deepspeed_zero3_offload",
+                "+hardware.deepspeed.overrides.zero_optimization.reduce_bucket_size=1000",
+            ]
+        )
+    )
     args = deepspeed_arguments(cfg.hardware.deepspeed, exclude_frozen=True)
-    assert args == {"stage": 3, "offload_optimizer": True, "offload_parameters": True, "pin_memory": True,
-                    "exclude_frozen_parameters": True}
+    assert args == {
+        "stage": 3,
+        "offload_optimizer": True,
+        "offload_parameters": True,
+        "pin_memory": True,
+        "exclude_frozen_parameters": True,
+    }
     pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
     strategy = trainer_arguments(cfg.hardware)["strategy"]
     zero = strategy.config["zero_optimization"]
@@ -105,14 +95,27 @@ def test_deepspeed_arguments_and_overrides():
 
 def test_config_errors_are_all_listed_at_once():
     # composed as train.py's command-line check does: onto the schema's untyped copy, so every bad value arrives
-    cfg = compose_train(["schema=train_unchecked", "adapter=full", "+adapter.quantization={bits:4}", "hardware=deepspeed_zero3",
-                         "+model.colour=blue", "optim.lr=fast", "+trainer.not_an_arg=1"])
+    cfg = compose_train(
+        [
+            "schema=train_unchecked",
+            "adapter=full",
+            "+adapter.quantization={bits:4}",
+            "hardware=deepspeed_zero3",
+            "+model.colour=blue",
+            "optim.lr=fast",
+            "+trainer.not_an_arg=1",
+        ]
+    )
     with pytest.raises(ConfigError) as err:
         validate(cfg, cuda_available=False)
     message = str(err.value)
-    for expected in ("model.colour: unknown key", "optim.lr='fast': expected a number",
-                     "trainer.not_an_arg: not an argument", "adapter.quantization with adapter.type=full",
-                     "DeepSpeed ZeRO-3 needs CUDA"):
+    for expected in (
+        "model.colour: unknown key",
+        "optim.lr='fast': expected a number",
+        "trainer.not_an_arg: not an argument",
+        "adapter.quantization with adapter.type=full",
+        "DeepSpeed ZeRO-3 needs CUDA",
+    ):
         assert expected in message, message
 
 
@@ -192,8 +195,7 @@ def test_freeze_trains_only_the_last_blocks(tmp_path):
 
 
 def test_logged_metrics_and_plots(tmp_path):
-    run_train(tmp_path, "trainer.max_steps=6", "data.val_size=4", "trainer.val_check_interval=3",
-              "logging_steps=2")
+    run_train(tmp_path, "trainer.max_steps=6", "data.val_size=4", "trainer.val_check_interval=3", "logging_steps=2")
     with open(tmp_path / "logs" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     columns = set(rows[0])
@@ -214,23 +216,17 @@ def test_checkpoints_every_save_steps(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000002.ckpt", "step-0000004.ckpt"]
 
 
-class StopAfter(L.Callback):
-    """Interrupts a run after `step` optimizer steps (as a crash or a pre-empted job would)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
-
-
 @pytest.mark.parametrize("stop_at", [3, 5])  # mid-epoch (4 batches an epoch) and in the second epoch
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, stop_at):
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_train(straight, "trainer.max_steps=8", "save_steps=1")
-    run_train(split, "trainer.max_steps=8", "save_steps=1", f"+callbacks.stop._target_={__name__}.StopAfter",
-              f"+callbacks.stop.step={stop_at}")
+    run_train(
+        split,
+        "trainer.max_steps=8",
+        "save_steps=1",
+        "+callbacks.stop._target_=helpers.StopAfter",
+        f"+callbacks.stop.step={stop_at}",
+    )
     assert len(losses(split)) == stop_at
     run_train(split, "trainer.max_steps=8", "save_steps=1", "resume=true", "+callbacks.stop=null")
     assert losses(split) == pytest.approx(losses(straight), abs=1e-5)
@@ -245,28 +241,41 @@ def test_resume_without_a_run_says_so(tmp_path):
 # ---------------------------------------------------------------- processes: DDP, multirun, wandb
 
 
-def _train_cli(args, cwd, timeout=600, env=None):
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tmp_path):
     out = tmp_path / "ddp"
-    proc = _train_cli([*QUICK, "hardware=ddp", "hardware.accelerator=cpu", "hardware.devices=2",
-                       "trainer.max_steps=3", f"output_dir={out}", f"data.cache_dir={tmp_path}/cache"], tmp_path)
+    proc = train_cli(
+        [
+            *QUICK,
+            "hardware=ddp",
+            "hardware.accelerator=cpu",
+            "hardware.devices=2",
+            "trainer.max_steps=3",
+            f"output_dir={out}",
+            f"data.cache_dir={tmp_path}/cache",
+        ],
+        tmp_path,
+    )
     assert (out / "adapter_model.safetensors").exists()
     history = losses(out)
     assert len(history) == 3
     assert "world_size=2" in proc.stdout + proc.stderr or "distributed_backend=gloo" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_multirun_writes_a_summary(tmp_path):
     sweep = tmp_path / "sweep"
-    _train_cli(["-m", *QUICK, "adapter=lora,dora", "trainer.max_steps=2", f"hydra.sweep.dir={sweep}",
-                f"data.cache_dir={tmp_path}/cache"], tmp_path)
+    train_cli(
+        [
+            "-m",
+            *QUICK,
+            "adapter=lora,dora",
+            "trainer.max_steps=2",
+            f"hydra.sweep.dir={sweep}",
+            f"data.cache_dir={tmp_path}/cache",
+        ],
+        tmp_path,
+    )
     with open(sweep / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2
@@ -276,11 +285,22 @@ def test_multirun_writes_a_summary(tmp_path):
     assert "| job |" in (sweep / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_writes_its_files(tmp_path):
     pytest.importorskip("wandb", reason="the wandb extra is not installed")
     out = tmp_path / "run"
-    _train_cli([*QUICK, "logger=wandb", "logger.wandb.offline=true", "trainer.max_steps=2", f"output_dir={out}",
-                f"data.cache_dir={tmp_path}/cache"], tmp_path, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    train_cli(
+        [
+            *QUICK,
+            "logger=wandb",
+            "logger.wandb.offline=true",
+            "trainer.max_steps=2",
+            f"output_dir={out}",
+            f"data.cache_dir={tmp_path}/cache",
+        ],
+        tmp_path,
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs, list(out.iterdir())
     records = next(runs[0].glob("run-*.wandb")).read_bytes()  # offline runs keep config and history here
@@ -288,11 +308,23 @@ def test_wandb_offline_run_writes_its_files(tmp_path):
         assert key in records, key  # the whole resolved config, the metrics, the project
 
 
+@pytest.mark.slow
 def test_optuna_search_minimises_validation_loss(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the sweep extra is not installed")
     sweep = tmp_path / "optuna"
-    _train_cli(["-m", *QUICK, "hparams_search=lora_optuna", "hydra.sweeper.n_trials=2", "trainer.max_steps=2",
-                "data.val_size=4", f"hydra.sweep.dir={sweep}", f"data.cache_dir={tmp_path}/cache"], tmp_path)
+    train_cli(
+        [
+            "-m",
+            *QUICK,
+            "hparams_search=lora_optuna",
+            "hydra.sweeper.n_trials=2",
+            "trainer.max_steps=2",
+            "data.val_size=4",
+            f"hydra.sweep.dir={sweep}",
+            f"data.cache_dir={tmp_path}/cache",
+        ],
+        tmp_path,
+    )
     results = (sweep / "optimization_results.yaml").read_text()
     assert "best_params" in results and "optim.lr" in results
     with open(sweep / "summary.csv") as f:
@@ -310,9 +342,20 @@ def test_slurm_launcher_preset_composes():
 
 
 def test_cli_lists_every_unknown_key_at_once(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "model.colour=blue", "adapter=dora",
-                           "adapter.rnak=4", "optim.lr=1e-4"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "model.colour=blue",
+            "adapter=dora",
+            "adapter.rnak=4",
+            "optim.lr=1e-4",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "model.colour: unknown key" in proc.stderr and "adapter.rnak: unknown key" in proc.stderr
     assert "optim.lr" not in proc.stderr  # a known key is not reported
@@ -322,10 +365,20 @@ def test_cli_lists_every_unknown_key_at_once(tmp_path):
 def test_packing_checkpointing_accumulation_and_schedule(tmp_path):
     """Packed rows, gradient checkpointing, accumulation 2, linear schedule with warmup, rsLoRA on a
     list of targets: it trains, and the learning rate warms up then decays."""
-    run_train(tmp_path, "data.packing=true", "data.cutoff_len=256", "data.batch_size=2", "data.max_samples=40",
-              "model.gradient_checkpointing=true", "trainer.accumulate_grad_batches=2", "optim.scheduler=linear",
-              "optim.warmup_steps=2", "adapter.rslora=true", "adapter.target=[query,key_value,down_proj]",
-              "trainer.max_steps=6")
+    run_train(
+        tmp_path,
+        "data.packing=true",
+        "data.cutoff_len=256",
+        "data.batch_size=2",
+        "data.max_samples=40",
+        "model.gradient_checkpointing=true",
+        "trainer.accumulate_grad_batches=2",
+        "optim.scheduler=linear",
+        "optim.warmup_steps=2",
+        "adapter.rslora=true",
+        "adapter.target=[query,key_value,down_proj]",
+        "trainer.max_steps=6",
+    )
     with open(tmp_path / "logs" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     lr_key = next(c for c in rows[0] if c.startswith("lr-"))
@@ -348,8 +401,13 @@ def test_tensorboard_logger_writes_events(tmp_path):
 def test_freeze_modules_to_save_by_name(tmp_path):
     from telechat_lab.resolve import model_dir
 
-    run_train(tmp_path, "adapter=freeze", "adapter.trainable_layers=1", "adapter.modules_to_save=[ln_f]",
-              "trainer.max_steps=2")
+    run_train(
+        tmp_path,
+        "adapter=freeze",
+        "adapter.trainable_layers=1",
+        "adapter.modules_to_save=[ln_f]",
+        "trainer.max_steps=2",
+    )
     base = load_file(model_dir(None) / "model.safetensors")
     tuned = load_file(tmp_path / "model.safetensors")
     assert not torch.equal(base["transformer.ln_f.weight"], tuned["transformer.ln_f.weight"])
@@ -359,8 +417,13 @@ def test_freeze_modules_to_save_by_name(tmp_path):
 
 
 def test_resume_keeps_the_interrupted_runs_metrics(tmp_path):
-    run_train(tmp_path, "trainer.max_steps=8", "save_steps=1", f"+callbacks.stop._target_={__name__}.StopAfter",
-              "+callbacks.stop.step=3")
+    run_train(
+        tmp_path,
+        "trainer.max_steps=8",
+        "save_steps=1",
+        "+callbacks.stop._target_=helpers.StopAfter",
+        "+callbacks.stop.step=3",
+    )
     first = (tmp_path / "logs" / "metrics.csv").read_text()
     run_train(tmp_path, "trainer.max_steps=8", "save_steps=1", "resume=true", "+callbacks.stop=null")
     assert (tmp_path / "logs" / "metrics.csv").read_text() == first
@@ -370,10 +433,20 @@ def test_resume_keeps_the_interrupted_runs_metrics(tmp_path):
 
 def test_default_run_prints_where_everything_is(tmp_path):
     out = tmp_path / "demo"
-    proc = _train_cli([f"output_dir={out}", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-                       f"data.cache_dir={tmp_path}/cache"], tmp_path)
-    for line in (f"adapter: {out}", f"loss plot:  {out / 'training_loss.png'}",
-                 f"metrics:    {out / 'logs' / 'metrics.csv'}"):
+    proc = train_cli(
+        [
+            f"output_dir={out}",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            f"data.cache_dir={tmp_path}/cache",
+        ],
+        tmp_path,
+    )
+    for line in (
+        f"adapter: {out}",
+        f"loss plot:  {out / 'training_loss.png'}",
+        f"metrics:    {out / 'logs' / 'metrics.csv'}",
+    ):
         assert line in proc.stdout
     assert (out / "training_loss.png").exists() and (out / "adapter_model.safetensors").exists()
 
@@ -383,17 +456,34 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
     assert metrics["steps"] == 3 and all(math.isfinite(x) for x in losses(tmp_path))
 
 
+@pytest.mark.slow
 def test_ddp_resume_reproduces_the_uninterrupted_run(tmp_path):
     """Two gloo processes: interrupted after 3 steps then resumed equals 6 steps straight (the data
     module shards and resumes the sample order itself)."""
-    ddp = [*QUICK, "hardware=ddp", "hardware.accelerator=cpu", "hardware.devices=2", "data.batch_size=2",
-           "trainer.max_steps=6", "save_steps=1", f"data.cache_dir={tmp_path}/cache"]
+    ddp = [
+        *QUICK,
+        "hardware=ddp",
+        "hardware.accelerator=cpu",
+        "hardware.devices=2",
+        "data.batch_size=2",
+        "trainer.max_steps=6",
+        "save_steps=1",
+        f"data.cache_dir={tmp_path}/cache",
+    ]
     env = {"PYTHONPATH": str(Path(__file__).parent)}
-    _train_cli([*ddp, f"output_dir={tmp_path / 'straight'}"], tmp_path, env=env)
-    _train_cli([*ddp, f"output_dir={tmp_path / 'split'}", "+callbacks.stop._target_=test_train.StopAfter",
-                "+callbacks.stop.step=3"], tmp_path, env=env)
+    train_cli([*ddp, f"output_dir={tmp_path / 'straight'}"], tmp_path, env=env)
+    train_cli(
+        [
+            *ddp,
+            f"output_dir={tmp_path / 'split'}",
+            "+callbacks.stop._target_=helpers.StopAfter",
+            "+callbacks.stop.step=3",
+        ],
+        tmp_path,
+        env=env,
+    )
     assert len(losses(tmp_path / "split")) == 3
-    _train_cli([*ddp, f"output_dir={tmp_path / 'split'}", "resume=true", "+callbacks.stop=null"], tmp_path, env=env)
+    train_cli([*ddp, f"output_dir={tmp_path / 'split'}", "resume=true", "+callbacks.stop=null"], tmp_path, env=env)
     assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "straight"), abs=1e-5)
 
 

@@ -20,10 +20,12 @@ def run_chat(settings) -> None:
     if settings.infer_backend == "vllm":
         engine = VLLMEngine(base, adapters, **asdict(settings.vllm))
     else:
-        engine = HuggingFaceEngine(base, adapters, settings.model.dtype, settings.model.attn_implementation,
-                                   settings.device)
-    session = ChatSession(engine, base, settings.system, settings.default_system, asdict(settings.generation),
-                          settings.max_input_tokens)
+        engine = HuggingFaceEngine(
+            base, adapters, settings.model.dtype, settings.model.attn_implementation, settings.device
+        )
+    session = ChatSession(
+        engine, base, settings.system, settings.default_system, asdict(settings.generation), settings.max_input_tokens
+    )
     if settings.input:
         batch(session, settings.input, settings.output)
     else:

@@ -16,8 +16,14 @@ from telechat_lab.tokenizer import EOS_ID, PAD_ID, visible_ids
 class HuggingFaceEngine:
     """transformers generate with a streamer; an adapter is applied with peft, without merging."""
 
-    def __init__(self, base: Path, adapters: list[Path], dtype: str = "auto", attn_implementation: str = "auto",
-                 device: str = "auto"):
+    def __init__(
+        self,
+        base: Path,
+        adapters: list[Path],
+        dtype: str = "auto",
+        attn_implementation: str = "auto",
+        device: str = "auto",
+    ):
         from telechat_lab.model.loading import load_model, resolve_attention, resolve_dtype
         from telechat_lab.tokenizer import load_tokenizer
 
@@ -53,8 +59,14 @@ class HuggingFaceEngine:
     def _generate(self, inputs, streamer, kwargs, errors):
         try:
             with torch.no_grad():
-                self.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
-                                    eos_token_id=EOS_ID, pad_token_id=PAD_ID, **kwargs)
+                self.model.generate(
+                    input_ids=inputs,
+                    attention_mask=torch.ones_like(inputs),
+                    streamer=streamer,
+                    eos_token_id=EOS_ID,
+                    pad_token_id=PAD_ID,
+                    **kwargs,
+                )
         except BaseException as err:  # noqa: BLE001 - handed to the caller
             errors.append(err)
             streamer.end()
@@ -77,34 +89,55 @@ def _answer_streamer(tokenizer):
 def generation_kwargs(generation: dict) -> dict:
     temperature = float(generation.get("temperature", 0.7))
     do_sample = bool(generation.get("do_sample", True)) and temperature > 0
-    kwargs = {"max_new_tokens": int(generation.get("max_new_tokens", 512)), "do_sample": do_sample,
-              "repetition_penalty": float(generation.get("repetition_penalty", 1.0))}
+    kwargs = {
+        "max_new_tokens": int(generation.get("max_new_tokens", 512)),
+        "do_sample": do_sample,
+        "repetition_penalty": float(generation.get("repetition_penalty", 1.0)),
+    }
     if do_sample:
-        kwargs.update(temperature=temperature, top_p=float(generation.get("top_p", 1.0)),
-                      top_k=int(generation.get("top_k", 50)))
+        kwargs.update(
+            temperature=temperature, top_p=float(generation.get("top_p", 1.0)), top_k=int(generation.get("top_k", 50))
+        )
     return kwargs
 
 
 class VLLMEngine:
     """vLLM offline engine; adapters through vLLM's LoRA support (no merge)."""
 
-    def __init__(self, base: Path, adapters: list[Path], max_model_len: int | None = None,
-                 gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1, max_lora_rank: int = 64,
-                 dtype: str = "auto"):
+    def __init__(
+        self,
+        base: Path,
+        adapters: list[Path],
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        tensor_parallel_size: int = 1,
+        max_lora_rank: int = 64,
+        dtype: str = "auto",
+    ):
         if len(adapters) > 1:
             raise ValueError("infer_backend=vllm serves one adapter; merge the others first (merge.py)")
         try:
             from vllm import LLM
         except ImportError as err:
-            raise ImportError("infer_backend=vllm needs vLLM: install the `vllm` extra "
-                              "(pip install 'telechat-lab[vllm]') on a CUDA machine") from err
+            raise ImportError(
+                "infer_backend=vllm needs vLLM: install the `vllm` extra "
+                "(pip install 'telechat-lab[vllm]') on a CUDA machine"
+            ) from err
         from telechat_lab.tokenizer import load_tokenizer
 
         config = json.loads((base / "config.json").read_text())
         self.max_length = max_model_len or config.get("training_seqlen", 8192)
-        self.llm = LLM(model=str(base), trust_remote_code=True, tokenizer=str(base), max_model_len=self.max_length,
-                       gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                       enable_lora=bool(adapters), max_lora_rank=max_lora_rank, dtype=dtype)
+        self.llm = LLM(
+            model=str(base),
+            trust_remote_code=True,
+            tokenizer=str(base),
+            max_model_len=self.max_length,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_lora=bool(adapters),
+            max_lora_rank=max_lora_rank,
+            dtype=dtype,
+        )
         self.adapters = adapters
         self.tokenizer = load_tokenizer(base)
 
@@ -114,9 +147,14 @@ class VLLMEngine:
         from vllm.lora.request import LoRARequest
 
         kw = generation_kwargs(generation)
-        params = SamplingParams(max_tokens=kw["max_new_tokens"], temperature=kw.get("temperature", 0.0),
-                                top_p=kw.get("top_p", 1.0), top_k=kw.get("top_k", -1),
-                                repetition_penalty=kw["repetition_penalty"], stop_token_ids=[EOS_ID])
+        params = SamplingParams(
+            max_tokens=kw["max_new_tokens"],
+            temperature=kw.get("temperature", 0.0),
+            top_p=kw.get("top_p", 1.0),
+            top_k=kw.get("top_k", -1),
+            repetition_penalty=kw["repetition_penalty"],
+            stop_token_ids=[EOS_ID],
+        )
         lora = LoRARequest("adapter", 1, str(self.adapters[0])) if self.adapters else None
         out = self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, lora_request=lora)
         # decoded here, not by vLLM (which drops every special token): the tool tags must reach the user

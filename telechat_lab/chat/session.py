@@ -27,8 +27,15 @@ class PromptTooLong(UserError):
 
 
 class ChatSession:
-    def __init__(self, engine, tokenizer_dir: Path, system: str | None = None, default_system: str | None = None,
-                 generation: dict | None = None, max_input_tokens: int | None = None):
+    def __init__(
+        self,
+        engine,
+        tokenizer_dir: Path,
+        system: str | None = None,
+        default_system: str | None = None,
+        generation: dict | None = None,
+        max_input_tokens: int | None = None,
+    ):
         self.engine = engine
         self.encoder = ChatEncoder(tokenizer_dir, TemplateOptions(cutoff_len=10**9, default_system=default_system))
         self.system = system
@@ -39,8 +46,9 @@ class ChatSession:
             max_input_tokens = max(1, model_length - int(self.generation.get("max_new_tokens", 0)))
         self.max_input_tokens = max_input_tokens
 
-    def prompt_ids(self, message: str, turns: list[tuple[str, str]] | None = None,
-                   system: str | None = None) -> tuple[list[int], int]:
+    def prompt_ids(
+        self, message: str, turns: list[tuple[str, str]] | None = None, system: str | None = None
+    ) -> tuple[list[int], int]:
         """(the prompt's ids, how many earliest turns were dropped to fit `max_input_tokens`)."""
         turns = self.turns if turns is None else turns
         system = self.system if system is None else system
@@ -48,15 +56,20 @@ class ChatSession:
             ids = self.encoder.prompt_ids(Conversation(system=system, turns=[*turns[dropped:], (message, None)]))
             if self.max_input_tokens is None or len(ids) <= self.max_input_tokens:
                 return ids, dropped
-        raise PromptTooLong(f"the message is {len(ids)} tokens with its system prompt, more than the "
-                            f"{self.max_input_tokens} the model takes as input (max_input_tokens)")
+        raise PromptTooLong(
+            f"the message is {len(ids)} tokens with its system prompt, more than the "
+            f"{self.max_input_tokens} the model takes as input (max_input_tokens)"
+        )
 
     def reply(self, message: str) -> Iterable[str]:
         """Streams the answer to `message` and records the turn."""
         ids, dropped = self.prompt_ids(message)
         if dropped:
-            print(f"(the conversation is too long for the model: its first {dropped} turn(s) are left out)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"(the conversation is too long for the model: its first {dropped} turn(s) are left out)",
+                file=sys.stderr,
+                flush=True,
+            )
         pieces = []
         for piece in self.engine.stream(ids, self.generation):
             pieces.append(piece)
@@ -82,8 +95,12 @@ def interactive(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO 
         try:
             line = _read_line(stdin)
         except UnicodeDecodeError as err:
-            print(f"That line is not UTF-8 text (byte {err.object[err.start]:#04x} at position {err.start}); "
-                  "please type it again.", file=stdout, flush=True)
+            print(
+                f"That line is not UTF-8 text (byte {err.object[err.start]:#04x} at position {err.start}); "
+                "please type it again.",
+                file=stdout,
+                flush=True,
+            )
             continue
         if line is None:  # end of input
             break
@@ -147,8 +164,10 @@ def _messages_item(record: dict, where: str, line: int) -> BatchItem:
             continue
         expected = "user" if len(parsed) % 2 == 0 else "assistant"
         if role != expected:
-            raise DataError(f"{spot}: expected a {expected} message here (user and assistant messages alternate, "
-                            "starting with the user)")
+            wanted = "a user message" if expected == "user" else "the assistant's reply"
+            raise DataError(
+                f"{spot}: expected {wanted} here (user and assistant messages alternate, starting with the user)"
+            )
         parsed.append((role, content))
     if not parsed or parsed[-1][0] != "user":
         raise DataError(f"{where}: 'messages' must end with the user message to answer")
@@ -176,8 +195,11 @@ def read_prompts(source: str, stdin: TextIO = sys.stdin) -> list[BatchItem]:
     {"instruction", "input"} / {"messages"}, each with an optional "system") or plain text, one prompt a line;
     `-` reads stdin. DataError names the line at fault."""
     name = "stdin" if source == "-" else source
-    raw = stdin.buffer.read() if source == "-" and hasattr(stdin, "buffer") else (
-        stdin.read() if source == "-" else Path(source).read_bytes())
+    raw = (
+        stdin.buffer.read()
+        if source == "-" and hasattr(stdin, "buffer")
+        else (stdin.read() if source == "-" else Path(source).read_bytes())
+    )
     if isinstance(raw, str):
         raw = raw.encode("utf-8")
     items = []
@@ -207,8 +229,9 @@ def read_prompts(source: str, stdin: TextIO = sys.stdin) -> list[BatchItem]:
     return items
 
 
-def batch(session: ChatSession, source: str, output: str | None, stdin: TextIO = sys.stdin,
-          stdout: TextIO = sys.stdout) -> int:
+def batch(
+    session: ChatSession, source: str, output: str | None, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout
+) -> int:
     """Answer every prompt of `source`; `output` is written only once every answer is there (a failure leaves
     an existing file as it was). Every line and every prompt's length is checked first."""
     from telechat_lab.files import atomic_open
@@ -222,8 +245,10 @@ def batch(session: ChatSession, source: str, output: str | None, stdin: TextIO =
             raise DataError(f"{source} line {item.line}: {err}") from err
     for item, (_, dropped) in zip(items, prompts):
         if dropped:
-            print(f"{source} line {item.line}: its first {dropped} turn(s) are left out to fit the model's length",
-                  file=sys.stderr)
+            print(
+                f"{source} line {item.line}: its first {dropped} turn(s) are left out to fit the model's length",
+                file=sys.stderr,
+            )
 
     def answer_all(out: TextIO) -> None:
         for n, (item, (ids, _)) in enumerate(zip(items, prompts), 1):

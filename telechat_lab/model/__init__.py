@@ -12,4 +12,11 @@ AutoConfig.register("telechat", Telechat2Config, exist_ok=True)
 AutoModel.register(Telechat2Config, Telechat2Model, exist_ok=True)
 AutoModelForCausalLM.register(Telechat2Config, Telechat2ForCausalLM, exist_ok=True)
 
-__all__ = ["DTYPES", "load_model", "Telechat2Config", "Telechat2ForCausalLM", "Telechat2Model", "Telechat2PreTrainedModel"]
+__all__ = [
+    "DTYPES",
+    "load_model",
+    "Telechat2Config",
+    "Telechat2ForCausalLM",
+    "Telechat2Model",
+    "Telechat2PreTrainedModel",
+]

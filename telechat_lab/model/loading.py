@@ -55,8 +55,9 @@ def load_model(directory: str | Path, dtype: torch.dtype, attn_implementation: s
 
     directory = Path(directory)
     try:
-        return Telechat2ForCausalLM.from_pretrained(str(directory), dtype=dtype,
-                                                    attn_implementation=attn_implementation, **kwargs)
+        return Telechat2ForCausalLM.from_pretrained(
+            str(directory), dtype=dtype, attn_implementation=attn_implementation, **kwargs
+        )
     except (ImportError, MemoryError, torch.cuda.OutOfMemoryError):
         raise
     except Exception:

@@ -357,9 +357,7 @@ class Telechat2Model(Telechat2PreTrainedModel):
 
         hidden_states = inputs_embeds
         for block in self.h:
-            hidden_states = block(
-                hidden_states, rope, attention_mask=causal_mask, cache=cache, **kwargs
-            )
+            hidden_states = block(hidden_states, rope, attention_mask=causal_mask, cache=cache, **kwargs)
         hidden_states = self.ln_f(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_OUT_CACHE: cache})
 

@@ -31,19 +31,24 @@ def quantization_config(adapter: AdapterConfig):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:
-        raise ImportError("adapter=qlora needs bitsandbytes: install the `qlora` extra "
-                          "(pip install 'telechat-lab[qlora]')") from err
+        raise ImportError(
+            "adapter=qlora needs bitsandbytes: install the `qlora` extra (pip install 'telechat-lab[qlora]')"
+        ) from err
     from transformers import BitsAndBytesConfig
 
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
-                              bnb_4bit_use_double_quant=quant.double_quant,
-                              bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype])
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+    )
 
 
-def apply_adapter(model: torch.nn.Module, adapter: AdapterConfig, gradient_checkpointing: bool = False
-                  ) -> torch.nn.Module:
+def apply_adapter(
+    model: torch.nn.Module, adapter: AdapterConfig, gradient_checkpointing: bool = False
+) -> torch.nn.Module:
     if adapter.type == "full":
         model.requires_grad_(True)
         return model

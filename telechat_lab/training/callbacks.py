@@ -16,8 +16,17 @@ from telechat_lab.data.packing import PAD_ID
 from telechat_lab.files import atomic_write_text
 
 # Dense bf16 peak of common GPUs (TFLOP/s), for MFU; hardware.peak_tflops overrides.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-               "A10": 125.0, "V100": 125.0, "4090": 165.0}
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "H800": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+    "V100": 125.0,
+    "4090": 165.0,
+}
 
 
 def peak_flops(override: float | None) -> float | None:
@@ -108,7 +117,11 @@ class LossPlot(L.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module):
         loss = trainer.callback_metrics.get("val_loss")
-        if loss is not None and not trainer.sanity_checking and (not self.val or self.val[-1][0] != trainer.global_step):
+        if (
+            loss is not None
+            and not trainer.sanity_checking
+            and (not self.val or self.val[-1][0] != trainer.global_step)
+        ):
             self.val.append((trainer.global_step, float(loss)))
 
     def write(self) -> None:

@@ -42,14 +42,16 @@ def trained_parameters_finite(module: torch.nn.Module) -> bool:
 
 
 class RunCheckpoints(L.Callback):
-    def __init__(self, output_dir: Path, base_dir: Path, run_id: str, save_steps: int, keep: int | None,
-                 resolved_config: str):
+    def __init__(
+        self, output_dir: Path, base_dir: Path, run_id: str, save_steps: int, keep: int | None, resolved_config: str
+    ):
         self.output_dir, self.base_dir = Path(output_dir), Path(base_dir).resolve()
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.run_id, self.save_steps, self.keep, self.resolved_config = run_id, save_steps, keep, resolved_config
         self.stop_signal: int | None = None  # the signal that stopped the run, once it has
         self._requested = 0
         self._last_saved = -1
+        self.final_saved = False
         self._previous_handlers: dict = {}
         self._tokenizer = None
 
@@ -60,13 +62,20 @@ class RunCheckpoints(L.Callback):
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self._requested = signum
-        log.warning("received %s: finishing this step, then writing a resumable checkpoint and stopping%s",
-                    signal.Signals(signum).name, " (Ctrl+C again to abort)" if signum == signal.SIGINT else "")
+        log.warning(
+            "received %s: finishing this step, then writing a resumable checkpoint and stopping%s",
+            signal.Signals(signum).name,
+            " (Ctrl+C again to abort)" if signum == signal.SIGINT else "",
+        )
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             remove_stale_temporaries(self.checkpoint_dir)
             remove_stale_temporaries(self.output_dir)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # installed after Lightning's own SIGTERM handler (which would end the run at once, exit code 0, without a
+        # checkpoint) and in its place; every rank learns of a stop through _stop_requested at the same step
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
@@ -109,8 +118,10 @@ class RunCheckpoints(L.Callback):
 
     def save(self, trainer, pl_module, step: int) -> None:
         if not trained_parameters_finite(pl_module.model):
-            raise NonFiniteLoss(f"a trained parameter is NaN or infinite at step {step}: nothing of it was saved; "
-                                f"the last good checkpoint is step {self._last_saved if self._last_saved > 0 else 'none'}")
+            raise NonFiniteLoss(
+                f"a trained parameter is NaN or infinite at step {step}: nothing of it was saved; "
+                f"the last good checkpoint is step {self._last_saved if self._last_saved > 0 else 'none'}"
+            )
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         final = self.checkpoint_dir / f"step-{step:07d}.ckpt"
         staging = self.checkpoint_dir / f"{TEMP_PREFIX}{final.name}"
@@ -124,10 +135,16 @@ class RunCheckpoints(L.Callback):
         self._last_saved = step
 
     def on_train_end(self, trainer, pl_module) -> None:
-        """The finished run's adapter (or model) in the output directory itself; not for a stopped run."""
-        if self.stop_signal is None and trainer.is_global_zero:
+        self.save_final(trainer, pl_module)
+
+    def save_final(self, trainer, pl_module) -> None:
+        """The finished run's adapter (or model) in the output directory itself; not for a stopped run. Also
+        called after fit: a run resumed from a checkpoint of its last step trains nothing, and Lightning then
+        calls no on_train_end."""
+        if self.stop_signal is None and not self.final_saved and trainer.is_global_zero:
             with staged_files(self.output_dir) as directory:
                 self.save_pretrained(pl_module, directory)
+        self.final_saved = True
 
     def save_pretrained(self, pl_module, directory: Path) -> None:
         """A PEFT adapter naming its base by absolute path, or for full / freeze fine-tuning a HF checkpoint
@@ -151,7 +168,7 @@ class RunCheckpoints(L.Callback):
             return
         for pattern, directory in ((STEP_FILE, self.checkpoint_dir), (HF_DIR, self.output_dir)):
             found = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := pattern.match(p.name)))
-            for _, path in found[:-self.keep]:
+            for _, path in found[: -self.keep]:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
@@ -192,11 +209,16 @@ def newest_checkpoint(checkpoint_dir: Path, run_id: str) -> Path | None:
         try:
             meta = _checkpoint_meta(path)
         except Exception as err:
-            log.warning("skipping %s: it cannot be read (%s); falling back to an earlier checkpoint", path,
-                        str(err).splitlines()[0] if str(err) else type(err).__name__)
+            log.warning(
+                "skipping %s: it cannot be read (%s); falling back to an earlier checkpoint",
+                path,
+                str(err).splitlines()[0] if str(err) else type(err).__name__,
+            )
             continue
         if meta["run_id"] not in (None, run_id):
-            raise CheckpointError(f"{path} belongs to another run (its settings differ from "
-                                  f"{checkpoint_dir.parent / 'config.yaml'}); move it away or resume its own run")
+            raise CheckpointError(
+                f"{path} belongs to another run (its settings differ from "
+                f"{checkpoint_dir.parent / 'config.yaml'}); move it away or resume its own run"
+            )
         found.append((meta["step"], path))
     return max(found)[1] if found else None

@@ -30,7 +30,7 @@ class ResumableRandomSampler(Sampler[int]):
 
     def __iter__(self):
         order = np.random.default_rng(self.seed + self.epoch).permutation(self.n)
-        order = np.resize(order, self.per_rank * self.world)[self.rank::self.world]
+        order = np.resize(order, self.per_rank * self.world)[self.rank :: self.world]
         start = 0
         if self.resume is not None:  # only the interrupted epoch starts part-way
             epoch, consumed = self.resume
@@ -77,9 +77,14 @@ class TelechatDataModule(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         self.sampler = ResumableRandomSampler(len(self.train_set), self.cfg.seed, rank, world)
         self._apply_resume()
-        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, collate_fn=self.collator(),
-                          sampler=self.sampler, num_workers=self.cfg.dataloader_num_workers,
-                          generator=torch.Generator().manual_seed(0))
+        return DataLoader(
+            self.train_set,
+            batch_size=self.cfg.batch_size,
+            collate_fn=self.collator(),
+            sampler=self.sampler,
+            num_workers=self.cfg.dataloader_num_workers,
+            generator=torch.Generator().manual_seed(0),
+        )
 
     def val_dataloader(self):
         if self.val_set is None:
@@ -88,10 +93,16 @@ class TelechatDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.world_size > 1:
             from torch.utils.data import DistributedSampler
 
-            sampler = DistributedSampler(self.val_set, num_replicas=self.trainer.world_size,
-                                         rank=self.trainer.global_rank, shuffle=False)
-        return DataLoader(self.val_set, batch_size=self.cfg.eval_batch_size, collate_fn=self.collator(),
-                          sampler=sampler, num_workers=self.cfg.dataloader_num_workers)
+            sampler = DistributedSampler(
+                self.val_set, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+            )
+        return DataLoader(
+            self.val_set,
+            batch_size=self.cfg.eval_batch_size,
+            collate_fn=self.collator(),
+            sampler=sampler,
+            num_workers=self.cfg.dataloader_num_workers,
+        )
 
     def state_dict(self) -> dict:
         if self.trainer is None:

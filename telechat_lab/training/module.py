@@ -26,13 +26,21 @@ def load_base_model(model_dir: Path, model: ModelConfig, adapter: AdapterConfig,
         kwargs["quantization_config"] = quant
         if getattr(quant, "load_in_4bit", False):
             dtype = quant.bnb_4bit_compute_dtype
-    return load_model(model_dir, dtype, resolve_attention(model.attn_implementation, torch.cuda.is_available()),
-                      **kwargs)
+    return load_model(
+        model_dir, dtype, resolve_attention(model.attn_implementation, torch.cuda.is_available()), **kwargs
+    )
 
 
 class TelechatLitModule(L.LightningModule):
-    def __init__(self, model_dir: str | Path, model: ModelConfig, adapter: AdapterConfig, optim: OptimConfig,
-                 nan_policy: str = "stop", nan_max_skips: int = 10):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        model: ModelConfig,
+        adapter: AdapterConfig,
+        optim: OptimConfig,
+        nan_policy: str = "stop",
+        nan_max_skips: int = 10,
+    ):
         super().__init__()
         self.model_dir = Path(model_dir)
         self.model_cfg, self.adapter_cfg, self.optim_cfg = model, adapter, optim
@@ -67,8 +75,7 @@ class TelechatLitModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         loss = self.model(**batch).loss
-        self.log("val_loss", loss, on_epoch=True, prog_bar=True, sync_dist=True,
-                 batch_size=batch["input_ids"].shape[0])
+        self.log("val_loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     def on_before_optimizer_step(self, optimizer):
         # torch's foreach norm, not lightning's grad_norm: that one turns every parameter's norm into a Python
@@ -93,15 +100,22 @@ class TelechatLitModule(L.LightningModule):
     def _non_finite(self, what: str, value: torch.Tensor) -> None:
         step = self.trainer.global_step + 1
         if self.nan_policy == "stop" or self.skipped_steps >= self.nan_max_skips:
-            why = ("nan_policy=stop" if self.nan_policy == "stop"
-                   else f"{self.skipped_steps} steps were skipped already (nan_max_skips={self.nan_max_skips})")
-            raise NonFiniteLoss(f"the {what} is {float(value)} at step {step} ({why}): training stopped and nothing "
-                                "of this step was saved; the checkpoints written before it are intact. A lower "
-                                "optim.lr, more optim.warmup_steps or trainer.gradient_clip_val usually help; "
-                                "nan_policy=skip skips such steps")
+            why = (
+                "nan_policy=stop"
+                if self.nan_policy == "stop"
+                else f"{self.skipped_steps} steps were skipped already (nan_max_skips={self.nan_max_skips})"
+            )
+            raise NonFiniteLoss(
+                f"the {what} is {float(value)} at step {step} ({why}): training stopped and nothing "
+                "of this step was saved; the checkpoints written before it are intact. A lower "
+                "optim.lr, more optim.warmup_steps or trainer.gradient_clip_val usually help; "
+                "nan_policy=skip skips such steps"
+            )
         self.skipped_steps += 1
-        self.print(f"skipping step {step}: the {what} is {float(value)} (nan_policy=skip, "
-                   f"{self.skipped_steps} of at most {self.nan_max_skips})")
+        self.print(
+            f"skipping step {step}: the {what} is {float(value)} (nan_policy=skip, "
+            f"{self.skipped_steps} of at most {self.nan_max_skips})"
+        )
         return None
 
     def configure_optimizers(self):
@@ -121,8 +135,9 @@ class TelechatLitModule(L.LightningModule):
         extra = {}
         if name == "cosine" and opt.min_lr_ratio:
             name, extra = "cosine_with_min_lr", {"min_lr_rate": opt.min_lr_ratio}
-        scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total,
-                                  scheduler_specific_kwargs=extra)
+        scheduler = get_scheduler(
+            name, optimizer, num_warmup_steps=warmup, num_training_steps=total, scheduler_specific_kwargs=extra
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint):

@@ -37,6 +37,11 @@ def launched_worker() -> bool:
     return any(os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "NODE_RANK", "RANK"))
 
 
+def requeued_by_slurm() -> bool:
+    """SLURM started this job again (after `scontrol requeue`): the same command continues its own run."""
+    return os.environ.get("SLURM_RESTART_COUNT", "0") != "0"
+
+
 def hydra_overrides() -> list[str]:
     """The command line's overrides when running under @hydra.main (else none)."""
     try:
@@ -109,8 +114,12 @@ def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None) -> Run:
 
     worker = launched_worker()
     resume = bool(values["resume"])
-    if not resume and os.environ.get("SLURM_RESTART_COUNT", "0") != "0" and not worker \
-            and read_run_record(output_dir).get("run_id") == run_id(values):
+    if (
+        not resume
+        and requeued_by_slurm()
+        and not worker
+        and read_run_record(output_dir).get("run_id") == run_id(values)
+    ):
         log.warning("SLURM requeued this job: resuming the run in %s", output_dir)
         resume = values["resume"] = True
     if not worker:
@@ -125,8 +134,10 @@ def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None) -> Run:
     if resume:
         checkpoint = newest_checkpoint(output_dir / "checkpoints", identity)
         if checkpoint is None:
-            raise OutputDirError(f"resume=true: no readable checkpoint in {output_dir / 'checkpoints'} (the run "
-                                 "stopped before its first one); start it again with overwrite=true")
+            raise OutputDirError(
+                f"resume=true: no readable checkpoint in {output_dir / 'checkpoints'} (the run "
+                "stopped before its first one); start it again with overwrite=true"
+            )
     if not worker:
         if values["overwrite"] and run_files(output_dir):
             clear_run(output_dir)
@@ -166,19 +177,37 @@ def build(run: Run) -> None:
     loggers = [hydra.utils.instantiate(v) for v in logger_cfgs]
     for logger in loggers:
         logger.log_hyperparams(run.values)
-    checkpoints = RunCheckpoints(run.output_dir, run.model_dir, run.run_id, s.save_steps, s.save_total_limit,
-                                 OmegaConf.to_yaml(OmegaConf.create(run.values)))
+    checkpoints = RunCheckpoints(
+        run.output_dir,
+        run.model_dir,
+        run.run_id,
+        s.save_steps,
+        s.save_total_limit,
+        OmegaConf.to_yaml(OmegaConf.create(run.values)),
+    )
     plot = LossPlot(run.output_dir, s.plot_loss)
     callbacks = [hydra.utils.instantiate(v) for v in (s.callbacks or {}).values() if v is not None]
     # the checkpoints last: what they save includes the other callbacks' record of the step just finished
     callbacks += [ThroughputMonitor(s.logging_steps, s.hardware.peak_tflops), plot, checkpoints]
     hardware = trainer_arguments(s.hardware, exclude_frozen=s.adapter.type != "full")
-    trainer = L.Trainer(**s.trainer, **hardware, logger=loggers, callbacks=callbacks,
-                        log_every_n_steps=s.logging_steps, default_root_dir=str(run.output_dir),
-                        enable_checkpointing=False,  # RunCheckpoints writes them (atomically, pruned)
-                        use_distributed_sampler=False)  # the data module shards (resumably) itself
-    run.parts = {"datamodule": datamodule, "module": module, "trainer": trainer, "loggers": loggers,
-                 "checkpoints": checkpoints, "plot": plot}
+    trainer = L.Trainer(
+        **s.trainer,
+        **hardware,
+        logger=loggers,
+        callbacks=callbacks,
+        log_every_n_steps=s.logging_steps,
+        default_root_dir=str(run.output_dir),
+        enable_checkpointing=False,  # RunCheckpoints writes them (atomically, pruned)
+        use_distributed_sampler=False,
+    )  # the data module shards (resumably) itself
+    run.parts = {
+        "datamodule": datamodule,
+        "module": module,
+        "trainer": trainer,
+        "loggers": loggers,
+        "checkpoints": checkpoints,
+        "plot": plot,
+    }
 
 
 def fit(run: Run) -> None:
@@ -188,6 +217,7 @@ def fit(run: Run) -> None:
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.checkpoint) if run.checkpoint else None)
     if run.parts["checkpoints"].stop_signal is not None:
         return
+    run.parts["checkpoints"].save_final(trainer, module)
     validating = datamodule.val_set is not None and trainer.limit_val_batches != 0
     if validating and (not plot.val or plot.val[-1][0] != trainer.global_step):
         trainer.validate(module, datamodule=datamodule, verbose=False)  # LossPlot records it
@@ -202,10 +232,14 @@ def report(run: Run) -> dict:
 
     trainer, plot, module = run.parts["trainer"], run.parts["plot"], run.parts["module"]
     stopped = run.parts["checkpoints"].stop_signal
-    metrics = {"train_loss": plot.train[-1][1] if plot.train else None,
-               "val_loss": plot.val[-1][1] if plot.val else None, "steps": trainer.global_step,
-               "skipped_steps": module.skipped_steps, "status": "completed" if stopped is None else "stopped",
-               "output_dir": str(run.output_dir)}
+    metrics = {
+        "train_loss": plot.train[-1][1] if plot.train else None,
+        "val_loss": plot.val[-1][1] if plot.val else None,
+        "steps": trainer.global_step,
+        "skipped_steps": module.skipped_steps,
+        "status": "completed" if stopped is None else "stopped",
+        "output_dir": str(run.output_dir),
+    }
     if not trainer.is_global_zero:
         return metrics
     plot.write()
@@ -213,18 +247,20 @@ def report(run: Run) -> dict:
         write_json(run.output_dir / "final_metrics.json", {k: v for k, v in metrics.items() if k != "output_dir"})
     report = run.parts["datamodule"].report
     adapter = run.settings.adapter.type in ("lora", "dora", "qlora")
-    lines = [f"trained {module.n_trainable:,} of {module.n_params:,} parameters for {trainer.global_step} steps "
-             f"on {report.get('train', {}).get('examples')} examples"
-             + (f" (packing efficiency {report['packing_efficiency']:.1%})" if "packing_efficiency" in report
-                else ""),
-             f"final train loss {_fmt(metrics['train_loss'])}, validation loss {_fmt(metrics['val_loss'])}"
-             + (f", {module.skipped_steps} steps skipped (nan_policy=skip)" if module.skipped_steps else ""),
-             f"{'adapter' if adapter else 'model'}: {run.output_dir}" if stopped is None
-             else f"stopped at step {trainer.global_step}: the checkpoint to continue from is in "
-                  f"{run.output_dir / 'checkpoints'}",
-             f"loss plot:  {run.output_dir / 'training_loss.png'}",
-             f"metrics:    {csv_log_dir(run.parts['loggers'], run.output_dir) / 'metrics.csv'}",
-             f"resume:     python train.py output_dir={run.output_dir} resume=true"]
+    lines = [
+        f"trained {module.n_trainable:,} of {module.n_params:,} parameters for {trainer.global_step} steps "
+        f"on {report.get('train', {}).get('examples')} examples"
+        + (f" (packing efficiency {report['packing_efficiency']:.1%})" if "packing_efficiency" in report else ""),
+        f"final train loss {_fmt(metrics['train_loss'])}, validation loss {_fmt(metrics['val_loss'])}"
+        + (f", {module.skipped_steps} steps skipped (nan_policy=skip)" if module.skipped_steps else ""),
+        f"{'adapter' if adapter else 'model'}: {run.output_dir}"
+        if stopped is None
+        else f"stopped at step {trainer.global_step}: the checkpoint to continue from is in "
+        f"{run.output_dir / 'checkpoints'}",
+        f"loss plot:  {run.output_dir / 'training_loss.png'}",
+        f"metrics:    {csv_log_dir(run.parts['loggers'], run.output_dir) / 'metrics.csv'}",
+        f"resume:     python train.py output_dir={run.output_dir} resume=true",
+    ]
     print("\n" + "\n".join(lines), flush=True)
     return metrics
 
@@ -248,10 +284,16 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
     if cfg is None or launched_worker() or {"-m", "--multirun"} & set(argv) or cfg.get("hydra", {}).get("mode"):
         return  # sweep jobs have directories of their own: each job checks its own
     values = config_values(cfg)
+    if requeued_by_slurm() and not values["resume"]:
+        return  # prepare() resumes the run when it is this command's own, and refuses otherwise
     with reported():
         protected = {"model.path": model_dir(values["model"]["path"])} if values["model"]["path"] else {}
-        check_output_dir(resolve_output_dir(values["output_dir"]), resume=values["resume"],
-                         overwrite=values["overwrite"], protected=protected)
+        check_output_dir(
+            resolve_output_dir(values["output_dir"]),
+            resume=values["resume"],
+            overwrite=values["overwrite"],
+            protected=protected,
+        )
     sys.stdout.flush()
 
 
@@ -267,7 +309,10 @@ def train(cfg: DictConfig | dict, overrides: list[str] | None = None) -> dict:
     metrics = report(run)
     stopped = run.parts["checkpoints"].stop_signal
     if stopped is not None:
-        raise Interrupted(f"stopped by {signal.Signals(stopped).name} after step {metrics['steps']}: a resumable "
-                          f"checkpoint is in {run.output_dir / 'checkpoints'}; continue with "
-                          f"python train.py output_dir={run.output_dir} resume=true", stopped)
+        raise Interrupted(
+            f"stopped by {signal.Signals(stopped).name} after step {metrics['steps']}: a resumable "
+            f"checkpoint is in {run.output_dir / 'checkpoints'}; continue with "
+            f"python train.py output_dir={run.output_dir} resume=true",
+            stopped,
+        )
     return metrics

@@ -60,8 +60,11 @@ def _leaves(value: Any, prefix: str) -> dict[str, Any]:
 
 def run_identity(values: dict) -> dict:
     """The settings that define a run (every leaf whose change would make it another run)."""
-    return {path: value for path, value in sorted(_leaves(values, "").items())
-            if path.split(".")[0] != "hydra" and on_resume(path) == "fixed"}
+    return {
+        path: value
+        for path, value in sorted(_leaves(values, "").items())
+        if path.split(".")[0] != "hydra" and on_resume(path) == "fixed"
+    }
 
 
 def run_id(values: dict) -> str:
@@ -161,24 +164,32 @@ def check_output_dir(directory: Path, *, resume: bool, overwrite: bool, protecte
     for name, path in protected.items():
         relation = _relation(directory, path.resolve())
         if relation:
-            raise OutputDirError(f"output_dir={directory} {relation} {name}={path}: choose an output_dir outside it "
-                                 "(nothing was written)")
+            raise OutputDirError(
+                f"output_dir={directory} {relation} {name}={path}: choose an output_dir outside it "
+                "(nothing was written)"
+            )
     used = run_files(directory)
     if resume:
         if not (directory / RUN_RECORD).is_file() and not (directory / CONFIG_FILE).is_file():
-            raise OutputDirError(f"resume=true but output_dir={directory} holds no run to continue "
-                                 f"({'it does not exist' if not directory.exists() else 'no run.json or config.yaml'})")
+            raise OutputDirError(
+                f"resume=true but output_dir={directory} holds no run to continue "
+                f"({'it does not exist' if not directory.exists() else 'no run.json or config.yaml'})"
+            )
         return
     if not used:
         return
     listed = ", ".join(used[:6]) + (", ..." if len(used) > 6 else "")
     if not overwrite:
-        raise OutputDirError(f"output_dir={directory} already holds a run ({listed}). Continue it with resume=true, "
-                             "start it again with overwrite=true (which deletes it), or choose another output_dir; "
-                             "nothing was written")
+        raise OutputDirError(
+            f"output_dir={directory} already holds a run ({listed}). Continue it with resume=true, "
+            "start it again with overwrite=true (which deletes it), or choose another output_dir; "
+            "nothing was written"
+        )
     if not (directory / RUN_RECORD).is_file() and not (directory / CONFIG_FILE).is_file():
-        raise OutputDirError(f"overwrite=true: output_dir={directory} is not empty ({listed}) and was not written by "
-                             "telechat-lab; remove it yourself or choose another output_dir")
+        raise OutputDirError(
+            f"overwrite=true: output_dir={directory} is not empty ({listed}) and was not written by "
+            "telechat-lab; remove it yourself or choose another output_dir"
+        )
 
 
 def clear_run(directory: Path) -> None:
@@ -189,8 +200,12 @@ def clear_run(directory: Path) -> None:
 
 
 def write_run_record(directory: Path, values: dict, overrides: list[str]) -> dict:
-    record = {"run_id": run_id(values), "overrides": list(overrides),
-              "created": datetime.now().isoformat(timespec="seconds"), "pid": os.getpid()}
+    record = {
+        "run_id": run_id(values),
+        "overrides": list(overrides),
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "pid": os.getpid(),
+    }
     write_json(directory / RUN_RECORD, record)
     return record
 
@@ -234,7 +249,10 @@ def resumed_settings(directory: Path, given: dict, overrides: list[str]) -> dict
     saved = saved_settings(directory)
     merged, refused = resume_changes(saved, given, explicit_keys(overrides))
     if refused:
-        raise ConfigError("resume=true continues the run as it was set up; these settings would change it:\n  - "
-                          + "\n  - ".join(refused) + "\nstart a new run (another output_dir) to change them")
+        raise ConfigError(
+            "resume=true continues the run as it was set up; these settings would change it:\n  - "
+            + "\n  - ".join(refused)
+            + "\nstart a new run (another output_dir) to change them"
+        )
     merged["output_dir"], merged["resume"], merged["overwrite"] = str(directory), True, False
     return merged

@@ -21,8 +21,13 @@ def deepspeed_arguments(ds: DeepSpeedConfig, exclude_frozen: bool) -> dict:
     """DeepSpeedStrategy's own arguments for the group (it builds the DeepSpeed config from them; batch size,
     accumulation, clipping and precision are Lightning's, from trainer.* and hardware.precision)."""
     offload = ds.offload_optimizer or ds.offload_params
-    return {"stage": ds.stage, "offload_optimizer": ds.offload_optimizer, "offload_parameters": ds.offload_params,
-            "pin_memory": offload, "exclude_frozen_parameters": exclude_frozen}
+    return {
+        "stage": ds.stage,
+        "offload_optimizer": ds.offload_optimizer,
+        "offload_parameters": ds.offload_params,
+        "pin_memory": offload,
+        "exclude_frozen_parameters": exclude_frozen,
+    }
 
 
 def trainer_arguments(hardware: HardwareConfig, exclude_frozen: bool = False) -> dict:
@@ -31,8 +36,12 @@ def trainer_arguments(hardware: HardwareConfig, exclude_frozen: bool = False) ->
     devices = hardware.devices
     if devices == "auto" and not on_gpu:
         devices = 1
-    args = {"accelerator": "gpu" if on_gpu else "cpu", "devices": devices, "num_nodes": hardware.num_nodes,
-            "precision": resolve_precision(hardware, on_gpu)}
+    args = {
+        "accelerator": "gpu" if on_gpu else "cpu",
+        "devices": devices,
+        "num_nodes": hardware.num_nodes,
+        "precision": resolve_precision(hardware, on_gpu),
+    }
     timeout = timedelta(seconds=hardware.ddp_timeout)
     if hardware.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
@@ -43,8 +52,11 @@ def trainer_arguments(hardware: HardwareConfig, exclude_frozen: bool = False) ->
         from lightning.pytorch.strategies import DeepSpeedStrategy
         from omegaconf import OmegaConf
 
-        strategy = DeepSpeedStrategy(**deepspeed_arguments(hardware.deepspeed, exclude_frozen), timeout=timeout,
-                                     process_group_backend=hardware.process_group_backend)
+        strategy = DeepSpeedStrategy(
+            **deepspeed_arguments(hardware.deepspeed, exclude_frozen),
+            timeout=timeout,
+            process_group_backend=hardware.process_group_backend,
+        )
         if hardware.deepspeed.overrides:  # merged into the config DeepSpeedStrategy generated
             strategy.config = OmegaConf.to_container(OmegaConf.merge(strategy.config, hardware.deepspeed.overrides))
         args["strategy"] = strategy
