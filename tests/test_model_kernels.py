@@ -1,5 +1,6 @@
 """Training-speed paths of the native model, checked against the plain ones on CPU: the chunked
-cross-entropy (no [tokens, vocab] fp32 logits in training)."""
+cross-entropy (no [tokens, vocab] fp32 logits in training) and transformers' flex_attention (a block
+mask built from the packed documents' restarting positions instead of a dense [T, T] mask)."""
 
 import weakref
 
@@ -9,12 +10,14 @@ import torch.nn.functional as F
 from conftest import shared_path
 from safetensors.torch import load_file
 from test_model import small_model
+from torch.nn.attention.flex_attention import BlockMask
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from telechat_lab.model import Telechat2Config, Telechat2ForCausalLM
 
 GOLDEN_CASES = ["tiny_gqa", "tiny_mha"]
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
 def _ids(*shape, seed=0) -> torch.Tensor:
@@ -167,4 +170,126 @@ def test_chunked_loss_matches_reference_golden(case):
     with torch.no_grad():
         out = model(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"],
                     labels=expected["labels"], return_logits=False)
+    assert abs(out.loss.item() - expected["loss"].item()) < 1e-5
+
+
+# ---------------------------------------------------------------- flex attention
+
+
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """flex_attention without torch.compile. transformers compiles it (and the block mask builder) with
+    inductor, 5-10 s per new shape on CPU; eager flex computes the same masked attention from the same
+    block mask. torch.compile reads TORCHDYNAMO_DISABLE when called, and transformers compiles flex once
+    per process and keeps it: this file's flex tests all take the fixture, so whichever runs first
+    decides."""
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+
+
+def _logits(model, **batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _documents(lengths, seed=0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 256, (n,), generator=g) for n in lengths]
+
+
+def _attention_masks(model, **batch) -> list:
+    """The mask each attention layer receives."""
+    seen = []
+
+    def record(_module, _args, kwargs):
+        seen.append(kwargs["attention_mask"])
+
+    hooks = [block.self_attention.register_forward_pre_hook(record, with_kwargs=True) for block in model.transformer.h]
+    try:
+        _logits(model, **batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def test_flex_packed_row_equals_documents_alone(eager_flex):
+    """Each document of a packed row (the 40-token one past training_seqlen, so with its own NTK RoPE)
+    gets the logits it gets alone, whether the boundaries come from position_ids or cu_seqlens."""
+    model = small_model(attn="flex_attention")
+    docs = _documents([7, 40, 12])
+    row = torch.cat(docs)[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    alone = torch.cat([_logits(model, input_ids=d[None])[0] for d in docs])
+    by_positions = _logits(model, input_ids=row, position_ids=positions)[0]
+    by_cu = _logits(model, input_ids=row, cu_seqlens=torch.tensor([0, 7, 47, 59], dtype=torch.int32))[0]
+    assert (by_positions - alone).abs().max() < 1e-5
+    assert (by_cu - alone).abs().max() < 1e-5
+    assert (_logits(model, input_ids=row)[0] - alone).abs().max() > 1e-5  # without boundaries: different
+    model.config._attn_implementation = "sdpa"
+    assert (_logits(model, input_ids=row, position_ids=positions)[0] - alone).abs().max() < 1e-5
+
+
+def test_flex_gets_a_block_mask_where_sdpa_gets_a_dense_one(eager_flex):
+    """The packed documents reach transformers' mask builder: flex gets a BlockMask, sdpa [B, 1, T, T]."""
+    model = small_model(attn="flex_attention")
+    positions = torch.cat([torch.arange(n) for n in (5, 9, 10)])[None]
+    batch = {"input_ids": _ids(1, 24), "position_ids": positions}
+    masks = _attention_masks(model, **batch)
+    assert len(masks) == 2 and all(isinstance(m, BlockMask) for m in masks)
+    model.config._attn_implementation = "sdpa"
+    assert _attention_masks(model, **batch)[0].shape == (1, 1, 24, 24)
+
+
+@pytest.mark.parametrize("kind", ["plain", "right_padded", "left_padded"])
+def test_flex_equals_sdpa_and_eager(eager_flex, kind):
+    """Unpadded batches, and padded ones through the 2D attention mask (compared on real tokens)."""
+    ids = _ids(2, 11, seed=2)
+    mask = torch.ones_like(ids)
+    if kind == "right_padded":
+        mask[0, 6:] = 0
+    if kind == "left_padded":
+        mask[0, :5] = 0
+    model = small_model(attn="flex_attention")
+    flex = _logits(model, input_ids=ids, attention_mask=mask)
+    for backend in ("sdpa", "eager"):
+        model.config._attn_implementation = backend
+        other = _logits(model, input_ids=ids, attention_mask=mask)
+        assert (flex - other)[mask.bool()].abs().max() < 1e-5, backend
+
+
+def test_flex_greedy_generation_equals_sdpa(eager_flex):
+    """Cached decoding builds the flex block mask with the cache's offsets (left-padded batch)."""
+    a, b = _documents([5, 9], seed=3)
+    batch = torch.stack([F.pad(a, (4, 0), value=3), b])
+    mask = torch.tensor([[0] * 4 + [1] * 5, [1] * 9])
+    kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=3)
+    model = small_model(attn="flex_attention")
+    with torch.no_grad():
+        flex = model.generate(batch, attention_mask=mask, **kwargs)
+        model.config._attn_implementation = "sdpa"
+        sdpa = model.generate(batch, attention_mask=mask, **kwargs)
+    assert torch.equal(flex, sdpa)
+
+
+def test_flex_can_be_switched_on_a_loaded_model(eager_flex):
+    """set_attn_implementation accepts flex (the attention layer uses the AttentionInterface)."""
+    model = small_model()
+    ids = _ids(1, 10)
+    reference = _logits(model, input_ids=ids)
+    model.set_attn_implementation("flex_attention")
+    assert model.config._attn_implementation == "flex_attention"
+    assert (_logits(model, input_ids=ids) - reference).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("case", GOLDEN_CASES)  # tiny_mha has a right-padded row
+def test_flex_matches_reference_golden(eager_flex, case):
+    ckpt = shared_path("golden", "model", case)
+    expected = load_file(ckpt / "expected.safetensors")
+    model = Telechat2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="flex_attention")
+    assert model.config._attn_implementation == "flex_attention"
+    with torch.no_grad():
+        out = model.eval()(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"],
+                           labels=expected["labels"])
+    keep = expected["attention_mask"].bool()
+    assert (out.logits - expected["logits"]).abs()[keep].max().item() < 1e-4
     assert abs(out.loss.item() - expected["loss"].item()) < 1e-5

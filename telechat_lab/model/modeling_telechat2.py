@@ -6,9 +6,12 @@ code. Parameter names are exactly those of the official checkpoints, so `from_pr
 released TeleChat2 directory without any conversion step.
 
 Attention runs through transformers' attention interface (`sdpa` default, `eager`,
-`flash_attention_2`); padded batches use the 2D attention mask, packed batches (several documents in
-one row) are given by `position_ids` restarting at 0 or by `cu_seqlens`, and never attend across
-documents.
+`flash_attention_2`, `flex_attention`); padded batches use the 2D attention mask, packed batches
+(several documents in one row) are given by `position_ids` restarting at 0 or by `cu_seqlens`, and
+never attend across documents. For packed rows `sdpa` and `eager` get a dense [B, 1, T, T] mask;
+`flex_attention` gets a block mask that transformers builds (compiled) from the same restarting
+positions, and `flash_attention_2` varlen boundaries taken from them: neither holds a [T, T] tensor.
+torch's flex attention has no backward on CPU: train with it on a GPU.
 
 Training memory: with `labels` in training mode the loss is computed in chunks of tokens and no
 logits are returned (see `Telechat2ForCausalLM.forward`).
@@ -176,9 +179,9 @@ class Telechat2Attention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
-        attention_fn: Callable = eager_attention_forward
-        if self.config._attn_implementation != "eager":
-            attention_fn = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        attention_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
         out, weights = attention_fn(
             self,
             query,
@@ -233,6 +236,7 @@ class Telechat2PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
 
     def _flash_attn_can_dispatch(self, flash_attn_version: int, is_init_check: bool = False) -> bool:
