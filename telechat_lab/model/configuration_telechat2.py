@@ -3,6 +3,9 @@
 Self-contained (torch + transformers only) so that it can be copied into exported checkpoints as
 remote code. Field names are those of the official `config.json` (`n_layer`, `n_head`,
 `ffn_hidden_size`, ...); the standard transformers names are aliases of them.
+
+`loss_chunk_size` (not in the releases' configs) is the number of tokens whose logits the chunked
+training loss materialises at once (see `Telechat2ForCausalLM.forward`).
 """
 
 from transformers import PretrainedConfig
@@ -40,6 +43,7 @@ class Telechat2Config(PretrainedConfig):
         eos_token_id: int = 2,
         pad_token_id: int = 3,
         tie_word_embeddings: bool = False,
+        loss_chunk_size: int = 1024,
         **kwargs,
     ):
         # Official configs carry fields this implementation does not need (flash_attn, logn, ...):
@@ -65,6 +69,9 @@ class Telechat2Config(PretrainedConfig):
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.tie_word_embeddings = tie_word_embeddings
+        self.loss_chunk_size = loss_chunk_size
+        if loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size ({loss_chunk_size}) must be a positive number of tokens")
         if hidden_size % n_head:
             raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of n_head ({n_head})")
         if n_head % self.num_key_value_heads:

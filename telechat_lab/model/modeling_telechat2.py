@@ -6,9 +6,15 @@ code. Parameter names are exactly those of the official checkpoints, so `from_pr
 released TeleChat2 directory without any conversion step.
 
 Attention runs through transformers' attention interface (`sdpa` default, `eager`,
-`flash_attention_2`); padded batches use the 2D attention mask, packed batches (several documents in
-one row) are given by `position_ids` restarting at 0 or by `cu_seqlens`, and never attend across
-documents.
+`flash_attention_2`, `flex_attention`); padded batches use the 2D attention mask, packed batches
+(several documents in one row) are given by `position_ids` restarting at 0 or by `cu_seqlens`, and
+never attend across documents. For packed rows `sdpa` and `eager` get a dense [B, 1, T, T] mask;
+`flex_attention` gets a block mask that transformers builds (compiled) from the same restarting
+positions, and `flash_attention_2` varlen boundaries taken from them: neither holds a [T, T] tensor.
+torch's flex attention has no backward on CPU: train with it on a GPU.
+
+Training memory: with `labels` in training mode the loss is computed in chunks of tokens and no
+logits are returned (see `Telechat2ForCausalLM.forward`).
 
 KV cache: TeleChat's RoPE depends on the total sequence length once it passes `training_seqlen`
 (8192 in the releases). Up to that length the rotation is fixed and cached decoding equals
@@ -26,6 +32,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
@@ -172,9 +179,9 @@ class Telechat2Attention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
-        attention_fn: Callable = eager_attention_forward
-        if self.config._attn_implementation != "eager":
-            attention_fn = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        attention_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
         out, weights = attention_fn(
             self,
             query,
@@ -229,6 +236,7 @@ class Telechat2PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
 
     def _flash_attn_can_dispatch(self, flash_attn_version: int, is_init_check: bool = False) -> bool:
@@ -272,6 +280,53 @@ def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.
     lengths = cu.diff()
     starts = torch.repeat_interleave(cu[:-1], lengths)
     return (torch.arange(total) - starts).unsqueeze(0).to(cu_seqlens.device)
+
+
+def _chunk_cross_entropy_sum(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int):
+    """Summed fp32 cross-entropy of one chunk of tokens; its logits live only inside this call."""
+    logits = lm_head(hidden).float()
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+
+
+def chunked_causal_lm_loss(
+    lm_head: nn.Module,
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """transformers' `ForCausalLMLoss` without the [tokens, vocab] logits: the tokens go through
+    `lm_head` (the module, so a PEFT-wrapped head keeps working) `chunk_size` at a time, each chunk's
+    summed cross-entropy under non-reentrant activation checkpointing, so that its fp32 logits are freed
+    after the forward and recomputed in the backward. Peak extra memory is a few [chunk_size, vocab]
+    fp32 tensors; the price is a second `lm_head` matmul per chunk in the backward.
+
+    Every chunk is computed, even one with no target, so that every rank calls `lm_head` equally often
+    (sharded training gathers its weight per call). Other keyword arguments (those meant for the
+    attention) are ignored, as `ForCausalLMLoss` ignores them."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    targets = shift_labels.reshape(-1).to(hidden.device)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, targets.numel(), chunk_size):
+        stop = start + chunk_size
+        total = total + checkpoint(
+            _chunk_cross_entropy_sum,
+            lm_head,
+            hidden[start:stop],
+            targets[start:stop],
+            ignore_index,
+            use_reentrant=False,
+        )
+    if num_items_in_batch is None:
+        return total / (targets != ignore_index).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 class Telechat2Model(Telechat2PreTrainedModel):
@@ -391,8 +446,21 @@ class Telechat2ForCausalLM(Telechat2PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        return_logits: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """Logits, and with `labels` the mean cross-entropy over tokens whose shifted label is not -100
+        (or the summed cross-entropy / `num_items_in_batch` when that is passed, as transformers'
+        `ForCausalLMLoss` does).
+
+        `return_logits` decides what happens when `labels` are given; it defaults to `not self.training`:
+        - True: the full logits are returned and the loss is computed from them (inference, scoring,
+          evaluation; generation never passes labels, so it always gets logits).
+        - False (the default in training mode): `logits` is None and the loss is computed by
+          `chunked_causal_lm_loss`, `config.loss_chunk_size` tokens at a time, so the [tokens, vocab]
+          fp32 logits (4 GiB for 8192 tokens of TeleChat2's 131072-token vocabulary) never exist at once.
+        Both give the same loss and gradients up to fp32 rounding.
+        """
         cache = kwargs.pop("past_key_values", cache)
         kwargs.pop("return_dict", None)
         outputs = self.transformer(
@@ -404,18 +472,24 @@ class Telechat2ForCausalLM(Telechat2PreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
+        out_cache = {_OUT_CACHE: getattr(outputs, _OUT_CACHE)}
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
         else:
             hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
 
+        return_logits = not self.training if return_logits is None else return_logits
+        if labels is not None and not return_logits:
+            loss = chunked_causal_lm_loss(self.lm_head, hidden_states, labels, self.config.loss_chunk_size, **kwargs)
+            return CausalLMOutputWithPast(loss=loss, logits=None, **out_cache)
+
+        logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
             # mean cross-entropy over tokens whose shifted label is not -100 (computed in fp32)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUT_CACHE: getattr(outputs, _OUT_CACHE)})
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **out_cache)
 
 
 __all__ = ["Telechat2ForCausalLM", "Telechat2Model", "Telechat2PreTrainedModel"]

@@ -74,7 +74,7 @@ class TelechatLitModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
+        loss = self.model(**batch, return_logits=False).loss  # the chunked loss: no [tokens, vocab] logits
         self.log("val_loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     def on_before_optimizer_step(self, optimizer):
