@@ -198,15 +198,45 @@ def test_logged_metrics_and_plots(tmp_path):
     run_train(tmp_path, "trainer.max_steps=6", "data.val_size=4", "trainer.val_check_interval=3", "logging_steps=2")
     with open(tmp_path / "logs" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    columns = set(rows[0])
-    for metric in ("train_loss", "grad_norm", "tokens_seen", "tokens_per_s", "peak_mem_gb", "val_loss"):
-        assert metric in columns, columns
-    assert any(c.startswith("lr-") for c in columns)
-    seen = [float(r["tokens_seen"]) for r in rows if r.get("tokens_seen")]
-    assert len(seen) == 3 and seen == sorted(seen) and seen[0] > 0  # every 2nd of 6 steps, growing
+    assert set(rows[0]) == {
+        "epoch",
+        "step",
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_seen",
+        "train/tokens_per_s",
+        "train/peak_mem_gb",
+        "val/loss",
+    }  # one lr, names grouped
+    # one row per step that logs something (training every 2nd of 6 steps, validation after the 3rd and 6th),
+    # numbered as the checkpoints are
+    assert [int(r["step"]) for r in rows] == [2, 3, 4, 6]
+    assert [bool(r["train/loss"]) for r in rows] == [True, False, True, True]
+    assert [bool(r["val/loss"]) for r in rows] == [False, True, False, True]
+    with open(tmp_path / "loss_history.csv") as f:
+        val_steps = [int(r["step"]) for r in csv.DictReader(f) if r["split"] == "val"]
+    assert val_steps == [3, 6]
+    # the epoch is fractional: 16 examples, 4 held out for validation, batch 4 -> 3 batches an epoch
+    assert [float(r["epoch"]) for r in rows] == pytest.approx([2 / 3, 1.0, 4 / 3, 2.0])
+    seen = [float(r["train/tokens_seen"]) for r in rows if r["train/tokens_seen"]]
+    assert seen == sorted(seen) and seen[0] > 0
     assert (tmp_path / "training_loss.png").stat().st_size > 1000
     assert (tmp_path / "validation_loss.png").stat().st_size > 1000
     assert len(losses(tmp_path, "val")) == 2
+
+
+def test_logger_none_writes_no_csv_and_tensorboard_no_hp_metric(tmp_path):
+    run_train(tmp_path / "none", "logger=none", "trainer.max_steps=2")
+    assert not (tmp_path / "none" / "logs").exists() and (tmp_path / "none" / "loss_history.csv").exists()
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_train(tmp_path / "tb", "logger=tensorboard", "trainer.max_steps=2")
+    events = EventAccumulator(str(next((tmp_path / "tb" / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "train/loss" in tags and "hp_metric" not in tags
 
 
 def test_checkpoints_every_save_steps(tmp_path):
@@ -304,7 +334,7 @@ def test_wandb_offline_run_writes_its_files(tmp_path):
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs, list(out.iterdir())
     records = next(runs[0].glob("run-*.wandb")).read_bytes()  # offline runs keep config and history here
-    for key in (b"cutoff_len", b"adapter", b"optim", b"train_loss", b"telechat-lab"):
+    for key in (b"cutoff_len", b"adapter", b"optim", b"train/loss", b"telechat-lab"):
         assert key in records, key  # the whole resolved config, the metrics, the project
 
 
@@ -381,11 +411,10 @@ def test_packing_checkpointing_accumulation_and_schedule(tmp_path):
     )
     with open(tmp_path / "logs" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    lr_key = next(c for c in rows[0] if c.startswith("lr-"))
-    lrs = [float(r[lr_key]) for r in rows if r.get(lr_key)]
+    lrs = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
     peak = lrs.index(max(lrs))
     assert lrs[0] < max(lrs) and 0 < peak < len(lrs) - 1 and lrs[-1] < max(lrs)  # warm-up, then linear decay
-    seen = [float(r["tokens_seen"]) for r in rows if r.get("tokens_seen")]
+    seen = [float(r["train/tokens_seen"]) for r in rows if r.get("train/tokens_seen")]
     assert seen[-1] <= 6 * 2 * 2 * 256  # real tokens only: never more than the rows' capacity
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["use_rslora"] and set(config["target_modules"]) == {"query", "key_value", "down_proj"}
@@ -428,7 +457,7 @@ def test_resume_keeps_the_interrupted_runs_metrics(tmp_path):
     run_train(tmp_path, "trainer.max_steps=8", "save_steps=1", "resume=true", "+callbacks.stop=null")
     assert (tmp_path / "logs" / "metrics.csv").read_text() == first
     resumed = list((tmp_path / "logs").glob("resumed-*/metrics.csv"))
-    assert len(resumed) == 1 and "train_loss" in resumed[0].read_text()
+    assert len(resumed) == 1 and "train/loss" in resumed[0].read_text()
 
 
 def test_default_run_prints_where_everything_is(tmp_path):
@@ -511,3 +540,44 @@ def test_override_check_leaves_glob_sweeps_to_hydra():
     assert command_line_config(["-m", "adapter=glob(*)", "optim.lr=1e-4"], CONF, "train") == ([], None)
     problems, _ = command_line_config(["-m", "adapter=lora,dora", "adapter.rnak=1"], CONF, "train")
     assert problems == ["adapter.rnak: unknown key (to add a new key write +adapter.rnak=...)"]
+
+
+def test_flop_accounting_matches_what_torch_counts(tmp_path):
+    """The hardware FLOPs of training/flops.py against torch's own count of every matmul and attention of one
+    LoRA training step (forward, backward, the chunked loss's recompute), for a padded and a packed batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from telechat_lab.config import AdapterConfig, ModelConfig
+    from telechat_lab.resolve import model_dir
+    from telechat_lab.training.adapters import apply_adapter
+    from telechat_lab.training.flops import batch_tokens_and_pairs, count_flops
+    from telechat_lab.training.module import load_base_model
+
+    model = apply_adapter(
+        load_base_model(model_dir(None), ModelConfig(attn_implementation="eager"), AdapterConfig()), AdapterConfig()
+    ).train()
+    counts = count_flops(model, model.config, gradient_checkpointing=False)
+    ids = torch.randint(20, 3000, (2, 48))
+    batches = [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids},
+        {
+            "input_ids": ids[:1],
+            "position_ids": torch.cat([torch.arange(30), torch.arange(18)])[None],
+            "labels": ids[:1],
+        },
+    ]
+    for batch in batches:
+        with FlopCounterMode(display=False) as counter:
+            model(**batch).loss.backward()
+        tokens, pairs = (float(v) for v in batch_tokens_and_pairs(batch))
+        estimate = counts.hardware(tokens, pairs)
+        # the estimate counts causal pairs; eager attention computes the full square and masks it
+        square = (
+            4
+            * model.config.hidden_size
+            * model.config.n_layer
+            * 3
+            * (sum(n * n for n in ([48, 48] if "attention_mask" in batch else [30, 18])) / 2 - pairs)
+        )
+        assert counter.get_total_flops() == pytest.approx(estimate + square, rel=0.03), batch.keys()
+    assert counts.model_per_token == 6 * sum(p.numel() for p in model.parameters())

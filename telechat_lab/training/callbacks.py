@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import resource
 import time
@@ -12,87 +13,87 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from telechat_lab.data.packing import PAD_ID
 from telechat_lab.files import atomic_write_text
 
-# Dense bf16 peak of common GPUs (TFLOP/s), for MFU; hardware.peak_tflops overrides.
-PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,
-    "H800": 989.0,
-    "A100": 312.0,
-    "A800": 312.0,
-    "L40S": 362.0,
-    "A10": 125.0,
-    "V100": 125.0,
-    "4090": 165.0,
-}
 
+class SpeedAndMemory(L.Callback):
+    """Every `logging_steps` optimizer steps, with the step's other metrics: train/tokens_seen and
+    train/tokens_per_s (real tokens of every rank, summed: exact when ranks' batches differ in length),
+    train/mfu and train/hfu (model and hardware FLOPs over the GPU's dense peak, see training/flops.py; GPU only)
+    and train/peak_mem_gb (the most GPU memory allocated, or the process's peak RSS on CPU).
 
-def peak_flops(override: float | None) -> float | None:
-    if override:
-        return float(override) * 1e12
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, tflops in PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
-    return None
+    The peak comes from Lightning's `get_available_flops` (it tells H100 SXM from PCIe), or hardware.peak_tflops.
+    Lightning's ThroughputMonitor is not used: it logs through a path of its own (a second CSV row per step) and
+    scales one device's rate by the number of devices."""
 
-
-class ThroughputMonitor(L.Callback):
-    """Logs tokens_seen, tokens_per_s, mfu and peak_mem_gb every `logging_steps` optimizer steps.
-
-    MFU = tokens/s x 6 x N / peak FLOP/s, with N the model's parameter count (2N FLOPs per token
-    forward, 4N backward; attention's sequence-quadratic term is left out, and so is the saving of
-    frozen weights' gradients under LoRA, so adapter runs read slightly high). Only logged where the
-    peak is known (a listed GPU, or hardware.peak_tflops)."""
-
-    def __init__(self, logging_steps: int = 1, peak_tflops: float | None = None):
-        self.logging_steps, self.peak_tflops = logging_steps, peak_tflops
-        self.tokens_seen = 0
-        self._window_tokens, self._window_start, self._last_step = 0, None, -1
+    def __init__(self, logging_steps: int = 1, peak_tflops: float | None = None, gradient_checkpointing: bool = False):
+        self.logging_steps, self.peak_tflops, self.gradient_checkpointing = (
+            logging_steps,
+            peak_tflops,
+            gradient_checkpointing,
+        )
+        self.tokens_seen = 0.0  # of every rank, as of the last logged step
+        self._tokens = self._pairs = None  # this rank's, since the last logged step (device tensors: no sync)
+        self._window_start, self._last_step = None, -1
+        self.peak = self.counts = None
 
     def state_dict(self):
         return {"tokens_seen": self.tokens_seen}
 
     def load_state_dict(self, state):
-        self.tokens_seen = state.get("tokens_seen", 0)
+        self.tokens_seen = float(state.get("tokens_seen", 0))
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self._window_start is None:
-            self._window_start = time.perf_counter()
+    def on_train_start(self, trainer, pl_module):
+        from lightning.fabric.utilities.throughput import get_available_flops
+        from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+
+        from .flops import count_flops
+
+        device = trainer.strategy.root_device
+        if self.peak_tflops:
+            self.peak = self.peak_tflops * 1e12
+        elif device.type == "cuda":
+            self.peak = get_available_flops(device, _plugin_to_compute_dtype(trainer.precision_plugin))
+        self.counts = count_flops(pl_module.model, pl_module.model.config, self.gradient_checkpointing)
+        self._window_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        mask = batch.get("attention_mask")
-        # packed / padding-free rows have no mask: their padding is <_pad>, which text never produces
-        tokens = int(mask.sum()) if mask is not None else int((batch["input_ids"] != PAD_ID).sum())
-        tokens *= trainer.world_size
-        self.tokens_seen += tokens
-        self._window_tokens += tokens
+        from .flops import batch_tokens_and_pairs
+
+        tokens, pairs = batch_tokens_and_pairs(batch)
+        self._tokens = tokens if self._tokens is None else self._tokens + tokens
+        self._pairs = pairs if self._pairs is None else self._pairs + pairs
         step = trainer.global_step
         if step == self._last_step or step % self.logging_steps:
             return
         self._last_step = step
-        elapsed = time.perf_counter() - self._window_start
-        rate = self._window_tokens / max(elapsed, 1e-9)
-        metrics = {"tokens_seen": float(self.tokens_seen), "tokens_per_s": rate}
-        peak = peak_flops(self.peak_tflops)
-        if peak:
-            metrics["mfu"] = rate * 6 * pl_module.n_params / (peak * trainer.world_size)
+        window = torch.stack([self._tokens, self._pairs]).float()
+        if trainer.world_size > 1:
+            window = trainer.strategy.reduce(window, reduce_op="sum")
+        tokens, pairs = (float(v) for v in window.tolist())
+        now = time.perf_counter()
+        elapsed = max(now - self._window_start, 1e-9)
+        self.tokens_seen += tokens
+        rate = tokens / elapsed
+        metrics = {"train/tokens_seen": self.tokens_seen, "train/tokens_per_s": rate}
+        if self.peak:
+            peak = self.peak * trainer.world_size
+            metrics["train/mfu"] = self.counts.model(tokens) / elapsed / peak
+            metrics["train/hfu"] = self.counts.hardware(tokens, pairs) / elapsed / peak
         if torch.cuda.is_available():
-            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            metrics["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         else:
-            metrics["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # RSS, Linux KiB
+            metrics["train/peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
-        self._window_tokens, self._window_start = 0, time.perf_counter()
+        self._tokens = self._pairs = None
+        self._window_start = now
 
 
-def csv_log_dir(loggers: list, output_dir: Path) -> Path:
-    for logger in loggers:
-        if type(logger).__name__ == "CSVLogger":
-            return Path(logger.log_dir)
-    return output_dir / "logs"
+def csv_log_dir(loggers: list) -> Path | None:
+    """Where the run's CSV metrics are, if a CSV logger writes them."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    return next((Path(logger.log_dir) for logger in loggers if isinstance(logger, CSVLogger)), None)
 
 
 class LossPlot(L.Callback):
@@ -111,12 +112,14 @@ class LossPlot(L.Callback):
         self.train, self.val = [tuple(x) for x in state["train"]], [tuple(x) for x in state["val"]]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        loss = trainer.callback_metrics.get("train_loss")
-        if loss is not None and (not self.train or self.train[-1][0] != trainer.global_step):
-            self.train.append((trainer.global_step, float(loss)))
+        loss = trainer.callback_metrics.get("train/loss")
+        # only a step whose loss was logged (not a skipped one, nor the middle of gradient accumulation)
+        if loss is not None and pl_module.loss_logged_at == trainer.global_step:
+            if not self.train or self.train[-1][0] != trainer.global_step:
+                self.train.append((trainer.global_step, float(loss)))
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        loss = trainer.callback_metrics.get("val_loss")
+        loss = trainer.callback_metrics.get("val/loss")
         if (
             loss is not None
             and not trainer.sanity_checking
@@ -137,7 +140,7 @@ class LossPlot(L.Callback):
 def smooth(values: list[float], weight: float | None = None) -> list[float]:
     """Exponential moving average; the weight grows with the series' length (as TensorBoard's)."""
     if weight is None:
-        weight = 1.8 * (1 / (1 + 2.718281828 ** (-0.05 * len(values))) - 0.5)
+        weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(values))) - 0.5)
     out, last = [], values[0] if values else 0.0
     for v in values:
         last = last * weight + (1 - weight) * v

@@ -46,6 +46,8 @@ class TelechatLitModule(L.LightningModule):
         self.model_cfg, self.adapter_cfg, self.optim_cfg = model, adapter, optim
         self.nan_policy, self.nan_max_skips = nan_policy, nan_max_skips
         self.skipped_steps = 0
+        self.epoch_position = 0.0  # epochs trained, fractional
+        self.loss_logged_at = -1
         self.model = None
         self.strict_loading = False  # checkpoints hold only the trained parameters
 
@@ -70,12 +72,22 @@ class TelechatLitModule(L.LightningModule):
         loss = self.model(**batch).loss
         if not self._finite_everywhere(loss):
             return self._non_finite("loss", loss)
-        self.log("train_loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.epoch_position = self.trainer.current_epoch + (batch_idx + 1) / max(1, self.trainer.num_training_batches)
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=size)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, batch_size=size)
+        self.log("epoch", self.epoch_position, on_step=True, batch_size=size)  # fractional (Lightning's is whole)
+        self.log("step", float(self.trainer.global_step + 1), on_step=True, batch_size=size)  # 1-based, as checkpoints
+        self.loss_logged_at = self.trainer.global_step + 1  # the step this loss belongs to
         return loss
 
     def validation_step(self, batch, batch_idx):
         loss = self.model(**batch, return_logits=False).loss  # the chunked loss: no [tokens, vocab] logits
-        self.log("val_loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        size = batch["input_ids"].shape[0]
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=size)
+        # the epoch of the weights being validated (also for the validation after the last step)
+        self.log("epoch", float(self.epoch_position), on_epoch=True, on_step=False, batch_size=size)
+        self.log("step", float(self.trainer.global_step), on_epoch=True, on_step=False, batch_size=size)
 
     def on_before_optimizer_step(self, optimizer):
         # torch's foreach norm, not lightning's grad_norm: that one turns every parameter's norm into a Python
@@ -89,7 +101,7 @@ class TelechatLitModule(L.LightningModule):
             for p in self.model.parameters():
                 p.grad = None  # nan_policy=skip: this step changes nothing
             return
-        self.log("grad_norm", norm, on_step=True, on_epoch=False)
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def _finite_everywhere(self, value: torch.Tensor) -> bool:
         finite = torch.isfinite(value.detach()).float()

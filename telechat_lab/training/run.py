@@ -160,7 +160,7 @@ def build(run: Run) -> None:
     import hydra
     import lightning as L
 
-    from .callbacks import LossPlot, ThroughputMonitor
+    from .callbacks import LossPlot, SpeedAndMemory
     from .checkpoints import RunCheckpoints
     from .datamodule import TelechatDataModule
     from .module import TelechatLitModule
@@ -188,7 +188,11 @@ def build(run: Run) -> None:
     plot = LossPlot(run.output_dir, s.plot_loss)
     callbacks = [hydra.utils.instantiate(v) for v in (s.callbacks or {}).values() if v is not None]
     # the checkpoints last: what they save includes the other callbacks' record of the step just finished
-    callbacks += [ThroughputMonitor(s.logging_steps, s.hardware.peak_tflops), plot, checkpoints]
+    callbacks += [
+        SpeedAndMemory(s.logging_steps, s.hardware.peak_tflops, s.model.gradient_checkpointing),
+        plot,
+        checkpoints,
+    ]
     hardware = trainer_arguments(s.hardware, exclude_frozen=s.adapter.type != "full")
     trainer = L.Trainer(
         **s.trainer,
@@ -246,6 +250,7 @@ def report(run: Run) -> dict:
     if stopped is None:
         write_json(run.output_dir / "final_metrics.json", {k: v for k, v in metrics.items() if k != "output_dir"})
     report = run.parts["datamodule"].report
+    csv_dir = csv_log_dir(run.parts["loggers"])
     adapter = run.settings.adapter.type in ("lora", "dora", "qlora")
     lines = [
         f"trained {module.n_trainable:,} of {module.n_params:,} parameters for {trainer.global_step} steps "
@@ -258,7 +263,7 @@ def report(run: Run) -> dict:
         else f"stopped at step {trainer.global_step}: the checkpoint to continue from is in "
         f"{run.output_dir / 'checkpoints'}",
         f"loss plot:  {run.output_dir / 'training_loss.png'}",
-        f"metrics:    {csv_log_dir(run.parts['loggers'], run.output_dir) / 'metrics.csv'}",
+        f"metrics:    {csv_dir / 'metrics.csv' if csv_dir else 'no CSV file (no CSV logger: logger=none?)'}",
         f"resume:     python train.py output_dir={run.output_dir} resume=true",
     ]
     print("\n" + "\n".join(lines), flush=True)
