@@ -49,7 +49,7 @@ def main() -> None:
     import sentencepiece as spm
 
     from telechat_lab.data import DataConfig, build_datasets
-    from telechat_lab.tokenizer import DEFAULT_SYSTEM_PROMPT, load_tokenizer
+    from telechat_lab.tokenizer import DEFAULT_SYSTEM_PROMPT, load_tokenizer, split_tool_tags
 
     files = sorted(args.data.glob("*.jsonl"))
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
@@ -80,6 +80,7 @@ def main() -> None:
                 dataset_dir=str(work),
                 datasets=list(info),
                 cutoff_len=1_000_000,
+                val_size=0,
                 preprocessing_num_workers=workers,
                 cache_dir=tempfile.mkdtemp(dir=work),
             )
@@ -88,13 +89,15 @@ def main() -> None:
 
         return run
 
-    # raw SentencePiece over the same segments: system+"\n", each message, the "\n" between turns
+    # raw SentencePiece over the same segments: system+"\n", each message, the "\n" between turns, each cut at the
+    # tool tags (they are control ids, not text: SPEC section 4)
     sp = spm.SentencePieceProcessor(model_file=str(args.tokenizer))
-    segments = []
+    texts = []
     for rec in records:
-        segments.append((rec.get("system") or DEFAULT_SYSTEM_PROMPT) + "\n")
-        segments += [m["content"] for m in rec["dialog"]]
-        segments += ["\n"] * (len(rec["dialog"]) // 2 - 1)
+        texts.append((rec.get("system") or DEFAULT_SYSTEM_PROMPT) + "\n")
+        texts += [m["content"] for m in rec["dialog"]]
+        texts += ["\n"] * (len(rec["dialog"]) // 2 - 1)
+    segments = [part for text in texts for part in split_tool_tags(text) if isinstance(part, str)]
 
     def raw_sp():
         for s in segments:

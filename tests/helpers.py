@@ -137,6 +137,19 @@ def train_cli(args, cwd, timeout=600, env=None, check=True) -> subprocess.Comple
     return proc
 
 
+def run_script(script: str, args: list[str], cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """python SCRIPT ARGS (an entry point of the repository) in `cwd`."""
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
 def losses(out_dir, split="train"):
     with open(Path(out_dir) / "loss_history.csv") as f:
         return [float(r["loss"]) for r in csv.DictReader(f) if r["split"] == split]

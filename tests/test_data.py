@@ -25,11 +25,11 @@ from helpers import record_to_chat, with_system
 
 from telechat_lab.config import config_problems
 from telechat_lab.data import DataConfig, DataError, DatasetSpec, build_datasets, format_report, load_dataset_info
-from telechat_lab.data import encode as encode_mod
 from telechat_lab.data import pipeline as pipeline_mod
+from telechat_lab.data import preprocess as preprocess_mod
+from telechat_lab.data.encoder import BOT, IGNORE, USER, ChatEncoder, TemplateOptions
 from telechat_lab.data.formats import to_conversation
 from telechat_lab.data.packing import PAD_ID, Collator, PackedDataset
-from telechat_lab.data.template import BOT, IGNORE, USER, ChatEncoder, TemplateOptions
 from telechat_lab.tokenizer import TINY_TOKENIZER_PATH, load_tokenizer
 
 TINY = TINY_TOKENIZER_PATH
@@ -817,9 +817,9 @@ def test_parallel_tokenization_gives_identical_arrays(tmp_path, monkeypatch):
         records.append({"conversations": conv, "system": "S." if i % 5 else ""})
     root = write_datasets(tmp_path, {"big": ({"file_name": "big.jsonl", "formatting": "sharegpt"}, records)})
     contexts = []
-    real_get_context = encode_mod.mp.get_context
+    real_get_context = preprocess_mod.mp.get_context
     monkeypatch.setattr(
-        encode_mod.mp, "get_context", lambda method=None: contexts.append(method) or real_get_context(method)
+        preprocess_mod.mp, "get_context", lambda method=None: contexts.append(method) or real_get_context(method)
     )
     # some records truncated, some prompts too long (dropped), the 9 without a reply skipped
     opts = {"cutoff_len": 60, "default_system": "", "on_bad_record": "skip"}
@@ -838,8 +838,10 @@ def test_parallel_tokenization_gives_identical_arrays(tmp_path, monkeypatch):
 def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     root = write_datasets(tmp_path, {"d": ({"file_name": "d.jsonl"}, [alpaca(i, history=1) for i in range(8)])})
     reads = []
-    real_read = encode_mod.read_records
-    monkeypatch.setattr(encode_mod, "read_records", lambda spec, skip: reads.append(spec.name) or real_read(spec, skip))
+    real_read = preprocess_mod.read_records
+    monkeypatch.setattr(
+        preprocess_mod, "read_records", lambda spec, skip: reads.append(spec.name) or real_read(spec, skip)
+    )
 
     first, _, report = build(root, ["d"], cutoff_len=200)
     assert reads == ["d"] and not report["datasets"]["d"].get("cached")
@@ -866,7 +868,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
 def test_cache_is_invalidated_by_another_tokenizer(tmp_path, monkeypatch, real_model_file):
     root = write_datasets(tmp_path, {"d": ({}, [alpaca(i) for i in range(3)])})
     tiny_train, _, _ = build(root, ["d"])
-    monkeypatch.setattr(encode_mod, "read_records", lambda spec, skip: pytest.fail("cache not used"))
+    monkeypatch.setattr(preprocess_mod, "read_records", lambda spec, skip: pytest.fail("cache not used"))
     assert build(root, ["d"])[2]["datasets"]["d"]["cached"] is True
     monkeypatch.undo()
     real_train, _, report = build(root, ["d"], tokenizer=real_model_file)

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_script
 from safetensors.torch import load_file
 
 from telechat_lab.chat.session import ChatSession, batch, interactive, read_prompts
+from telechat_lab.data.encoder import ChatEncoder, TemplateOptions
 from telechat_lab.data.formats import Conversation
-from telechat_lab.data.template import ChatEncoder, TemplateOptions
 from telechat_lab.model import Telechat2ForCausalLM
 from telechat_lab.tokenizer import load_tokenizer, save_tokenizer
 
@@ -72,18 +73,6 @@ def run_py(code: str, cwd: Path, timeout=300) -> str:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
-
-
-def run_script(script: str, args: list[str], cwd: Path, stdin: str | None = None, timeout=300):
-    return subprocess.run(
-        [sys.executable, str(REPO / script), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from helpers import (
     REPO,
     adapter_weights,
     losses,
+    run_script,
     run_train,
     train_cli,
     tree_snapshot,
@@ -34,18 +35,6 @@ CACHE = "data.cache_dir={}/cache"
 
 def cli(tmp_path, *args, check=False, env=None):
     return train_cli([*QUICK, CACHE.format(tmp_path), *args], tmp_path, check=check, env=env)
-
-
-def run_script(script: str, args: list[str], cwd: Path, stdin: str | None = None):
-    return subprocess.run(
-        [sys.executable, str(REPO / script), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=300,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
 
 
 # ------------------------------------------------------------------------ 1. merge never writes over its inputs

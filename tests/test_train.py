@@ -5,6 +5,7 @@ offline."""
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -581,3 +582,25 @@ def test_flop_accounting_matches_what_torch_counts(tmp_path):
         )
         assert counter.get_total_flops() == pytest.approx(estimate + square, rel=0.03), batch.keys()
     assert counts.model_per_token == 6 * sum(p.numel() for p in model.parameters())
+
+
+def test_hydra_flags_pass_the_command_line_check(tmp_path):
+    """The early check of train.py leaves Hydra's own flags alone: printing the config, and shell completion."""
+    cfg = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--cfg", "job", "adapter=dora"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cfg.returncode == 0 and "use_dora: true" in cfg.stdout, cfg.stderr
+    completion = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "-sc", "query=bash"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COMP_LINE": "python train.py adap"},
+    )
+    assert completion.returncode == 0 and "adapter=" in completion.stdout, completion.stderr
+    assert not (tmp_path / "outputs").exists()

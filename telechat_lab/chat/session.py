@@ -1,5 +1,5 @@
 """Conversation state, the terminal loop and batch mode. Prompts are encoded by the training encoder
-(telechat_lab.data.template), so chat sends exactly the tokens the model was trained on.
+(telechat_lab.data.encoder), so chat sends exactly the tokens the model was trained on.
 
 Prompt length: a prompt longer than `max_input_tokens` (default: the model's length minus max_new_tokens)
 loses its earliest whole turns, with a warning, until it fits; one whose system prompt and last message alone
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from telechat_lab.data.encoder import ChatEncoder, TemplateOptions
 from telechat_lab.data.formats import Conversation
-from telechat_lab.data.template import ChatEncoder, TemplateOptions
 from telechat_lab.errors import DataError, UserError
 
 HELP = "Type a message; 'clear' forgets the conversation, 'exit' quits."

@@ -8,7 +8,7 @@ from .formats import Conversation, to_conversation
 from .dataset import EncodedDataset
 from .pipeline import build_datasets, format_report
 from .registry import DatasetSpec, load_dataset_info
-from .template import ChatEncoder
+from .encoder import ChatEncoder
 
 __all__ = [
     "ChatEncoder",

@@ -82,13 +82,18 @@ def _alpaca(spec: DatasetSpec, record: dict, where: str) -> Conversation:
     return Conversation(system=system, turns=turns, tools=tools_of(record.get(spec.column("tools")), where))
 
 
-def _sharegpt(spec: DatasetSpec, record: dict, where: str) -> Conversation:
+def _messages(spec: DatasetSpec, record: dict, where: str) -> list:
+    """The record's list of messages (sharegpt, telechat)."""
     column = spec.column("messages")
     if column not in record:
         raise BadRecord(where, f"missing column '{column}'", f" (columns.messages; the record has {sorted(record)})")
-    messages = record[column]
-    if not isinstance(messages, list):
+    if not isinstance(record[column], list):
         raise BadRecord(where, f"'{column}' is not a list of messages")
+    return record[column]
+
+
+def _sharegpt(spec: DatasetSpec, record: dict, where: str) -> Conversation:
+    messages = _messages(spec, record, where)
     role_tag, content_tag = spec.tag("role_tag"), spec.tag("content_tag")
     roles = {spec.tag("user_tag"): (USER, TEXT), spec.tag("observation_tag"): (USER, RESULT),
              spec.tag("assistant_tag"): (ASSISTANT, TEXT), spec.tag("function_tag"): (ASSISTANT, CALL)}
@@ -135,12 +140,7 @@ def _tool_calls_text(content: str) -> str:
 
 
 def _telechat(spec: DatasetSpec, record: dict, where: str) -> Conversation:
-    column = spec.column("messages")
-    if column not in record:
-        raise BadRecord(where, f"missing column '{column}'", f" (the record has {sorted(record)})")
-    dialog = record[column]
-    if not isinstance(dialog, list):
-        raise BadRecord(where, f"'{column}' is not a list of {{role, content}}")
+    dialog, column = _messages(spec, record, where), spec.column("messages")
     roles = {"user": USER, "bot": ASSISTANT, "assistant": ASSISTANT}
     parsed = []
     for i, msg in enumerate(dialog):

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from telechat_lab.config import check_command_line
 from telechat_lab.errors import reported
+from telechat_lab.tokenizer import IGNORE_INDEX
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -29,7 +30,7 @@ def highlighted(tokenizer, input_ids, labels):
     text = Text()
     run, trained = [], None
     for tok, lab in zip(list(input_ids) + [None], list(labels) + [None]):
-        is_trained = lab is not None and lab != -100
+        is_trained = lab is not None and lab != IGNORE_INDEX
         if tok is None or (trained is not None and is_trained != trained):
             text.append(tokenizer.decode(run, skip_special_tokens=False), style="bold green" if trained else "dim")
             run = []

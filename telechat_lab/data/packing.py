@@ -76,17 +76,14 @@ class Collator:
     """Padded batches with an attention mask; packed rows (items with `position_ids`) padded with a
     separate dummy document; `padding_free` joins the batch into one row with no padding at all."""
 
-    def __init__(self, padding_free: bool = False, pad_to_multiple_of: int | None = None):
+    def __init__(self, padding_free: bool = False):
         self.padding_free = padding_free
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
         if self.padding_free:
             items = [join_examples(items)]
         packed = "position_ids" in items[0]
         longest = max(len(it["input_ids"]) for it in items)
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {
             "input_ids": torch.full((len(items), longest), PAD_ID, dtype=torch.long),
             "labels": torch.full((len(items), longest), IGNORE, dtype=torch.long),

@@ -1,4 +1,4 @@
-"""The configured datasets as training and validation sets: each encoded (data/encode.py), then mixed by
+"""The configured datasets as training and validation sets: each encoded (data/preprocess.py), then mixed by
 ratio, sampled, and split, seeded and deterministic; and the report of what became of every record."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from telechat_lab.config import DataConfig
 from telechat_lab.errors import DataError
 
 from .dataset import EncodedDataset
-from .encode import encode_datasets
+from .preprocess import encode_datasets
 from .registry import load_dataset_info
-from .template import TemplateOptions
+from .encoder import TemplateOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -36,7 +36,6 @@ class DatasetSpec:
     columns: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     num_samples: int | None = None
-    split: str = "train"
 
     def column(self, key: str) -> str:
         return self.columns.get(key, DEFAULT_COLUMNS[self.formatting].get(key, key))
@@ -105,9 +104,11 @@ def _spec(name: str, entry: Any, dataset_dir: Path, info_path: Path) -> DatasetS
     num_samples = entry.get("num_samples")
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples <= 0):
         raise DataError(f"{where}: num_samples must be a positive integer, got {num_samples!r}")
+    if entry.get("split", "train") != "train":
+        raise DataError(f"{where}: split '{entry['split']}': a local file is one split (LLaMA-Factory's 'split' picks "
+                        "one of a hub dataset); give that split's file as file_name")
     return DatasetSpec(name=name, path=(dataset_dir / entry["file_name"]).resolve(), formatting=formatting,
-                       columns=dict(columns), tags=dict(tags), num_samples=num_samples,
-                       split=entry.get("split", "train"))
+                       columns=dict(columns), tags=dict(tags), num_samples=num_samples,)
 
 
 def read_records(spec: DatasetSpec, skip_bad: bool = False) -> tuple[list[tuple[Path, int, dict]], list[BadRecord]]:

@@ -27,7 +27,7 @@ from telechat_lab.tokenizer import tokenizer_hash
 from .dataset import EncodedDataset
 from .formats import to_conversation
 from .registry import DatasetSpec, index_unit, read_records
-from .template import TEMPLATE_VERSION, ChatEncoder, TemplateOptions
+from .encoder import TEMPLATE_VERSION, ChatEncoder, TemplateOptions
 
 log = logging.getLogger(__name__)
 BATCH = 4096  # records per SentencePiece batch call

@@ -36,6 +36,7 @@ from .formats import Conversation
 
 SYSTEM, USER, BOT, END, IGNORE = SYSTEM_ID, USER_ID, BOT_ID, EOS_ID, IGNORE_INDEX
 TEMPLATE_VERSION = "telechat2-v3"  # part of the cache key: bump when the encoding changes
+SYSTEM_MEMO_SIZE = 4096  # distinct system prompts whose ids are remembered (datasets repeat a few)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class ChatEncoder:
         ids = self._system_memo.get(system)
         if ids is None:
             ids = [SYSTEM, *self.encode_text(system + "\n")]
-            if len(self._system_memo) < 4096:
+            if len(self._system_memo) < SYSTEM_MEMO_SIZE:
                 self._system_memo[system] = ids
         return ids
 
@@ -140,7 +141,7 @@ class ChatEncoder:
         for system, prefix, sys_plan, turn_plans in plans:
             if sys_plan is not None:
                 prefix = [SYSTEM, *ids(sys_plan)]
-                if len(self._system_memo) < 4096:
+                if len(self._system_memo) < SYSTEM_MEMO_SIZE:
                     self._system_memo[system] = prefix
             turns = [([USER, *ids(u), BOT], [*ids(a), END]) for u, a in turn_plans]
             results.append(self._assemble(prefix, turns))

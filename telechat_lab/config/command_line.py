@@ -1,0 +1,129 @@
+"""Checking a command line before Hydra starts (and writes anything): Hydra stops at the first unknown key and
+types a value only as it merges it; here every problem of the composed config is listed at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from telechat_lab.errors import ConfigError
+
+from .schema import SCHEMAS
+from .validate import config_problems
+
+# Hydra's own flags: completion, help, printing the config; the check leaves these runs to Hydra untouched
+HYDRA_INFO_FLAGS = {
+    "-sc",
+    "--shell-completion",
+    "-h",
+    "--help",
+    "--hydra-help",
+    "-c",
+    "--cfg",
+    "-i",
+    "--info",
+    "--version",
+    "-p",
+    "--package",
+    "--resolve",
+}
+
+
+def _config_source(argv: list[str], conf_dir: str, config_name: str) -> tuple[str, str, list[str]]:
+    """(config dir, config name, overrides) after Hydra's --config-dir / --config-name flags."""
+    overrides, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, _, inline = arg.partition("=")
+        if name in ("-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name"):
+            value = inline if inline else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if inline else 2
+            if name in ("-cn", "--config-name"):
+                config_name = value
+            elif name in ("-cd", "--config-dir", "-cp", "--config-path"):
+                conf_dir = str(Path(value).resolve())
+            continue
+        if not arg.startswith("-"):
+            overrides.append(arg)
+        i += 1
+    return conf_dir, config_name, overrides
+
+
+def _has_key(cfg: DictConfig, dotted: str) -> bool:
+    *parents, name = dotted.split(".")
+    node = OmegaConf.select(cfg, ".".join(parents), default=None) if parents else cfg
+    return isinstance(node, DictConfig) and name in node.keys()  # `in node` is false for a "???" value
+
+
+def command_line_config(
+    argv: list[str], conf_dir: str, config_name: str = "train"
+) -> tuple[list[str], DictConfig | None]:
+    """(every problem, the composed config) of a command line: unknown override keys (Hydra itself stops at the
+    first) and everything `config_problems` finds. A sweep stands for its first choice; what Hydra must report
+    itself (a syntax error, a missing group option) is left to it (no problems, no config)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    conf_dir, config_name, args = _config_source(argv, conf_dir, config_name)
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except Exception:  # a syntax error: Hydra reports it
+        return [], None
+    hydra_args, groups, keys = [], [], []
+    for override, arg in zip(overrides, args):
+        key = override.key_or_group
+        if key.split(".")[0] == "hydra":
+            hydra_args.append(arg)
+            continue
+        try:  # a sweep stands for its first choice; a glob(...) needs Hydra's loader: give up
+            value = next(iter(override.sweep_string_iterator())) if override.is_sweep_override() else None
+        except Exception:
+            return [], None
+        text = arg if value is None else f"{arg.split('=', 1)[0]}={value}"
+        is_group = "/" in key or (Path(conf_dir) / key).is_dir() or key == "schema"
+        (groups if is_group else keys).append((key, text, override))
+    try:
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+            lenient = [f"schema={config_name}_unchecked", *hydra_args, *(t for _, t, _ in groups)]
+            plain = compose(config_name, overrides=lenient)
+            unknown = [
+                k
+                for k, _, o in keys
+                if not (o.is_add() or o.is_force_add() or o.is_delete()) and not _has_key(plain, k)
+            ]
+            known = [t for k, t, _ in keys if k not in unknown]
+            cfg = compose(config_name, overrides=[*lenient, *known])
+    except Exception:  # let Hydra report what is wrong with the groups
+        return [], None
+    problems = [f"{k}: unknown key (to add a new key write +{k}=...)" for k in unknown]
+    schema = SCHEMAS.get(config_name)
+    if schema is not None:
+        try:
+            problems += config_problems(cfg, schema)
+        except ConfigError as err:
+            problems += [line.removeprefix("  - ") for line in str(err).splitlines()[1:]]
+    return problems, cfg
+
+
+def skips_check(argv: list[str]) -> bool:
+    """Hydra's own informational runs (completion, help, printing the config): left to Hydra untouched."""
+    return any(arg.split("=", 1)[0] in HYDRA_INFO_FLAGS for arg in argv)
+
+
+def exit_with_problems(problems: list[str]) -> None:
+    import sys
+
+    print("error: invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+    sys.exit(2)
+
+
+def check_command_line(argv: list[str], conf_dir: str, config_name: str) -> DictConfig | None:
+    """Before Hydra starts (and writes anything): print every problem of the command line's config and exit 2.
+    Returns the composed config (None where the check was left to Hydra)."""
+    if skips_check(argv):
+        return None
+    problems, cfg = command_line_config(argv, conf_dir, config_name)
+    if problems:
+        exit_with_problems(problems)
+    return cfg

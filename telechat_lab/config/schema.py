@@ -1,0 +1,250 @@
+"""The settings of every command, defined once: one dataclass per config group, registered with Hydra as the
+schema of `conf/` (`defaults: [schema: train]`), so the YAML files are typed against them and the defaults live
+here only.
+
+Each field's metadata says what the validator checks (`choices`, `min` / `gt` bounds, `types` for fields that
+take several) and whether it may change when a run is resumed (`on_resume`: "fixed" by default, "free" for
+settings that only affect logging or speed, "grow" for limits that may only be raised).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Any = dataclasses.MISSING,
+    choices: tuple = (),
+    min: float | None = None,
+    gt: float | None = None,
+    types: tuple = (),
+    on_resume: str = "fixed",
+    hint: str = "",
+) -> Any:
+    """A dataclass field with what the validator checks (see the module docstring); `hint` is added to its
+    out-of-range message."""
+    meta = {"choices": choices, "min": min, "gt": gt, "types": types, "on_resume": on_resume, "hint": hint}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+FREE, GROW = "free", "grow"
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # a TeleChat2 checkpoint directory; null: the tiny random model (written on first use)
+    name: str = "tiny"
+    attn_implementation: str = setting("auto", choices=("auto", "sdpa", "eager", "flash_attention_2"))
+    dtype: str = setting("auto", choices=DTYPE_NAMES)  # auto: fp32 master weights for mixed precision
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    """The `data` group: datasets and their encoding (LLaMA-Factory option names where one exists)."""
+
+    dataset_dir: str = "data"  # holds dataset_info.json; relative: the working dir, else the bundled demo data
+    datasets: Any = setting(
+        factory=lambda: ["identity", "alpaca_en_demo", "sharegpt_tools_demo", "telechat_demo"], types=(list, str)
+    )  # a list, or "a,b"
+    mix: dict[str, float] | None = None  # {name: ratio}: 1.5 = every example plus half again (seeded)
+    max_samples: int | None = setting(None, min=1, hint="null takes every record")  # per dataset: its first N
+    val_size: float = setting(
+        0.05, min=0, hint="0: no validation"
+    )  # fraction (< 1) or number of examples held out for validation
+    cutoff_len: int = setting(1024, min=8)
+    packing: bool = False  # several examples per row, no attention across them
+    padding_free: bool = False  # a whole batch as one row with no padding (flash attention)
+    train_on_prompt: bool = False
+    mask_history: bool = False  # train only the last reply of each conversation
+    train_role_tokens: bool = False  # also train each trained turn's <_user> and <_bot> (the release's SFT recipe)
+    default_system: str | None = None  # null: TeleChat's default system prompt; "": no system block
+    placeholders: dict[str, str] = field(default_factory=lambda: {"name": "TeleChat-Lab", "author": "telechat-lab"})
+    fill_placeholders: list[str] = field(default_factory=lambda: ["identity"])  # datasets whose {{...}} are filled
+    on_bad_record: str = setting("error", choices=("error", "skip"))  # skip: drop bad records, counted per reason
+    preprocessing_num_workers: int = setting(1, min=1, on_resume=FREE)
+    cache_dir: str | None = setting(None, on_resume=FREE)  # encoded datasets; default $TELECHAT_LAB_CACHE
+    overwrite_cache: bool = setting(False, on_resume=FREE)
+    seed: int = 42
+    batch_size: int = setting(4, min=1)  # per device (rows when packing)
+    eval_batch_size: int = setting(4, min=1, on_resume=FREE)
+    dataloader_num_workers: int = setting(0, min=0, on_resume=FREE)
+
+
+@dataclass
+class QuantizationConfig:
+    bits: int = setting(4, choices=(4, 8))
+    quant_type: str = setting("nf4", choices=("nf4", "fp4"))
+    double_quant: bool = True
+    compute_dtype: str = setting("bfloat16", choices=DTYPE_NAMES[1:])
+
+
+@dataclass
+class AdapterConfig:
+    type: str = setting("lora", choices=("lora", "dora", "qlora", "full", "freeze"))
+    rank: int = setting(8, min=1)
+    alpha: float = setting(16.0, gt=0)
+    dropout: float = setting(0.0, min=0)
+    target: Any = setting("all", types=(str, list))  # all = every linear layer of the blocks, or a list
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank)
+    modules_to_save: list[str] | None = None  # e.g. [lm_head] (LoRA) or [ln_f] (freeze)
+    use_dora: bool = False
+    quantization: QuantizationConfig | None = None
+    trainable_layers: int = setting(2, min=1)  # freeze: the last N blocks are trained
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = setting(2, choices=(1, 2, 3))
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config last
+
+
+@dataclass
+class HardwareConfig:
+    name: str = setting("auto", on_resume=FREE)
+    accelerator: str = setting("auto", choices=("auto", "cpu", "gpu", "cuda"), on_resume=FREE)
+    devices: Any = setting("auto", types=(int, str, list))
+    num_nodes: int = setting(1, min=1)
+    strategy: str = setting("auto", choices=("auto", "ddp", "deepspeed"))
+    precision: str = "auto"  # auto: bf16-mixed on a bf16 GPU, 16-mixed on other GPUs, 32-true on CPU
+    ddp_timeout: int = setting(1800, min=1, on_resume=FREE)  # seconds
+    process_group_backend: str | None = setting(None, on_resume=FREE)  # null: nccl on GPU, gloo on CPU
+    deepspeed: DeepSpeedConfig | None = None
+    peak_tflops: float | None = setting(None, gt=0, on_resume=FREE)  # for MFU where Lightning does not know it
+
+
+@dataclass
+class OptimConfig:
+    lr: float = setting(2e-4, gt=0)
+    weight_decay: float = setting(0.0, min=0)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = setting(1e-8, gt=0)
+    fused: Any = setting("auto", types=(bool, str), choices=("auto", True, False))  # auto: fused kernels on CUDA
+    scheduler: str = setting("cosine", choices=("cosine", "linear", "constant"))
+    warmup_steps: int = setting(0, min=0)
+    warmup_ratio: float = setting(0.0, min=0)  # used when warmup_steps is 0
+    min_lr_ratio: float = setting(0.0, min=0)  # cosine floor, as a fraction of lr
+
+
+@dataclass
+class TrainConfig:
+    """`python train.py` (conf/train.yaml)."""
+
+    task_name: str = setting("train", on_resume=FREE)
+    output_dir: str = setting("outputs/${task_name}/${now:%Y-%m-%d_%H-%M-%S}", on_resume=FREE)
+    seed: int = 42
+    resume: bool = setting(False, on_resume=FREE)  # continue the run in output_dir from its newest checkpoint
+    overwrite: bool = setting(False, on_resume=FREE)  # clear a used output_dir (one written by telechat-lab) first
+    logging_steps: int = setting(1, min=1, on_resume=FREE)
+    save_steps: int = setting(100, min=1, on_resume=FREE)  # checkpoint every N optimizer steps, and at the end
+    save_total_limit: int | None = setting(3, min=1, on_resume=FREE)  # newest N checkpoints kept; null: all
+    plot_loss: bool = setting(True, on_resume=FREE)
+    nan_policy: str = setting("stop", choices=("stop", "skip"), on_resume=FREE)  # on a NaN/inf loss or grad norm
+    nan_max_skips: int = setting(10, min=1, on_resume=FREE)  # nan_policy=skip: stop after this many skipped steps
+    optimized_metric: str = setting("val_loss", on_resume=FREE)  # what a sweep (Optuna) minimises
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)  # any lightning.pytorch.Trainer argument
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: dict[str, Any] | None = setting(None, on_resume=FREE)  # name -> {_target_: a Lightning logger, ...}
+    callbacks: dict[str, Any] | None = setting(None, on_resume=FREE)  # name -> {_target_: a Lightning callback}
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = setting(512, min=1)
+    do_sample: bool = True
+    temperature: float = setting(0.7, min=0)
+    top_p: float = setting(0.9, gt=0)
+    top_k: int = setting(50, min=0)
+    repetition_penalty: float = setting(1.05, gt=0)
+
+
+@dataclass
+class VLLMConfig:
+    max_model_len: int | None = setting(None, min=1)  # null: the model's training_seqlen
+    gpu_memory_utilization: float = setting(0.9, gt=0)
+    tensor_parallel_size: int = setting(1, min=1)
+    max_lora_rank: int = setting(64, min=1)
+
+
+@dataclass
+class ChatModelConfig:
+    path: str | None = None  # a checkpoint or merged directory; null: the adapter's base
+    dtype: str = setting("auto", choices=DTYPE_NAMES)
+    attn_implementation: str = setting("auto", choices=("auto", "sdpa", "eager", "flash_attention_2"))
+
+
+@dataclass
+class ChatConfig:
+    """`python chat.py` (conf/chat.yaml)."""
+
+    model: ChatModelConfig = field(default_factory=ChatModelConfig)
+    adapter_path: Any = setting(None, types=(str, list))  # applied without merging (a list stacks several)
+    infer_backend: str = setting("huggingface", choices=("huggingface", "vllm"))
+    system: str | None = None  # the system prompt; null: TeleChat's default
+    default_system: str | None = None  # what null above means (as data.default_system; "" = no system block)
+    device: str = "auto"
+    max_input_tokens: int | None = setting(None, min=1)  # null: the model's training_seqlen minus max_new_tokens
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    input: str | None = None  # batch mode: a prompts file (text lines or JSON lines), or - for stdin
+    output: str | None = None  # batch mode: JSONL answers, written when every answer is ready (default: stdout)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+
+@dataclass
+class MergeModelConfig:
+    path: str | None = None  # the base; null: the adapter's base_model_name_or_path
+
+
+@dataclass
+class MergeConfig:
+    """`python merge.py` (conf/merge.yaml)."""
+
+    model: MergeModelConfig = field(default_factory=MergeModelConfig)
+    adapter_path: Any = setting("???", types=(str, list))  # an adapter directory, or a list merged in order
+    export_dir: str = "???"
+    export_size: float = setting(5.0, gt=0)  # shard size in GB
+    export_device: str = setting("cpu", choices=("cpu", "auto"))
+    export_legacy_format: bool = False  # false: safetensors; true: pytorch_model.bin
+    dtype: str = setting("auto", choices=DTYPE_NAMES)  # auto: bfloat16 for an fp32 base, else the base's
+
+
+@dataclass
+class InspectConfig:
+    """`python -m telechat_lab.data.inspect` (conf/inspect.yaml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output: str | None = None  # JSON lines {"input_ids", "labels"}, one per encoded example, in dataset order
+    show: int = setting(3, min=0)  # examples printed with their trained tokens highlighted
+    seed: int = 42
+
+
+SCHEMAS: dict[str, type] = {"train": TrainConfig, "chat": ChatConfig, "merge": MergeConfig, "inspect": InspectConfig}
+
+
+def register_schemas() -> None:
+    """Make the dataclasses the `schema` group Hydra composes each primary config onto (`defaults: [schema: X]`),
+    and an untyped copy of each (`schema=X_unchecked`: the same keys and defaults, no type checks) that the
+    command-line check composes onto, so that every bad value reaches `config_problems` at once."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        store.store(group="schema", name=name, node=schema, package="_global_")
+        store.store(group="schema", name=f"{name}_unchecked", node=dataclasses.asdict(schema()), package="_global_")
+
+
+register_schemas()

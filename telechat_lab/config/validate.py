@@ -1,0 +1,248 @@
+"""The one-shot validator of a composed config: every unknown key, wrong type, out-of-range value and impossible
+combination, collected and reported together in one ConfigError, before anything is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from telechat_lab.errors import ConfigError
+
+from .schema import TrainConfig
+
+
+def _type_problem(value: Any, annotation: Any, meta: dict, where: str, problems: list[str]) -> None:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if value == "???":
+        problems.append(f"{where}: required (give {where}=...)")
+        return
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        annotation = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if value is None and annotation is not Any:
+        problems.append(f"{where}: must be set (null is not allowed)")
+    elif dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            problems.append(f"{where}={value!r}: expected a group of settings")
+        else:
+            _check_fields(value, annotation, where + ".", problems)
+    elif annotation is Any:
+        if (
+            value is not None
+            and meta.get("types")
+            and (not isinstance(value, meta["types"]) or (isinstance(value, bool) and bool not in meta["types"]))
+        ):
+            problems.append(f"{where}={value!r}: expected {' or '.join(t.__name__ for t in meta['types'])}")
+    elif origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{where}={value!r}: expected a list")
+        else:
+            for i, item in enumerate(value):
+                _type_problem(item, args[0], {}, f"{where}[{i}]", problems)
+    elif origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}={value!r}: expected a mapping")
+        elif args and args[1] is not Any:
+            for key, item in value.items():
+                _type_problem(item, args[1], {}, f"{where}.{key}", problems)
+    elif annotation is bool and not isinstance(value, bool):
+        problems.append(f"{where}={value!r}: expected true or false")
+    elif annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        problems.append(f"{where}={value!r}: expected a whole number")
+    elif annotation is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        problems.append(f"{where}={value!r}: expected a number")
+    elif annotation is str and not isinstance(value, str):
+        problems.append(f"{where}={value!r}: expected a string")
+
+
+def _value_problem(value: Any, meta: dict, where: str, problems: list[str]) -> None:
+    if value is None or isinstance(value, (dict, list)):
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        problems.append(f"{where}={value!r}: expected one of {', '.join(map(str, meta['choices']))}")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        hint = f" ({meta['hint']})" if meta.get("hint") else ""
+        if meta.get("min") is not None and value < meta["min"]:
+            problems.append(f"{where}={value}: must be at least {meta['min']:g}{hint}")
+        if meta.get("gt") is not None and value <= meta["gt"]:
+            problems.append(f"{where}={value}: must be greater than {meta['gt']:g}{hint}")
+
+
+def _check_fields(values: dict, schema: type, prefix: str, problems: list[str]) -> None:
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            problems.append(f"{where}: unknown key (known: {', '.join(sorted(fields))})")
+            continue
+        before = len(problems)
+        _type_problem(value, hints[key], fields[key].metadata, where, problems)
+        if len(problems) == before:
+            _value_problem(value, fields[key].metadata, where, problems)
+
+
+def field_meta(path: str, schema: type = TrainConfig) -> dict | None:
+    """The metadata of the field at a dotted path ('data.cutoff_len'), None when the path is not a field."""
+    *parents, name = path.split(".")
+    for part in parents:
+        hint = typing.get_type_hints(schema).get(part)
+        args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_args(hint) else [hint]
+        schema = next((a for a in args if dataclasses.is_dataclass(a)), None)
+        if schema is None:
+            return None
+    found = {f.name: f for f in dataclasses.fields(schema)}.get(name)
+    return dict(found.metadata) if found is not None else None
+
+
+# Lightning Trainer arguments the validator bounds, and those the hardware/logger/callbacks groups set instead
+TRAINER_BOUNDS = {
+    "accumulate_grad_batches": {"min": 1},
+    "gradient_clip_val": {"min": 0},
+    "max_epochs": {"min": -1},
+    "min_epochs": {"min": 0},
+    "check_val_every_n_epoch": {"min": 1},
+    "num_sanity_val_steps": {"min": -1},
+    "log_every_n_steps": {"min": 1},
+}
+TRAINER_MANAGED = {
+    "accelerator",
+    "devices",
+    "strategy",
+    "num_nodes",
+    "precision",
+    "logger",
+    "callbacks",
+    "default_root_dir",
+    "use_distributed_sampler",
+    "log_every_n_steps",
+}
+
+
+def _trainer_problems(trainer: dict, problems: list[str]) -> None:
+    from lightning.pytorch import Trainer
+
+    arguments = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+    for key, value in trainer.items():
+        where = f"trainer.{key}"
+        if key in TRAINER_MANAGED:
+            problems.append(
+                f"{where}: set by train.py (logging_steps, and the hardware/logger/callbacks groups), not under trainer"
+            )
+        elif key not in arguments:
+            problems.append(f"{where}: not an argument of lightning.pytorch.Trainer")
+        elif key in TRAINER_BOUNDS:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                problems.append(f"{where}={value!r}: expected a number")
+            else:
+                _value_problem(value, TRAINER_BOUNDS[key], where, problems)
+    steps = trainer.get("max_steps", -1)
+    if isinstance(steps, bool) or not isinstance(steps, int) or (steps != -1 and steps < 1):
+        problems.append(f"trainer.max_steps={steps!r}: a positive number of steps, or -1 for no limit")
+    epochs = trainer.get("max_epochs")
+    if steps == -1 and epochs in (None, -1):
+        problems.append("trainer.max_steps and trainer.max_epochs are both unlimited: set one of them")
+
+
+def _cross_field_problems(values: dict, cuda_available: bool, problems: list[str]) -> None:
+    adapter, hardware = values.get("adapter") or {}, values.get("hardware") or {}
+    model, data = values.get("model") or {}, values.get("data") or {}
+    kind, quant = adapter.get("type"), adapter.get("quantization")
+    if quant and kind in ("full", "freeze"):
+        problems.append(
+            f"adapter.quantization with adapter.type={kind}: a quantised base cannot be trained "
+            "directly; use adapter=qlora"
+        )
+    if kind == "qlora" and not quant:
+        problems.append("adapter=qlora needs adapter.quantization (bits, quant_type, ...)")
+    if (
+        kind in ("lora", "dora", "qlora")
+        and isinstance(adapter.get("dropout"), (int, float))
+        and adapter["dropout"] >= 1
+    ):
+        problems.append(f"adapter.dropout={adapter['dropout']}: must be below 1")
+    ds = hardware.get("deepspeed")
+    if hardware.get("strategy") == "deepspeed":
+        if not isinstance(ds, dict):
+            problems.append("hardware.strategy=deepspeed needs hardware.deepspeed (stage, offload_...)")
+        if hardware.get("accelerator") == "cpu" or not cuda_available:
+            stage = ds.get("stage") if isinstance(ds, dict) else "?"
+            problems.append(
+                f"hardware={hardware.get('name')}: DeepSpeed ZeRO-{stage} needs CUDA GPUs "
+                f"({'accelerator=cpu' if hardware.get('accelerator') == 'cpu' else 'none is visible'})"
+            )
+        if kind == "qlora":
+            problems.append("adapter=qlora with DeepSpeed: bitsandbytes 4-bit weights cannot be sharded by ZeRO")
+    if hardware.get("accelerator") in ("gpu", "cuda") and not cuda_available:
+        problems.append(f"hardware.accelerator={hardware['accelerator']}: no CUDA GPU is visible (use hardware=cpu)")
+    path = model.get("path")
+    if isinstance(path, str) and path and not (Path(path).expanduser() / "config.json").is_file():
+        problems.append(f"model.path={path}: no config.json there (a TeleChat2 checkpoint directory is expected)")
+    if model.get("attn_implementation") == "flash_attention_2" and not cuda_available:
+        problems.append("model.attn_implementation=flash_attention_2 needs a CUDA GPU (use sdpa)")
+    if data.get("padding_free") and data.get("packing"):
+        problems.append("data.padding_free and data.packing: choose one")
+    val_size = data.get("val_size")
+    if isinstance(val_size, (int, float)) and val_size >= 1 and val_size != int(val_size):
+        problems.append(f"data.val_size={val_size}: a fraction below 1 or a whole number of examples")
+    if values.get("resume") and values.get("overwrite"):
+        problems.append("resume=true and overwrite=true: choose one (continue the run, or clear it and start anew)")
+
+
+LAZY_GROUPS = ("logger", "callbacks")  # their interpolations may need Hydra's runtime (the job's name, ...)
+
+
+def config_values(cfg: DictConfig | dict) -> dict:
+    """Plain values of a composed config: resolved (but not the LAZY_GROUPS), "???" where a required value is
+    missing."""
+    if isinstance(cfg, dict):
+        return cfg
+    values = {}
+    for key in cfg:
+        if key == "hydra":
+            continue
+        node, resolve = cfg._get_node(key), key not in LAZY_GROUPS
+        try:
+            if OmegaConf.is_missing(cfg, key):
+                values[key] = "???"
+            elif isinstance(node, (DictConfig, ListConfig)) and not node._is_none():
+                values[key] = OmegaConf.to_container(node, resolve=resolve, throw_on_missing=False)
+            else:
+                values[key] = cfg[key] if resolve else node._value()
+        except Exception as err:  # an interpolation that cannot resolve
+            raise ConfigError(f"invalid configuration:\n  - {key}: does not resolve ({err})") from err
+    return values
+
+
+def config_problems(
+    cfg: DictConfig | dict, schema: type = TrainConfig, cuda_available: bool | None = None
+) -> list[str]:
+    """Every problem of a composed config, as one line each (empty: it is valid)."""
+    values = config_values(cfg)
+    problems: list[str] = []
+    _check_fields(values, schema, "", problems)
+    if schema is TrainConfig:
+        import torch
+
+        if cuda_available is None:
+            cuda_available = torch.cuda.is_available()
+        trainer = values.get("trainer")
+        if isinstance(trainer, dict):
+            _trainer_problems(trainer, problems)
+        _cross_field_problems(values, cuda_available, problems)
+    return problems
+
+
+def validate(cfg: DictConfig | dict, schema: type = TrainConfig, cuda_available: bool | None = None) -> None:
+    """Raise ConfigError listing every problem of `cfg` (a composed config of `schema`)."""
+    problems = config_problems(cfg, schema, cuda_available)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
