@@ -94,7 +94,7 @@ def with_system(system: str, messages: list[dict]) -> list[dict]:
 
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = str(REPO / "conf")
+CONF = str(REPO / "telechat_lab" / "conf")
 # small and quick: 16 identity examples, batch 4 -> 4 steps an epoch, no validation unless asked
 QUICK = [
     "data.datasets=[identity]",

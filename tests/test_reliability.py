@@ -105,7 +105,7 @@ def test_output_dir_may_not_hold_the_model_or_the_data(trained, tmp_path):
     with pytest.raises(OutputDirError, match="lies inside model.path"):
         run_train(trained["base"] / "run", f"model.path={trained['base']}", "trainer.max_steps=1")
     assert not (trained["base"] / "run").exists()
-    shutil.copytree(REPO / "data", tmp_path / "work" / "data")
+    shutil.copytree(REPO / "telechat_lab" / "demo_data", tmp_path / "work" / "data")
     with pytest.raises(OutputDirError, match="contains data.dataset_dir"):
         run_train(tmp_path / "work", f"data.dataset_dir={tmp_path / 'work' / 'data'}", "trainer.max_steps=1")
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["data"]

@@ -28,7 +28,9 @@ def typed(cfg) -> TrainConfig:
 # ---------------------------------------------------------------- composition and validation
 
 
-@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "preset", sorted(p.stem for p in (REPO / "telechat_lab" / "conf" / "experiment").glob("*.yaml"))
+)
 def test_every_experiment_preset_composes(preset):
     cfg = compose_train([f"experiment={preset}"])
     problems = config_problems(cfg, cuda_available=True)
@@ -604,3 +606,66 @@ def test_hydra_flags_pass_the_command_line_check(tmp_path):
     )
     assert completion.returncode == 0 and "adapter=" in completion.stdout, completion.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_the_installed_package_runs_from_any_directory(tmp_path):
+    """pip install of the package (configs and demo data inside it), then `telechat-lab train` and inspect from a
+    directory that is not the checkout."""
+    site = tmp_path / "site"
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import telechat_lab; print(telechat_lab.__file__)"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert where.stdout.startswith(str(site)), where.stdout  # the installed copy, not the checkout
+    proc = subprocess.run(
+        [
+            str(site / "bin" / "telechat-lab"),
+            "train",
+            "output_dir=run",
+            "trainer.max_steps=2",
+            "data.max_samples=8",
+            "trainer.enable_progress_bar=false",
+        ],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (elsewhere / "run" / "adapter_model.safetensors").exists()
+    assert "resume:     telechat-lab train output_dir=" in proc.stdout
+    inspect = subprocess.run(
+        [sys.executable, "-m", "telechat_lab.data.inspect", "data.datasets=[identity]", "show=0"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert inspect.returncode == 0 and "identity" in inspect.stdout, inspect.stderr[-3000:]

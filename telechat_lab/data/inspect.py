@@ -10,17 +10,10 @@ highlighted, with the counts.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from telechat_lab.config import check_command_line
-from telechat_lab.errors import reported
 from telechat_lab.tokenizer import IGNORE_INDEX
-
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def highlighted(tokenizer, input_ids, labels):
@@ -73,12 +66,7 @@ def run(cfg: DictConfig) -> dict:
     return report
 
 
-@hydra.main(config_path=CONF_DIR, config_name="inspect", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    with reported():
-        run(cfg)
+if __name__ == "__main__":  # python -m telechat_lab.data.inspect ... (the same as telechat-lab inspect ...)
+    from telechat_lab.cli import run as run_command
 
-
-if __name__ == "__main__":
-    check_command_line(sys.argv[1:], CONF_DIR, "inspect")
-    main()
+    run_command("inspect")

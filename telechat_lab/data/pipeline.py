@@ -16,7 +16,7 @@ from .preprocess import encode_datasets
 from .registry import load_dataset_info
 from .encoder import TemplateOptions
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_DATA = Path(__file__).resolve().parents[1] / "demo_data"  # the demo datasets shipped with the package
 
 
 def dataset_names(cfg: DataConfig) -> list[str]:
@@ -34,10 +34,11 @@ def template_options(cfg: DataConfig) -> TemplateOptions:
 
 
 def resolved_dataset_dir(dataset_dir: str) -> Path:
-    """data.dataset_dir; a relative one that does not exist in the working directory is the bundled demo data's."""
+    """data.dataset_dir; the default `data`, where the working directory has no such directory, is the demo data
+    shipped with the package."""
     path = Path(dataset_dir).expanduser()
-    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
-        path = REPO_ROOT / path
+    if path == Path("data") and not path.exists():
+        return DEMO_DATA
     return path.resolve()
 
 

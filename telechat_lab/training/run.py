@@ -17,6 +17,7 @@ from telechat_lab.errors import ConfigError, Interrupted, OutputDirError
 
 log = logging.getLogger(__name__)
 OUTPUT_ENV = "TELECHAT_LAB_OUTPUT_DIR"  # pins output_dir for the processes a DDP launcher starts
+COMMAND_ENV = "TELECHAT_LAB_COMMAND"  # how the command was started (set by telechat_lab.cli)
 
 
 @dataclass
@@ -35,6 +36,11 @@ class Run:
 def launched_worker() -> bool:
     """A process a launcher started for another rank of this run (it reads the run's files, never writes them)."""
     return any(os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+
+
+def train_command() -> str:
+    """How this run was started ("python train.py" or "telechat-lab train"), for the commands it prints."""
+    return os.environ.get(COMMAND_ENV, "python train.py")
 
 
 def requeued_by_slurm() -> bool:
@@ -264,7 +270,7 @@ def report(run: Run) -> dict:
         f"{run.output_dir / 'checkpoints'}",
         f"loss plot:  {run.output_dir / 'training_loss.png'}",
         f"metrics:    {csv_dir / 'metrics.csv' if csv_dir else 'no CSV file (no CSV logger: logger=none?)'}",
-        f"resume:     python train.py output_dir={run.output_dir} resume=true",
+        f"resume:     {train_command()} output_dir={run.output_dir} resume=true",
     ]
     print("\n" + "\n".join(lines), flush=True)
     return metrics
@@ -317,7 +323,7 @@ def train(cfg: DictConfig | dict, overrides: list[str] | None = None) -> dict:
         raise Interrupted(
             f"stopped by {signal.Signals(stopped).name} after step {metrics['steps']}: a resumable "
             f"checkpoint is in {run.output_dir / 'checkpoints'}; continue with "
-            f"python train.py output_dir={run.output_dir} resume=true",
+            f"{train_command()} output_dir={run.output_dir} resume=true",
             stopped,
         )
     return metrics

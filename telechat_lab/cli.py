@@ -1,0 +1,114 @@
+"""The commands: `telechat-lab train|merge|chat|inspect|tiny [overrides ...]`, and the same as
+`python train.py`, `python merge.py`, `python chat.py`, `python -m telechat_lab.data.inspect` in a checkout.
+
+Each Hydra command first checks its whole command line (every problem at once, before Hydra writes
+anything), then runs with its config from the package's own `conf/` (so an installed package works from any
+directory); user errors end as one message and an exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from telechat_lab.errors import reported
+
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+COMMANDS = {
+    "train": "fine-tune (conf/train.yaml)",
+    "merge": "merge adapters and export (conf/merge.yaml)",
+    "chat": "chat, or answer a file of prompts (conf/chat.yaml)",
+    "inspect": "see the encoded data and what is trained (conf/inspect.yaml)",
+    "tiny": "write a tiny random TeleChat2 checkpoint: telechat-lab tiny DIR",
+}
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def train(cfg: DictConfig) -> float | None:
+    from telechat_lab.training.run import train as run_training
+
+    with reported(multirun=_multirun()):
+        metrics = run_training(cfg)
+    return metrics.get(cfg.optimized_metric)  # the value an Optuna sweep minimises
+
+
+@hydra.main(config_path=CONF_DIR, config_name="merge", version_base="1.3")
+def merge(cfg: DictConfig) -> None:
+    from telechat_lab.export import merge_and_export
+
+    with reported():
+        merge_and_export(OmegaConf.to_object(cfg))
+
+
+@hydra.main(config_path=CONF_DIR, config_name="chat", version_base="1.3")
+def chat(cfg: DictConfig) -> None:
+    from telechat_lab.chat import run_chat
+
+    with reported():
+        run_chat(OmegaConf.to_object(cfg))
+
+
+@hydra.main(config_path=CONF_DIR, config_name="inspect", version_base="1.3")
+def inspect(cfg: DictConfig) -> None:
+    from telechat_lab.data.inspect import run
+
+    with reported():
+        run(cfg)
+
+
+def run(command: str, argv: list[str] | None = None) -> None:
+    """Run one Hydra command with `argv` (default: the process's own arguments)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "TELECHAT_LAB_COMMAND" not in os.environ:  # the first process (not a DDP rank): how the user started it
+        started = Path(sys.argv[0]).name
+        os.environ["TELECHAT_LAB_COMMAND"] = (
+            f"telechat-lab {command}"
+            if started == "telechat-lab"
+            else f"python {started}"
+            if started.endswith(".py")
+            else f"telechat-lab {command}"
+        )
+    if command == "train":
+        from telechat_lab.training.run import check_command_line
+
+        check_command_line(args, CONF_DIR)
+    else:
+        from telechat_lab.config import check_command_line
+
+        check_command_line(args, CONF_DIR, command)
+    # what @hydra.main reads; and what a DDP launcher starts again for each rank: a file that runs this command
+    start_again = Path(__file__).resolve().parent / "commands" / "run_train.py"
+    sys.argv = [str(start_again) if command == "train" else sys.argv[0], *args]
+    {"train": train, "merge": merge, "chat": chat, "inspect": inspect}[command]()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `telechat-lab` console script."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = "\n".join(f"  {name:<{width}}  {what}" for name, what in COMMANDS.items())
+        print(
+            f"usage: telechat-lab COMMAND [overrides ...]\n\ncommands:\n{lines}\n\n"
+            "Each takes Hydra overrides (key=value, group=option, -m for a sweep, --help, --cfg job).",
+            file=sys.stderr if args else sys.stdout,
+        )
+        sys.exit(2 if args and args[0] not in ("-h", "--help") else 0)
+    command, rest = args[0], args[1:]
+    if command == "tiny":
+        from telechat_lab.tiny import main as tiny
+
+        tiny(rest)
+        return
+    run(command, rest)
