@@ -69,6 +69,9 @@ def inspect(cfg: DictConfig) -> None:
 
 def run(command: str, argv: list[str] | None = None) -> None:
     """Run one Hydra command with `argv` (default: the process's own arguments)."""
+    from telechat_lab.console import quiet_libraries
+
+    quiet_libraries()
     args = sys.argv[1:] if argv is None else list(argv)
     if "TELECHAT_LAB_COMMAND" not in os.environ:  # the first process (not a DDP rank): how the user started it
         started = Path(sys.argv[0]).name

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from telechat_lab import cache_root
+from telechat_lab.console import without_transformers_bars
 from telechat_lab.model import Telechat2Config, Telechat2ForCausalLM
 from telechat_lab.tokenizer import TINY_TOKENIZER_PATH, load_tokenizer, save_tokenizer, tokenizer_hash
 
@@ -82,7 +83,8 @@ def write_tiny_checkpoint(
     # written beside, then moved into place: a process reading `out` never sees half a checkpoint
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    model.save_pretrained(staging)
+    with without_transformers_bars():  # a tiny model is written at once
+        model.save_pretrained(staging)
     save_tokenizer(tok, staging)
     model.generation_config.save_pretrained(staging)
     (staging / MARKER).write_text(signature)

@@ -1067,3 +1067,10 @@ def test_bad_records_skipped_and_reported_per_dataset(tmp_path):
     assert examples(train) == examples(build(root, ["clean"])[0])
     text = format_report(report)
     assert "mixed: 2 skipped (1 malformed JSON, 1 output is null), e.g." in text and "mixed.jsonl line 2" in text
+
+
+def test_encoding_a_large_dataset_reports_progress(tmp_path, capsys):
+    records = [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(10_000)]
+    root = write_datasets(tmp_path, {"big": ({"file_name": "big.jsonl"}, records)})
+    build(root, ["big"])
+    assert "encoding big: 10,000 records" in capsys.readouterr().err  # a line where no terminal shows a bar

@@ -6,12 +6,14 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import CONF, QUICK, REPO, compose_train, losses, run_train, train_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -277,7 +279,7 @@ def test_resume_without_a_run_says_so(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tmp_path):
     out = tmp_path / "ddp"
-    proc = train_cli(
+    train_cli(
         [
             *QUICK,
             "hardware=ddp",
@@ -290,67 +292,31 @@ def test_ddp_two_processes_on_cpu(tmp_path):
         tmp_path,
     )
     assert (out / "adapter_model.safetensors").exists()
-    history = losses(out)
-    assert len(history) == 3
-    assert "world_size=2" in proc.stdout + proc.stderr or "distributed_backend=gloo" in proc.stdout + proc.stderr
+    assert len(losses(out)) == 3
+    with open(out / "logs" / "metrics.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    # two ranks share 16 examples in batches of 4: 2 steps an epoch, so 3 steps are 1.5 epochs
+    assert float(last["epoch"]) == pytest.approx(1.5)
+
+
+def assert_quiet(output: str) -> None:
+    """No warning, and no line twice within a run (each job of a sweep prints its own report), in what a command
+    printed; progress bars aside."""
+    assert "warning" not in output.lower(), output
+    for block in re.split(r"\[HYDRA\]\s+#\d+ : .*", output):
+        lines = [line for line in block.splitlines() if line.strip() and "━" not in line]
+        repeated = {line for line in lines if lines.count(line) > 1 and not line.startswith("|")}
+        assert not repeated, repeated
 
 
 @pytest.mark.slow
-def test_multirun_writes_a_summary(tmp_path):
+def test_sweep_summary_sorts_marks_and_plots(tmp_path):
     sweep = tmp_path / "sweep"
-    train_cli(
+    proc = train_cli(
         [
             "-m",
             *QUICK,
             "adapter=lora,dora",
-            "trainer.max_steps=2",
-            f"hydra.sweep.dir={sweep}",
-            f"data.cache_dir={tmp_path}/cache",
-        ],
-        tmp_path,
-    )
-    with open(sweep / "summary.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 2
-    assert "adapter=lora" in rows[0]["overrides"].split() and "adapter=dora" in rows[1]["overrides"].split()
-    assert all(float(r["train_loss"]) > 0 and r["steps"] == "2" for r in rows)
-    assert (sweep / "0" / "adapter_model.safetensors").exists() and (sweep / "1" / "adapter_model.safetensors").exists()
-    assert "| job |" in (sweep / "summary.md").read_text()
-
-
-@pytest.mark.slow
-def test_wandb_offline_run_writes_its_files(tmp_path):
-    pytest.importorskip("wandb", reason="the wandb extra is not installed")
-    out = tmp_path / "run"
-    train_cli(
-        [
-            *QUICK,
-            "logger=wandb",
-            "logger.wandb.offline=true",
-            "trainer.max_steps=2",
-            f"output_dir={out}",
-            f"data.cache_dir={tmp_path}/cache",
-        ],
-        tmp_path,
-        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
-    )
-    runs = list((out / "wandb").glob("offline-run-*"))
-    assert runs, list(out.iterdir())
-    records = next(runs[0].glob("run-*.wandb")).read_bytes()  # offline runs keep config and history here
-    for key in (b"cutoff_len", b"adapter", b"optim", b"train/loss", b"telechat-lab"):
-        assert key in records, key  # the whole resolved config, the metrics, the project
-
-
-@pytest.mark.slow
-def test_optuna_search_minimises_validation_loss(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the sweep extra is not installed")
-    sweep = tmp_path / "optuna"
-    train_cli(
-        [
-            "-m",
-            *QUICK,
-            "hparams_search=lora_optuna",
-            "hydra.sweeper.n_trials=2",
             "trainer.max_steps=2",
             "data.val_size=4",
             f"hydra.sweep.dir={sweep}",
@@ -358,12 +324,107 @@ def test_optuna_search_minimises_validation_loss(tmp_path):
         ],
         tmp_path,
     )
-    results = (sweep / "optimization_results.yaml").read_text()
-    assert "best_params" in results and "optim.lr" in results
     with open(sweep / "summary.csv") as f:
         rows = list(csv.DictReader(f))
-    best = float(results.split("best_value:")[1].split()[0])
-    assert len(rows) == 2 and best == pytest.approx(min(float(r["val_loss"]) for r in rows))
+    assert list(rows[0]) == ["best", "job", "adapter", "train_loss", "val_loss", "steps", "skipped_steps", "status"]
+    assert {r["adapter"] for r in rows} == {"lora", "dora"}  # one column per swept setting, nothing else
+    losses_ = [float(r["val_loss"]) for r in rows]
+    assert losses_ == sorted(losses_) and [r["best"] for r in rows] == ["*", ""]
+    assert (sweep / "sweep_loss.png").stat().st_size > 1000
+    assert "sorted by val_loss (minimize)" in (sweep / "summary.md").read_text()
+    assert_quiet(proc.stdout + proc.stderr)  # every job's console too
+
+
+@pytest.mark.slow
+def test_wandb_one_run_per_job_grouped_by_sweep_and_resumed_in_place(tmp_path):
+    pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    sweep = tmp_path / "sweep"
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = train_cli(
+        [
+            "-m",
+            *QUICK,
+            "logger=wandb",
+            "logger.wandb.tags=[demo]",
+            "adapter=lora,dora",
+            "trainer.max_steps=2",
+            f"hydra.sweep.dir={sweep}",
+            f"data.cache_dir={tmp_path}/cache",
+        ],
+        tmp_path,
+        env=env,
+    )
+    assert_quiet(proc.stdout + proc.stderr)
+    ids = []
+    for job, adapter in (("0", "lora"), ("1", "dora")):
+        (run_dir,) = (sweep / job / "wandb").glob("offline-run-*")
+        records = next(run_dir.glob("run-*.wandb")).read_bytes()
+        for key in (b"train-sweep", f"adapter={adapter}".encode(), b"demo", b"train/loss", b"cutoff_len"):
+            assert key in records, (job, key)  # the group, a short name, the tags, the metrics, the config
+        assert b"output_dir=" not in records.split(b"cutoff_len")[0]  # the name holds no path
+        ids.append(run_dir.name.rsplit("-", 1)[1])
+    assert ids[0] != ids[1]  # one wandb run per job
+    assert json.loads((sweep / "0" / "run.json").read_text())["wandb_id"] == ids[0]
+    train_cli([f"output_dir={sweep / '0'}", "resume=true", "trainer.max_steps=3"], tmp_path, env=env)
+    assert {p.name.rsplit("-", 1)[1] for p in (sweep / "0" / "wandb").glob("offline-run-*")} == {ids[0]}
+
+
+def test_wandb_from_the_python_api(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    metrics = run_train(tmp_path, "logger=wandb", "adapter=dora", "trainer.max_steps=1")
+    assert metrics["steps"] == 1 and list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_optuna_study_persists_and_continues(tmp_path):
+    pytest.importorskip("optuna", reason="the sweep extra is not installed")
+    search = [
+        "-m",
+        *QUICK,
+        "hparams_search=lora_optuna",
+        "trainer.max_steps=2",
+        "data.val_size=4",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'study.db'}",
+        f"data.cache_dir={tmp_path}/cache",
+    ]
+    train_cli([*search, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path / 'first'}"], tmp_path)
+    with open(tmp_path / "first" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    results = yaml.safe_load((tmp_path / "first" / "optimization_results.yaml").read_text())
+    assert results["trials"] == 2 and results["best_value"] == pytest.approx(float(rows[0]["val_loss"]))
+    assert 1e-5 <= results["best_params"]["optim.lr"] <= 1e-2
+    # the same study, asked for 3 trials in all: one more runs, at a point not tried before
+    train_cli([*search, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 'again'}"], tmp_path)
+    results = yaml.safe_load((tmp_path / "again" / "optimization_results.yaml").read_text())
+    assert results["trials"] == 3 and len(list((tmp_path / "again").glob("[0-9]*"))) == 1
+    refused = train_cli(["-m", *QUICK, "hparams_search=lora_optuna"], tmp_path, check=False)
+    assert refused.returncode == 2 and "data.val_size=0 holds no validation split" in refused.stderr
+
+
+def test_optuna_sweeper_search_space():
+    pytest.importorskip("optuna", reason="the sweep extra is not installed")
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from hydra_plugins.telechat_lab_sweepers.optuna_sweeper import distribution
+
+    parse = OverridesParser.create().parse_overrides
+    lr, rank, layers, dropout, fixed = (
+        distribution(o)
+        for o in parse(
+            [
+                "optim.lr=tag(log, interval(1e-5, 1e-2))",
+                "adapter.rank=choice(4, 8)",
+                "x=range(1, 5)",
+                "adapter.dropout=interval(0.0, 0.1)",
+                "seed=3",
+            ]
+        )
+    )
+    assert lr == FloatDistribution(1e-5, 1e-2, log=True) and rank == CategoricalDistribution([4, 8])
+    assert layers == IntDistribution(1, 4) and dropout == FloatDistribution(0.0, 0.1) and fixed == "3"
 
 
 def test_slurm_launcher_preset_composes():
@@ -463,23 +524,21 @@ def test_resume_keeps_the_interrupted_runs_metrics(tmp_path):
     assert len(resumed) == 1 and "train/loss" in resumed[0].read_text()
 
 
-def test_default_run_prints_where_everything_is(tmp_path):
+def test_a_default_run_is_quiet_says_where_everything_is_and_counts_to_max_steps(tmp_path):
     out = tmp_path / "demo"
-    proc = train_cli(
-        [
-            f"output_dir={out}",
-            "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false",
-            f"data.cache_dir={tmp_path}/cache",
-        ],
-        tmp_path,
-    )
+    proc = train_cli([f"output_dir={out}", "trainer.max_steps=3", f"data.cache_dir={tmp_path}/cache"], tmp_path)
+    assert_quiet(proc.stdout + proc.stderr)
+    assert not proc.stderr.strip(), proc.stderr  # nothing but the report, the bar and the summary
     for line in (
         f"adapter: {out}",
         f"loss plot:  {out / 'training_loss.png'}",
         f"metrics:    {out / 'logs' / 'metrics.csv'}",
+        "training 61,440 of 1,143,936 parameters (lora rank 16",
     ):
         assert line in proc.stdout
+    # the bar ends where max_steps ends the run, in the epoch it ends in (not at the epoch's 56 batches of 10 epochs)
+    bar = next(line for line in proc.stdout.splitlines() if line.startswith("Epoch"))
+    assert bar.startswith("Epoch 0/0") and " 3/3 " in bar, bar
     assert (out / "training_loss.png").exists() and (out / "adapter_model.safetensors").exists()
 
 
@@ -669,3 +728,21 @@ def test_the_installed_package_runs_from_any_directory(tmp_path):
         timeout=600,
     )
     assert inspect.returncode == 0 and "identity" in inspect.stdout, inspect.stderr[-3000:]
+
+
+def test_the_python_api_runs_every_command(tmp_path):
+    """The README's notebook example: train, merge, chat and inspect from Python, with results returned."""
+    from telechat_lab import api
+    from telechat_lab.errors import ConfigError
+
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    metrics = api.train([*QUICK, "trainer.max_steps=2", f"output_dir={tmp_path / 'run'}", cache])
+    assert metrics["steps"] == 2 and metrics["status"] == "completed" and metrics["train_loss"] > 0
+    export = api.merge([f"adapter_path={tmp_path / 'run'}", f"export_dir={tmp_path / 'merged'}"])
+    assert (export / "config.json").exists()
+    session = api.chat([f"model.path={export}", "generation.do_sample=false", "generation.max_new_tokens=4"])
+    assert isinstance("".join(session.reply("Who are you?")), str) and len(session.turns) == 1
+    report = api.inspect(["data.datasets=[identity]", "show=0", cache])
+    assert report["datasets"]["identity"]["examples"] == 40
+    with pytest.raises(ConfigError, match="data.batch_size=0: must be at least 1"):
+        api.train(["data.batch_size=0"])

@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 
-def run_chat(settings) -> None:
-    """chat.py: the engine for `settings` (a ChatConfig), then the terminal loop or batch mode. Inputs and paths
-    are checked before the model is loaded."""
+def make_session(settings):
+    """The engine for `settings` (a ChatConfig) in a ChatSession; paths are checked before the model loads."""
     from dataclasses import asdict
 
     from telechat_lab.resolve import base_and_adapters
 
     from .engines import HuggingFaceEngine, VLLMEngine
-    from .session import ChatSession, batch, interactive, read_prompts
+    from .session import ChatSession, read_prompts
 
     base, adapters = base_and_adapters(settings.model.path, settings.adapter_path)
     if settings.input and settings.input != "-":
@@ -23,9 +22,16 @@ def run_chat(settings) -> None:
         engine = HuggingFaceEngine(
             base, adapters, settings.model.dtype, settings.model.attn_implementation, settings.device
         )
-    session = ChatSession(
+    return ChatSession(
         engine, base, settings.system, settings.default_system, asdict(settings.generation), settings.max_input_tokens
     )
+
+
+def run_chat(settings) -> None:
+    """chat.py: the terminal loop, or batch mode with `input`."""
+    from .session import batch, interactive
+
+    session = make_session(settings)
     if settings.input:
         batch(session, settings.input, settings.output)
     else:

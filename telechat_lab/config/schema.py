@@ -150,7 +150,7 @@ class TrainConfig:
     plot_loss: bool = setting(True, on_resume=FREE)
     nan_policy: str = setting("stop", choices=("stop", "skip"), on_resume=FREE)  # on a NaN/inf loss or grad norm
     nan_max_skips: int = setting(10, min=1, on_resume=FREE)  # nan_policy=skip: stop after this many skipped steps
-    optimized_metric: str = setting("val_loss", on_resume=FREE)  # what a sweep (Optuna) minimises
+    optimized_metric: str = setting("val_loss", choices=("val_loss", "train_loss"), on_resume=FREE)  # a sweep's
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

@@ -49,17 +49,20 @@ def checkpoint_dtype(directory: Path) -> torch.dtype:
 
 def load_model(directory: str | Path, dtype: torch.dtype, attn_implementation: str = "sdpa", **kwargs):
     """`Telechat2ForCausalLM.from_pretrained`; a missing, truncated or corrupt weight file is named."""
+    from telechat_lab.console import show_loading_progress, without_transformers_bars
     from telechat_lab.files import find_broken_weights
 
     from .modeling_telechat2 import Telechat2ForCausalLM
 
     directory = Path(directory)
-    try:
-        return Telechat2ForCausalLM.from_pretrained(
-            str(directory), dtype=dtype, attn_implementation=attn_implementation, **kwargs
-        )
-    except (ImportError, MemoryError, torch.cuda.OutOfMemoryError):
-        raise
-    except Exception:
-        find_broken_weights(directory)  # raises CheckpointError naming the file when one is broken
-        raise
+    weights = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    with without_transformers_bars(off=not show_loading_progress(weights)):  # a tiny checkpoint loads at once
+        try:
+            return Telechat2ForCausalLM.from_pretrained(
+                str(directory), dtype=dtype, attn_implementation=attn_implementation, **kwargs
+            )
+        except (ImportError, MemoryError, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception:
+            find_broken_weights(directory)  # raises CheckpointError naming the file when one is broken
+            raise

@@ -97,3 +97,17 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
+
+
+def describe(adapter: AdapterConfig) -> str:
+    """One line on what is trained, for the console."""
+    if adapter.type == "full":
+        return "full fine-tuning"
+    if adapter.type == "freeze":
+        extra = f" and {', '.join(adapter.modules_to_save)}" if adapter.modules_to_save else ""
+        return f"the last {adapter.trainable_layers} blocks{extra}"
+    quant = (
+        f", base in {adapter.quantization.bits}-bit {adapter.quantization.quant_type}" if adapter.quantization else ""
+    )
+    targets = "every linear layer" if adapter.target == "all" else ", ".join(target_modules(adapter.target))
+    return f"{adapter.type} rank {adapter.rank}, alpha {adapter.alpha:g} on {targets}{quant}"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
 from telechat_lab.files import atomic_write_text
 
@@ -173,3 +174,37 @@ def plot_losses(output_dir: Path, train: list, val: list) -> None:
         fig.tight_layout()
         fig.savefig(output_dir / "validation_loss.png", dpi=100)
         plt.close(fig)
+
+
+class StepsProgressBar(RichProgressBar):
+    """Lightning's progress bar, except where trainer.max_steps ends the run before the epochs do: Lightning's bar
+    counts the whole epoch (and its ETA with it) and names the last epoch of max_epochs; this one ends where the
+    run will stop and names the epoch max_steps reaches."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._steps_at_start = trainer.global_step
+        self._done_at_start = trainer.fit_loop.epoch_loop.batch_progress.current.completed  # > 0 when resumed
+        super().on_train_epoch_start(trainer, pl_module)
+
+    def _batches_left(self) -> int | None:
+        """Batches until max_steps, counted from this epoch's start; None without a step limit."""
+        trainer = self.trainer
+        if not trainer.max_steps or trainer.max_steps < 0:
+            return None
+        return (trainer.max_steps - self._steps_at_start) * trainer.accumulate_grad_batches
+
+    @property
+    def total_train_batches(self) -> int | float:
+        left = self._batches_left()
+        per_epoch = self.trainer.num_training_batches
+        return per_epoch if left is None else min(per_epoch, self._done_at_start + left)
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        left, per_epoch = self._batches_left(), self.trainer.num_training_batches
+        last = None if self.trainer.max_epochs in (None, -1) else self.trainer.max_epochs - 1
+        if left is not None and per_epoch not in (0, float("inf")):
+            beyond = left - (per_epoch - self._done_at_start)
+            reached = current_epoch + max(0, math.ceil(beyond / per_epoch))
+            last = reached if last is None else min(last, reached)
+        description = f"Epoch {current_epoch}" + (f"/{last}" if last is not None else "")
+        return f"{description:{len(self.validation_description)}}"

@@ -28,6 +28,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from telechat_lab.console import without_transformers_bars
 from telechat_lab.errors import CheckpointError, NonFiniteLoss
 from telechat_lab.files import TEMP_PREFIX, remove_stale_temporaries, staged_dir, staged_files
 
@@ -151,17 +152,20 @@ class RunCheckpoints(L.Callback):
         directory with TeleChat2's names; the tokenizer and config.yaml beside it."""
         from telechat_lab.tokenizer import load_tokenizer, save_tokenizer
 
-        model = pl_module.model
+        with without_transformers_bars():  # the training bar is on the screen
+            self._save_model(pl_module.model, directory)
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.base_dir)
+        save_tokenizer(self._tokenizer, directory)
+        (directory / "config.yaml").write_text(self.resolved_config)
+
+    def _save_model(self, model, directory: Path) -> None:
         if hasattr(model, "peft_config"):
             for config in model.peft_config.values():
                 config.base_model_name_or_path = str(self.base_dir)
         else:
             model.generation_config.save_pretrained(directory)
         model.save_pretrained(directory)
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.base_dir)
-        save_tokenizer(self._tokenizer, directory)
-        (directory / "config.yaml").write_text(self.resolved_config)
 
     def _prune(self) -> None:
         if not self.keep:

@@ -13,7 +13,7 @@ import torch
 from telechat_lab.config import AdapterConfig, ModelConfig, OptimConfig
 from telechat_lab.errors import NonFiniteLoss
 
-from .adapters import apply_adapter, count_parameters, quantization_config
+from .adapters import apply_adapter, count_parameters, describe, quantization_config
 
 
 def load_base_model(model_dir: Path, model: ModelConfig, adapter: AdapterConfig, precision: str = "32-true"):
@@ -58,12 +58,19 @@ class TelechatLitModule(L.LightningModule):
         model = load_base_model(self.model_dir, self.model_cfg, self.adapter_cfg, precision)
         checkpointing = self.model_cfg.gradient_checkpointing
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.model = apply_adapter(model, self.adapter_cfg, checkpointing).train()  # from_pretrained: eval mode
         if checkpointing and self.adapter_cfg.type in ("lora", "dora", "qlora"):
             self.model.enable_input_require_grads()
         self.n_trainable, self.n_params = count_parameters(self.model)
+        if self._trainer is None or self.trainer.is_global_zero:
+            print(
+                f"training {self.n_trainable:,} of {self.n_params:,} parameters ({describe(self.adapter_cfg)}), "
+                f"{model.dtype} weights, {model.config._attn_implementation} attention"
+                + (", gradient checkpointing" if checkpointing else ""),
+                flush=True,
+            )
 
     def forward(self, **batch):
         return self.model(**batch)

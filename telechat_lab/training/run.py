@@ -30,6 +30,7 @@ class Run:
     model_dir: Path
     run_id: str
     checkpoint: Path | None = None  # what a resume continues from
+    overrides: list[str] = field(default_factory=list)  # the command line's, for names (wandb, sweeps)
     parts: dict = field(default_factory=dict)
 
 
@@ -152,7 +153,7 @@ def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None) -> Run:
             write_run_record(output_dir, values, overrides)
     os.environ[OUTPUT_ENV] = str(output_dir)
     settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), values))
-    return Run(settings, values, output_dir, model_dir, identity, checkpoint)
+    return Run(settings, values, output_dir, model_dir, identity, checkpoint, overrides)
 
 
 def _write_settings(output_dir: Path, values: dict) -> None:
@@ -161,17 +162,80 @@ def _write_settings(output_dir: Path, values: dict) -> None:
     atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(values)))
 
 
+NOT_IN_NAMES = ("hydra", "output_dir", "resume", "overwrite", "logger", "data.cache_dir", "trainer.enable_progress_bar")
+
+
+def wandb_settings(config: dict, run: Run) -> dict:
+    """A WandbLogger's settings for this job: a short name (the job's own overrides), the sweep as its group, and
+    the run's wandb id (kept in run.json: resume=true continues the same wandb run)."""
+    from .rundir import read_run_record, write_json_record
+
+    config = dict(config)
+    if not config.get("name"):
+        own = [o.lstrip("+~") for o in run.overrides if not o.lstrip("+~").startswith(NOT_IN_NAMES)]
+        swept = swept_keys()
+        if swept:  # a sweep's job: what it sweeps is what tells it from its siblings
+            own = [o for o in own if o.split("=", 1)[0] in swept]
+        config["name"] = " ".join(own) or run.settings.task_name
+    if not config.get("group"):
+        sweep = sweep_dir()
+        config["group"] = f"{run.settings.task_name}-{sweep.name}" if sweep else None
+    record = read_run_record(run.output_dir)
+    if not record.get("wandb_id"):
+        import uuid
+
+        record["wandb_id"] = uuid.uuid4().hex[:12]  # any [a-z0-9] string is a valid wandb run id
+        if not launched_worker():
+            write_json_record(run.output_dir, record)
+    config.update(id=record["wandb_id"], resume="allow")
+    return config
+
+
+def swept_keys() -> set[str]:
+    """The settings a sweep varies: its sweeper's params, and the command line's sweep overrides (a,b / choice(..)
+    / range(..) / interval(..)) where the job runs in the sweep's own process."""
+    import sys
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if sweep_dir() is None:
+        return set()
+    from hydra.core.hydra_config import HydraConfig
+
+    keys = set((HydraConfig.get().sweeper.get("params") or {}).keys())
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if "=" in a])
+    except Exception:
+        return keys
+    return keys | {o.key_or_group for o in overrides if o.is_sweep_override()}
+
+
+def sweep_dir() -> Path | None:
+    """The sweep's directory when this is a job of a Hydra multirun."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        return Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+    except ValueError:
+        return None
+
+
 def build(run: Run) -> None:
     """The data module, the LightningModule, the loggers, callbacks and the Trainer."""
     import hydra
     import lightning as L
 
-    from .callbacks import LossPlot, SpeedAndMemory
+    from telechat_lab.console import quiet_lightning
+
+    from .callbacks import LossPlot, SpeedAndMemory, StepsProgressBar
     from .checkpoints import RunCheckpoints
     from .datamodule import TelechatDataModule
     from .module import TelechatLitModule
     from .strategy import trainer_arguments
 
+    quiet_lightning()
     s = run.settings
     L.seed_everything(s.seed, workers=True, verbose=False)
     datamodule = TelechatDataModule(s.data, run.model_dir)
@@ -180,7 +244,12 @@ def build(run: Run) -> None:
     if run.checkpoint is not None:  # keep the interrupted run's CSV logs: the resumed part goes to logs/resumed-*
         stamp = datetime.now().strftime("resumed-%Y%m%d-%H%M%S")
         logger_cfgs = [{**v, "version": stamp} if "CSVLogger" in str(v.get("_target_")) else v for v in logger_cfgs]
-    loggers = [hydra.utils.instantiate(v) for v in logger_cfgs]
+    loggers = [
+        hydra.utils.instantiate(wandb_settings(v, run) if "WandbLogger" in str(v.get("_target_")) else v)
+        for v in logger_cfgs
+    ]
+    for logger in loggers:  # Lightning passes wandb an `anonymous` setting that wandb >= 0.19 warns has no effect
+        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
     for logger in loggers:
         logger.log_hyperparams(run.values)
     checkpoints = RunCheckpoints(
@@ -199,9 +268,14 @@ def build(run: Run) -> None:
         plot,
         checkpoints,
     ]
+    if s.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepsProgressBar())
+    trainer_args = dict(s.trainer)
+    if not s.data.val_size:  # no validation split: say so to Lightning (which otherwise warns of an empty loader)
+        trainer_args.setdefault("limit_val_batches", 0)
     hardware = trainer_arguments(s.hardware, exclude_frozen=s.adapter.type != "full")
     trainer = L.Trainer(
-        **s.trainer,
+        **trainer_args,
         **hardware,
         logger=loggers,
         callbacks=callbacks,
@@ -276,6 +350,13 @@ def report(run: Run) -> dict:
     return metrics
 
 
+def finish_loggers(run: Run) -> None:
+    """Close the job's wandb run: the next job of a sweep (in this same process) starts a run of its own."""
+    for logger in run.parts.get("loggers", []):
+        if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
+            logger.experiment.finish()
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -292,7 +373,20 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
     from .rundir import check_output_dir
 
     cfg = check_config(argv, conf_dir, "train")
-    if cfg is None or launched_worker() or {"-m", "--multirun"} & set(argv) or cfg.get("hydra", {}).get("mode"):
+    if cfg is None:
+        return
+    optimizing = any(arg.startswith(("hparams_search=", "hydra/sweeper=")) for arg in argv)
+    if optimizing and cfg.optimized_metric.startswith("val") and not cfg.data.val_size:
+        from telechat_lab.config.command_line import exit_with_problems
+
+        exit_with_problems(
+            [
+                f"the sweep minimises optimized_metric={cfg.optimized_metric}, but data.val_size=0 holds "
+                "no validation split: set data.val_size (a fraction, or a number of examples), or "
+                "optimized_metric=train_loss"
+            ]
+        )
+    if launched_worker() or {"-m", "--multirun"} & set(argv):
         return  # sweep jobs have directories of their own: each job checks its own
     values = config_values(cfg)
     if requeued_by_slurm() and not values["resume"]:
@@ -316,8 +410,11 @@ def train(cfg: DictConfig | dict, overrides: list[str] | None = None) -> dict:
 
     run = prepare(cfg, overrides)
     build(run)
-    fit(run)
-    metrics = report(run)
+    try:
+        fit(run)
+        metrics = report(run)
+    finally:
+        finish_loggers(run)
     stopped = run.parts["checkpoints"].stop_signal
     if stopped is not None:
         raise Interrupted(

@@ -210,6 +210,10 @@ def write_run_record(directory: Path, values: dict, overrides: list[str]) -> dic
     return record
 
 
+def write_json_record(directory: Path, record: dict) -> None:
+    write_json(directory / RUN_RECORD, record)
+
+
 def read_run_record(directory: Path) -> dict:
     path = directory / RUN_RECORD
     return read_json(path, "the run record") if path.is_file() else {}

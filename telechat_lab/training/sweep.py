@@ -1,46 +1,120 @@
-"""A Hydra callback that writes a summary table of every job's final metrics to the sweep directory
-(summary.csv and summary.md) when a multirun ends."""
+"""When a sweep ends (a Hydra callback): summary.csv and summary.md in its directory, one row per job with a
+column per swept setting (the overrides that differ between jobs), sorted by the objective
+(`optimized_metric`, best first and marked), and sweep_loss.png with every job's loss curves."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+METRICS = ("train_loss", "val_loss", "steps", "skipped_steps", "status")
+
+
+def _overrides(job_dir: Path) -> dict[str, str]:
+    """The job's own command-line overrides (run.json records them; .hydra/overrides.yaml for an older run)."""
+    record = job_dir / "run.json"
+    if record.is_file():
+        lines = json.loads(record.read_text()).get("overrides", [])
+    else:
+        lines = [
+            line[2:].strip()
+            for line in (job_dir / ".hydra" / "overrides.yaml").read_text().splitlines()
+            if line.startswith("- ")
+        ]
+    return dict(line.lstrip("+~").split("=", 1) for line in lines if "=" in line)
+
 
 def collect(sweep_dir: Path) -> list[dict]:
+    """One dict per job: its number, its overrides and its final metrics ("failed" where it has none)."""
     rows = []
     for job_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=lambda p: (len(p.name), p.name)):
-        overrides_file = job_dir / ".hydra" / "overrides.yaml"
-        metrics_file = job_dir / "final_metrics.json"
-        if not overrides_file.exists():
+        if not (job_dir / "run.json").is_file() and not (job_dir / ".hydra" / "overrides.yaml").is_file():
             continue
-        overrides = [line[2:].strip() for line in overrides_file.read_text().splitlines() if line.startswith("- ")]
+        metrics_file = job_dir / "final_metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {"status": "failed"}
-        rows.append({"job": job_dir.name, "overrides": " ".join(overrides), **metrics})
+        rows.append({"job": job_dir.name, "overrides": _overrides(job_dir), **metrics})
     return rows
 
 
-def write_summary(sweep_dir: Path) -> list[dict]:
+def _sort_key(row: dict, metric: str, direction: str) -> tuple:
+    value = row.get(metric)
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return (1, 0.0)  # failed or missing: last
+    return (0, value if direction == "minimize" else -value)
+
+
+def write_summary(sweep_dir: Path, metric: str = "val_loss", direction: str = "minimize") -> list[dict]:
     rows = collect(sweep_dir)
     if not rows:
         return rows
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+    keys = list(dict.fromkeys(k for row in rows for k in row["overrides"]))
+    swept = [k for k in keys if len({row["overrides"].get(k) for row in rows}) > 1]
+    rows.sort(key=lambda row: _sort_key(row, metric, direction))
+    best = rows[0] if _sort_key(rows[0], metric, direction)[0] == 0 else None
+    columns = ["best", "job", *swept, *METRICS]
+    table = [
+        {
+            "best": "*" if row is best else "",
+            "job": row["job"],
+            **{k: row["overrides"].get(k, "") for k in swept},
+            **{m: row.get(m) for m in METRICS},
+        }
+        for row in rows
+    ]
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(table)
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
-    (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
-    print(f"\nsweep summary ({len(rows)} jobs): {sweep_dir / 'summary.md'}\n" + "\n".join(lines))
-    return rows
+    lines += ["| " + " | ".join(fmt(row[c]) for c in columns) + " |" for row in table]
+    fixed = {k: rows[0]["overrides"][k] for k in keys if k not in swept and k in rows[0]["overrides"]}
+    head = f"sorted by {metric} ({direction}); the same in every job: " + (
+        " ".join(f"{k}={v}" for k, v in fixed.items()) or "nothing else"
+    )
+    (sweep_dir / "summary.md").write_text(head + "\n\n" + "\n".join(lines) + "\n")
+    plot_sweep(sweep_dir, rows, swept)
+    print(f"\nsweep summary ({len(rows)} jobs): {sweep_dir / 'summary.md'}\n{head}\n" + "\n".join(lines))
+    return table
+
+
+def plot_sweep(sweep_dir: Path, rows: list[dict], swept: list[str]) -> None:
+    """sweep_loss.png: each job's training loss (solid) and validation loss (dashed, dots), one colour a job."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for n, row in enumerate(rows):
+        history = sweep_dir / row["job"] / "loss_history.csv"
+        if not history.is_file():
+            continue
+        points = list(csv.DictReader(io.StringIO(history.read_text())))
+        label = f"{row['job']}: " + (" ".join(f"{k}={row['overrides'].get(k, '')}" for k in swept) or "job")
+        colour = f"C{n % 10}"
+        train = [(int(p["step"]), float(p["loss"])) for p in points if p["split"] == "train"]
+        val = [(int(p["step"]), float(p["loss"])) for p in points if p["split"] == "val"]
+        if train:
+            ax.plot(*zip(*train), color=colour, label=label)
+        if val:
+            ax.plot(*zip(*val), color=colour, linestyle="--", marker="o")
+    ax.set(xlabel="step", ylabel="loss", title=f"{sweep_dir.name}: training (solid) and validation (dashed) loss")
+    if ax.lines:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "sweep_loss.png", dpi=100)
+    plt.close(fig)
 
 
 class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        write_summary(Path(config.hydra.sweep.dir))
+        sweeper = config.hydra.get("sweeper") or {}
+        direction = sweeper.get("direction", "minimize") if hasattr(sweeper, "get") else "minimize"
+        write_summary(Path(config.hydra.sweep.dir), config.get("optimized_metric", "val_loss"), direction)
