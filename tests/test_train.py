@@ -348,6 +348,7 @@ def test_wandb_one_run_per_job_grouped_by_sweep_and_resumed_in_place(tmp_path):
             "logger.wandb.tags=[demo]",
             "adapter=lora,dora",
             "trainer.max_steps=2",
+            "trainer.enable_progress_bar=true",
             f"hydra.sweep.dir={sweep}",
             f"data.cache_dir={tmp_path}/cache",
         ],
@@ -355,6 +356,7 @@ def test_wandb_one_run_per_job_grouped_by_sweep_and_resumed_in_place(tmp_path):
         env=env,
     )
     assert_quiet(proc.stdout + proc.stderr)
+    assert "train/loss" in proc.stdout and "v_num" not in proc.stdout  # the bar shows the loss, not wandb's id
     ids = []
     for job, adapter in (("0", "lora"), ("1", "dora")):
         (run_dir,) = (sweep / job / "wandb").glob("offline-run-*")
@@ -540,6 +542,10 @@ def test_a_default_run_is_quiet_says_where_everything_is_and_counts_to_max_steps
     bar = next(line for line in proc.stdout.splitlines() if line.startswith("Epoch"))
     assert bar.startswith("Epoch 0/0") and " 3/3 " in bar, bar
     assert (out / "training_loss.png").exists() and (out / "adapter_model.safetensors").exists()
+    # resumed mid-epoch, the bar goes on from the batches already done to the new max_steps
+    proc = train_cli([f"output_dir={out}", "resume=true", "trainer.max_steps=5"], tmp_path)
+    bar = next(line for line in proc.stdout.splitlines() if line.startswith("Epoch"))
+    assert bar.startswith("Epoch 0/0") and " 5/5 " in bar, bar
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path):

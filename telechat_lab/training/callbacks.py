@@ -181,9 +181,18 @@ class StepsProgressBar(RichProgressBar):
     counts the whole epoch (and its ETA with it) and names the last epoch of max_epochs; this one ends where the
     run will stop and names the epoch max_steps reaches."""
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
+    def _mark_start(self, trainer) -> None:
         self._steps_at_start = trainer.global_step
-        self._done_at_start = trainer.fit_loop.epoch_loop.batch_progress.current.completed  # > 0 when resumed
+        # batches this epoch already ran (> 0 when resumed); a checkpoint taken at a batch's end counts it processed
+        # but not yet completed
+        self._done_at_start = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def on_train_start(self, trainer, pl_module) -> None:  # a run resumed mid-epoch may draw before its epoch hook
+        self._mark_start(trainer)
+        super().on_train_start(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._mark_start(trainer)
         super().on_train_epoch_start(trainer, pl_module)
 
     def _batches_left(self) -> int | None:
@@ -208,3 +217,9 @@ class StepsProgressBar(RichProgressBar):
             last = reached if last is None else min(last, reached)
         description = f"Epoch {current_epoch}" + (f"/{last}" if last is not None else "")
         return f"{description:{len(self.validation_description)}}"
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        """The bar's metrics without Lightning's `v_num` (a logger's version: a wandb id's tail, noise on the bar)."""
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
