@@ -301,3 +301,15 @@ def test_flex_matches_reference_golden(eager_flex, case):
     keep = expected["attention_mask"].bool()
     assert (out.logits - expected["logits"]).abs()[keep].max().item() < 1e-4
     assert abs(out.loss.item() - expected["loss"].item()) < 1e-5
+
+
+def test_auto_attention_picks_a_document_masked_kernel_for_packed_rows_on_a_gpu(monkeypatch):
+    from telechat_lab.model import loading
+
+    monkeypatch.setattr(loading, "flash_attn_installed", lambda: False)
+    assert loading.resolve_attention("auto", on_cuda=True, packed=True) == "flex_attention"
+    assert loading.resolve_attention("auto", on_cuda=True, packed=False) == "sdpa"
+    assert loading.resolve_attention("auto", on_cuda=False, packed=True) == "sdpa"  # flex has no CPU backward
+    assert loading.resolve_attention("eager", on_cuda=True, packed=True) == "eager"
+    monkeypatch.setattr(loading, "flash_attn_installed", lambda: True)
+    assert loading.resolve_attention("auto", on_cuda=True, packed=True) == "flash_attention_2"

@@ -548,9 +548,33 @@ def test_a_default_run_is_quiet_says_where_everything_is_and_counts_to_max_steps
     assert bar.startswith("Epoch 0/0") and " 5/5 " in bar, bar
 
 
-def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path, capsys):
     metrics = run_train(tmp_path, "hardware=cpu", "hardware.precision=bf16-mixed", "trainer.max_steps=3")
     assert metrics["steps"] == 3 and all(math.isfinite(x) for x in losses(tmp_path))
+    assert "bfloat16 frozen, float32 trained weights" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("adapter", ["lora", "freeze", "full"])
+def test_mixed_precision_keeps_a_frozen_base_in_bf16_and_trains_in_fp32(adapter):
+    """No fp32 copy of a frozen base (adapters); what is trained is fp32 (the optimizer's master weights)."""
+    from telechat_lab.config import AdapterConfig, ModelConfig
+    from telechat_lab.model.loading import upcast_trained
+    from telechat_lab.resolve import model_dir
+    from telechat_lab.training.adapters import apply_adapter
+    from telechat_lab.training.module import load_base_model
+
+    cfg = AdapterConfig(type=adapter, trainable_layers=1)
+    model = apply_adapter(load_base_model(model_dir(None), ModelConfig(), cfg, "bf16-mixed"), cfg)
+    upcast_trained(model, "bf16-mixed")
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trained == {torch.float32}
+    assert frozen == (set() if adapter == "full" else {torch.bfloat16})
+    true_half = apply_adapter(load_base_model(model_dir(None), ModelConfig(), cfg, "bf16-true"), cfg)
+    loaded = {n: p.dtype for n, p in true_half.named_parameters()}
+    upcast_trained(true_half, "bf16-true")
+    assert {n: p.dtype for n, p in true_half.named_parameters()} == loaded  # "-true": everything as loaded
+    assert true_half.get_input_embeddings().weight.dtype == torch.bfloat16
 
 
 @pytest.mark.slow

@@ -41,8 +41,10 @@ DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 class ModelConfig:
     path: str | None = None  # a TeleChat2 checkpoint directory; null: the tiny random model (written on first use)
     name: str = "tiny"
-    attn_implementation: str = setting("auto", choices=("auto", "sdpa", "eager", "flash_attention_2"))
-    dtype: str = setting("auto", choices=DTYPE_NAMES)  # auto: fp32 master weights for mixed precision
+    # auto: flash_attention_2 with flash-attn on a GPU; else flex_attention for packed rows on a GPU; else sdpa
+    attn_implementation: str = setting("auto", choices=("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"))
+    # auto: under mixed precision a frozen base in bf16 / fp16 and what is trained in fp32; full fine-tuning fp32
+    dtype: str = setting("auto", choices=DTYPE_NAMES)
     gradient_checkpointing: bool = False
 
 

@@ -31,6 +31,15 @@ class EncodedDataset:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)[self.index]
 
+    def targets(self) -> np.ndarray:
+        """Tokens each example trains on: labels other than IGNORE after the shift (its first label predicts
+        nothing), as the loss counts them."""
+        trained = self.labels != IGNORE
+        trained[self.offsets[:-1][np.diff(self.offsets) > 0]] = False
+        counts = np.add.reduceat(trained, self.offsets[:-1]) if len(self.offsets) > 1 else np.zeros(0, dtype=np.int64)
+        counts[np.diff(self.offsets) == 0] = 0  # reduceat gives an empty slice the element at its start
+        return counts[self.index].astype(np.int64)
+
     def subset(self, positions: np.ndarray) -> EncodedDataset:
         return EncodedDataset(self.tokens, self.labels, self.offsets, self.index[positions], self.source, self.names)
 

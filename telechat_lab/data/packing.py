@@ -50,6 +50,11 @@ class PackedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         return join_examples([self.dataset[j] for j in self.rows[i]])
 
+    def targets(self) -> np.ndarray:
+        """Tokens each row trains on (join_examples ignores each example's first label, which predicts nothing)."""
+        per_example = self.dataset.targets()
+        return np.array([per_example[row].sum() for row in self.rows], dtype=np.int64)
+
     def efficiency(self) -> float:
         """Real tokens / (rows x capacity)."""
         return float(self.dataset.lengths().sum()) / max(1, len(self.rows) * self.capacity)

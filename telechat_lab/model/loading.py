@@ -21,21 +21,45 @@ def flash_attn_installed() -> bool:
     return True
 
 
-def resolve_attention(requested: str, on_cuda: bool) -> str:
-    """`auto`: flash_attention_2 on a CUDA GPU with the flash-attn package, else sdpa."""
+def resolve_attention(requested: str, on_cuda: bool, packed: bool = False) -> str:
+    """`auto`: flash_attention_2 on a CUDA GPU with the flash-attn package; else, on a CUDA GPU for packed rows
+    (several documents a row), flex_attention (a block-sparse document mask instead of sdpa's dense [T, T] one);
+    else sdpa (torch's flash / memory-efficient kernels for causal and padded batches)."""
     if requested != "auto":
         return requested
-    return "flash_attention_2" if on_cuda and flash_attn_installed() else "sdpa"
+    if on_cuda and flash_attn_installed():
+        return "flash_attention_2"
+    return "flex_attention" if on_cuda and packed else "sdpa"
 
 
-def resolve_dtype(requested: str, *, precision: str | None = None, on_cuda: bool = False) -> torch.dtype:
-    """`auto` for training (`precision` given): the dtype of a "-true" precision, else fp32 master weights under
-    mixed precision; for inference: bf16 on a CUDA GPU, else fp32."""
+#: the dtype autocast computes in under each mixed precision
+MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+TRUE_HALF = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
+
+
+def resolve_dtype(
+    requested: str, *, precision: str | None = None, on_cuda: bool = False, frozen_base: bool = False
+) -> torch.dtype:
+    """`auto` for training (`precision` given): the dtype of a "-true" precision; under mixed precision the
+    dtype autocast computes in when the base is frozen (an adapter: no fp32 copy of the base; what is trained is
+    made fp32 by `upcast_trained`), else fp32 master weights. For inference: bf16 on a CUDA GPU, else fp32."""
     if requested != "auto":
         return DTYPES[requested]
     if precision is not None:
-        return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
+        if precision in TRUE_HALF:
+            return TRUE_HALF[precision]
+        return MIXED[precision] if frozen_base and precision in MIXED else torch.float32
     return torch.bfloat16 if on_cuda else torch.float32
+
+
+def upcast_trained(model: torch.nn.Module, precision: str) -> None:
+    """Under mixed precision, the parameters being trained in fp32 (the optimizer's master weights); frozen ones
+    keep their dtype. Under a "-true" precision everything stays as loaded."""
+    if precision not in MIXED:
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def checkpoint_dtype(directory: Path) -> torch.dtype:

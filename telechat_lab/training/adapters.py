@@ -46,18 +46,18 @@ def quantization_config(adapter: AdapterConfig):
     )
 
 
-def apply_adapter(
-    model: torch.nn.Module, adapter: AdapterConfig, gradient_checkpointing: bool = False
-) -> torch.nn.Module:
+def apply_adapter(model: torch.nn.Module, adapter: AdapterConfig) -> torch.nn.Module:
     if adapter.type == "full":
         model.requires_grad_(True)
         return model
     if adapter.type == "freeze":
         return _freeze_all_but(model, adapter.trainable_layers, adapter.modules_to_save or [])
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     if adapter.quantization:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        # not peft's prepare_model_for_kbit_training: it also makes every weight left unquantised fp32, the
+        # embeddings and lm_head of a 131072-token vocabulary included (4.3 GB for a frozen 7B)
+        model.requires_grad_(False)
     config = LoraConfig(
         r=adapter.rank,
         lora_alpha=adapter.alpha,
@@ -111,3 +111,17 @@ def describe(adapter: AdapterConfig) -> str:
     )
     targets = "every linear layer" if adapter.target == "all" else ", ".join(target_modules(adapter.target))
     return f"{adapter.type} rank {adapter.rank}, alpha {adapter.alpha:g} on {targets}{quant}"
+
+
+def weight_dtypes(model: torch.nn.Module) -> str:
+    """ "bfloat16 frozen, float32 trained weights" (or "float32 weights" when all are alike), for the console; 4-bit
+    weights are named as such."""
+
+    def name(p: torch.nn.Parameter) -> str:
+        return "4-bit" if p.dtype == torch.uint8 else str(p.dtype).replace("torch.", "")
+
+    frozen = {name(p) for p in model.parameters() if not p.requires_grad}
+    trained = {name(p) for p in model.parameters() if p.requires_grad}
+    if not frozen or frozen == trained:
+        return f"{'/'.join(sorted(trained or frozen))} weights"
+    return f"{'/'.join(sorted(frozen))} frozen, {'/'.join(sorted(trained))} trained weights"

@@ -119,7 +119,7 @@ class LossPlot(L.Callback):
             if not self.train or self.train[-1][0] != trainer.global_step:
                 self.train.append((trainer.global_step, float(loss)))
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_validation_end(self, trainer, pl_module):  # after the module's epoch end logged val/loss
         loss = trainer.callback_metrics.get("val/loss")
         if (
             loss is not None

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Sampler
 from telechat_lab.config import DataConfig
 from telechat_lab.data import build_datasets, format_report
 from telechat_lab.data.packing import Collator, PackedDataset
+from telechat_lab.tokenizer import IGNORE_INDEX as IGNORE
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,13 @@ class ResumableRandomSampler(Sampler[int]):
         self.resume: tuple[int, int] | None = None  # (epoch, samples already consumed in it)
         self.per_rank = -(-n // world)
 
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Every rank's samples of `epoch`, [per_rank, world]: rank r's i-th sample is [i, r]."""
+        order = np.random.default_rng(self.seed + epoch).permutation(self.n)
+        return np.resize(order, self.per_rank * self.world).reshape(self.per_rank, self.world)
+
     def __iter__(self):
-        order = np.random.default_rng(self.seed + self.epoch).permutation(self.n)
-        order = np.resize(order, self.per_rank * self.world)[self.rank :: self.world]
+        order = self.epoch_order(self.epoch)[:, self.rank]
         start = 0
         if self.resume is not None:  # only the interrupted epoch starts part-way
             epoch, consumed = self.resume
@@ -46,6 +51,24 @@ class ResumableRandomSampler(Sampler[int]):
         self.epoch = epoch
 
 
+class EvenShards(torch.utils.data.Dataset):
+    """The validation set filled up to a multiple of `world` with copies that train nothing (labels all ignored):
+    every rank runs as many batches (sharded models must), and no example is counted twice in val/loss."""
+
+    def __init__(self, dataset, world: int):
+        self.dataset, self.size = dataset, -(-len(dataset) // world) * world
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict:
+        if i < len(self.dataset):
+            return self.dataset[i]
+        item = dict(self.dataset[i % len(self.dataset)])
+        item["labels"] = np.full(len(item["labels"]), IGNORE, dtype=np.int64)
+        return item
+
+
 class TelechatDataModule(L.LightningDataModule):
     def __init__(self, data: DataConfig, model_dir: str | Path):
         super().__init__()
@@ -54,6 +77,7 @@ class TelechatDataModule(L.LightningDataModule):
         self.report: dict = {}
         self.sampler: ResumableRandomSampler | None = None
         self.resume: tuple[int, int] | None = None  # (epoch, batches done in it) from a checkpoint
+        self._targets: tuple[int, np.ndarray] | None = None  # (epoch, cumulative trained tokens per sample slot)
 
     def prepare_data(self) -> None:
         build_datasets(self.cfg, self.model_dir)  # fills the on-disk cache once, on rank 0
@@ -76,6 +100,7 @@ class TelechatDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         self.sampler = ResumableRandomSampler(len(self.train_set), self.cfg.seed, rank, world)
+        self._targets = None
         self._apply_resume()
         return DataLoader(
             self.train_set,
@@ -89,20 +114,33 @@ class TelechatDataModule(L.LightningDataModule):
     def val_dataloader(self):
         if self.val_set is None:
             return []
-        sampler = None
+        val_set, sampler = self.val_set, None
         if self.trainer is not None and self.trainer.world_size > 1:
             from torch.utils.data import DistributedSampler
 
+            val_set = EvenShards(self.val_set, self.trainer.world_size)
             sampler = DistributedSampler(
-                self.val_set, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+                val_set, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
             )
         return DataLoader(
-            self.val_set,
+            val_set,
             batch_size=self.cfg.eval_batch_size,
             collate_fn=self.collator(),
             sampler=sampler,
             num_workers=self.cfg.dataloader_num_workers,
         )
+
+    def targets_in_batches(self, epoch: int, first: int, stop: int) -> int:
+        """Tokens trained on in batches first..stop-1 of `epoch`, over every rank: the number an optimizer step's
+        loss is divided by, so that it is the mean over the step's tokens however they are split into
+        accumulated batches and ranks. The sampler's order is the same on every rank: nothing is communicated."""
+        if self._targets is None or self._targets[0] != epoch:
+            order = self.sampler.epoch_order(epoch)
+            per_sample = self.train_set.targets()[order].sum(axis=1)
+            self._targets = (epoch, np.concatenate([[0], np.cumsum(per_sample)]))
+        per_rank, size = self.sampler.per_rank, self.cfg.batch_size
+        cumulative = self._targets[1]
+        return int(cumulative[min(stop * size, per_rank)] - cumulative[min(first * size, per_rank)])
 
     def state_dict(self) -> dict:
         if self.trainer is None:

@@ -12,23 +12,28 @@ import torch
 
 from telechat_lab.config import AdapterConfig, ModelConfig, OptimConfig
 from telechat_lab.errors import NonFiniteLoss
+from telechat_lab.model.loading import upcast_trained
+from telechat_lab.tokenizer import IGNORE_INDEX as IGNORE
 
-from .adapters import apply_adapter, count_parameters, describe, quantization_config
+from .adapters import apply_adapter, count_parameters, describe, quantization_config, weight_dtypes
 
 
-def load_base_model(model_dir: Path, model: ModelConfig, adapter: AdapterConfig, precision: str = "32-true"):
+def load_base_model(
+    model_dir: Path, model: ModelConfig, adapter: AdapterConfig, precision: str = "32-true", packed: bool = False
+):
+    """The base as training needs it: a frozen base (adapters) in the dtype autocast computes in, 4-bit for QLoRA,
+    fp32 master weights for full fine-tuning under mixed precision; attention for padded or packed rows."""
     from telechat_lab.model.loading import load_model, resolve_attention, resolve_dtype
 
-    dtype = resolve_dtype(model.dtype, precision=precision)
+    dtype = resolve_dtype(model.dtype, precision=precision, frozen_base=adapter.type != "full")
     kwargs = {}
     quant = quantization_config(adapter)
     if quant is not None:
         kwargs["quantization_config"] = quant
         if getattr(quant, "load_in_4bit", False):
             dtype = quant.bnb_4bit_compute_dtype
-    return load_model(
-        model_dir, dtype, resolve_attention(model.attn_implementation, torch.cuda.is_available()), **kwargs
-    )
+    attention = resolve_attention(model.attn_implementation, torch.cuda.is_available(), packed)
+    return load_model(model_dir, dtype, attention, **kwargs)
 
 
 class TelechatLitModule(L.LightningModule):
@@ -40,14 +45,17 @@ class TelechatLitModule(L.LightningModule):
         optim: OptimConfig,
         nan_policy: str = "stop",
         nan_max_skips: int = 10,
+        packed: bool = False,
     ):
         super().__init__()
+        self.packed = packed  # rows hold several documents (data.packing or data.padding_free)
         self.model_dir = Path(model_dir)
         self.model_cfg, self.adapter_cfg, self.optim_cfg = model, adapter, optim
         self.nan_policy, self.nan_max_skips = nan_policy, nan_max_skips
         self.skipped_steps = 0
         self.epoch_position = 0.0  # epochs trained, fractional
         self.loss_logged_at = -1
+        self.step_loss: torch.Tensor | float = 0.0  # this rank's part of the optimizer step's loss so far
         self.model = None
         self.strict_loading = False  # checkpoints hold only the trained parameters
 
@@ -55,19 +63,20 @@ class TelechatLitModule(L.LightningModule):
         if self.model is not None:
             return
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
-        model = load_base_model(self.model_dir, self.model_cfg, self.adapter_cfg, precision)
+        model = load_base_model(self.model_dir, self.model_cfg, self.adapter_cfg, precision, self.packed)
         checkpointing = self.model_cfg.gradient_checkpointing
         if checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
-        self.model = apply_adapter(model, self.adapter_cfg, checkpointing).train()  # from_pretrained: eval mode
+        self.model = apply_adapter(model, self.adapter_cfg).train()  # from_pretrained: eval mode
+        upcast_trained(self.model, precision)
         if checkpointing and self.adapter_cfg.type in ("lora", "dora", "qlora"):
             self.model.enable_input_require_grads()
         self.n_trainable, self.n_params = count_parameters(self.model)
         if self._trainer is None or self.trainer.is_global_zero:
             print(
                 f"training {self.n_trainable:,} of {self.n_params:,} parameters ({describe(self.adapter_cfg)}), "
-                f"{model.dtype} weights, {model.config._attn_implementation} attention"
+                f"{weight_dtypes(self.model)}, {model.config._attn_implementation} attention"
                 + (", gradient checkpointing" if checkpointing else ""),
                 flush=True,
             )
@@ -76,25 +85,60 @@ class TelechatLitModule(L.LightningModule):
         return self.model(**batch)
 
     def training_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
-        if not self._finite_everywhere(loss):
-            return self._non_finite("loss", loss)
-        self.epoch_position = self.trainer.current_epoch + (batch_idx + 1) / max(1, self.trainer.num_training_batches)
-        size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=size)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, batch_size=size)
-        self.log("epoch", self.epoch_position, on_step=True, batch_size=size)  # fractional (Lightning's is whole)
-        self.log("step", float(self.trainer.global_step + 1), on_step=True, batch_size=size)  # 1-based, as checkpoints
-        self.loss_logged_at = self.trainer.global_step + 1  # the step this loss belongs to
-        return loss
+        """The loss of an optimizer step is the mean over all the tokens it trains on, however they are split into
+        accumulated batches and ranks (as one batch of them all would give): each batch's summed loss is divided
+        by the step's token count, then scaled back for what Lightning (the mean over accumulated batches),
+        DDP (the mean over ranks) and DeepSpeed (again the mean over accumulated batches) divide by."""
+        trainer = self.trainer
+        accumulate, world = trainer.accumulate_grad_batches, trainer.world_size
+        first = batch_idx - batch_idx % accumulate
+        stop = min(first + accumulate, trainer.num_training_batches)
+        share = self.model(**batch, num_items_in_batch=self._step_targets(batch, first, stop)).loss
+        if not self._finite_everywhere(share):
+            return self._non_finite("loss", share)
+        self.step_loss = self.step_loss + share.detach()
+        if batch_idx + 1 == stop:  # the step's last batch: its loss is complete on this rank
+            loss = trainer.strategy.reduce(self.step_loss, reduce_op="sum") if world > 1 else self.step_loss
+            self.step_loss = 0.0
+            self.epoch_position = trainer.current_epoch + (batch_idx + 1) / max(1, trainer.num_training_batches)
+            self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=1)
+            self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, batch_size=1)
+            self.log("epoch", self.epoch_position, on_step=True, batch_size=1)  # fractional (Lightning's is whole)
+            self.log("step", float(trainer.global_step + 1), on_step=True, batch_size=1)  # 1-based, as checkpoints
+            self.loss_logged_at = trainer.global_step + 1  # the step this loss belongs to
+        twice = accumulate if trainer.strategy.handles_gradient_accumulation else 1  # DeepSpeed divides again
+        return share * (accumulate * twice * world)
+
+    def _step_targets(self, batch, first: int, stop: int) -> torch.Tensor:
+        """Tokens the optimizer step of batches first..stop-1 trains on, over every rank (from the data module's
+        sample order); without that data module, this batch's own tokens as if each batch were a step."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "targets_in_batches"):
+            count = datamodule.targets_in_batches(self.trainer.current_epoch, first, stop)
+        else:
+            count = int((batch["labels"][..., 1:] != IGNORE).sum())
+            count *= self.trainer.accumulate_grad_batches * self.trainer.world_size
+        return torch.tensor(max(count, 1), dtype=torch.float32, device=self.device)
+
+    def on_validation_epoch_start(self):
+        self.val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.val_count = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch, batch_idx):
-        loss = self.model(**batch, return_logits=False).loss  # the chunked loss: no [tokens, vocab] logits
-        size = batch["input_ids"].shape[0]
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=size)
+        # summed, with the chunked loss (no [tokens, vocab] logits); val/loss is the mean over all tokens
+        total = self.model(**batch, return_logits=False, num_items_in_batch=1).loss
+        self.val_sum += total.detach().double()
+        self.val_count += (batch["labels"][..., 1:] != IGNORE).sum()
+
+    def on_validation_epoch_end(self):
+        total, count = self.val_sum, self.val_count
+        if self.trainer.world_size > 1:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        self.log("val/loss", (total / count.clamp(min=1)).float(), prog_bar=True)
         # the epoch of the weights being validated (also for the validation after the last step)
-        self.log("epoch", float(self.epoch_position), on_epoch=True, on_step=False, batch_size=size)
-        self.log("step", float(self.trainer.global_step), on_epoch=True, on_step=False, batch_size=size)
+        self.log("epoch", float(self.epoch_position))
+        self.log("step", float(self.trainer.global_step))
 
     def on_before_optimizer_step(self, optimizer):
         # torch's foreach norm, not lightning's grad_norm: that one turns every parameter's norm into a Python

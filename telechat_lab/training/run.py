@@ -239,7 +239,8 @@ def build(run: Run) -> None:
     s = run.settings
     L.seed_everything(s.seed, workers=True, verbose=False)
     datamodule = TelechatDataModule(s.data, run.model_dir)
-    module = TelechatLitModule(run.model_dir, s.model, s.adapter, s.optim, s.nan_policy, s.nan_max_skips)
+    packed = bool(s.data.packing or s.data.padding_free)
+    module = TelechatLitModule(run.model_dir, s.model, s.adapter, s.optim, s.nan_policy, s.nan_max_skips, packed)
     logger_cfgs = [v for v in (s.logger or {}).values() if v is not None]
     if run.checkpoint is not None:  # keep the interrupted run's CSV logs: the resumed part goes to logs/resumed-*
         stamp = datetime.now().strftime("resumed-%Y%m%d-%H%M%S")
