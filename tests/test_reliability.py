@@ -456,9 +456,9 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_ones_intact(tmp_pat
     calls = []
     real = RunCheckpoints.save_pretrained
 
-    def crash_on_second(self, pl_module, directory):
+    def crash_on_second(self, pl_module, directory, state=None):
         calls.append(directory)
-        real(self, pl_module, directory)
+        real(self, pl_module, directory, state)
         if len(calls) == 2:
             (directory / "adapter_config.json").write_text("")  # half written when the process dies
             raise RuntimeError("the process died here")

@@ -90,10 +90,12 @@ def _freeze_all_but(model: torch.nn.Module, n_layers: int, extra: list[str]) -> 
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total); 4-bit weights count as their unpacked number of elements."""
+    """(trainable, total); 4-bit weights count as their unpacked number of elements, ZeRO-3 slices as the whole."""
+    from .zero import full_numel
+
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
+        n = full_numel(p) * (2 if p.dtype == torch.uint8 else 1)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

@@ -38,8 +38,17 @@ HF_DIR = re.compile(r"^checkpoint-(\d+)$")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
-def trained_parameters_finite(module: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in module.parameters() if p.requires_grad and p.numel())
+def trained_parameters_finite(module: torch.nn.Module, trainer=None) -> bool:
+    """Every trained parameter finite, on every rank (each checks what it holds: its slice under ZeRO-3)."""
+    from .zero import local_values
+
+    finite = all(
+        bool(torch.isfinite(local_values(p)).all()) for p in module.parameters() if p.requires_grad and p.numel()
+    )
+    if trainer is not None and trainer.world_size > 1:
+        flag = torch.tensor([float(finite)], device=trainer.strategy.root_device)
+        finite = bool(trainer.strategy.reduce(flag, reduce_op="min").item())
+    return finite
 
 
 class RunCheckpoints(L.Callback):
@@ -118,7 +127,7 @@ class RunCheckpoints(L.Callback):
                 requeue_slurm_job()
 
     def save(self, trainer, pl_module, step: int) -> None:
-        if not trained_parameters_finite(pl_module.model):
+        if not trained_parameters_finite(pl_module.model, trainer):
             raise NonFiniteLoss(
                 f"a trained parameter is NaN or infinite at step {step}: nothing of it was saved; "
                 f"the last good checkpoint is step {self._last_saved if self._last_saved > 0 else 'none'}"
@@ -127,10 +136,11 @@ class RunCheckpoints(L.Callback):
         final = self.checkpoint_dir / f"step-{step:07d}.ckpt"
         staging = self.checkpoint_dir / f"{TEMP_PREFIX}{final.name}"
         trainer.save_checkpoint(staging)  # every rank takes part (sharded strategies); ends with a barrier
+        state = self._gathered(trainer, pl_module)
         if trainer.is_global_zero:
             os.replace(staging, final)
             with staged_dir(self.output_dir / f"checkpoint-{step}") as directory:
-                self.save_pretrained(pl_module, directory)
+                self.save_pretrained(pl_module, directory, state)
             self._prune()
         trainer.strategy.barrier("telechat_lab.checkpoint")
         self._last_saved = step
@@ -142,30 +152,35 @@ class RunCheckpoints(L.Callback):
         """The finished run's adapter (or model) in the output directory itself; not for a stopped run. Also
         called after fit: a run resumed from a checkpoint of its last step trains nothing, and Lightning then
         calls no on_train_end."""
-        if self.stop_signal is None and not self.final_saved and trainer.is_global_zero:
-            with staged_files(self.output_dir) as directory:
-                self.save_pretrained(pl_module, directory)
+        if self.stop_signal is None and not self.final_saved:
+            state = self._gathered(trainer, pl_module)
+            if trainer.is_global_zero:
+                with staged_files(self.output_dir) as directory:
+                    self.save_pretrained(pl_module, directory, state)
         self.final_saved = True
 
-    def save_pretrained(self, pl_module, directory: Path) -> None:
+    @staticmethod
+    def _gathered(trainer, pl_module) -> dict | None:
+        """Under ZeRO-3 the whole tensors to write (all ranks gather, rank 0 keeps them); else None (the model's
+        own)."""
+        from .zero import gathered_state_dict, zero3_config
+
+        if zero3_config(trainer) is None:
+            return None
+        return gathered_state_dict(pl_module.model, trained_only=hasattr(pl_module.model, "peft_config"))
+
+    def save_pretrained(self, pl_module, directory: Path, state: dict | None = None) -> None:
         """A PEFT adapter naming its base by absolute path, or for full / freeze fine-tuning a HF checkpoint
-        directory with TeleChat2's names; the tokenizer and config.yaml beside it."""
+        directory with TeleChat2's names; the tokenizer and config.yaml beside it. `state`: the tensors to write
+        (gathered under ZeRO-3), else the model's own."""
         from telechat_lab.tokenizer import load_tokenizer, save_tokenizer
 
         with without_transformers_bars():  # the training bar is on the screen
-            self._save_model(pl_module.model, directory)
+            save_model(pl_module.model, directory, self.base_dir, state)
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.base_dir)
         save_tokenizer(self._tokenizer, directory)
         (directory / "config.yaml").write_text(self.resolved_config)
-
-    def _save_model(self, model, directory: Path) -> None:
-        if hasattr(model, "peft_config"):
-            for config in model.peft_config.values():
-                config.base_model_name_or_path = str(self.base_dir)
-        else:
-            model.generation_config.save_pretrained(directory)
-        model.save_pretrained(directory)
 
     def _prune(self) -> None:
         if not self.keep:
@@ -174,6 +189,18 @@ class RunCheckpoints(L.Callback):
             found = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := pattern.match(p.name)))
             for _, path in found[: -self.keep]:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def save_model(model, directory: Path, base_dir: Path, state: dict | None = None) -> None:
+    """A PEFT adapter (naming its base by absolute path) or a whole TeleChat2 in Hugging Face's format; `state`:
+    the tensors to write instead of the model's own (gathered from ZeRO-3 slices)."""
+    kwargs = {} if state is None else {"state_dict": state}
+    if hasattr(model, "peft_config"):
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = str(base_dir)
+    else:
+        model.generation_config.save_pretrained(directory)
+    model.save_pretrained(directory, **kwargs)
 
 
 def requeue_slurm_job() -> None:

@@ -36,11 +36,13 @@ class FlopCounts:
 
 def count_flops(model: torch.nn.Module, config, gradient_checkpointing: bool, chunked_loss: bool = True) -> FlopCounts:
     """`model` as trained (PEFT-wrapped or not), `config` its Telechat2Config."""
+    from .zero import full_ndim, full_numel
+
     total = matmul = trained = 0
     for name, p in model.named_parameters():
-        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # 4-bit weights: two per byte
+        n = full_numel(p) * (2 if p.dtype == torch.uint8 else 1)  # 4-bit weights: two per byte
         total += n
-        if p.ndim >= 2 and "word_embeddings" not in name:
+        if full_ndim(p) >= 2 and "word_embeddings" not in name:
             matmul += n
             trained += n if p.requires_grad else 0
     recompute = 1 if gradient_checkpointing else 0

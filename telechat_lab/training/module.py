@@ -16,6 +16,7 @@ from telechat_lab.model.loading import upcast_trained
 from telechat_lab.tokenizer import IGNORE_INDEX as IGNORE
 
 from .adapters import apply_adapter, count_parameters, describe, quantization_config, weight_dtypes
+from .zero import created_whole, partitioned_loading, zero3_config
 
 
 def load_base_model(
@@ -63,13 +64,17 @@ class TelechatLitModule(L.LightningModule):
         if self.model is not None:
             return
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
-        model = load_base_model(self.model_dir, self.model_cfg, self.adapter_cfg, precision, self.packed)
         checkpointing = self.model_cfg.gradient_checkpointing
-        if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        self.model = apply_adapter(model, self.adapter_cfg).train()  # from_pretrained: eval mode
-        upcast_trained(self.model, precision)
+        zero3 = zero3_config(self._trainer)
+        with partitioned_loading(zero3):  # under ZeRO-3 straight into each rank's slices
+            model = load_base_model(self.model_dir, self.model_cfg, self.adapter_cfg, precision, self.packed)
+            if checkpointing:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                model.config.use_cache = False
+            with created_whole(zero3):
+                self.model = apply_adapter(model, self.adapter_cfg).train()  # from_pretrained: eval mode
+        if type(getattr(self._trainer, "strategy", None)).__name__ != "DeepSpeedStrategy":
+            upcast_trained(self.model, precision)  # DeepSpeed keeps fp32 master weights itself
         if checkpointing and self.adapter_cfg.type in ("lora", "dora", "qlora"):
             self.model.enable_input_require_grads()
         self.n_trainable, self.n_params = count_parameters(self.model)
