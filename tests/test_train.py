@@ -776,3 +776,12 @@ def test_the_python_api_runs_every_command(tmp_path):
     assert report["datasets"]["identity"]["examples"] == 40
     with pytest.raises(ConfigError, match="data.batch_size=0: must be at least 1"):
         api.train(["data.batch_size=0"])
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_as_the_plain_ones(tmp_path, capsys):
+    plain = run_train(tmp_path / "plain", "trainer.max_steps=2")
+    compiled = run_train(tmp_path / "compiled", "trainer.max_steps=2", "model.compile=true")
+    assert "compiled blocks" in capsys.readouterr().out
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+    assert compiled["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)

@@ -45,7 +45,8 @@ class ModelConfig:
     attn_implementation: str = setting("auto", choices=("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"))
     # auto: under mixed precision a frozen base in bf16 / fp16 and what is trained in fp32; full fine-tuning fp32
     dtype: str = setting("auto", choices=DTYPE_NAMES)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = setting(False, on_resume=FREE)
+    compile: bool = setting(False, on_resume=FREE)  # torch.compile each block (the first steps compile them)
 
 
 @dataclass

@@ -75,6 +75,9 @@ class TelechatLitModule(L.LightningModule):
                 self.model = apply_adapter(model, self.adapter_cfg).train()  # from_pretrained: eval mode
         if type(getattr(self._trainer, "strategy", None)).__name__ != "DeepSpeedStrategy":
             upcast_trained(self.model, precision)  # DeepSpeed keeps fp32 master weights itself
+        if self.model_cfg.compile:
+            for block in getattr(self.model, "get_base_model", lambda: self.model)().transformer.h:
+                block.compile()  # in place: parameter names, checkpoints and PEFT's saving are unchanged
         if checkpointing and self.adapter_cfg.type in ("lora", "dora", "qlora"):
             self.model.enable_input_require_grads()
         self.n_trainable, self.n_params = count_parameters(self.model)
@@ -82,7 +85,8 @@ class TelechatLitModule(L.LightningModule):
             print(
                 f"training {self.n_trainable:,} of {self.n_params:,} parameters ({describe(self.adapter_cfg)}), "
                 f"{weight_dtypes(self.model)}, {model.config._attn_implementation} attention"
-                + (", gradient checkpointing" if checkpointing else ""),
+                + (", gradient checkpointing" if checkpointing else "")
+                + (", compiled blocks" if self.model_cfg.compile else ""),
                 flush=True,
             )
 

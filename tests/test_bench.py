@@ -1,0 +1,76 @@
+"""bench/train_throughput.py on CPU (its --cpu-smoke mode, what CI can run): both stacks train on the same padded
+batches from the same adapter weights and agree on every step's loss; the figures and the exact command are
+recorded, labelled as CPU figures. (Speed itself is measured by the benchmark, never asserted here.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def test_shapes_hold_the_release_sizes_and_count_their_parameters():
+    import torch
+    from random_model import parameter_count, shape_config
+
+    from telechat_lab.model import Telechat2Config, Telechat2ForCausalLM
+
+    sizes = {name: parameter_count(shape_config(name)) / 1e9 for name in ("telechat2_3b", "telechat2_7b")}
+    assert 3.0 < sizes["telechat2_3b"] < 3.5 and 7.0 < sizes["telechat2_7b"] < 8.0, sizes
+    big = shape_config("telechat2_115b")
+    assert (big["hidden_size"], big["n_layer"], big["n_head"], big["num_key_value_heads"]) == (8192, 96, 64, 8)
+    assert big["ffn_hidden_size"] == 40960 and big["vocab_size"] == 131072
+    assert 110 < parameter_count(big) / 1e9 < 125
+    values = shape_config("telechat2_115b", layers=1, vocab_size=512)
+    values.update(hidden_size=256, n_head=8, num_key_value_heads=2, ffn_hidden_size=512)  # the 115B's GQA layout
+    with torch.device("meta"):
+        model = Telechat2ForCausalLM(Telechat2Config(**values))
+    assert parameter_count(values) == sum(p.numel() for p in model.parameters())
+    with pytest.raises(SystemExit, match="has 30 blocks"):
+        shape_config("telechat2_7b", layers=31)
+
+
+def test_cpu_smoke_run_compares_both_stacks_on_the_same_batches(tmp_path):
+    out = tmp_path / "results"
+    args = [
+        "--cpu-smoke",
+        "--tokenizer", str(REPO / "telechat_lab" / "assets" / "tiny_tokenizer.model"),
+        "--data", str(REPO / "telechat_lab" / "demo_data"),
+        "--work", str(tmp_path / "work"),
+        "--out", str(out),
+        "--name", "smoke",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "train_throughput.py"), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "smoke.json").read_text())
+    assert report["command"].startswith("python bench/train_throughput.py --cpu-smoke")
+    assert report["environment"]["gpu"] is False and report["environment"]["versions"]["torch"]
+    runs = {(r["stack"], r["layout"]): r for r in report["runs"]}
+    assert set(runs) == {("ours", "padded"), ("hf", "padded"), ("ours", "packed")}
+    ours, hf = runs["ours", "padded"], runs["hf", "padded"]
+    assert ours["tokens_per_step"] == hf["tokens_per_step"] > 0  # the very same batches
+    assert len(ours["losses"]) == len(hf["losses"]) == 4
+    assert report["loss_agreement"]["max_abs_diff"] < 1e-4, report["loss_agreement"]
+    assert runs["ours", "packed"]["tokens_per_s"] > 0 and runs["ours", "packed"]["losses"]
+    table = (out / "smoke.md").read_text()
+    assert "CPU figures" in table and "HF Trainer + PEFT" in table and "| packed |" in table
+
+
+def test_gpu_scripts_parse_and_name_every_part():
+    for script in ("bundle_gpu.sh", "gpu_bench.sh"):
+        proc = subprocess.run(["bash", "-n", str(REPO / "scripts" / script)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    text = (REPO / "scripts" / "gpu_bench.sh").read_text()
+    for part in ("check", "lora", "qlora", "compile", "cutoffs", "sizes", "full"):
+        assert f"#   {part} " in text and f"{part}|all)" in text, part
