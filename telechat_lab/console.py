@@ -42,6 +42,12 @@ def quiet_libraries() -> None:
     for pattern, category, _why in NOT_OURS:
         warnings.filterwarnings("ignore", message=pattern, category=category)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # set before forking workers; no fork warning
+    # deepspeed, where installed, is imported by accelerate (which transformers imports) and on a machine without
+    # a GPU warns that it "was unable to detect" one and uses its CPU accelerator; name that accelerator up front
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def show_loading_progress(weights_bytes: int) -> bool:

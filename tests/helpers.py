@@ -122,8 +122,9 @@ def run_train(tmp_path, *overrides):
 
 
 def train_cli(args, cwd, timeout=600, env=None, check=True) -> subprocess.CompletedProcess:
-    """python train.py ARGS in `cwd`; `check`: it must succeed."""
+    """python train.py ARGS in `cwd`; `check`: it must succeed; `env`: variables to set (None: to unset)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).parent), **(env or {})}
+    full_env = {key: value for key, value in full_env.items() if value is not None}
     proc = subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args],
         cwd=cwd,

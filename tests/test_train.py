@@ -528,7 +528,9 @@ def test_resume_keeps_the_interrupted_runs_metrics(tmp_path):
 
 def test_a_default_run_is_quiet_says_where_everything_is_and_counts_to_max_steps(tmp_path):
     out = tmp_path / "demo"
-    proc = train_cli([f"output_dir={out}", "trainer.max_steps=3", f"data.cache_dir={tmp_path}/cache"], tmp_path)
+    # as on a new machine (the tiny model not yet written), with the libraries' own log levels
+    first_time = {"TELECHAT_LAB_CACHE": str(tmp_path / "cache"), "TRANSFORMERS_VERBOSITY": None}
+    proc = train_cli([f"output_dir={out}", "trainer.max_steps=3"], tmp_path, env=first_time)
     assert_quiet(proc.stdout + proc.stderr)
     assert not proc.stderr.strip(), proc.stderr  # nothing but the report, the bar and the summary
     for line in (
