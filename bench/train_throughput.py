@@ -141,17 +141,17 @@ def table(report: dict) -> str:
     rows = report["runs"]
     hf = next((r for r in rows if r["stack"] == "hf"), None)
     head = (
-        "| stack | layout | attention | rows x tokens/step | step s | tokens/s | trained tok/s | MFU | HFU "
+        "| stack | layout | attention | rows a step | tokens a step | step s | tokens/s | trained tok/s | MFU | HFU "
         "| peak GiB | tokens/s vs HF |"
     )
-    lines = [head, "|---" * 11 + "|"]
+    lines = [head, "|---" * 12 + "|"]
     for r in rows:
         ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-"
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
         hfu = f"{r['hfu']:.1%}" if "hfu" in r else "n/a"
         mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "n/a"
         lines.append(
-            f"| {r['label']} | {r['layout']} | {r['attention']} | {r['batch_rows']} x {r['tokens_per_step']:,.0f} "
+            f"| {r['label']} | {r['layout']} | {r['attention']} | {r['batch_rows']} | {r['tokens_per_step']:,.0f} "
             f"| {r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['trained_tokens_per_s']:,.0f} | {mfu} | {hfu} "
             f"| {mem} | {ratio} |"
         )
@@ -224,7 +224,7 @@ def main(argv=None) -> dict:
         runs.append(row)
         print(
             f"{label:22s} {layout:7s} {row['tokens_per_s']:>12,.0f} tokens/s  peak "
-            f"{row['peak_mem_gib'] if row['peak_mem_gib'] is not None else 'n/a'} GiB",
+            + (f"{row['peak_mem_gib']:.2f} GiB" if row["peak_mem_gib"] is not None else "memory n/a (CPU)"),
             flush=True,
         )
         return row

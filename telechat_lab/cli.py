@@ -102,16 +102,20 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = "\n".join(f"  {name:<{width}}  {what}" for name, what in COMMANDS.items())
+        unknown = f"error: unknown command '{args[0]}'\n" if args and args[0] not in ("-h", "--help") else ""
         print(
-            f"usage: telechat-lab COMMAND [overrides ...]\n\ncommands:\n{lines}\n\n"
+            f"{unknown}usage: telechat-lab COMMAND [overrides ...]\n\ncommands:\n{lines}\n\n"
             "Each takes Hydra overrides (key=value, group=option, -m for a sweep, --help, --cfg job).",
             file=sys.stderr if args else sys.stdout,
         )
         sys.exit(2 if args and args[0] not in ("-h", "--help") else 0)
     command, rest = args[0], args[1:]
     if command == "tiny":
+        from telechat_lab.console import quiet_libraries
         from telechat_lab.tiny import main as tiny
 
-        tiny(rest)
+        quiet_libraries()
+        with reported():
+            tiny(rest)
         return
     run(command, rest)

@@ -19,6 +19,12 @@ NOT_OURS = [
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning, "peft's PeftModel reads the old property"),
     (r"`gradient_checkpointing_enable` is deprecated", FutureWarning, "peft's kbit preparation calls the old name"),
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", Warning, "Lightning's own pytree code on torch >= 2.10"),
+    (
+        r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
+        Warning,
+        "Lightning looks for state_dict() on the DataLoader; our data module restores the sampler's position "
+        "itself (resume equals the uninterrupted run: tests/test_train.py, tests/test_reliability.py)",
+    ),
 ]
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import torch
 from telechat_lab.errors import ConfigError, OutputDirError
 from telechat_lab.model import DTYPES
 
-log = logging.getLogger(__name__)
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 REMOTE_CODE = ("configuration_telechat2.py", "modeling_telechat2.py")
 AUTO_MAP = {
@@ -42,7 +40,17 @@ def check_export_dir(export_dir: str | Path, base: Path, adapters: list[Path]) -
             raise OutputDirError(
                 f"export_dir={out} {relation} {name} ({path}): choose another export_dir; nothing was written"
             )
+    check_replaceable(out)
     return out
+
+
+def check_replaceable(final: Path) -> None:
+    """An export replaces an earlier export, or fills a new or empty directory; anything else is refused."""
+    if final.exists() and any(final.iterdir()) and not is_export(final):
+        raise OutputDirError(
+            f"export_dir={final} is not empty and holds no earlier export: choose another "
+            "export_dir (nothing was written)"
+        )
 
 
 def merge_adapters(base: Path, adapters: list[Path], device: str = "cpu"):
@@ -61,7 +69,6 @@ def merge_adapters(base: Path, adapters: list[Path], device: str = "cpu"):
         )
     for adapter in adapters:
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-        log.info("merged %s", adapter)
     return model.eval()
 
 
@@ -99,15 +106,12 @@ def export(
     transformers and vLLM, the remote-code files, the tokenizer with its chat template and
     generation_config.json. Written beside `export_dir` and renamed into place: an earlier export there is
     replaced whole only once the new one is complete; a non-empty directory that is not an export is refused."""
+    from telechat_lab.console import show_loading_progress, without_transformers_bars
     from telechat_lab.files import staged_dir
     from telechat_lab.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer, save_tokenizer
 
     final = Path(export_dir).expanduser().resolve()
-    if final.exists() and any(final.iterdir()) and not is_export(final):
-        raise OutputDirError(
-            f"export_dir={final} is not empty and holds no earlier export: choose another "
-            "export_dir (nothing was written)"
-        )
+    check_replaceable(final)
     if dtype == "auto":  # bf16 for an fp32 base, else the base's own dtype
         dtype = "bfloat16" if model.dtype == torch.float32 else str(model.dtype).replace("torch.", "")
     model = model.to(DTYPES[dtype])
@@ -121,7 +125,9 @@ def export(
             model.config.save_pretrained(out)
             _save_bin(model.state_dict(), out, max_shard)
         else:
-            model.save_pretrained(out, max_shard_size=max_shard)
+            weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            with without_transformers_bars(off=not show_loading_progress(weights)):  # a tiny model: at once
+                model.save_pretrained(out, max_shard_size=max_shard)
         # config.json: explicit num_key_value_heads (vLLM reads it), model_type telechat, the dtype saved, and
         # flash_attn, which the release's own modeling files read on every forward (SPEC section 7)
         cfg = json.loads((out / "config.json").read_text())

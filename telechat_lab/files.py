@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from telechat_lab.errors import CheckpointError
+from telechat_lab.errors import CheckpointError, ConfigError
 
 TEMP_PREFIX = ".tmp-"  # staged files and directories: never read as results, removed by the next writer
 
@@ -39,6 +39,24 @@ def atomic_open(path: str | os.PathLike) -> Iterator[Any]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_new_output(key: str, path: str | os.PathLike, overwrite: bool) -> None:
+    """Before the work starts: an output file `key`=path that would replace the user's file needs overwrite=true;
+    its folder must exist."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ConfigError(f"{key}={path} is a directory: name a file")
+    if target.exists() and not overwrite:
+        raise ConfigError(f"{key}={path} exists: add overwrite=true to replace it, or choose another file")
+    if not target.resolve().parent.is_dir():
+        raise ConfigError(f"{key}={path}: the folder {target.resolve().parent} does not exist")
+
+
+def check_input_file(key: str, path: str | os.PathLike) -> None:
+    target = Path(path).expanduser()
+    if not target.is_file():
+        raise ConfigError(f"{key}={path}: {'is a directory' if target.is_dir() else 'no such file'}")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

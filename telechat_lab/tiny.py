@@ -21,6 +21,7 @@ import torch
 
 from telechat_lab import cache_root
 from telechat_lab.console import without_transformers_bars
+from telechat_lab.errors import OutputDirError
 from telechat_lab.model import Telechat2Config, Telechat2ForCausalLM
 from telechat_lab.tokenizer import TINY_TOKENIZER_PATH, load_tokenizer, save_tokenizer, tokenizer_hash
 
@@ -64,6 +65,11 @@ def write_tiny_checkpoint(
     marker = out / MARKER
     if marker.exists() and marker.read_text() == signature and (out / "model.safetensors").exists():
         return out
+    if not marker.exists() and out.is_dir() and any(out.iterdir()):  # only a tiny model is ever replaced
+        raise OutputDirError(
+            f"{out} is not empty and holds no tiny model written earlier: choose a new or empty directory "
+            "(nothing was written)"
+        )
 
     tok = load_tokenizer(tokenizer)
     config = Telechat2Config(
@@ -124,5 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"tiny TeleChat2 checkpoint written to {out}")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m telechat_lab.tiny DIR: the same as telechat-lab tiny DIR
+    import sys
+
+    from telechat_lab.cli import main as cli
+
+    cli(["tiny", *sys.argv[1:]])

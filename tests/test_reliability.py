@@ -4,6 +4,7 @@ files) and strict inputs (config values, chat input)."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -151,6 +152,28 @@ def test_extending_max_steps_continues_mid_epoch_like_the_longer_run(tmp_path):
     run_train(tmp_path / "short", "trainer.max_steps=3", "optim.scheduler=constant")
     run_train(tmp_path / "short", "resume=true", "trainer.max_steps=7")
     assert losses(tmp_path / "short") == pytest.approx(losses(tmp_path / "long"), abs=1e-6)
+
+
+def _logged_lr(out_dir) -> dict[int, float]:
+    rows = {}
+    for path in sorted(Path(out_dir, "logs").rglob("metrics.csv")):
+        with open(path) as f:
+            rows.update({int(r["step"]): float(r["train/lr"]) for r in csv.DictReader(f) if r["train/lr"]})
+    return rows
+
+
+def test_an_extended_run_trains_its_first_new_step_at_the_longer_schedules_rate(tmp_path):
+    """A cosine run stopped at max_steps=3 ends at lr 0; extended to 6, its step 4 runs at the 6-step schedule's
+    rate (the restored optimizer held the old schedule's 0: the step would not have trained). Its loss history
+    keeps the validation run at the end of the first part."""
+    run_train(tmp_path / "long", "trainer.max_steps=6", "data.val_size=4")
+    run_train(tmp_path / "short", "trainer.max_steps=3", "data.val_size=4")
+    run_train(tmp_path / "short", "resume=true", "trainer.max_steps=6", "data.val_size=4")
+    # the validation at the end of the 3-step run is kept in the history, beside the one at step 6
+    assert len(losses(tmp_path / "short", "val")) == 2
+    short, long = _logged_lr(tmp_path / "short"), _logged_lr(tmp_path / "long")
+    assert short[3] < long[3] and short[4] > 0
+    assert [short[s] for s in (4, 5, 6)] == pytest.approx([long[s] for s in (4, 5, 6)], rel=1e-6)
 
 
 # ------------------------------------------------------------------------ 4. the newest checkpoint by its step
@@ -378,7 +401,7 @@ def _run_until_step(tmp_path, out, step: int, *args, env=None) -> subprocess.Pop
             *QUICK,
             CACHE.format(tmp_path),
             f"output_dir={out}",
-            "trainer.max_steps=40",
+            "trainer.max_steps=20",
             "save_steps=1000",
             "+callbacks.beat._target_=helpers.Heartbeat",
             *args,
@@ -406,11 +429,11 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_exits_non_zero(tmp_p
     assert proc.returncode == code, stderr[-3000:]
     assert f"stopped by {signal.Signals(signum).name}" in stderr and "resume=true" in stderr
     steps = sorted(int(p.name[5:12]) for p in (out / "checkpoints").glob("step-*.ckpt"))
-    assert len(steps) == 1 and 3 <= steps[0] < 40
+    assert len(steps) == 1 and 3 <= steps[0] < 20
     assert not (out / "adapter_model.safetensors").exists()  # the run is not finished: no final adapter
     # resuming it ends where an uninterrupted run ends, with the same adapter
     cli(tmp_path, f"output_dir={out}", "resume=true", "+callbacks.beat=null", check=True)
-    cli(tmp_path, f"output_dir={tmp_path / 'straight'}", "trainer.max_steps=40", "save_steps=1000", check=True)
+    cli(tmp_path, f"output_dir={tmp_path / 'straight'}", "trainer.max_steps=20", "save_steps=1000", check=True)
     assert losses(out) == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
     straight = adapter_weights(tmp_path / "straight")
     assert all(torch.equal(w, straight[k]) for k, w in adapter_weights(out).items())
@@ -560,3 +583,84 @@ def test_bad_values_are_all_refused_up_front(tmp_path):
     ):
         assert problem in proc.stderr, (problem, proc.stderr)
     assert not (tmp_path / "run").exists()  # nothing was started or written
+
+
+# ------------------------------------------------------------------------ found trying it as a new user would
+
+
+def test_tiny_refuses_a_directory_that_holds_anything_but_a_tiny_model(tmp_path, capsys):
+    from telechat_lab.cli import main
+
+    (tmp_path / "config.json").write_text('{"mine": true}')
+    with pytest.raises(SystemExit) as exit_:
+        main(["tiny", str(tmp_path)])
+    assert exit_.value.code == 2 and "holds no tiny model written earlier" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    main(["tiny", str(tmp_path / "new")])  # a new directory, then the same one again (re-used)
+    main(["tiny", str(tmp_path / "new")])
+    assert (tmp_path / "new" / "model.safetensors").is_file()
+    with pytest.raises(SystemExit) as exit_:
+        main(["bogus"])
+    assert exit_.value.code == 2 and "unknown command 'bogus'" in capsys.readouterr().err
+
+
+def test_the_command_line_keeps_output_dir_out_of_the_demo_model_and_the_data_before_writing(tmp_path):
+    import shutil
+
+    from telechat_lab.resolve import model_dir
+
+    inside_model = model_dir(None) / "run"
+    proc = cli(tmp_path, f"output_dir={inside_model}")
+    assert proc.returncode == 2 and "lies inside model.path" in proc.stderr and not inside_model.exists()
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "telechat_lab" / "demo_data", data)
+    before = tree_snapshot(data)
+    proc = cli(tmp_path, f"data.dataset_dir={data}", f"output_dir={data}")
+    assert proc.returncode == 2 and f"is data.dataset_dir={data}" in proc.stderr, proc.stderr  # not "holds a run"
+    proc = cli(tmp_path, f"data.dataset_dir={data}", f"output_dir={data / 'run'}")
+    assert proc.returncode == 2 and "lies inside data.dataset_dir" in proc.stderr
+    assert tree_snapshot(data) == before  # not even Hydra's .hydra/ or train.log
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_nothing_to_block_the_corrected_one(tmp_path):
+    out = tmp_path / "run"
+    proc = cli(tmp_path, f"output_dir={out}", "data.datasets=[nope]")
+    assert proc.returncode == 2 and "unknown dataset(s) ['nope']" in proc.stderr and not out.exists()
+    cli(tmp_path, f"output_dir={out}", "trainer.max_steps=1", check=True)
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_a_missing_group_option_is_one_message(tmp_path):
+    from telechat_lab import api
+
+    proc = cli(tmp_path, "adapter=nope", f"output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and "HYDRA_FULL_ERROR" not in proc.stderr + proc.stdout
+    assert "adapter=nope: no such option; choose one of dora, freeze, full, lora, qlora" in proc.stderr
+    with pytest.raises(ConfigError, match="adapter=nope: no such option"):
+        api.compose("train", ["adapter=nope"])
+
+
+def test_chat_and_inspect_check_their_files_before_working_and_never_replace_one_silently(trained, tmp_path):
+    adapter = f"adapter_path={trained['adapter']}"
+    proc = run_script("chat.py", [adapter, f"input={tmp_path / 'absent.txt'}"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"input={tmp_path / 'absent.txt'}: no such file" in proc.stderr
+    (tmp_path / "prompts.txt").write_text("hi\n")
+    (tmp_path / "answers.jsonl").write_text("mine\n")
+    args = [adapter, f"input={tmp_path / 'prompts.txt'}", f"output={tmp_path / 'answers.jsonl'}"]
+    args.append("generation.max_new_tokens=2")
+    proc = run_script("chat.py", args, tmp_path)
+    assert proc.returncode == 2 and "exists: add overwrite=true" in proc.stderr
+    assert (tmp_path / "answers.jsonl").read_text() == "mine\n"
+    assert run_script("chat.py", [*args, "overwrite=true"], tmp_path).returncode == 0
+    assert json.loads((tmp_path / "answers.jsonl").read_text())["prompt"] == "hi"
+
+    from telechat_lab import api
+
+    (tmp_path / "encoded.jsonl").write_text("mine\n")
+    inspect = ["data.datasets=[identity]", "show=0", f"output={tmp_path / 'encoded.jsonl'}", CACHE.format(tmp_path)]
+    with pytest.raises(ConfigError, match="exists: add overwrite=true"):
+        api.inspect(inspect)
+    assert (tmp_path / "encoded.jsonl").read_text() == "mine\n"
+    api.inspect([*inspect, "overwrite=true"])
+    assert "input_ids" in (tmp_path / "encoded.jsonl").read_text()

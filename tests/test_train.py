@@ -545,7 +545,8 @@ def test_a_default_run_is_quiet_says_where_everything_is_and_counts_to_max_steps
     assert bar.startswith("Epoch 0/0") and " 3/3 " in bar, bar
     assert (out / "training_loss.png").exists() and (out / "adapter_model.safetensors").exists()
     # resumed mid-epoch, the bar goes on from the batches already done to the new max_steps
-    proc = train_cli([f"output_dir={out}", "resume=true", "trainer.max_steps=5"], tmp_path)
+    proc = train_cli([f"output_dir={out}", "resume=true", "trainer.max_steps=5"], tmp_path, env=first_time)
+    assert_quiet(proc.stdout + proc.stderr)  # no "dataloader is not resumable": the data module resumes it
     bar = next(line for line in proc.stdout.splitlines() if line.startswith("Epoch"))
     assert bar.startswith("Epoch 0/0") and " 5/5 " in bar, bar
 
@@ -633,7 +634,13 @@ def test_override_check_leaves_glob_sweeps_to_hydra():
 
     assert command_line_config(["-m", "adapter=glob(*)", "optim.lr=1e-4"], CONF, "train") == ([], None)
     problems, _ = command_line_config(["-m", "adapter=lora,dora", "adapter.rnak=1"], CONF, "train")
-    assert problems == ["adapter.rnak: unknown key (to add a new key write +adapter.rnak=...)"]
+    assert problems == ["adapter.rnak: unknown key; did you mean adapter.rank?"]
+    # '+' adds a key only where new keys are allowed (Trainer arguments, loggers, callbacks): said only there
+    problems, _ = command_line_config(["trainer.max_tim=1", "nonsense=1"], CONF, "train")
+    assert problems == [
+        "trainer.max_tim: unknown key (to add a new key write +trainer.max_tim=...)",
+        "nonsense: unknown key",
+    ]
 
 
 def test_flop_accounting_matches_what_torch_counts(tmp_path):

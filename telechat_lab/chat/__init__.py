@@ -29,8 +29,14 @@ def make_session(settings):
 
 def run_chat(settings) -> None:
     """chat.py: the terminal loop, or batch mode with `input`."""
+    from telechat_lab.files import check_input_file, check_new_output
+
     from .session import batch, interactive
 
+    if settings.input and settings.input != "-":  # before the model loads
+        check_input_file("input", settings.input)
+    if settings.input and settings.output:
+        check_new_output("output", settings.output, settings.overwrite)
     session = make_session(settings)
     if settings.input:
         batch(session, settings.input, settings.output)

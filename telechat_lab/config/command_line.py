@@ -3,7 +3,11 @@ types a value only as it merges it; here every problem of the composed config is
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -94,16 +98,44 @@ def command_line_config(
             ]
             known = [t for k, t, _ in keys if k not in unknown]
             cfg = compose(config_name, overrides=[*lenient, *known])
-    except Exception:  # let Hydra report what is wrong with the groups
+    except Exception as err:  # a missing group option is said here; anything else Hydra reports itself
+        missing = getattr(err, "missing_cfg_file", None)
+        options = getattr(err, "options", None)
+        if missing and options is not None and "/" in missing:
+            group, _, name = missing.rpartition("/")
+            return [f"{group}={name}: no such option; choose one of {', '.join(options)}"], None
         return [], None
-    problems = [f"{k}: unknown key (to add a new key write +{k}=...)" for k in unknown]
     schema = SCHEMAS.get(config_name)
+    problems = [_unknown_key(k, plain, schema) for k in unknown]
     if schema is not None:
         try:
             problems += config_problems(cfg, schema)
         except ConfigError as err:
             problems += [line.removeprefix("  - ") for line in str(err).splitlines()[1:]]
     return problems, cfg
+
+
+def _free_form(schema: type | None, key: str) -> bool:
+    """The key lies in a free-form mapping of the schema (trainer, logger, callbacks, ...): new keys need '+'."""
+    node: Any = schema
+    for part in key.split(".")[:-1]:
+        if node is None or not dataclasses.is_dataclass(node):
+            return node is not None
+        node = typing.get_type_hints(node).get(part)
+        node = next((a for a in typing.get_args(node) if a is not type(None)), node)  # X | None -> X
+    return node is not None and not dataclasses.is_dataclass(node)
+
+
+def _unknown_key(key: str, cfg: DictConfig, schema: type | None) -> str:
+    """ "KEY: unknown key" with the nearest known names, or how to add a key where new ones are allowed."""
+    if _free_form(schema, key):
+        return f"{key}: unknown key (to add a new key write +{key}=...)"
+    parent, _, name = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    known = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+    near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    prefix = f"{parent}." if parent else ""
+    return f"{key}: unknown key" + (f"; did you mean {', '.join(prefix + n for n in near)}?" if near else "")
 
 
 def skips_check(argv: list[str]) -> bool:

@@ -21,13 +21,14 @@ def setting(
     choices: tuple = (),
     min: float | None = None,
     gt: float | None = None,
+    max: float | None = None,
     types: tuple = (),
     on_resume: str = "fixed",
     hint: str = "",
 ) -> Any:
     """A dataclass field with what the validator checks (see the module docstring); `hint` is added to its
     out-of-range message."""
-    meta = {"choices": choices, "min": min, "gt": gt, "types": types, "on_resume": on_resume, "hint": hint}
+    meta = {"choices": choices, "min": min, "gt": gt, "max": max, "types": types, "on_resume": on_resume, "hint": hint}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -94,7 +95,7 @@ class AdapterConfig:
     type: str = setting("lora", choices=("lora", "dora", "qlora", "full", "freeze"))
     rank: int = setting(8, min=1)
     alpha: float = setting(16.0, gt=0)
-    dropout: float = setting(0.0, min=0)
+    dropout: float = setting(0.0, min=0, max=0.99)
     target: Any = setting("all", types=(str, list))  # all = every linear layer of the blocks, or a list
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank)
     modules_to_save: list[str] | None = None  # e.g. [lm_head] (LoRA) or [ln_f] (freeze)
@@ -134,8 +135,8 @@ class OptimConfig:
     fused: Any = setting("auto", types=(bool, str), choices=("auto", True, False))  # auto: fused kernels on CUDA
     scheduler: str = setting("cosine", choices=("cosine", "linear", "constant"))
     warmup_steps: int = setting(0, min=0)
-    warmup_ratio: float = setting(0.0, min=0)  # used when warmup_steps is 0
-    min_lr_ratio: float = setting(0.0, min=0)  # cosine floor, as a fraction of lr
+    warmup_ratio: float = setting(0.0, min=0, max=1)  # used when warmup_steps is 0
+    min_lr_ratio: float = setting(0.0, min=0, max=1)  # cosine floor, as a fraction of lr
 
 
 @dataclass
@@ -169,7 +170,7 @@ class GenerationConfig:
     max_new_tokens: int = setting(512, min=1)
     do_sample: bool = True
     temperature: float = setting(0.7, min=0)
-    top_p: float = setting(0.9, gt=0)
+    top_p: float = setting(0.9, gt=0, max=1)
     top_k: int = setting(50, min=0)
     repetition_penalty: float = setting(1.05, gt=0)
 
@@ -203,6 +204,7 @@ class ChatConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     input: str | None = None  # batch mode: a prompts file (text lines or JSON lines), or - for stdin
     output: str | None = None  # batch mode: JSONL answers, written when every answer is ready (default: stdout)
+    overwrite: bool = False  # replace an existing output file
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
@@ -231,6 +233,7 @@ class InspectConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     output: str | None = None  # JSON lines {"input_ids", "labels"}, one per encoded example, in dataset order
+    overwrite: bool = False  # replace an existing output file
     show: int = setting(3, min=0)  # examples printed with their trained tokens highlighted
     seed: int = 42
 

@@ -74,6 +74,8 @@ def _value_problem(value: Any, meta: dict, where: str, problems: list[str]) -> N
             problems.append(f"{where}={value}: must be at least {meta['min']:g}{hint}")
         if meta.get("gt") is not None and value <= meta["gt"]:
             problems.append(f"{where}={value}: must be greater than {meta['gt']:g}{hint}")
+        if meta.get("max") is not None and value > meta["max"]:
+            problems.append(f"{where}={value}: must be at most {meta['max']:g}{hint}")
 
 
 def _check_fields(values: dict, schema: type, prefix: str, problems: list[str]) -> None:

@@ -37,11 +37,13 @@ def run(cfg: DictConfig) -> dict:
     from rich.console import Console
 
     from telechat_lab.data import build_datasets, format_report
-    from telechat_lab.files import atomic_open
+    from telechat_lab.files import atomic_open, check_new_output
     from telechat_lab.resolve import tokenizer_dir
     from telechat_lab.tokenizer import load_tokenizer
 
     settings = OmegaConf.to_object(cfg)
+    if settings.output:
+        check_new_output("output", settings.output, settings.overwrite)
     model_dir = tokenizer_dir(settings.model.path)
     data_cfg = settings.data
     data_cfg.val_size = 0  # every encoded example once, in dataset order (no mixing, sampling or split)

@@ -112,6 +112,18 @@ class LossPlot(L.Callback):
     def load_state_dict(self, state):
         self.train, self.val = [tuple(x) for x in state["train"]], [tuple(x) for x in state["val"]]
 
+    def on_train_start(self, trainer, pl_module):
+        """Resumed: the validations the earlier process ran after its checkpoint was written (the end of a run
+        that is now extended, the one before a signal) are kept from its loss_history.csv; they measured the
+        weights this run continues from."""
+        path = self.output_dir / "loss_history.csv"
+        if not trainer.global_step or not path.is_file():
+            return
+        with open(path, newline="") as f:
+            earlier = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f) if r["split"] == "val"]
+        known = {step for step, _ in self.val}
+        self.val = sorted(self.val + [(s, v) for s, v in earlier if s <= trainer.global_step and s not in known])
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = trainer.callback_metrics.get("train/loss")
         # only a step whose loss was logged (not a skipped one, nor the middle of gradient accumulation)

@@ -220,3 +220,15 @@ class TelechatLitModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+
+    def on_train_start(self):
+        """After a resume: the learning rate of the step about to run, from this run's schedule. The restored
+        optimizer holds the rate the previous process computed for it, from its own schedule: 0 at the end of a
+        run that stopped at max_steps and is now extended (its first step would not train)."""
+        scheduler = self.lr_schedulers()
+        if scheduler is None or not hasattr(scheduler, "lr_lambdas") or scheduler.last_epoch == 0:
+            return
+        rates = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+        for group, rate in zip(scheduler.optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = rates  # what get_last_lr() (train/lr) reports

@@ -18,6 +18,7 @@ from telechat_lab.errors import ConfigError, Interrupted, OutputDirError
 log = logging.getLogger(__name__)
 OUTPUT_ENV = "TELECHAT_LAB_OUTPUT_DIR"  # pins output_dir for the processes a DDP launcher starts
 COMMAND_ENV = "TELECHAT_LAB_COMMAND"  # how the command was started (set by telechat_lab.cli)
+NEW_DIR_ENV = "TELECHAT_LAB_NEW_OUTPUT_DIR"  # the output directory this command creates (it held no run)
 
 
 @dataclass
@@ -130,8 +131,7 @@ def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None) -> Run:
         log.warning("SLURM requeued this job: resuming the run in %s", output_dir)
         resume = values["resume"] = True
     if not worker:
-        protected = {"model.path": model_dir} if values["model"]["path"] else {}
-        protected["data.dataset_dir"] = data_dir
+        protected = {"model.path": model_dir, "data.dataset_dir": data_dir}
         check_output_dir(output_dir, resume=resume, overwrite=bool(values["overwrite"]), protected=protected)
     if resume:
         values = resumed_settings(output_dir, values, overrides)
@@ -368,10 +368,11 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
     import sys
 
     from telechat_lab.config import check_command_line as check_config
+    from telechat_lab.data.pipeline import resolved_dataset_dir
     from telechat_lab.errors import reported
     from telechat_lab.resolve import model_dir
 
-    from .rundir import check_output_dir
+    from .rundir import check_output_dir, run_files
 
     cfg = check_config(argv, conf_dir, "train")
     if cfg is None:
@@ -393,14 +394,25 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
     if requeued_by_slurm() and not values["resume"]:
         return  # prepare() resumes the run when it is this command's own, and refuses otherwise
     with reported():
-        protected = {"model.path": model_dir(values["model"]["path"])} if values["model"]["path"] else {}
-        check_output_dir(
-            resolve_output_dir(values["output_dir"]),
-            resume=values["resume"],
-            overwrite=values["overwrite"],
-            protected=protected,
-        )
+        protected = {
+            "model.path": model_dir(values["model"]["path"]),  # the demo's tiny model too
+            "data.dataset_dir": resolved_dataset_dir(values["data"]["dataset_dir"]),
+        }
+        directory = resolve_output_dir(values["output_dir"])
+        check_output_dir(directory, resume=values["resume"], overwrite=values["overwrite"], protected=protected)
+    if not values["resume"] and not run_files(directory):
+        os.environ[NEW_DIR_ENV] = str(directory)  # a run that fails before it trains leaves nothing there
     sys.stdout.flush()
+
+
+def remove_unstarted_run() -> None:
+    """A command that made a new output directory and failed before its first step (a bad dataset, a model that
+    does not load) removes it, Hydra's files and the run record included: the corrected command can use it."""
+    import shutil
+
+    directory = os.environ.get(NEW_DIR_ENV)
+    if directory and not launched_worker() and not (Path(directory) / "checkpoints").exists():
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def train(cfg: DictConfig | dict, overrides: list[str] | None = None) -> dict:
@@ -409,13 +421,20 @@ def train(cfg: DictConfig | dict, overrides: list[str] | None = None) -> dict:
     resume=true they say which settings were given explicitly."""
     import signal
 
-    run = prepare(cfg, overrides)
-    build(run)
+    run = None
     try:
-        fit(run)
-        metrics = report(run)
-    finally:
-        finish_loggers(run)
+        run = prepare(cfg, overrides)
+        build(run)
+        try:
+            fit(run)
+            metrics = report(run)
+        finally:
+            finish_loggers(run)
+    except BaseException:
+        trainer = run.parts.get("trainer") if run is not None else None
+        if trainer is None or trainer.global_step == 0:  # it never trained (the data are set up in fit)
+            remove_unstarted_run()
+        raise
     stopped = run.parts["checkpoints"].stop_signal
     if stopped is not None:
         raise Interrupted(
