@@ -42,15 +42,13 @@ def atomic_open(path: str | os.PathLike) -> Iterator[Any]:
 
 
 def check_new_output(key: str, path: str | os.PathLike, overwrite: bool) -> None:
-    """Before the work starts: an output file `key`=path that would replace the user's file needs overwrite=true;
-    its folder must exist."""
+    """Before the work starts: an output file `key`=path that would replace the user's file needs overwrite=true
+    (its folder is made when it is written)."""
     target = Path(path).expanduser()
     if target.is_dir():
         raise ConfigError(f"{key}={path} is a directory: name a file")
     if target.exists() and not overwrite:
         raise ConfigError(f"{key}={path} exists: add overwrite=true to replace it, or choose another file")
-    if not target.resolve().parent.is_dir():
-        raise ConfigError(f"{key}={path}: the folder {target.resolve().parent} does not exist")
 
 
 def check_input_file(key: str, path: str | os.PathLike) -> None:

@@ -74,3 +74,17 @@ def test_gpu_scripts_parse_and_name_every_part():
     text = (REPO / "scripts" / "gpu_bench.sh").read_text()
     for part in ("check", "lora", "qlora", "compile", "cutoffs", "sizes", "full"):
         assert f"#   {part} " in text and f"{part}|all)" in text, part
+
+
+def test_loss_memory_bench_measures_both_paths_and_their_losses_agree(tmp_path):
+    """bench/loss_memory.py at a small size: the whole [tokens, 131072] logits cost several times the chunked
+    loss's few [chunk, 131072] blocks, and both losses agree."""
+    cmd = [sys.executable, str(REPO / "bench" / "loss_memory.py"), "--tokens", "512", "--hidden", "64"]
+    proc = subprocess.run([*cmd, "--chunk", "64", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "loss_memory_cpu.json").read_text())
+    (row,) = record["rows"]
+    assert record["command"].startswith("python bench/loss_memory.py --tokens 512")
+    whole_logits_mib = 512 * 131072 * 4 / 2**20  # 256 MiB: the whole path holds it at least once
+    assert row["whole_mib"] >= whole_logits_mib and row["chunked_mib"] < row["whole_mib"] / 2
+    assert row["loss_abs_diff"] < 1e-4
