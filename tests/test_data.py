@@ -1074,3 +1074,14 @@ def test_encoding_a_large_dataset_reports_progress(tmp_path, capsys):
     root = write_datasets(tmp_path, {"big": ({"file_name": "big.jsonl"}, records)})
     build(root, ["big"])
     assert "encoding big: 10,000 records" in capsys.readouterr().err  # a line where no terminal shows a bar
+
+
+def test_inspect_report_is_not_wrapped_when_piped(tmp_path, tiny_dir):
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(Path(__file__).parents[1])}
+    args = [f"model.path={tiny_dir}", "data.datasets=[identity]", "show=0", f"data.cache_dir={tmp_path}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "telechat_lab.data.inspect", *args], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("dataset"))
+    assert header.split() == "dataset records examples tokens trained tokens truncated dropped skipped".split()

@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
         name = dataset.names[dataset.source[dataset.index[i], 0]]
         console.rule(f"{name} record {dataset.source[dataset.index[i], 1]}: {len(ex['input_ids'])} tokens")
         console.print(highlighted(tokenizer, ex["input_ids"], ex["labels"]))
-    console.print(format_report(report), highlight=False)
+    console.print(format_report(report), highlight=False, soft_wrap=True)  # a table: never wrapped
     if cfg.output:
         console.print(f"wrote {len(dataset)} examples to {cfg.output}")
     return report
