@@ -91,14 +91,36 @@ def run(command: str, argv: list[str] | None = None) -> None:
 
         check_command_line(args, CONF_DIR, command)
     # what @hydra.main reads; and what a DDP launcher starts again for each rank: a file that runs this command
+    # (not for shell completion: Hydra names the program to complete after sys.argv[0])
     start_again = Path(__file__).resolve().parent / "commands" / "run_train.py"
-    sys.argv = [str(start_again) if command == "train" else sys.argv[0], *args]
+    completing = bool({"-sc", "--shell-completion"} & set(args))
+    sys.argv = [str(start_again) if command == "train" and not completing else sys.argv[0], *args]
     {"train": train, "merge": merge, "chat": chat, "inspect": inspect}[command]()
+
+
+def _completion_query(args: list[str]) -> list[str]:
+    """Hydra's bash completion asks `telechat-lab -sc query=bash` with the line typed so far in COMP_LINE: the
+    command names after `telechat-lab`, else the command's own completion, asked with the line as Hydra would see
+    it (without the command's name)."""
+    line, point = os.environ["COMP_LINE"], int(os.environ.get("COMP_POINT", len(os.environ["COMP_LINE"])))
+    words = line.split()
+    command = words[1] if len(words) > 1 else ""
+    if command not in COMMANDS or (len(words) == 2 and not line.endswith(" ")):
+        print(" ".join(name for name in COMMANDS if name.startswith(command)))
+        return []
+    start = line.index(command, len(words[0]))
+    os.environ["COMP_LINE"] = line[:start] + line[start + len(command) :].lstrip()
+    os.environ["COMP_POINT"] = str(max(0, point - (len(line) - len(os.environ["COMP_LINE"]))))
+    return [command, *args]
 
 
 def main(argv: list[str] | None = None) -> None:
     """The `telechat-lab` console script."""
     args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in ("-sc", "--shell-completion") and "COMP_LINE" in os.environ:
+        args = _completion_query(args)
+        if not args:
+            return
     if not args or args[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = "\n".join(f"  {name:<{width}}  {what}" for name, what in COMMANDS.items())

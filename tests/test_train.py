@@ -794,3 +794,24 @@ def test_compiled_blocks_train_as_the_plain_ones(tmp_path, capsys):
     assert "compiled blocks" in capsys.readouterr().out
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
     assert compiled["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
+
+
+def test_shell_completion_of_the_telechat_lab_command(tmp_path):
+    """`eval "$(telechat-lab train -sc install=bash)"` registers telechat-lab; its queries complete the command
+    names, then each command's groups and keys."""
+    program = "import sys; sys.argv[0] = 'telechat-lab'; from telechat_lab.cli import main; main()"
+
+    def complete(args, line=None):
+        env = {**os.environ, **({"COMP_LINE": line} if line is not None else {})}
+        proc = subprocess.run(
+            [sys.executable, "-c", program, *args], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert complete(["train", "-sc", "install=bash"]).rstrip().endswith("hydra_bash_completion telechat-lab")
+    assert complete(["-sc", "query=bash"], "telechat-lab ").split() == ["train", "merge", "chat", "inspect", "tiny"]
+    assert complete(["-sc", "query=bash"], "telechat-lab me").split() == ["merge"]
+    assert "adapter=lora" in complete(["-sc", "query=bash"], "telechat-lab train adapter=").split()
+    assert "export_dir=" in complete(["-sc", "query=bash"], "telechat-lab merge export_").split()
+    assert not (tmp_path / "outputs").exists()
