@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -65,6 +66,8 @@ def write_tiny_checkpoint(
     marker = out / MARKER
     if marker.exists() and marker.read_text() == signature and (out / "model.safetensors").exists():
         return out
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"{out} is a file: name a new or empty directory (nothing was written)")
     if not marker.exists() and out.is_dir() and any(out.iterdir()):  # only a tiny model is ever replaced
         raise OutputDirError(
             f"{out} is not empty and holds no tiny model written earlier: choose a new or empty directory "
@@ -89,15 +92,17 @@ def write_tiny_checkpoint(
     # written beside, then moved into place: a process reading `out` never sees half a checkpoint
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    with without_transformers_bars():  # a tiny model is written at once
-        model.save_pretrained(staging)
-    save_tokenizer(tok, staging)
-    model.generation_config.save_pretrained(staging)
-    (staging / MARKER).write_text(signature)
-    out.mkdir(exist_ok=True)
-    for item in staging.iterdir():
-        os.replace(item, out / item.name)
-    staging.rmdir()
+    try:
+        with without_transformers_bars():  # a tiny model is written at once
+            model.save_pretrained(staging)
+        save_tokenizer(tok, staging)
+        model.generation_config.save_pretrained(staging)
+        (staging / MARKER).write_text(signature)
+        out.mkdir(exist_ok=True)
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

@@ -599,6 +599,11 @@ def test_tiny_refuses_a_directory_that_holds_anything_but_a_tiny_model(tmp_path,
     main(["tiny", str(tmp_path / "new")])  # a new directory, then the same one again (re-used)
     main(["tiny", str(tmp_path / "new")])
     assert (tmp_path / "new" / "model.safetensors").is_file()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as exit_:
+        main(["tiny", str(tmp_path / "afile")])
+    assert exit_.value.code == 2 and "is a file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "config.json", "new"]  # no staging left
     with pytest.raises(SystemExit) as exit_:
         main(["bogus"])
     assert exit_.value.code == 2 and "unknown command 'bogus'" in capsys.readouterr().err
@@ -619,19 +624,50 @@ def test_the_command_line_keeps_output_dir_out_of_the_demo_model_and_the_data_be
     assert proc.returncode == 2 and f"is data.dataset_dir={data}" in proc.stderr, proc.stderr  # not "holds a run"
     proc = cli(tmp_path, f"data.dataset_dir={data}", f"output_dir={data / 'run'}")
     assert proc.returncode == 2 and "lies inside data.dataset_dir" in proc.stderr
+    proc = cli(tmp_path, "-m", f"hydra.sweep.dir={data / 'sweep'}", f"data.dataset_dir={data}")  # a sweep's too
+    assert proc.returncode == 2 and "lies inside data.dataset_dir" in proc.stderr
     assert tree_snapshot(data) == before  # not even Hydra's .hydra/ or train.log
 
 
-def test_a_run_that_fails_before_its_first_step_leaves_nothing_to_block_the_corrected_one(tmp_path):
+@pytest.mark.slow
+def test_a_run_that_fails_before_its_first_step_leaves_its_directory_as_it_found_it(tmp_path):
+    """A directory it made is removed; one that was there keeps exactly what it held; a run being replaced with
+    overwrite=true comes back (and is deleted only once the new run has trained a step)."""
     out = tmp_path / "run"
     proc = cli(tmp_path, f"output_dir={out}", "data.datasets=[nope]")
     assert proc.returncode == 2 and "unknown dataset(s) ['nope']" in proc.stderr and not out.exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.log").write_text("mine")
+    assert cli(tmp_path, f"output_dir={mine}", "data.datasets=[nope]").returncode == 2
+    assert [p.name for p in mine.iterdir()] == ["notes.log"] and (mine / "notes.log").read_text() == "mine"
+
     cli(tmp_path, f"output_dir={out}", "trainer.max_steps=1", check=True)
     assert (out / "adapter_model.safetensors").is_file()
+    before = {k: v for k, v in tree_snapshot(out).items() if not k.startswith(".hydra") and k != "train.log"}
+    assert cli(tmp_path, f"output_dir={out}", "overwrite=true", "data.datasets=[nope]").returncode == 2
+    after = {k: v for k, v in tree_snapshot(out).items() if not k.startswith(".hydra") and k != "train.log"}
+    assert after == before  # the earlier run, whole, not a mix
+    cli(tmp_path, f"output_dir={out}", "overwrite=true", "trainer.max_steps=2", check=True)
+    assert json.loads((out / "final_metrics.json").read_text())["steps"] == 2
+    assert not (out / ".replaced-run").exists()
 
 
 def test_a_missing_group_option_is_one_message(tmp_path):
     from telechat_lab import api
+    from telechat_lab.config import command_line_config
+
+    conf = str(REPO / "telechat_lab" / "conf")
+    # experiment is an optional group: a misspelt preset was skipped silently; every choice of a sweep counts
+    problems, _ = command_line_config(["-m", "experiment=tiny,telechat2_7b_lora_stf", "adapter=lora,dorra"], conf)
+    assert problems == [
+        "experiment=telechat2_7b_lora_stf: no such option; choose one of telechat2_7b_lora_sft, tiny",
+        "adapter=dorra: no such option; choose one of dora, freeze, full, lora, qlora",
+    ]
+    problems, _ = command_line_config(["model=tiny"], conf, "chat")  # chat's model is keys (model.path), no group
+    assert problems == ["model=tiny: chat has no 'model' option group; set its keys instead (--cfg job lists them)"]
+    problems, _ = command_line_config(["lr=1e-4"], conf)
+    assert problems == ["lr: unknown key; did you mean optim.lr?"]
 
     proc = cli(tmp_path, "adapter=nope", f"output_dir={tmp_path / 'run'}")
     assert proc.returncode == 2 and "HYDRA_FULL_ERROR" not in proc.stderr + proc.stdout

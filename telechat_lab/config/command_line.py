@@ -74,7 +74,8 @@ def command_line_config(
         overrides = OverridesParser.create().parse_overrides(args)
     except Exception:  # a syntax error: Hydra reports it
         return [], None
-    hydra_args, groups, keys = [], [], []
+    hydra_args, groups, keys, not_here = [], [], [], []
+    own_groups = _option_groups(conf_dir, config_name)
     for override, arg in zip(overrides, args):
         key = override.key_or_group
         if key.split(".")[0] == "hydra":
@@ -85,8 +86,16 @@ def command_line_config(
         except Exception:
             return [], None
         text = arg if value is None else f"{arg.split('=', 1)[0]}={value}"
-        is_group = "/" in key or (Path(conf_dir) / key).is_dir() or key == "schema"
+        if (Path(conf_dir) / key).is_dir() and key not in own_groups and key != "schema":
+            not_here.append(
+                f"{text}: {config_name} has no '{key}' option group; set its keys instead (--cfg job lists them)"
+            )
+            continue
+        is_group = "/" in key or key in own_groups or key == "schema"
         (groups if is_group else keys).append((key, text, override))
+    missing = not_here + _missing_options(conf_dir, groups)
+    if missing:  # an optional group (experiment) would skip a misspelt option silently
+        return missing, None
     try:
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
             lenient = [f"schema={config_name}_unchecked", *hydra_args, *(t for _, t, _ in groups)]
@@ -115,6 +124,39 @@ def command_line_config(
     return problems, cfg
 
 
+def _option_groups(conf_dir: str, config_name: str) -> set[str]:
+    """The option groups a command's primary config selects in its defaults list (train: data, adapter, ...)."""
+    import yaml
+
+    path = Path(conf_dir) / f"{config_name}.yaml"
+    if not path.is_file():
+        return set()
+    groups = set()
+    for entry in (yaml.safe_load(path.read_text()) or {}).get("defaults", []):
+        if isinstance(entry, dict):
+            for name in entry:
+                words = str(name).split()
+                if words[0] != "override":
+                    groups.add(words[-1])
+    return groups
+
+
+def _missing_options(conf_dir: str, groups: list) -> list[str]:
+    problems = []
+    for key, text, override in groups:  # every choice of a sweep
+        folder = Path(conf_dir) / key
+        try:
+            values = list(override.sweep_string_iterator()) if override.is_sweep_override() else None
+        except Exception:
+            values = None
+        for value in values or [text.split("=", 1)[1] if "=" in text else ""]:
+            if not folder.is_dir() or value in ("", "null") or (folder / f"{value}.yaml").is_file():
+                continue
+            options = sorted(p.stem for p in folder.glob("*.yaml"))
+            problems.append(f"{key}={value}: no such option; choose one of {', '.join(options)}")
+    return problems
+
+
 def _free_form(schema: type | None, key: str) -> bool:
     """The key lies in a free-form mapping of the schema (trainer, logger, callbacks, ...): new keys need '+'."""
     node: Any = schema
@@ -133,9 +175,11 @@ def _unknown_key(key: str, cfg: DictConfig, schema: type | None) -> str:
     parent, _, name = key.rpartition(".")
     node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
     known = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
-    near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     prefix = f"{parent}." if parent else ""
-    return f"{key}: unknown key" + (f"; did you mean {', '.join(prefix + n for n in near)}?" if near else "")
+    near = [prefix + n for n in difflib.get_close_matches(name, known, n=3, cutoff=0.6)]
+    if not parent:  # `lr=...`: the same name inside a group (optim.lr)
+        near += [f"{g}.{name}" for g in known if isinstance(cfg.get(g), DictConfig) and name in cfg[g].keys()]
+    return f"{key}: unknown key" + (f"; did you mean {', '.join(near)}?" if near else "")
 
 
 def skips_check(argv: list[str]) -> bool:

@@ -7,6 +7,7 @@ import io
 import math
 import os
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
 from telechat_lab.files import atomic_write_text
+from telechat_lab.training.rundir import REPLACED
 
 
 class SpeedAndMemory(L.Callback):
@@ -235,3 +237,14 @@ class StepsProgressBar(RichProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+
+class DiscardReplacedRun(L.Callback):
+    """overwrite=true: the earlier run, set aside, is deleted once the new run has trained its first step."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= 1:
+            shutil.rmtree(self.output_dir / REPLACED, ignore_errors=True)

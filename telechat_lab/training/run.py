@@ -3,6 +3,7 @@ what a resume continues), build (data, model, trainer), fit, report (the final m
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -96,11 +97,11 @@ def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None) -> Run:
     from .checkpoints import newest_checkpoint
     from .rundir import (
         check_output_dir,
-        clear_run,
         read_run_record,
         resumed_settings,
         run_files,
         run_id,
+        set_aside_run,
         write_run_record,
     )
 
@@ -147,7 +148,7 @@ def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None) -> Run:
             )
     if not worker:
         if values["overwrite"] and run_files(output_dir):
-            clear_run(output_dir)
+            set_aside_run(output_dir)
         _write_settings(output_dir, values)
         if not resume:
             write_run_record(output_dir, values, overrides)
@@ -229,10 +230,11 @@ def build(run: Run) -> None:
 
     from telechat_lab.console import quiet_lightning
 
-    from .callbacks import LossPlot, SpeedAndMemory, StepsProgressBar
+    from .callbacks import DiscardReplacedRun, LossPlot, SpeedAndMemory, StepsProgressBar
     from .checkpoints import RunCheckpoints
     from .datamodule import TelechatDataModule
     from .module import TelechatLitModule
+    from .rundir import REPLACED
     from .strategy import trainer_arguments
 
     quiet_lightning()
@@ -271,6 +273,8 @@ def build(run: Run) -> None:
     ]
     if s.trainer.get("enable_progress_bar", True):
         callbacks.append(StepsProgressBar())
+    if (run.output_dir / REPLACED).exists():
+        callbacks.append(DiscardReplacedRun(run.output_dir))
     trainer_args = dict(s.trainer)
     if not s.data.val_size:  # no validation split: say so to Lightning (which otherwise warns of an empty loader)
         trainer_args.setdefault("limit_val_batches", 0)
@@ -388,31 +392,55 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
                 "optimized_metric=train_loss"
             ]
         )
-    if launched_worker() or {"-m", "--multirun"} & set(argv):
-        return  # sweep jobs have directories of their own: each job checks its own
+    if launched_worker():
+        return
     values = config_values(cfg)
-    if requeued_by_slurm() and not values["resume"]:
-        return  # prepare() resumes the run when it is this command's own, and refuses otherwise
     with reported():
         protected = {
             "model.path": model_dir(values["model"]["path"]),  # the demo's tiny model too
             "data.dataset_dir": resolved_dataset_dir(values["data"]["dataset_dir"]),
         }
+    if {"-m", "--multirun"} & set(argv):  # each job checks its own directory; the sweep's, given, is checked here
+        given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.sweep.dir=")]
+        if given and "${" not in given[-1]:
+            with reported():
+                check_output_dir(
+                    resolve_output_dir(given[-1]), resume=False, overwrite=False, protected=protected, used_ok=True
+                )
+        return
+    if requeued_by_slurm() and not values["resume"]:
+        return  # prepare() resumes the run when it is this command's own, and refuses otherwise
+    with reported():
         directory = resolve_output_dir(values["output_dir"])
         check_output_dir(directory, resume=values["resume"], overwrite=values["overwrite"], protected=protected)
-    if not values["resume"] and not run_files(directory):
-        os.environ[NEW_DIR_ENV] = str(directory)  # a run that fails before it trains leaves nothing there
+    if not values["resume"] and not run_files(directory):  # what is there now (not a run) is what a failure leaves
+        existed = sorted(os.listdir(directory)) if directory.is_dir() else None
+        os.environ[NEW_DIR_ENV] = json.dumps({"dir": str(directory), "existed": existed})
     sys.stdout.flush()
 
 
-def remove_unstarted_run() -> None:
-    """A command that made a new output directory and failed before its first step (a bad dataset, a model that
-    does not load) removes it, Hydra's files and the run record included: the corrected command can use it."""
+def undo_unstarted_run(output_dir: Path | None) -> None:
+    """A run that failed before its first step (a bad dataset, a model that does not load) leaves its output
+    directory as it found it, so that the corrected command can use it: a directory it made is removed, what it
+    added to one that held no run is removed, and a run it was replacing (overwrite=true) is put back."""
     import shutil
 
-    directory = os.environ.get(NEW_DIR_ENV)
-    if directory and not launched_worker() and not (Path(directory) / "checkpoints").exists():
+    from .rundir import restore_replaced_run
+
+    if launched_worker():
+        return
+    if output_dir is not None:
+        restore_replaced_run(output_dir)
+    record = json.loads(os.environ.get(NEW_DIR_ENV) or "null")
+    if not record:
+        return
+    directory = Path(record["dir"])
+    if record["existed"] is None:
         shutil.rmtree(directory, ignore_errors=True)
+        return
+    for item in directory.iterdir() if directory.is_dir() else []:
+        if item.name not in record["existed"]:
+            shutil.rmtree(item, ignore_errors=True) if item.is_dir() and not item.is_symlink() else item.unlink()
 
 
 def train(cfg: DictConfig | dict, overrides: list[str] | None = None) -> dict:
@@ -433,7 +461,7 @@ def train(cfg: DictConfig | dict, overrides: list[str] | None = None) -> dict:
     except BaseException:
         trainer = run.parts.get("trainer") if run is not None else None
         if trainer is None or trainer.global_step == 0:  # it never trained (the data are set up in fit)
-            remove_unstarted_run()
+            undo_unstarted_run(run.output_dir if run is not None else None)
         raise
     stopped = run.parts["checkpoints"].stop_signal
     if stopped is not None:

@@ -27,6 +27,7 @@ from telechat_lab.errors import ConfigError, OutputDirError
 from telechat_lab.files import read_json, write_json
 
 RUN_RECORD = "run.json"
+REPLACED = ".replaced-run"  # overwrite=true: the earlier run, kept until the new one has trained a step
 CONFIG_FILE = "config.yaml"
 HYDRA_FILES = (".hydra",)  # what Hydra writes into the run directory before the run starts (and *.log)
 TRAINER_FIXED = {"accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm"}
@@ -158,8 +159,11 @@ def _relation(a: Path, b: Path) -> str | None:
     return None
 
 
-def check_output_dir(directory: Path, *, resume: bool, overwrite: bool, protected: dict[str, Path]) -> None:
-    """Refuse (OutputDirError) an output directory whose contents the run would destroy; see the module doc."""
+def check_output_dir(
+    directory: Path, *, resume: bool, overwrite: bool, protected: dict[str, Path], used_ok: bool = False
+) -> None:
+    """Refuse (OutputDirError) an output directory whose contents the run would destroy; see the module doc.
+    `used_ok`: only the protected directories are checked (a sweep's directory holds its jobs' own)."""
     directory = directory.resolve()
     for name, path in protected.items():
         relation = _relation(directory, path.resolve())
@@ -168,6 +172,8 @@ def check_output_dir(directory: Path, *, resume: bool, overwrite: bool, protecte
                 f"output_dir={directory} {relation} {name}={path}: choose an output_dir outside it "
                 "(nothing was written)"
             )
+    if used_ok:
+        return
     used = run_files(directory)
     if resume:
         if not (directory / RUN_RECORD).is_file() and not (directory / CONFIG_FILE).is_file():
@@ -192,11 +198,29 @@ def check_output_dir(directory: Path, *, resume: bool, overwrite: bool, protecte
         )
 
 
-def clear_run(directory: Path) -> None:
-    """overwrite=true: delete the earlier run's files (not Hydra's files of this one)."""
+def set_aside_run(directory: Path) -> Path:
+    """overwrite=true: the earlier run's files (not Hydra's files of this one) move into REPLACED, deleted once the
+    new run has trained a step (callbacks.DiscardReplacedRun), put back if it fails before (`restore_replaced_run`)."""
+    aside = directory / REPLACED
+    aside.mkdir(exist_ok=True)
     for name in run_files(directory):
-        path = directory / name
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if name != REPLACED:
+            os.replace(directory / name, aside / name)
+    return aside
+
+
+def restore_replaced_run(directory: Path) -> None:
+    """The new run failed before its first step: its files go, the earlier run's come back."""
+    aside = directory / REPLACED
+    if not aside.is_dir():
+        return
+    for name in run_files(directory):
+        if name != REPLACED:
+            path = directory / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    for item in aside.iterdir():
+        os.replace(item, directory / item.name)
+    aside.rmdir()
 
 
 def write_run_record(directory: Path, values: dict, overrides: list[str]) -> dict:
