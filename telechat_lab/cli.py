@@ -34,12 +34,26 @@ def _multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _basic_sweep() -> bool:
+    """A job of Hydra's own sweeper, which re-raises a failed job's error after the last job (a traceback, and no
+    sweep summary); an Optuna sweep records a failed trial from its error."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return _multirun() and "BasicSweeper" in str(HydraConfig.get().sweeper.get("_target_", ""))
+
+
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def train(cfg: DictConfig) -> float | None:
+    from telechat_lab.errors import UserError
     from telechat_lab.training.run import train as run_training
 
-    with reported(multirun=_multirun()):
-        metrics = run_training(cfg)
+    try:
+        with reported(multirun=_multirun()):
+            metrics = run_training(cfg)
+    except UserError:
+        if _basic_sweep():  # its message is printed; the summary lists the job as failed, the sweep goes on
+            return None
+        raise
     return metrics.get(cfg.optimized_metric)  # the value an Optuna sweep minimises
 
 

@@ -815,3 +815,17 @@ def test_shell_completion_of_the_telechat_lab_command(tmp_path):
     assert "adapter=lora" in complete(["-sc", "query=bash"], "telechat-lab train adapter=").split()
     assert "export_dir=" in complete(["-sc", "query=bash"], "telechat-lab merge export_").split()
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_with_a_failing_job_goes_on_summarises_and_exits_non_zero(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = train_cli(
+        ["-m", f"hydra.sweep.dir={sweep}", "data.datasets=[nope],[identity]", "trainer.max_steps=1"],
+        tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: unknown dataset(s) ['nope']" in proc.stderr and "1 of 2 jobs failed: 0" in proc.stderr
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [(r["job"], r["status"]) for r in rows] == [("1", "completed"), ("0", "failed")]

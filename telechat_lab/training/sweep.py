@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -117,4 +118,8 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweeper = config.hydra.get("sweeper") or {}
         direction = sweeper.get("direction", "minimize") if hasattr(sweeper, "get") else "minimize"
-        write_summary(Path(config.hydra.sweep.dir), config.get("optimized_metric", "val_loss"), direction)
+        rows = write_summary(Path(config.hydra.sweep.dir), config.get("optimized_metric", "val_loss"), direction)
+        failed = [row["job"] for row in rows if row.get("status") == "failed"]
+        if failed:  # the sweep's exit code says so (each job's error was printed where it failed)
+            print(f"{len(failed)} of {len(rows)} jobs failed: {', '.join(failed)}", file=sys.stderr)
+            sys.exit(1)
