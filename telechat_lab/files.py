@@ -114,6 +114,11 @@ def staged_files(target: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def remove_entry(path: Path) -> None:
+    """A file, a link or a whole directory."""
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
 def remove_stale_temporaries(directory: Path) -> None:
     """Leftovers of writes that a crash interrupted (they were never results)."""
     if directory.is_dir():

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ import torch
 from telechat_lab import cache_root
 from telechat_lab.console import without_transformers_bars
 from telechat_lab.errors import OutputDirError
+from telechat_lab.files import staged_files
 from telechat_lab.model import Telechat2Config, Telechat2ForCausalLM
 from telechat_lab.tokenizer import TINY_TOKENIZER_PATH, load_tokenizer, save_tokenizer, tokenizer_hash
 
@@ -89,20 +88,12 @@ def write_tiny_checkpoint(
     )
     torch.manual_seed(seed)
     model = Telechat2ForCausalLM(config).to(dtype)
-    # written beside, then moved into place: a process reading `out` never sees half a checkpoint
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_files(out) as staging:  # each file moved into place whole: a reader never sees half of one
         with without_transformers_bars():  # a tiny model is written at once
             model.save_pretrained(staging)
         save_tokenizer(tok, staging)
         model.generation_config.save_pretrained(staging)
         (staging / MARKER).write_text(signature)
-        out.mkdir(exist_ok=True)
-        for item in staging.iterdir():
-            os.replace(item, out / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

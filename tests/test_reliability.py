@@ -668,6 +668,11 @@ def test_a_missing_group_option_is_one_message(tmp_path):
     assert problems == ["model=tiny: chat has no 'model' option group; set its keys instead (--cfg job lists them)"]
     problems, _ = command_line_config(["lr=1e-4"], conf)
     assert problems == ["lr: unknown key; did you mean optim.lr?"]
+    # an option of the user's own config directory (hydra.searchpath) is an option like the package's
+    (tmp_path / "mine" / "experiment").mkdir(parents=True)
+    (tmp_path / "mine" / "experiment" / "mine.yaml").write_text("# @package _global_\noptim:\n  lr: 0.001\n")
+    problems, cfg = command_line_config([f"hydra.searchpath=[file://{tmp_path / 'mine'}]", "experiment=mine"], conf)
+    assert problems == [] and cfg.optim.lr == 0.001
 
     proc = cli(tmp_path, "adapter=nope", f"output_dir={tmp_path / 'run'}")
     assert proc.returncode == 2 and "HYDRA_FULL_ERROR" not in proc.stderr + proc.stdout

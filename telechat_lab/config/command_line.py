@@ -93,11 +93,13 @@ def command_line_config(
             continue
         is_group = "/" in key or key in own_groups or key == "schema"
         (groups if is_group else keys).append((key, text, override))
-    missing = not_here + _missing_options(conf_dir, groups)
-    if missing:  # an optional group (experiment) would skip a misspelt option silently
-        return missing, None
+    if not_here:
+        return not_here, None
     try:
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+            missing = _missing_options(groups, config_name, hydra_args)
+            if missing:  # an optional group (experiment) would skip a misspelt option silently
+                return missing, None
             lenient = [f"schema={config_name}_unchecked", *hydra_args, *(t for _, t, _ in groups)]
             plain = compose(config_name, overrides=lenient)
             unknown = [
@@ -141,19 +143,20 @@ def _option_groups(conf_dir: str, config_name: str) -> set[str]:
     return groups
 
 
-def _missing_options(conf_dir: str, groups: list) -> list[str]:
+def _missing_options(groups: list, config_name: str, hydra_args: list[str]) -> list[str]:
+    """Every chosen option (each choice of a sweep) that none of Hydra's config sources holds (the package's conf/,
+    hydra.searchpath, --config-dir), asked of Hydra's own loader inside an initialised Hydra."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
     problems = []
-    for key, text, override in groups:  # every choice of a sweep
-        folder = Path(conf_dir) / key
-        try:
-            values = list(override.sweep_string_iterator()) if override.is_sweep_override() else None
-        except Exception:
-            values = None
-        for value in values or [text.split("=", 1)[1] if "=" in text else ""]:
-            if not folder.is_dir() or value in ("", "null") or (folder / f"{value}.yaml").is_file():
-                continue
-            options = sorted(p.stem for p in folder.glob("*.yaml"))
-            problems.append(f"{key}={value}: no such option; choose one of {', '.join(options)}")
+    for key, text, override in groups:
+        options = loader.get_group_options(key, config_name=config_name, overrides=hydra_args)
+        chosen = [text.split("=", 1)[1]] if "=" in text else []  # ~group deletes: nothing chosen
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else chosen
+        for value in values:
+            if options and value not in ("", "null") and value not in options:
+                problems.append(f"{key}={value}: no such option; choose one of {', '.join(options)}")
     return problems
 
 

@@ -243,8 +243,9 @@ class DiscardReplacedRun(L.Callback):
     """overwrite=true: the earlier run, set aside, is deleted once the new run has trained its first step."""
 
     def __init__(self, output_dir: Path):
-        self.output_dir = output_dir
+        self.output_dir, self.done = output_dir, False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= 1:
+        if not self.done and trainer.global_step >= 1:
             shutil.rmtree(self.output_dir / REPLACED, ignore_errors=True)
+            self.done = True

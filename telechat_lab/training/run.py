@@ -376,7 +376,7 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
     from telechat_lab.errors import reported
     from telechat_lab.resolve import model_dir
 
-    from .rundir import check_output_dir, run_files
+    from .rundir import check_output_dir, check_outside, run_files
 
     cfg = check_config(argv, conf_dir, "train")
     if cfg is None:
@@ -403,10 +403,8 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
     if {"-m", "--multirun"} & set(argv):  # each job checks its own directory; the sweep's, given, is checked here
         given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.sweep.dir=")]
         if given and "${" not in given[-1]:
-            with reported():
-                check_output_dir(
-                    resolve_output_dir(given[-1]), resume=False, overwrite=False, protected=protected, used_ok=True
-                )
+            with reported():  # a sweep's directory holds its jobs' own: only where it lies is checked
+                check_outside(resolve_output_dir(given[-1]), protected)
         return
     if requeued_by_slurm() and not values["resume"]:
         return  # prepare() resumes the run when it is this command's own, and refuses otherwise
@@ -425,6 +423,8 @@ def undo_unstarted_run(output_dir: Path | None) -> None:
     added to one that held no run is removed, and a run it was replacing (overwrite=true) is put back."""
     import shutil
 
+    from telechat_lab.files import remove_entry
+
     from .rundir import restore_replaced_run
 
     if launched_worker():
@@ -440,7 +440,7 @@ def undo_unstarted_run(output_dir: Path | None) -> None:
         return
     for item in directory.iterdir() if directory.is_dir() else []:
         if item.name not in record["existed"]:
-            shutil.rmtree(item, ignore_errors=True) if item.is_dir() and not item.is_symlink() else item.unlink()
+            remove_entry(item)
 
 
 def train(cfg: DictConfig | dict, overrides: list[str] | None = None) -> dict:

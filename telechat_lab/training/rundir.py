@@ -17,14 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from telechat_lab.config import field_meta
 from telechat_lab.errors import ConfigError, OutputDirError
-from telechat_lab.files import read_json, write_json
+from telechat_lab.files import read_json, remove_entry, write_json
 
 RUN_RECORD = "run.json"
 REPLACED = ".replaced-run"  # overwrite=true: the earlier run, kept until the new one has trained a step
@@ -159,11 +158,8 @@ def _relation(a: Path, b: Path) -> str | None:
     return None
 
 
-def check_output_dir(
-    directory: Path, *, resume: bool, overwrite: bool, protected: dict[str, Path], used_ok: bool = False
-) -> None:
-    """Refuse (OutputDirError) an output directory whose contents the run would destroy; see the module doc.
-    `used_ok`: only the protected directories are checked (a sweep's directory holds its jobs' own)."""
+def check_outside(directory: Path, protected: dict[str, Path]) -> None:
+    """Refuse (OutputDirError) an output directory that is, contains or lies inside a protected one."""
     directory = directory.resolve()
     for name, path in protected.items():
         relation = _relation(directory, path.resolve())
@@ -172,8 +168,12 @@ def check_output_dir(
                 f"output_dir={directory} {relation} {name}={path}: choose an output_dir outside it "
                 "(nothing was written)"
             )
-    if used_ok:
-        return
+
+
+def check_output_dir(directory: Path, *, resume: bool, overwrite: bool, protected: dict[str, Path]) -> None:
+    """Refuse (OutputDirError) an output directory whose contents the run would destroy; see the module doc."""
+    directory = directory.resolve()
+    check_outside(directory, protected)
     used = run_files(directory)
     if resume:
         if not (directory / RUN_RECORD).is_file() and not (directory / CONFIG_FILE).is_file():
@@ -216,8 +216,7 @@ def restore_replaced_run(directory: Path) -> None:
         return
     for name in run_files(directory):
         if name != REPLACED:
-            path = directory / name
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            remove_entry(directory / name)
     for item in aside.iterdir():
         os.replace(item, directory / item.name)
     aside.rmdir()
