@@ -3,6 +3,7 @@ names the key, file or line at fault, no traceback, and an exit code per kind.""
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,12 +60,45 @@ class Interrupted(TrainingStopped):
         self.exit_code = 128 + signum  # the shell's convention: SIGINT 130, SIGTERM 143
 
 
+class FileSystemError(UserError):
+    """A file or directory that cannot be read or written (missing, a file where a directory should be, no
+    permission, a full disk, a name too long): the message names the path and what to do."""
+
+
+# what to do, by errno; the rest say only what the system said
+_ADVICE = {
+    errno.ENOSPC: "free space on that disk, then run the command again",
+    errno.EDQUOT: "free space (your disk quota is full), then run the command again",
+    errno.EACCES: "choose a location you can write to, or change its permissions",
+    errno.EPERM: "choose a location you can write to, or change its permissions",
+    errno.EROFS: "the file system is read-only: choose another location",
+    errno.ENAMETOOLONG: "choose a shorter name",
+    errno.ENOTDIR: "a file is where a directory is needed: move it or choose another path",
+    errno.EISDIR: "a directory is where a file is needed: choose a file",
+    errno.ENOENT: "check the path",
+}
+
+
+def file_system_error(err: OSError) -> FileSystemError:
+    """An OSError as one message naming its path(s) and what to do."""
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    what = err.strerror or type(err).__name__
+    advice = _ADVICE.get(err.errno or -1)
+    return FileSystemError(f"{paths}: {what}" + (f" ({advice})" if advice else "") if paths else f"{what}: {err}")
+
+
 @contextmanager
 def reported(multirun: bool = False) -> Iterator[None]:
     """Run a command: a UserError or TrainingStopped becomes its message on stderr and its exit code. In a sweep
-    (`multirun`) the job fails with the message instead, so that the sweeper records it and goes on."""
+    (`multirun`) the job fails with the message instead, so that the sweeper records it and goes on. An OSError
+    that names a file (a full disk, no permission, ...) is a user's error too: its path and what to do."""
     try:
-        yield
+        try:
+            yield
+        except OSError as err:
+            if err.filename is None:
+                raise
+            raise file_system_error(err) from err
     except (UserError, TrainingStopped) as err:
         print(f"error: {err}" if isinstance(err, UserError) else str(err), file=sys.stderr, flush=True)
         if multirun:

@@ -90,7 +90,10 @@ def test_second_run_into_a_used_output_dir_is_refused_and_overwrite_clears_it(tm
     assert tree_snapshot(out) == before  # not even Hydra's .hydra/ was rewritten
     cli(tmp_path, f"output_dir={out}", "trainer.max_steps=3", "overwrite=true", check=True)
     assert json.loads((out / "final_metrics.json").read_text())["steps"] == 3
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000003.ckpt"]  # nothing left over
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-0000003.ckpt",
+        "step-0000003.json",
+    ]  # nothing left
 
 
 def test_overwrite_refuses_a_directory_telechat_lab_did_not_write(tmp_path):
@@ -336,7 +339,9 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
             "+callbacks.poison.steps=[5]",
         )
     assert "nothing of this step was saved" in str(err.value)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002.ckpt", "step-0000004.ckpt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        f"step-000000{n}.{e}" for n in (2, 4) for e in ("ckpt", "json")
+    ]
     assert not (out / "adapter_model.safetensors").exists() and not (out / "final_metrics.json").exists()
     weights = adapter_weights(out / "checkpoint-4")
     assert all(torch.isfinite(w).all() for w in weights.values())
@@ -353,7 +358,7 @@ def test_nan_weights_are_never_checkpointed(tmp_path):
             "+callbacks.poison._target_=helpers.PoisonWeights",
             "+callbacks.poison.step=4",
         )
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002.ckpt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002.ckpt", "step-0000002.json"]
     assert not (out / "checkpoint-4").exists()
 
 
@@ -528,7 +533,8 @@ def test_loaders_name_an_incomplete_adapter(trained, tmp_path):
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, damage):
     out = tmp_path / "run"
     run_train(out, "trainer.max_steps=4", "save_steps=1", "save_total_limit=2")
-    ckpts = sorted((out / "checkpoints").iterdir())
+    ckpts = sorted((out / "checkpoints").glob("*.ckpt"))
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.json")) == ["step-0000003.json", "step-0000004.json"]
     assert [p.name for p in ckpts] == ["step-0000003.ckpt", "step-0000004.ckpt"]  # the newest 2 kept
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     newest = ckpts[-1]

@@ -248,7 +248,9 @@ def test_checkpoints_every_save_steps(tmp_path):
     run_train(tmp_path, "trainer.max_steps=4", "save_steps=2")
     assert (tmp_path / "checkpoint-2" / "adapter_model.safetensors").exists()
     assert (tmp_path / "checkpoint-4" / "adapter_model.safetensors").exists()
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000002.ckpt", "step-0000004.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        f"step-000000{n}.{e}" for n in (2, 4) for e in ("ckpt", "json")
+    ]
 
 
 @pytest.mark.parametrize("stop_at", [3, 5])  # mid-epoch (4 batches an epoch) and in the second epoch

@@ -30,7 +30,7 @@ import torch
 
 from telechat_lab.console import without_transformers_bars
 from telechat_lab.errors import CheckpointError, NonFiniteLoss
-from telechat_lab.files import TEMP_PREFIX, remove_stale_temporaries, staged_dir, staged_files
+from telechat_lab.files import TEMP_PREFIX, remove_stale_temporaries, staged_dir, staged_files, write_json
 
 log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
@@ -138,6 +138,7 @@ class RunCheckpoints(L.Callback):
         trainer.save_checkpoint(staging)  # every rank takes part (sharded strategies); ends with a barrier
         state = self._gathered(trainer, pl_module)
         if trainer.is_global_zero:
+            write_json(meta_file(final), {"step": step, "run_id": self.run_id})  # read on resume, never unpickled
             os.replace(staging, final)
             with staged_dir(self.output_dir / f"checkpoint-{step}") as directory:
                 self.save_pretrained(pl_module, directory, state)
@@ -189,6 +190,8 @@ class RunCheckpoints(L.Callback):
             found = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := pattern.match(p.name)))
             for _, path in found[: -self.keep]:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if pattern is STEP_FILE:
+                    meta_file(path).unlink(missing_ok=True)
 
 
 def save_model(model, directory: Path, base_dir: Path, state: dict | None = None) -> None:
@@ -219,18 +222,98 @@ def requeue_slurm_job() -> None:
 
 # ------------------------------------------------------------------------------------------------ resuming
 
+# What DeepSpeed's own checkpoint files hold besides tensors and plain values. Its engine loads them with
+# weights_only=False (deepspeed has no weights-only path), so each file is first loaded weights-only with exactly
+# these allowed: a file that would import anything else is refused before DeepSpeed sees it.
+DEEPSPEED_GLOBALS = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+)
+
+
+def meta_file(checkpoint: Path) -> Path:
+    """The JSON beside a resumable checkpoint that records its step and run (read without loading it)."""
+    return checkpoint.with_suffix(".json")
+
+
+def _allowed_globals(directory: bool) -> list:
+    if not directory:
+        return []
+    import importlib
+
+    allowed = []
+    for module, name in DEEPSPEED_GLOBALS:
+        try:
+            allowed.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another DeepSpeed version: what it lacks cannot be in its files
+            continue
+    return allowed
+
+
+def load_checkpoint_file(path: Path, allowed: list | None = None) -> dict:
+    """A torch checkpoint file loaded weights-only: tensors and plain values (and `allowed` classes), never an
+    arbitrary object, so a crafted file cannot run code. CheckpointError names what it would import."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(allowed or []):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as err:
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:
+            names = []
+        raise CheckpointError(
+            f"{path} is not a checkpoint telechat-lab wrote: loading it would import "
+            f"{', '.join(names) if names else 'objects other than tensors and plain values'}, so it was not loaded "
+            "(checkpoints are loaded weights-only and never run code). Move it out of the run directory; if you did "
+            "not put it there, someone else can write to it"
+        ) from err
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Load each file of a checkpoint (one file, or DeepSpeed's directory of them) weights-only, as resuming will:
+    CheckpointError for one that would run code, another exception for one that is damaged."""
+    files = sorted(path.rglob("*.pt")) if path.is_dir() else [path]
+    if path.is_dir() and not files:
+        raise FileNotFoundError(f"no *.pt files in {path}")
+    allowed = _allowed_globals(path.is_dir())
+    for file in files:
+        load_checkpoint_file(file, allowed)
+
 
 def _checkpoint_meta(path: Path) -> dict:
-    if path.is_dir():  # a sharded (DeepSpeed) checkpoint: its step is in its name
+    """A checkpoint's step and run: from the JSON written beside it, else (a checkpoint of an older version, a
+    copy) from the file itself, loaded weights-only; a sharded (DeepSpeed) checkpoint's step is in its name."""
+    from telechat_lab.files import read_json
+
+    if meta_file(path).is_file():
+        try:
+            meta = read_json(meta_file(path), "a checkpoint's record")
+            return {"step": int(meta["step"]), "run_id": meta.get("run_id"), "verified": False}
+        except Exception:
+            pass  # a damaged record: the checkpoint itself says
+    if path.is_dir():
         match = STEP_FILE.match(path.name)
-        return {"step": int(match.group(1)) if match else -1, "run_id": None}
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    return {"step": int(state["global_step"]), "run_id": (state.get("telechat_run") or {}).get("run_id")}
+        return {"step": int(match.group(1)) if match else -1, "run_id": None, "verified": False}
+    state = load_checkpoint_file(path)
+    run = state.get("telechat_run") or {}
+    return {"step": int(state["global_step"]), "run_id": run.get("run_id"), "verified": True}
+
+
+def _skip(path: Path, err: Exception) -> None:
+    log.warning(
+        "skipping %s: it cannot be read (%s); falling back to an earlier checkpoint",
+        path,
+        str(err).splitlines()[0] if str(err) else type(err).__name__,
+    )
 
 
 def newest_checkpoint(checkpoint_dir: Path, run_id: str) -> Path | None:
-    """The resumable checkpoint with the highest recorded step that loads; unreadable ones are skipped with a
-    warning naming them. A checkpoint of another run is refused."""
+    """The resumable checkpoint with the highest recorded step that loads weights-only; damaged ones are skipped
+    with a warning naming them. A checkpoint of another run, or one that would run code when loaded, is refused."""
     if not checkpoint_dir.is_dir():
         return None
     found = []
@@ -239,17 +322,25 @@ def newest_checkpoint(checkpoint_dir: Path, run_id: str) -> Path | None:
             continue
         try:
             meta = _checkpoint_meta(path)
+        except CheckpointError:
+            raise
         except Exception as err:
-            log.warning(
-                "skipping %s: it cannot be read (%s); falling back to an earlier checkpoint",
-                path,
-                str(err).splitlines()[0] if str(err) else type(err).__name__,
-            )
+            _skip(path, err)
             continue
         if meta["run_id"] not in (None, run_id):
             raise CheckpointError(
                 f"{path} belongs to another run (its settings differ from "
                 f"{checkpoint_dir.parent / 'config.yaml'}); move it away or resume its own run"
             )
-        found.append((meta["step"], path))
-    return max(found)[1] if found else None
+        found.append((meta["step"], path.name, path, meta["verified"]))
+    for _, _, path, verified in sorted(found, reverse=True):
+        try:
+            if not verified:
+                verify_checkpoint(path)
+        except CheckpointError:
+            raise
+        except Exception as err:
+            _skip(path, err)
+            continue
+        return path
+    return None

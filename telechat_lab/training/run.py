@@ -303,7 +303,8 @@ def fit(run: Run) -> None:
     """Train; then, for a completed run whose last validation is older than its last step, validate once more."""
     trainer, module, datamodule = run.parts["trainer"], run.parts["module"], run.parts["datamodule"]
     plot = run.parts["plot"]
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.checkpoint) if run.checkpoint else None)
+    checkpoint = str(run.checkpoint) if run.checkpoint else None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)  # never runs code in it
     if run.parts["checkpoints"].stop_signal is not None:
         return
     run.parts["checkpoints"].save_final(trainer, module)
