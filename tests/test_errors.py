@@ -52,3 +52,15 @@ def test_an_os_error_without_a_path_is_not_hidden():
     with pytest.raises(OSError):
         with reported():
             raise OSError("something inside a library")
+
+
+@pytest.mark.parametrize("seed, message", [(-5, "seed=-5: must be at least 0"), (2**32, "seed=4294967296")])
+def test_a_seed_out_of_numpys_range_is_a_config_error(seed, message):
+    from helpers import compose_train
+
+    from telechat_lab.config import validate
+    from telechat_lab.errors import ConfigError
+
+    for key in ("seed", "data.seed"):
+        with pytest.raises(ConfigError, match=message.replace("seed", key, 1).replace(".", r"\.")):
+            validate(compose_train([f"{key}={seed}"]))

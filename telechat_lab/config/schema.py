@@ -35,6 +35,7 @@ def setting(
 
 
 FREE, GROW = "free", "grow"
+MAX_SEED = 2**32 - 1  # numpy's (and so Lightning's seed_everything's) largest seed
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -76,7 +77,7 @@ class DataConfig:
     preprocessing_num_workers: int = setting(1, min=1, on_resume=FREE)
     cache_dir: str | None = setting(None, on_resume=FREE)  # encoded datasets; default $TELECHAT_LAB_CACHE
     overwrite_cache: bool = setting(False, on_resume=FREE)
-    seed: int = 42
+    seed: int = setting(42, min=0, max=MAX_SEED)
     batch_size: int = setting(4, min=1)  # per device (rows when packing)
     eval_batch_size: int = setting(4, min=1, on_resume=FREE)
     dataloader_num_workers: int = setting(0, min=0, on_resume=FREE)
@@ -145,7 +146,7 @@ class TrainConfig:
 
     task_name: str = setting("train", on_resume=FREE)
     output_dir: str = setting("outputs/${task_name}/${now:%Y-%m-%d_%H-%M-%S}", on_resume=FREE)
-    seed: int = 42
+    seed: int = setting(42, min=0, max=MAX_SEED)
     resume: bool = setting(False, on_resume=FREE)  # continue the run in output_dir from its newest checkpoint
     overwrite: bool = setting(False, on_resume=FREE)  # clear a used output_dir (one written by telechat-lab) first
     logging_steps: int = setting(1, min=1, on_resume=FREE)
@@ -235,7 +236,7 @@ class InspectConfig:
     output: str | None = None  # JSON lines {"input_ids", "labels"}, one per encoded example, in dataset order
     overwrite: bool = False  # replace an existing output file
     show: int = setting(3, min=0)  # examples printed with their trained tokens highlighted
-    seed: int = 42
+    seed: int = setting(42, min=0, max=MAX_SEED)
 
 
 SCHEMAS: dict[str, type] = {"train": TrainConfig, "chat": ChatConfig, "merge": MergeConfig, "inspect": InspectConfig}
