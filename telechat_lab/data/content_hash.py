@@ -1,0 +1,76 @@
+"""Content hashes of data files: the key of the encoded-data cache (data/preprocess.py) and what a run's data
+fingerprint records (a resume compares it).
+
+A file is read whole and hashed (blake2b). With `data.trust_file_stat=true` (the default) a hash is remembered in
+the cache directory (`file_hashes.json`) with the file's device, inode, size, modification and change times
+(ctime: set by the kernel on every write and on every `touch`/`os.utime`, so a file edited in place and given
+back its old mtime is hashed again); a file whose stat is unchanged is not read again. `false` hashes every
+file on every run (filesystems whose timestamps are coarse or unreliable, e.g. some network mounts)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from telechat_lab.errors import DataError
+
+from .cache_files import write_cache_file
+
+log = logging.getLogger(__name__)
+HASHES_FILE = "file_hashes.json"
+CHUNK = 1 << 20
+
+
+def _stat_key(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def hash_file(path: Path, where: str) -> str:
+    """blake2b of the bytes of `path`; a DataError naming it (`where`: the dataset) when it cannot be read."""
+    digest = hashlib.blake2b(digest_size=20)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+    except OSError as err:
+        raise DataError(
+            f"{where}: cannot read {path} ({err.strerror or err}): check that it is a readable file"
+        ) from err
+    return digest.hexdigest()
+
+
+def content_hashes(paths: list[Path], where: str, cache_dir: Path, trust_file_stat: bool) -> dict[str, str]:
+    """{path: content hash} of `paths` (the files of one dataset, `where` names it in errors)."""
+    remembered = _read_remembered(cache_dir) if trust_file_stat else {}
+    hashes, changed = {}, False
+    for path in paths:
+        name = str(path)
+        try:
+            key = _stat_key(path)
+        except OSError as err:
+            raise DataError(f"{where}: cannot read {path} ({err.strerror or err})") from err
+        entry = remembered.get(name)
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == key and isinstance(entry[1], str):
+            hashes[name] = entry[1]
+            continue
+        hashes[name] = hash_file(path, where)
+        if key == _stat_key(path):  # not remembered while it is being written
+            remembered[name], changed = [key, hashes[name]], True
+    if trust_file_stat and changed:
+        write_cache_file(cache_dir / HASHES_FILE, json.dumps(remembered, sort_keys=True).encode())
+    return hashes
+
+
+def _read_remembered(cache_dir: Path) -> dict:
+    path = cache_dir / HASHES_FILE
+    try:
+        remembered = json.loads(path.read_bytes())
+    except (FileNotFoundError, NotADirectoryError):  # none remembered yet
+        return {}
+    except (OSError, ValueError, RecursionError) as err:  # only a shortcut: hashed again, and written anew
+        log.warning("ignoring unreadable %s (%s): the data files are hashed again", path, err)
+        return {}
+    return remembered if isinstance(remembered, dict) else {}
