@@ -140,3 +140,32 @@ def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     build(root, ["d"])
     assert not left.exists() and not other_host_old.exists()
     assert live.exists() and other_host_new.exists()
+
+
+# ------------------------------------------------------------------------ 5. resume on changed data
+
+
+def test_resume_refuses_data_that_changed_unless_told_and_then_says_so(tmp_path, caplog):
+    from helpers import run_train
+
+    from telechat_lab.errors import DataError
+
+    root = write_datasets(tmp_path / "data", {"d": ({"file_name": "d.jsonl"}, [alpaca(i) for i in range(12)])})
+    data = [f"data.dataset_dir={root}", "data.datasets=[d]", "data.max_samples=null", "data.val_size=3"]
+    out = tmp_path / "run"
+    run_train(out, *data, "trainer.max_steps=2")
+    _edit_keeping_size_and_mtime(root / "d.jsonl", "It is 4.", "It is 5.")
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    with pytest.raises(DataError) as err:
+        run_train(out, *data, "resume=true", "trainer.max_steps=3")
+    message = str(err.value)
+    assert "dataset 'd' (d.jsonl changed)" in message and "data.allow_changed_on_resume=true" in message, message
+    assert sorted((out / "checkpoints").iterdir()) == checkpoints
+    with open(root / "d.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(alpaca(20)) + "\n")
+    with pytest.raises(DataError, match=r"12 -> 13 examples.*the training set: 9 -> 10 examples"):
+        run_train(out, *data, "resume=true", "trainer.max_steps=3")
+    with caplog.at_level(logging.WARNING, logger="telechat_lab"):
+        metrics = run_train(out, *data, "resume=true", "trainer.max_steps=3", "data.allow_changed_on_resume=true")
+    assert metrics["steps"] == 3
+    assert "resuming on data that changed since the checkpoint: dataset 'd'" in caplog.text
