@@ -86,6 +86,11 @@ def build_datasets(
         parts.append(ds)
         report["datasets"][name] = {**counts, **ds.stats()}
     full = EncodedDataset.concat(parts)
+    if not len(full):
+        raise DataError(
+            f"no training examples: data.mix gives every dataset of {names} a ratio of 0; give at least "
+            "one a ratio above 0"
+        )
 
     order = rng.permutation(len(full)) if shuffle_order else np.arange(len(full))
     n_val = _val_count(cfg.val_size, len(full))
