@@ -55,6 +55,11 @@ def test_trust_file_stat_false_never_uses_the_remembered_hashes(tmp_path):
     (tmp_path / content_hash.HASHES_FILE).write_text(json.dumps(remembered))
     assert content_hash.content_hashes([data], "x", tmp_path, True) == {str(data): "0" * 40}  # the shortcut
     assert content_hash.content_hashes([data], "x", tmp_path, False) == {str(data): real}
+    other = tmp_path / "e.jsonl"
+    other.write_text("two\n")
+    data.unlink()
+    content_hash.content_hashes([other], "x", tmp_path, True)
+    assert set(json.loads((tmp_path / content_hash.HASHES_FILE).read_text())) == {str(other)}  # the gone forgotten
 
 
 def _rewrite_npz(path: Path, **changes) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 from telechat_lab.errors import DataError
@@ -59,7 +60,8 @@ def content_hashes(paths: list[Path], where: str, cache_dir: Path, trust_file_st
         hashes[name] = hash_file(path, where)
         if key == _stat_key(path):  # not remembered while it is being written
             remembered[name], changed = [key, hashes[name]], True
-    if trust_file_stat and changed:
+    if trust_file_stat and changed:  # files that are gone are forgotten
+        remembered = {name: entry for name, entry in remembered.items() if os.path.exists(name)}
         write_cache_file(cache_dir / HASHES_FILE, json.dumps(remembered, sort_keys=True).encode())
     return hashes
 
