@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 TEMP_MARK = ".tmp-"  # <name>.tmp-<host>-<pid>.<suffix>
 STALE_AFTER_S = 24 * 3600  # another host's temporary this old is a dead process's (its pid cannot be checked here)
+LEGACY_TEMP = re.compile(r".+\.(\d+)\.tmp\.npz")  # <name>.<pid>.tmp.npz, what earlier versions wrote (no host)
 
 
 def temporary_name(path: Path) -> Path:
@@ -46,13 +48,16 @@ def remove_dead_temporaries(directory: Path) -> None:
     """Remove the temporaries in `directory` of writers that are gone: a process of this host that no longer
     runs, or one of another host older than STALE_AFTER_S."""
     try:
-        candidates = [p for p in directory.iterdir() if TEMP_MARK in p.name]
+        candidates = [p for p in directory.iterdir() if TEMP_MARK in p.name or LEGACY_TEMP.fullmatch(p.name)]
     except OSError:  # no cache yet, or none that can be listed
         return
     host = socket.gethostname()
     for tmp in candidates:
-        owner = tmp.name.split(TEMP_MARK, 1)[1].removesuffix(tmp.suffix)
-        owner_host, _, pid = owner.rpartition("-")
+        legacy = LEGACY_TEMP.fullmatch(tmp.name)
+        if legacy:
+            owner_host, pid = host, legacy.group(1)
+        else:
+            owner_host, _, pid = tmp.name.split(TEMP_MARK, 1)[1].removesuffix(tmp.suffix).rpartition("-")
         try:
             if owner_host == host and pid.isdigit():
                 if _alive(int(pid)):
