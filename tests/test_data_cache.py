@@ -109,6 +109,10 @@ def test_a_cache_that_cannot_be_written_is_a_warning_and_encoding_goes_on(tmp_pa
     assert len(train) == 3 and not report["datasets"]["d"].get("cached")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings and all("could not write the data cache" in w for w in warnings), warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="telechat_lab"):
+        build(root, ["d"])  # the data are built more than once a run: said once
+    assert not caplog.records
     assert (root / "cache").read_text() == "a file where the cache directory should be"
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 TEMP_MARK = ".tmp-"  # <name>.tmp-<host>-<pid>.<suffix>
 STALE_AFTER_S = 24 * 3600  # another host's temporary this old is a dead process's (its pid cannot be checked here)
+_WARNED: set[str] = set()  # the files whose failed write was reported (once a process: the data are built twice)
 LEGACY_TEMP = re.compile(r".+\.(\d+)\.tmp\.npz")  # <name>.<pid>.tmp.npz, what earlier versions wrote (no host)
 
 
@@ -36,7 +37,9 @@ def write_cache_file(path: Path, data: bytes | Callable[[Path], None]) -> bool:
         os.replace(tmp, path)
         return True
     except OSError as err:
-        log.warning("could not write the data cache %s (%s); going on without it", path, err.strerror or err)
+        if str(path) not in _WARNED:
+            _WARNED.add(str(path))
+            log.warning("could not write the data cache %s (%s); going on without it", path, err.strerror or err)
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
