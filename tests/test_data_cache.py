@@ -137,18 +137,21 @@ def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
     host = socket.gethostname()
-    left = datasets / f"d-0123.tmp-{host}-{pid}.npz"
+    left = datasets / f"d-0123.partial-{host}-{pid}.npz"
     left.write_bytes(b"x" * 1000)
     left_by_an_earlier_version = datasets / f"d-0123.{pid}.tmp.npz"
     left_by_an_earlier_version.write_bytes(b"x" * 1000)
     live = datasets / temporary_name(Path("e-0123.npz")).name  # this process is still writing it
     live.write_bytes(b"y")
-    other_host_new = datasets / "f-1.tmp-elsewhere-1.npz"
+    other_host_new = datasets / "f-1.partial-elsewhere-1.npz"
     other_host_new.write_bytes(b"z")
-    other_host_old = datasets / "g-1.tmp-elsewhere-2.npz"
+    other_host_old = datasets / "g-1.partial-elsewhere-2.npz"
     other_host_old.write_bytes(b"z")
     os.utime(other_host_old, (0, 0))
+    staging = root / "cache" / ".tmp-tiny-abc"  # another writer's (files.TEMP_PREFIX): not the data cache's
+    staging.mkdir()
     build(root, ["d"])
+    assert staging.exists()
     assert not left.exists() and not other_host_old.exists() and not left_by_an_earlier_version.exists()
     assert live.exists() and other_host_new.exists()
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-TEMP_MARK = ".tmp-"  # <name>.tmp-<host>-<pid>.<suffix>
+TEMP_MARK = ".partial-"  # <name>.partial-<host>-<pid>.<suffix>
 STALE_AFTER_S = 24 * 3600  # another host's temporary this old is a dead process's (its pid cannot be checked here)
 _WARNED: set[str] = set()  # the files whose failed write was reported (once a process: the data are built twice)
 LEGACY_TEMP = re.compile(r".+\.(\d+)\.tmp\.npz")  # <name>.<pid>.tmp.npz, what earlier versions wrote (no host)
@@ -51,7 +51,11 @@ def remove_dead_temporaries(directory: Path) -> None:
     """Remove the temporaries in `directory` of writers that are gone: a process of this host that no longer
     runs, or one of another host older than STALE_AFTER_S."""
     try:
-        candidates = [p for p in directory.iterdir() if TEMP_MARK in p.name or LEGACY_TEMP.fullmatch(p.name)]
+        candidates = [
+            p
+            for p in directory.iterdir()
+            if (TEMP_MARK in p.name[1:] or LEGACY_TEMP.fullmatch(p.name)) and p.is_file() and not p.is_symlink()
+        ]
     except OSError:  # no cache yet, or none that can be listed
         return
     host = socket.gethostname()
