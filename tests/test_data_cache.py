@@ -62,6 +62,16 @@ def test_trust_file_stat_false_never_uses_the_remembered_hashes(tmp_path):
     assert set(json.loads((tmp_path / content_hash.HASHES_FILE).read_text())) == {str(other)}  # the gone forgotten
 
 
+def test_hashing_much_data_is_announced(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("one\n")
+    monkeypatch.setattr(content_hash, "ANNOUNCED_BYTES", 2)
+    content_hash.content_hashes([data], "dataset 'd'", tmp_path, True)
+    assert "hashing dataset 'd': 1 file(s)" in capsys.readouterr().err
+    content_hash.content_hashes([data], "dataset 'd'", tmp_path, True)  # remembered: nothing to say
+    assert capsys.readouterr().err == ""
+
+
 def _rewrite_npz(path: Path, **changes) -> None:
     with np.load(path) as f:
         arrays = {k: f[k] for k in f.files}
