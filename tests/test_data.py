@@ -1085,3 +1085,107 @@ def test_inspect_report_is_not_wrapped_when_piped(tmp_path, tiny_dir):
     assert proc.returncode == 0, proc.stderr
     header = next(line for line in proc.stdout.splitlines() if line.startswith("dataset"))
     assert header.split() == "dataset records examples tokens trained tokens truncated dropped skipped".split()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# oddly encoded or malformed dataset_info.json and data files
+# ----------------------------------------------------------------------------------------------------------------
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("file_name", ["d.jsonl", "d.json", "d.csv"])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, file_name):
+    records = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)]
+    plain = write_datasets(tmp_path / "plain", {"d": ({"file_name": file_name}, None)})
+    if file_name == "d.csv":
+        text = "instruction,output\n" + "".join(f"{r['instruction']},{r['output']}\n" for r in records)
+    elif file_name == "d.jsonl":
+        text = "".join(json.dumps(r) + "\n" for r in records)
+    else:
+        text = json.dumps(records)
+    (plain / file_name).write_text(text, encoding="utf-8")
+    marked = write_datasets(tmp_path / "marked", {"d": ({"file_name": file_name}, None)})
+    (marked / file_name).write_bytes(BOM + text.encode())
+    info = marked / "dataset_info.json"
+    info.write_bytes(BOM + info.read_bytes())
+    assert examples(build(marked, ["d"])[0]) == examples(build(plain, ["d"])[0])
+
+
+def _raw(root: Path, name: str, data: bytes, entry: dict | None = None) -> Path:
+    write_datasets(root, {"d": ({"file_name": name, **(entry or {})}, None)})
+    (root / name).write_bytes(data)
+    return root
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+RAW_BAD_INPUT = {
+    "latin1_in_jsonl": (
+        lambda r: _raw(r, "d.jsonl", json.dumps(alpaca(1)).encode() + b'\n{"instruction": "caf\xe9", "output": "x"}\n'),
+        ["dataset 'd'", "d.jsonl: line 2, byte offset", "(0xe9) is not UTF-8 text", "save the file as UTF-8"],
+    ),
+    "latin1_in_json": (
+        lambda r: _raw(r, "d.json", b'[{"instruction": "\xe0", "output": "x"}]'),
+        ["d.json: line 1, byte offset 18 (0xe0) is not UTF-8"],
+    ),
+    "latin1_in_dataset_info": (
+        lambda r: _raw(r, "dataset_info.json", b'{"d": {"file_name": "d\xe9.json"}}'),
+        ["dataset_info.json: line 1, byte offset 22 (0xe9) is not UTF-8"],
+    ),
+    "deeply_nested_json_file": (lambda r: _raw(r, "d.json", DEEP), ["dataset 'd'", "d.json", "nested too deeply"]),
+    "deeply_nested_jsonl_line": (
+        lambda r: _raw(r, "d.jsonl", json.dumps(alpaca(1)).encode() + b'\n{"a": ' + DEEP + b"}\n"),
+        ["dataset 'd'", "d.jsonl line 2", "JSON nested too deeply"],
+    ),
+    "deeply_nested_dataset_info": (
+        lambda r: _raw(r, "dataset_info.json", b'{"d": ' + DEEP + b"}"),
+        ["dataset_info.json", "nested too deeply"],
+    ),
+    "duplicate_dataset_in_dataset_info": (
+        lambda r: _raw(r, "dataset_info.json", b'{"d": {"file_name": "a.json"},\n "d": {"file_name": "b.json"}}'),
+        ["dataset_info.json", "key 'd' is given twice"],
+    ),
+    "duplicate_key_in_an_entry": (
+        lambda r: _raw(r, "dataset_info.json", b'{"d": {"file_name": "a.json", "file_name": "b.json"}}'),
+        ["dataset_info.json", "key 'file_name' is given twice"],
+    ),
+    "file_name_empty": (
+        lambda r: write_datasets(r, {"d": ({"file_name": ""}, None)}),
+        ["dataset 'd'", "file_name must name a data file"],
+    ),
+    "file_name_a_folder_without_data": (
+        lambda r: (write_datasets(r, {"d": ({"file_name": "sub"}, None)}), (r / "sub").mkdir())[0],
+        ["dataset 'd'", "folder", "holds no"],
+    ),
+    "file_name_not_a_regular_file": (
+        lambda r: (write_datasets(r, {"d": ({"file_name": "fifo.jsonl"}, None)}), os.mkfifo(r / "fifo.jsonl"))[0],
+        ["dataset 'd'", "fifo.jsonl is not a regular file"],
+    ),
+    "mix_leaves_no_example": (
+        lambda r: write_datasets(r, {"d": ({}, [alpaca(1)])}),
+        ["no training examples", "data.mix", "ratio above 0"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_BAD_INPUT))
+def test_odd_bytes_and_shapes_of_files_end_in_one_message(tmp_path, case):
+    make, expected = RAW_BAD_INPUT[case]
+    root = make(tmp_path / "data")
+    with pytest.raises(DataError) as err:
+        build(root, ["d"], **({"mix": {"d": 0}} if case == "mix_leaves_no_example" else {}))
+    for part in expected:
+        assert part in str(err.value), (part, str(err.value))
+
+
+def test_an_unreadable_data_file_is_named(tmp_path, monkeypatch):
+    from telechat_lab.data import content_hash
+
+    root = write_datasets(tmp_path, {"d": ({}, [alpaca(1)])})
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(content_hash, "open", refused, raising=False)
+    with pytest.raises(DataError, match=r"dataset 'd': cannot read .*d\.json \(Permission denied\)"):
+        build(root, ["d"])

@@ -77,6 +77,12 @@ class DataConfig:
     preprocessing_num_workers: int = setting(1, min=1, on_resume=FREE)
     cache_dir: str | None = setting(None, on_resume=FREE)  # encoded datasets; default $TELECHAT_LAB_CACHE
     overwrite_cache: bool = setting(False, on_resume=FREE)
+    # the cache is keyed by the data files' contents; true: a file whose inode, size, mtime and ctime are unchanged
+    # is not hashed again (its hash is remembered in cache_dir); false: every file is read and hashed every run
+    trust_file_stat: bool = setting(True, on_resume=FREE)
+    # resume=true on data that changed since the checkpoint (other files, example counts or validation split):
+    # false refuses, naming the datasets; true continues, with a warning in the log
+    allow_changed_on_resume: bool = setting(False, on_resume=FREE)
     seed: int = setting(42, min=0, max=MAX_SEED)
     batch_size: int = setting(4, min=1)  # per device (rows when packing)
     eval_batch_size: int = setting(4, min=1, on_resume=FREE)

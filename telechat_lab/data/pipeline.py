@@ -12,9 +12,10 @@ from telechat_lab.config import DataConfig
 from telechat_lab.errors import DataError
 
 from .dataset import EncodedDataset
+from .encoder import TemplateOptions
+from .fingerprint import data_fingerprint
 from .preprocess import encode_datasets
 from .registry import load_dataset_info
-from .encoder import TemplateOptions
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "demo_data"  # the demo datasets shipped with the package
 
@@ -29,8 +30,9 @@ def dataset_names(cfg: DataConfig) -> list[str]:
 
 
 def template_options(cfg: DataConfig) -> TemplateOptions:
-    return TemplateOptions(cfg.cutoff_len, cfg.train_on_prompt, cfg.mask_history, cfg.default_system,
-                           cfg.train_role_tokens)
+    return TemplateOptions(
+        cfg.cutoff_len, cfg.train_on_prompt, cfg.mask_history, cfg.default_system, cfg.train_role_tokens
+    )
 
 
 def resolved_dataset_dir(dataset_dir: str) -> Path:
@@ -54,9 +56,11 @@ def mix_indices(n: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([np.tile(np.arange(n), whole), np.sort(extra)]).astype(np.int64)
 
 
-def build_datasets(cfg: DataConfig, tokenizer_path: str | Path, shuffle_order: bool = True, sample: bool = True
-                   ) -> tuple[EncodedDataset, EncodedDataset | None, dict]:
-    """(train, validation or None, report). `report` holds per-dataset counts and totals.
+def build_datasets(
+    cfg: DataConfig, tokenizer_path: str | Path, shuffle_order: bool = True, sample: bool = True
+) -> tuple[EncodedDataset, EncodedDataset | None, dict]:
+    """(train, validation or None, report). `report` holds per-dataset counts and totals, and the data's
+    fingerprint (data/fingerprint.py).
     `sample=False` skips mixing ratios and num_samples: every encoded example once (inspection)."""
     tokenizer_path = Path(tokenizer_path)
     names = dataset_names(cfg)
@@ -68,7 +72,9 @@ def build_datasets(cfg: DataConfig, tokenizer_path: str | Path, shuffle_order: b
 
     rng = np.random.default_rng(cfg.seed)
     parts, report = [], {"datasets": {}}
-    for name, (ds, counts) in zip(names, encode_datasets([specs[n] for n in names], cfg, tokenizer_path, template_options(cfg))):
+    for name, (ds, counts) in zip(
+        names, encode_datasets([specs[n] for n in names], cfg, tokenizer_path, template_options(cfg))
+    ):
         n = len(ds.offsets) - 1
         index = mix_indices(n, float(mix.get(name, 1.0)) if sample else 1.0, rng)
         wanted = specs[name].num_samples if sample else None
@@ -80,6 +86,11 @@ def build_datasets(cfg: DataConfig, tokenizer_path: str | Path, shuffle_order: b
         parts.append(ds)
         report["datasets"][name] = {**counts, **ds.stats()}
     full = EncodedDataset.concat(parts)
+    if not len(full):
+        raise DataError(
+            f"no training examples: data.mix gives every dataset of {names} a ratio of 0; give at least "
+            "one a ratio above 0"
+        )
 
     order = rng.permutation(len(full)) if shuffle_order else np.arange(len(full))
     n_val = _val_count(cfg.val_size, len(full))
@@ -89,6 +100,7 @@ def build_datasets(cfg: DataConfig, tokenizer_path: str | Path, shuffle_order: b
         raise DataError(f"no training examples left after the validation split (data.val_size={cfg.val_size})")
     report["train"] = train.stats()
     report["val"] = val.stats() if val is not None else None
+    report["fingerprint"] = data_fingerprint(report["datasets"], {n: specs[n].path for n in names}, train, val)
     for key in ("truncated", "dropped", "skipped"):
         report[key] = sum(d[key] for d in report["datasets"].values())
     return train, val, report
@@ -123,13 +135,19 @@ def format_report(report: dict) -> str:
         lines.append(f"{'total':<{width}}  " + "  ".join(f"{total[c]:>14,}" for c in REPORT_COLUMNS))
     for name, counts in datasets.items():
         if counts.get("dropped"):
-            lines.append(f"{name}: {counts['dropped']} dropped (no trainable reply within data.cutoff_len), e.g. "
-                         + "; ".join(counts.get("dropped_at", [])))
+            lines.append(
+                f"{name}: {counts['dropped']} dropped (no trainable reply within data.cutoff_len), e.g. "
+                + "; ".join(counts.get("dropped_at", []))
+            )
         if counts.get("skipped"):
             reasons = ", ".join(f"{n} {reason}" for reason, n in counts.get("skip_reasons", {}).items())
-            lines.append(f"{name}: {counts['skipped']} skipped ({reasons}), e.g. " + "; ".join(counts.get("skipped_at", [])))
+            lines.append(
+                f"{name}: {counts['skipped']} skipped ({reasons}), e.g. " + "; ".join(counts.get("skipped_at", []))
+            )
     train, val = report.get("train") or {}, report.get("val")
     if train:
-        lines.append(f"train: {train['examples']:,} examples, {train['tokens']:,} tokens"
-                     + (f"; validation: {val['examples']:,} examples" if val else "; no validation split"))
+        lines.append(
+            f"train: {train['examples']:,} examples, {train['tokens']:,} tokens"
+            + (f"; validation: {val['examples']:,} examples" if val else "; no validation split")
+        )
     return "\n".join(lines)

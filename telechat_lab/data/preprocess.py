@@ -1,7 +1,9 @@
 """Encoding datasets: records -> conversations -> ids and labels, in `data.preprocessing_num_workers`
 processes sharing one pool over every dataset's records, with a progress bar, and cached on disk as arrays
-keyed by the files, the tokenizer, the template version and the options (a second run, or every job of a
-sweep, re-uses it)."""
+keyed by the files' contents (data/content_hash.py), the tokenizer, the template version and the options (a
+second run, or every job of a sweep, re-uses it). A cache file is checked when loaded (its arrays consistent,
+every id inside the vocabulary) and rebuilt when it is not; one that cannot be written is a warning
+(data/cache_files.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import hashlib
 import json
 import logging
 import multiprocessing as mp
-import os
 import sys
 from array import array
 from collections import Counter
@@ -22,12 +23,14 @@ import numpy as np
 from telechat_lab import cache_root
 from telechat_lab.config import DataConfig
 from telechat_lab.errors import BadRecord, DataError
-from telechat_lab.tokenizer import tokenizer_hash
+from telechat_lab.tokenizer import IGNORE_INDEX, tokenizer_hash
 
+from .cache_files import remove_dead_temporaries, write_cache_file
+from .content_hash import content_hashes
 from .dataset import EncodedDataset
+from .encoder import TEMPLATE_VERSION, ChatEncoder, TemplateOptions
 from .formats import to_conversation
 from .registry import DatasetSpec, index_unit, read_records
-from .encoder import TEMPLATE_VERSION, ChatEncoder, TemplateOptions
 
 log = logging.getLogger(__name__)
 BATCH = 4096  # records per SentencePiece batch call
@@ -57,10 +60,13 @@ class EncodedPart(NamedTuple):
     @staticmethod
     def join(parts: list[tuple[int, EncodedPart]]) -> EncodedPart:
         """Parts of one dataset, each with the position of its first record."""
-        return EncodedPart(*(np.concatenate([getattr(p, k) for _, p in parts]) for k in ("tokens", "labels", "lengths")),
-                           np.concatenate([p.kept + start for start, p in parts]),
-                           sum(p.truncated for _, p in parts), [w for _, p in parts for w in p.dropped],
-                           [s for _, p in parts for s in p.skipped])
+        return EncodedPart(
+            *(np.concatenate([getattr(p, k) for _, p in parts]) for k in ("tokens", "labels", "lengths")),
+            np.concatenate([p.kept + start for start, p in parts]),
+            sum(p.truncated for _, p in parts),
+            [w for _, p in parts for w in p.dropped],
+            [s for _, p in parts for s in p.skipped],
+        )
 
 
 _ENCODERS: dict[tuple, ChatEncoder] = {}
@@ -82,19 +88,21 @@ def _encode_job(job: EncodeJob) -> EncodedPart:
     if isinstance(records, tuple):
         n, start, end = records
         records = _SHARED_RECORDS[n][start:end]
-    return encode_records(get_encoder(Path(job.tokenizer_path), job.options), job.spec, records, job.placeholders,
-                          job.skip_bad)
+    return encode_records(
+        get_encoder(Path(job.tokenizer_path), job.options), job.spec, records, job.placeholders, job.skip_bad
+    )
 
 
-def encode_records(encoder: ChatEncoder, spec: DatasetSpec, records: list, placeholders: dict,
-                   skip_bad: bool = False) -> EncodedPart:
+def encode_records(
+    encoder: ChatEncoder, spec: DatasetSpec, records: list, placeholders: dict, skip_bad: bool = False
+) -> EncodedPart:
     tokens: list[int] = []
     labels: list[int] = []
     lengths, kept, truncated, dropped, skipped = [], [], 0, [], []
     units: dict = {}  # file -> what its record index counts ("line" or "record")
     for start in range(0, len(records), BATCH):
         convs, positions, wheres = [], [], []
-        for pos, (path, index, record) in enumerate(records[start:start + BATCH], start):
+        for pos, (path, index, record) in enumerate(records[start : start + BATCH], start):
             unit = units.get(path) or units.setdefault(path, index_unit(path))
             where = f"dataset '{spec.name}': {path} {unit} {index}"
             try:
@@ -118,10 +126,15 @@ def encode_records(encoder: ChatEncoder, spec: DatasetSpec, records: list, place
             labels += enc.labels
             lengths.append(len(enc.input_ids))
             kept.append(pos)
-    return EncodedPart(np.frombuffer(array("i", tokens), dtype=np.int32),
-                       np.frombuffer(array("i", labels), dtype=np.int32),
-                       np.asarray(lengths, dtype=np.int64), np.asarray(kept, dtype=np.int64), truncated, dropped,
-                       skipped)
+    return EncodedPart(
+        np.frombuffer(array("i", tokens), dtype=np.int32),
+        np.frombuffer(array("i", labels), dtype=np.int32),
+        np.asarray(lengths, dtype=np.int64),
+        np.asarray(kept, dtype=np.int64),
+        truncated,
+        dropped,
+        skipped,
+    )
 
 
 def _fill(text: str, placeholders: dict[str, str]) -> str:
@@ -139,55 +152,76 @@ class _Pending(NamedTuple):
     cache_file: Path
 
 
-def encode_datasets(specs: list[DatasetSpec], cfg: DataConfig, tokenizer_path: Path, options: TemplateOptions
-                    ) -> list[tuple[EncodedDataset, dict]]:
+def encode_datasets(
+    specs: list[DatasetSpec], cfg: DataConfig, tokenizer_path: Path, options: TemplateOptions
+) -> list[tuple[EncodedDataset, dict]]:
     """[(dataset, counts)] for `specs`: cached ones loaded, the others encoded, with
     data.preprocessing_num_workers processes sharing one pool over all their records."""
     results: list = [None] * len(specs)
     pending: list[_Pending] = []
     skip_bad = cfg.on_bad_record == "skip"
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
+    remove_dead_temporaries(root)
+    remove_dead_temporaries(root / "datasets")
+    hashes = {}
     for i, spec in enumerate(specs):
         placeholders = dict(cfg.placeholders) if spec.name in set(cfg.fill_placeholders) else {}
-        cache_file = _cache_file(spec, cfg, tokenizer_path, options, placeholders)
-        if cache_file.exists() and not cfg.overwrite_cache:
+        hashes[i] = content_hashes(spec.files(), f"dataset '{spec.name}'", root, cfg.trust_file_stat)
+        cache_file = _cache_file(root, spec, cfg, tokenizer_path, options, placeholders, hashes[i])
+        if cache_file.is_file() and not cfg.overwrite_cache:
             try:
-                results[i] = _load_cache(cache_file, spec.name)
+                dataset, counts = _load_cache(cache_file, spec.name)
+                _check_cached(
+                    dataset, counts, get_encoder(tokenizer_path, options).sp.get_piece_size(), options.cutoff_len
+                )
+                results[i] = (dataset, {**counts, "files": hashes[i]})
                 continue
             except Exception as err:  # a corrupt cache is rebuilt, never trusted
-                log.warning("ignoring unreadable cache %s: %s", cache_file, err)
+                log.warning("rebuilding the data cache %s: %s", cache_file, err)
         records, unreadable = read_records(spec, skip_bad)
         if not records:
-            raise DataError(f"dataset '{spec.name}': {spec.path} holds no records"
-                            + (f" ({len(unreadable)} unreadable lines skipped)" if unreadable else ""))
+            raise DataError(
+                f"dataset '{spec.name}': {spec.path} holds no records"
+                + (f" ({len(unreadable)} unreadable lines skipped)" if unreadable else "")
+            )
         if cfg.max_samples:
             records = records[: cfg.max_samples]
         pending.append(_Pending(i, spec, records, unreadable, placeholders, cache_file))
     if not pending:
         return results
 
-    encoded = _encode_pending(pending, str(tokenizer_path), options, skip_bad,
-                              max(1, int(cfg.preprocessing_num_workers or 1)))
+    encoded = _encode_pending(
+        pending, str(tokenizer_path), options, skip_bad, max(1, int(cfg.preprocessing_num_workers or 1))
+    )
     for job, part in zip(pending, encoded):
         skipped = [(bad.reason, bad.where) for bad in job.unreadable] + part.skipped
-        counts = {"records": len(job.records) + len(job.unreadable), "truncated": int(part.truncated),
-                  "dropped": len(part.dropped), "skipped": len(skipped),
-                  "skip_reasons": dict(Counter(reason for reason, _ in skipped)),
-                  "dropped_at": part.dropped[:EXAMPLES_SHOWN], "skipped_at": [w for _, w in skipped[:EXAMPLES_SHOWN]]}
+        counts = {
+            "records": len(job.records) + len(job.unreadable),
+            "truncated": int(part.truncated),
+            "dropped": len(part.dropped),
+            "skipped": len(skipped),
+            "skip_reasons": dict(Counter(reason for reason, _ in skipped)),
+            "dropped_at": part.dropped[:EXAMPLES_SHOWN],
+            "skipped_at": [w for _, w in skipped[:EXAMPLES_SHOWN]],
+        }
         if not len(part.kept):
-            raise DataError(f"dataset '{job.spec.name}': none of its {counts['records']} records is left to train on "
-                            f"({counts['dropped']} without a trainable reply within data.cutoff_len={cfg.cutoff_len}"
-                            f", {counts['skipped']} skipped as bad records)")
+            raise DataError(
+                f"dataset '{job.spec.name}': none of its {counts['records']} records is left to train on "
+                f"({counts['dropped']} without a trainable reply within data.cutoff_len={cfg.cutoff_len}"
+                f", {counts['skipped']} skipped as bad records)"
+            )
         offsets = np.concatenate([[0], np.cumsum(part.lengths)]).astype(np.int64)
         record_index = np.array([job.records[k][1] for k in part.kept], dtype=np.int64)
         source = np.stack([np.zeros_like(record_index), record_index], axis=1)
         dataset = EncodedDataset(part.tokens, part.labels, offsets, None, source, [job.spec.name])
         _save_cache(job.cache_file, dataset, counts)
-        results[job.position] = (dataset, counts)
+        results[job.position] = (dataset, {**counts, "files": hashes[job.position]})
     return results
 
 
-def _encode_pending(pending: list[_Pending], tokenizer_path: str, options: TemplateOptions, skip_bad: bool,
-                    workers: int) -> list[EncodedPart]:
+def _encode_pending(
+    pending: list[_Pending], tokenizer_path: str, options: TemplateOptions, skip_bad: bool, workers: int
+) -> list[EncodedPart]:
     total = sum(len(p.records) for p in pending)
     progress = _Progress(total, f"encoding {', '.join(p.spec.name for p in pending)}")
     if workers == 1 or total < 32 * workers:
@@ -196,8 +230,9 @@ def _encode_pending(pending: list[_Pending], tokenizer_path: str, options: Templ
         for p in pending:
             pieces = []
             for start in range(0, len(p.records), BATCH):
-                pieces.append((start, encode_records(encoder, p.spec, p.records[start:start + BATCH], p.placeholders,
-                                                     skip_bad)))
+                pieces.append(
+                    (start, encode_records(encoder, p.spec, p.records[start : start + BATCH], p.placeholders, skip_bad))
+                )
                 progress.advance(len(pieces[-1][1].lengths) + len(pieces[-1][1].dropped) + len(pieces[-1][1].skipped))
             parts.append(EncodedPart.join(pieces))
         progress.close()
@@ -208,7 +243,7 @@ def _encode_pending(pending: list[_Pending], tokenizer_path: str, options: Templ
     for n, p in enumerate(pending):
         for start in range(0, len(p.records), chunk):
             # forked workers read the records from the parent's memory: only (dataset, range) travels
-            share = (n, start, start + chunk) if fork else p.records[start:start + chunk]
+            share = (n, start, start + chunk) if fork else p.records[start : start + chunk]
             jobs.append(EncodeJob(tokenizer_path, options, p.spec, share, p.placeholders, skip_bad))
             owners.append((n, start))
     _SHARED_RECORDS[:] = [p.records for p in pending] if fork else []
@@ -253,32 +288,72 @@ class _Progress:
             self.bar.stop()
 
 
-def _file_fingerprint(spec: DatasetSpec) -> list:
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in spec.files()]
-
-
-def _cache_file(spec: DatasetSpec, cfg: DataConfig, tokenizer_path: Path, options: TemplateOptions,
-                placeholders: dict) -> Path:
-    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
-    key = json.dumps({
-        "version": TEMPLATE_VERSION, "files": _file_fingerprint(spec), "tokenizer": tokenizer_hash(tokenizer_path),
-        "spec": [spec.formatting, spec.columns, spec.tags], "options": asdict(options),
-        "placeholders": placeholders, "max_samples": cfg.max_samples, "on_bad_record": cfg.on_bad_record,
-    }, sort_keys=True, default=str)
+def _cache_file(
+    root: Path,
+    spec: DatasetSpec,
+    cfg: DataConfig,
+    tokenizer_path: Path,
+    options: TemplateOptions,
+    placeholders: dict,
+    hashes: dict[str, str],
+) -> Path:
+    key = json.dumps(
+        {
+            "version": TEMPLATE_VERSION,
+            "files": hashes,
+            "tokenizer": tokenizer_hash(tokenizer_path),
+            "spec": [spec.formatting, spec.columns, spec.tags],
+            "options": asdict(options),
+            "placeholders": placeholders,
+            "max_samples": cfg.max_samples,
+            "on_bad_record": cfg.on_bad_record,
+        },
+        sort_keys=True,
+        default=str,
+    )
     return root / "datasets" / f"{spec.name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
 
 
 def _save_cache(path: Path, ds: EncodedDataset, counts: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, tokens=ds.tokens, labels=ds.labels, offsets=ds.offsets, source=ds.source,
-             counts=np.frombuffer(json.dumps(counts).encode(), dtype=np.uint8))
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                tokens=ds.tokens,
+                labels=ds.labels,
+                offsets=ds.offsets,
+                source=ds.source,
+                counts=np.frombuffer(json.dumps(counts).encode(), dtype=np.uint8),
+            )
+
+    write_cache_file(path, write)
 
 
 def _load_cache(path: Path, name: str) -> tuple[EncodedDataset, dict]:
     with np.load(path) as f:
         counts = json.loads(f["counts"].tobytes().decode())
         ds = EncodedDataset(f["tokens"], f["labels"], f["offsets"], None, f["source"], [name])
+    if not isinstance(counts, dict) or not isinstance(counts.get("records"), int):
+        raise ValueError("its counts are not a record count")
     counts["cached"] = True
     return ds, counts
+
+
+def _check_cached(ds: EncodedDataset, counts: dict, vocab_size: int, cutoff_len: int) -> None:
+    """ValueError saying what is wrong with a loaded cache's arrays (a truncated or altered file)."""
+    tokens, labels, offsets, source = ds.tokens, ds.labels, ds.offsets, ds.source
+    if tokens.ndim != 1 or labels.shape != tokens.shape or tokens.dtype.kind != "i" or labels.dtype.kind != "i":
+        raise ValueError("its tokens and labels are not two integer arrays of one length")
+    n = len(offsets) - 1
+    if offsets.ndim != 1 or n < 1 or offsets[0] != 0 or offsets[-1] != len(tokens):
+        raise ValueError(f"its offsets do not span its {len(tokens)} tokens")
+    lengths = np.diff(offsets)
+    if lengths.min() < 1 or lengths.max() > cutoff_len:
+        raise ValueError(f"an example's length is outside 1..{cutoff_len} (data.cutoff_len)")
+    if source.shape != (n, 2):
+        raise ValueError(f"its source does not name each of its {n} examples")
+    if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"a token id is outside the tokenizer's vocabulary of {vocab_size}")
+    trained = labels != IGNORE_INDEX
+    if not np.array_equal(labels[trained], tokens[trained]):
+        raise ValueError("a label is neither ignored nor its token")

@@ -1,5 +1,9 @@
 """`dataset_info.json` (LLaMA-Factory's schema) and the files it names: json, jsonl, csv, parquet,
-or a folder of them. Every error names the dataset, the file and the line or record at fault."""
+or a folder of them. Every error names the dataset, the file and the line or record at fault.
+
+Text is UTF-8 (a leading byte-order mark is accepted); bytes that are not are named by line and byte offset.
+JSON nested too deeply to parse, and a key given twice in one object of dataset_info.json (JSON would keep the
+last, silently), are errors naming the file."""
 
 from __future__ import annotations
 
@@ -14,18 +18,46 @@ from telechat_lab.errors import BadRecord, DataError
 FORMATS = ("alpaca", "sharegpt", "telechat")
 COLUMN_KEYS = {"prompt", "query", "response", "history", "messages", "system", "tools"}
 TAG_KEYS = {"role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag"}
-ENTRY_KEYS = {"file_name", "formatting", "columns", "tags", "num_samples", "split", "ranking", "load_from",
-              "subset", "folder", "hf_hub_url", "ms_hub_url", "script_url"}
+ENTRY_KEYS = {
+    "file_name",
+    "formatting",
+    "columns",
+    "tags",
+    "num_samples",
+    "split",
+    "ranking",
+    "load_from",
+    "subset",
+    "folder",
+    "hf_hub_url",
+    "ms_hub_url",
+    "script_url",
+}
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+INFO_NAME = "dataset_info.json"
+TEXT_ENCODING = "utf-8-sig"  # UTF-8, with or without a byte-order mark
 
 DEFAULT_COLUMNS = {
-    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
-               "history": "history", "tools": "tools"},
+    "alpaca": {
+        "prompt": "instruction",
+        "query": "input",
+        "response": "output",
+        "system": "system",
+        "history": "history",
+        "tools": "tools",
+    },
     "sharegpt": {"messages": "conversations", "system": "system", "tools": "tools"},
     "telechat": {"messages": "dialog", "system": "system", "tools": "tools"},
 }
-DEFAULT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+DEFAULT_TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
 
 
 @dataclass(frozen=True)
@@ -45,12 +77,19 @@ class DatasetSpec:
 
     def files(self) -> list[Path]:
         if self.path.is_dir():
-            found = sorted(p for p in self.path.rglob("*") if p.suffix in FILE_SUFFIXES and p.is_file())
+            found = sorted(
+                p for p in self.path.rglob("*") if p.suffix in FILE_SUFFIXES and p.is_file() and p.name != INFO_NAME
+            )
             if not found:
                 raise DataError(f"dataset '{self.name}': folder {self.path} holds no {'/'.join(FILE_SUFFIXES)} file")
             return found
         if not self.path.exists():
             raise DataError(f"dataset '{self.name}': file {self.path} does not exist")
+        if not self.path.is_file():
+            raise DataError(
+                f"dataset '{self.name}': {self.path} is not a regular file (file_name names a data file "
+                "or a folder of them)"
+            )
         return [self.path]
 
 
@@ -58,13 +97,15 @@ def load_dataset_info(dataset_dir: str | Path, names: list[str] | None = None) -
     """Parse `dataset_dir/dataset_info.json` into specs, checking every entry, or only those of `names`
     (the other entries, e.g. LLaMA-Factory's hub or ranking datasets, are then left alone)."""
     dataset_dir = Path(dataset_dir)
-    info_path = dataset_dir / "dataset_info.json"
+    info_path = dataset_dir / INFO_NAME
     if not info_path.is_file():
-        raise DataError(f"{info_path} does not exist (data.dataset_dir must hold dataset_info.json)")
+        raise DataError(f"{info_path} does not exist (data.dataset_dir must hold {INFO_NAME})")
     try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
+        info = json.loads(read_text(info_path, str(info_path)), object_pairs_hook=_unique_keys(info_path))
     except json.JSONDecodeError as err:
         raise DataError(f"{info_path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+    except RecursionError as err:
+        raise DataError(f"{info_path}: JSON nested too deeply to read") from err
     if not isinstance(info, dict):
         raise DataError(f"{info_path}: expected an object of dataset entries")
     if names is not None:
@@ -87,6 +128,8 @@ def _spec(name: str, entry: Any, dataset_dir: Path, info_path: Path) -> DatasetS
             raise DataError(f"{where}: '{remote}' datasets are not supported; download it and use 'file_name'")
     if "file_name" not in entry:
         raise DataError(f"{where}: missing 'file_name'")
+    if not isinstance(entry["file_name"], str) or not entry["file_name"].strip():
+        raise DataError(f"{where}: file_name must name a data file or a folder of them, got {entry['file_name']!r}")
     formatting = entry.get("formatting", "alpaca")
     if formatting not in FORMATS:
         raise DataError(f"{where}: unknown formatting '{formatting}'; one of {list(FORMATS)}")
@@ -95,8 +138,9 @@ def _spec(name: str, entry: Any, dataset_dir: Path, info_path: Path) -> DatasetS
     columns = entry.get("columns", {}) or {}
     tags = entry.get("tags", {}) or {}
     if not isinstance(columns, dict) or set(columns) - COLUMN_KEYS:
-        raise DataError(f"{where}: unknown column key(s) {sorted(set(columns) - COLUMN_KEYS)}; "
-                        f"allowed: {sorted(COLUMN_KEYS)}")
+        raise DataError(
+            f"{where}: unknown column key(s) {sorted(set(columns) - COLUMN_KEYS)}; allowed: {sorted(COLUMN_KEYS)}"
+        )
     if not isinstance(tags, dict) or set(tags) - TAG_KEYS:
         raise DataError(f"{where}: unknown tag key(s) {sorted(set(tags) - TAG_KEYS)}; allowed: {sorted(TAG_KEYS)}")
     if tags and formatting != "sharegpt":
@@ -105,10 +149,18 @@ def _spec(name: str, entry: Any, dataset_dir: Path, info_path: Path) -> DatasetS
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples <= 0):
         raise DataError(f"{where}: num_samples must be a positive integer, got {num_samples!r}")
     if entry.get("split", "train") != "train":
-        raise DataError(f"{where}: split '{entry['split']}': a local file is one split (LLaMA-Factory's 'split' picks "
-                        "one of a hub dataset); give that split's file as file_name")
-    return DatasetSpec(name=name, path=(dataset_dir / entry["file_name"]).resolve(), formatting=formatting,
-                       columns=dict(columns), tags=dict(tags), num_samples=num_samples,)
+        raise DataError(
+            f"{where}: split '{entry['split']}': a local file is one split (LLaMA-Factory's 'split' picks "
+            "one of a hub dataset); give that split's file as file_name"
+        )
+    return DatasetSpec(
+        name=name,
+        path=(dataset_dir / entry["file_name"]).resolve(),
+        formatting=formatting,
+        columns=dict(columns),
+        tags=dict(tags),
+        num_samples=num_samples,
+    )
 
 
 def read_records(spec: DatasetSpec, skip_bad: bool = False) -> tuple[list[tuple[Path, int, dict]], list[BadRecord]]:
@@ -118,6 +170,7 @@ def read_records(spec: DatasetSpec, skip_bad: bool = False) -> tuple[list[tuple[
     records: list[tuple[Path, int, dict]] = []
     bad: list[BadRecord] = []
     for path in spec.files():
+        where = f"dataset '{spec.name}': {path}"
         try:
             for index, rec in _read_file(spec, path):
                 if isinstance(rec, BadRecord):
@@ -126,33 +179,79 @@ def read_records(spec: DatasetSpec, skip_bad: bool = False) -> tuple[list[tuple[
                     bad.append(rec)
                 else:
                     records.append((path, index, rec))
-        except UnicodeDecodeError as err:
-            raise DataError(f"dataset '{spec.name}': {path}: not UTF-8 text ({err})") from err
+        except UnicodeDecodeError:
+            raise _not_utf8(path, where) from None
+        except OSError as err:
+            raise DataError(f"{where}: cannot read it ({err.strerror or err})") from err
     return records, bad
+
+
+def read_text(path: Path, where: str) -> str:
+    """The text of `path` (UTF-8, a byte-order mark accepted); DataError naming where it is not UTF-8."""
+    try:
+        return path.read_text(encoding=TEXT_ENCODING)
+    except UnicodeDecodeError:
+        raise _not_utf8(path, where) from None
+    except OSError as err:
+        raise DataError(f"{where}: cannot read it ({err.strerror or err})") from err
+
+
+def _not_utf8(path: Path, where: str) -> DataError:
+    data = path.read_bytes()
+    try:
+        data.decode(TEXT_ENCODING)
+        start = 0
+    except UnicodeDecodeError as err:
+        start = err.start
+    line = data.count(b"\n", 0, start) + 1
+    byte = f" (0x{data[start]:02x})" if start < len(data) else ""
+    return DataError(
+        f"{where}: line {line}, byte offset {start}{byte} is not UTF-8 text: save the file as UTF-8 (from "
+        "Latin-1, e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
+def _unique_keys(info_path: Path):
+    def hook(pairs: list[tuple[str, Any]]) -> dict:
+        obj: dict = {}
+        for key, value in pairs:
+            if key in obj:
+                raise DataError(f"{info_path}: key '{key}' is given twice in one object; keep one of them")
+            obj[key] = value
+        return obj
+
+    return hook
 
 
 def _read_file(spec: DatasetSpec, path: Path):
     suffix = path.suffix
     where = f"dataset '{spec.name}': {path}"
     if suffix == ".jsonl" or (suffix == ".json" and _looks_like_jsonl(path)):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=TEXT_ENCODING) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
+                except RecursionError:
+                    yield lineno, BadRecord(f"{where} line {lineno}", "JSON nested too deeply")
+                    continue
                 except json.JSONDecodeError as err:
-                    yield lineno, BadRecord(f"{where} line {lineno}", "malformed JSON",
-                                            f" ({err.msg} at column {err.colno})")
+                    yield (
+                        lineno,
+                        BadRecord(f"{where} line {lineno}", "malformed JSON", f" ({err.msg} at column {err.colno})"),
+                    )
                     continue
                 if not isinstance(rec, dict):
                     rec = BadRecord(f"{where} line {lineno}", "not a JSON object", f" (a {type(rec).__name__})")
                 yield lineno, rec
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path, where))
         except json.JSONDecodeError as err:
             raise DataError(f"{where}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+        except RecursionError as err:
+            raise DataError(f"{where}: JSON nested too deeply to read") from err
         if isinstance(data, dict):
             data = [data]
         if not isinstance(data, list):
@@ -162,17 +261,23 @@ def _read_file(spec: DatasetSpec, path: Path):
                 rec = BadRecord(f"{where} record {index}", "not an object", f" (a {type(rec).__name__})")
             yield index, rec
     elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding=TEXT_ENCODING, newline="") as f:
             reader = csv.DictReader(f)
             lineno = 2  # the line a record starts on (a quoted field may span several lines)
             for rec in reader:
                 if None in rec:  # DictReader puts the fields beyond the header under the key None
-                    rec = BadRecord(f"{where} line {lineno}", "more fields than the header",
-                                    f" ({len(reader.fieldnames) + len(rec[None])} for {len(reader.fieldnames)})")
+                    rec = BadRecord(
+                        f"{where} line {lineno}",
+                        "more fields than the header",
+                        f" ({len(reader.fieldnames) + len(rec[None])} for {len(reader.fieldnames)})",
+                    )
                 elif None in rec.values():  # ... and None for the fields the row lacks
                     have = sum(v is not None for v in rec.values())
-                    rec = BadRecord(f"{where} line {lineno}", "fewer fields than the header",
-                                    f" ({have} for {len(reader.fieldnames)})")
+                    rec = BadRecord(
+                        f"{where} line {lineno}",
+                        "fewer fields than the header",
+                        f" ({have} for {len(reader.fieldnames)})",
+                    )
                 yield lineno, rec
                 lineno = reader.line_num + 1
     elif suffix == ".parquet":
@@ -198,13 +303,15 @@ def index_unit(path: Path) -> str:
 
 def _looks_like_jsonl(path: Path) -> bool:
     """A .json file whose first non-blank character is '{' and that holds several lines of objects."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=TEXT_ENCODING) as f:
         head = f.read(1 << 16).lstrip()
     if not head.startswith("{"):
         return False
     first = head.split("\n", 1)[0].strip()
     try:
         json.loads(first)
+        return True
+    except RecursionError:  # one object on the line, however deep: a line of JSON lines (and a bad record)
         return True
     except json.JSONDecodeError:
         return False

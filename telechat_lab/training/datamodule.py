@@ -1,4 +1,6 @@
-"""The LightningDataModule: the data pipeline's datasets as seeded, resumable DataLoaders."""
+"""The LightningDataModule: the data pipeline's datasets as seeded, resumable DataLoaders. Its state (in every
+checkpoint) holds the data's fingerprint: a resume on data that changed since is refused, naming what changed,
+unless data.allow_changed_on_resume=true (then a warning says so)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from torch.utils.data import DataLoader, Sampler
 
 from telechat_lab.config import DataConfig
 from telechat_lab.data import build_datasets, format_report
+from telechat_lab.data.fingerprint import fingerprint_changes
 from telechat_lab.data.packing import Collator, PackedDataset
+from telechat_lab.errors import DataError
 from telechat_lab.tokenizer import IGNORE_INDEX as IGNORE
 
 log = logging.getLogger(__name__)
@@ -147,14 +151,36 @@ class TelechatDataModule(L.LightningDataModule):
             return {}
         # saved from on_train_batch_end: the current batch is processed, not yet "completed"
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch_batches_done": progress.processed, "epoch": self.trainer.current_epoch}
+        return {
+            "epoch_batches_done": progress.processed,
+            "epoch": self.trainer.current_epoch,
+            "data_fingerprint": self.report.get("fingerprint"),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restored before training resumes (the loader may already exist): the interrupted epoch
         continues after the batches it had consumed; a checkpoint from an epoch's end starts the
-        next epoch from its beginning."""
+        next epoch from its beginning. The data must be those the checkpoint was trained on."""
+        self._check_same_data(state.get("data_fingerprint"))
         self.resume = (int(state.get("epoch", 0)), int(state.get("epoch_batches_done", 0)))
         self._apply_resume()
+
+    def _check_same_data(self, recorded: dict | None) -> None:
+        changes = fingerprint_changes(recorded, self.report["fingerprint"]) if recorded else []
+        if not changes:  # the same data (or a checkpoint from before fingerprints were recorded)
+            return
+        what = "; ".join(changes)
+        checkpoint = getattr(self.trainer, "ckpt_path", None) if self.trainer is not None else None
+        if self.cfg.allow_changed_on_resume:
+            log.warning(
+                "data.allow_changed_on_resume=true: resuming on data that changed since the checkpoint: %s", what
+            )
+            return
+        raise DataError(
+            f"resume=true: the data changed since the checkpoint{f' {checkpoint}' if checkpoint else ''}: {what}. "
+            "Resuming would train on another training set and validate on another split: restore the data, or "
+            "start a new run (another output_dir), or continue anyway with data.allow_changed_on_resume=true"
+        )
 
     def _apply_resume(self) -> None:
         if self.sampler is not None and self.resume is not None:
