@@ -4,11 +4,11 @@ tokenised, cached, mixed and split datasets -> padded or packed batches."""
 from telechat_lab.config import DataConfig
 from telechat_lab.errors import DataError
 
-from .formats import Conversation, to_conversation
 from .dataset import EncodedDataset
+from .encoder import ChatEncoder
+from .formats import Conversation, to_conversation
 from .pipeline import build_datasets, format_report
 from .registry import DatasetSpec, load_dataset_info
-from .encoder import ChatEncoder
 
 __all__ = [
     "ChatEncoder",

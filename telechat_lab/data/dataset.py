@@ -13,8 +13,15 @@ class EncodedDataset:
     """Encoded examples stored flat: example i is tokens[offsets[i]:offsets[i+1]]; `index` selects
     (and may repeat) examples; `source` gives each example's (dataset, record) for inspection."""
 
-    def __init__(self, tokens: np.ndarray, labels: np.ndarray, offsets: np.ndarray, index: np.ndarray | None = None,
-                 source: np.ndarray | None = None, names: Sequence[str] = ()):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        labels: np.ndarray,
+        offsets: np.ndarray,
+        index: np.ndarray | None = None,
+        source: np.ndarray | None = None,
+        names: Sequence[str] = (),
+    ):
         self.tokens, self.labels, self.offsets = tokens, labels, offsets
         self.index = np.arange(len(offsets) - 1) if index is None else index
         self.source = source if source is not None else np.zeros((len(offsets) - 1, 2), dtype=np.int64)
@@ -64,5 +71,11 @@ class EncodedDataset:
             source.append(src)
             names += part.names
             base += len(part.offsets) - 1
-        return EncodedDataset(np.concatenate(tokens), np.concatenate(labels), np.concatenate(offsets),
-                              np.concatenate(index), np.concatenate(source), names)
+        return EncodedDataset(
+            np.concatenate(tokens),
+            np.concatenate(labels),
+            np.concatenate(offsets),
+            np.concatenate(index),
+            np.concatenate(source),
+            names,
+        )

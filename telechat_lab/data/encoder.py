@@ -60,8 +60,7 @@ class ChatEncoder:
     file or a directory holding one). `encode_batch` hands every distinct text segment of a batch
     to SentencePiece in one call (on `num_threads` threads) and assembles the examples from them."""
 
-    def __init__(self, tokenizer_path: str | Path, options: TemplateOptions = TemplateOptions(),
-                 num_threads: int = 1):
+    def __init__(self, tokenizer_path: str | Path, options: TemplateOptions = TemplateOptions(), num_threads: int = 1):
         import sentencepiece as spm
 
         model_file = find_model_file(tokenizer_path)
@@ -110,8 +109,9 @@ class ChatEncoder:
 
         def plan(text: str) -> list[int]:
             # a text as its segments: a tool tag by its id (>= 0), a text segment by ~slot (< 0)
-            return [part if isinstance(part, int) else ~slots.setdefault(part, len(slots))
-                    for part in split_tool_tags(text)]
+            return [
+                part if isinstance(part, int) else ~slots.setdefault(part, len(slots)) for part in split_tool_tags(text)
+            ]
 
         plans = []
         for conv in convs:

@@ -95,8 +95,12 @@ def _messages(spec: DatasetSpec, record: dict, where: str) -> list:
 def _sharegpt(spec: DatasetSpec, record: dict, where: str) -> Conversation:
     messages = _messages(spec, record, where)
     role_tag, content_tag = spec.tag("role_tag"), spec.tag("content_tag")
-    roles = {spec.tag("user_tag"): (USER, TEXT), spec.tag("observation_tag"): (USER, RESULT),
-             spec.tag("assistant_tag"): (ASSISTANT, TEXT), spec.tag("function_tag"): (ASSISTANT, CALL)}
+    roles = {
+        spec.tag("user_tag"): (USER, TEXT),
+        spec.tag("observation_tag"): (USER, RESULT),
+        spec.tag("assistant_tag"): (ASSISTANT, TEXT),
+        spec.tag("function_tag"): (ASSISTANT, CALL),
+    }
     system = _optional_text(record.get(spec.column("system")), where, spec.column("system"))
     parsed: list[tuple[str, str, str, int]] = []
     for i, msg in enumerate(messages):
@@ -113,16 +117,20 @@ def _sharegpt(spec: DatasetSpec, record: dict, where: str) -> Conversation:
             system = content  # a leading system message overrides the system column
             continue
         if role not in roles:
-            raise BadRecord(spot, f"unknown role '{role}'", f"; expected one of {sorted(roles) + [spec.tag('system_tag')]}"
-                            " (set the tags in dataset_info.json)")
+            raise BadRecord(
+                spot,
+                f"unknown role '{role}'",
+                f"; expected one of {sorted(roles) + [spec.tag('system_tag')]} (set the tags in dataset_info.json)",
+            )
         side, kind = roles[role]
         if kind == CALL:
             content = _tool_calls_text(content)
         elif kind == RESULT:
             content = format_tool_response(content)
         parsed.append((side, kind, content, i))
-    return Conversation(system=system, turns=_pair_turns(parsed, where),
-                        tools=tools_of(record.get(spec.column("tools")), where))
+    return Conversation(
+        system=system, turns=_pair_turns(parsed, where), tools=tools_of(record.get(spec.column("tools")), where)
+    )
 
 
 def _tool_calls_text(content: str) -> str:
@@ -153,8 +161,9 @@ def _telechat(spec: DatasetSpec, record: dict, where: str) -> Conversation:
             raise BadRecord(spot, "content is null")
         parsed.append((roles[msg["role"]], TEXT, _optional_text(msg["content"], spot, "content"), i))
     system = _optional_text(record.get(spec.column("system")), where, spec.column("system"))
-    return Conversation(system=system, turns=_pair_turns(parsed, where),
-                        tools=tools_of(record.get(spec.column("tools")), where))
+    return Conversation(
+        system=system, turns=_pair_turns(parsed, where), tools=tools_of(record.get(spec.column("tools")), where)
+    )
 
 
 def _pair_turns(messages: list[tuple[str, str, str, int]], where: str) -> list[tuple[str, str]]:
@@ -165,8 +174,9 @@ def _pair_turns(messages: list[tuple[str, str, str, int]], where: str) -> list[t
     for side, kind, content, index in messages:
         if merged and merged[-1][0] == side:
             if (side, merged[-1][1], kind) not in JOINABLE:
-                raise BadRecord(f"{where}: message {index}", "turns do not alternate",
-                                f" (two {side} messages in a row)")
+                raise BadRecord(
+                    f"{where}: message {index}", "turns do not alternate", f" (two {side} messages in a row)"
+                )
             merged[-1][1], merged[-1][2] = kind, merged[-1][2] + "\n" + content
         else:
             merged.append([side, kind, content])

@@ -72,8 +72,14 @@ def join_examples(examples: Sequence[dict]) -> dict[str, np.ndarray]:
         "input_ids": np.concatenate([np.asarray(ex["input_ids"], dtype=np.int64) for ex in examples]),
         "labels": np.concatenate(labels),
         # a packed row (padding_free over packed rows) keeps its own restarting positions
-        "position_ids": np.concatenate([np.asarray(ex["position_ids"], dtype=np.int64) if "position_ids" in ex
-                                        else np.arange(len(ex["input_ids"])) for ex in examples]),
+        "position_ids": np.concatenate(
+            [
+                np.asarray(ex["position_ids"], dtype=np.int64)
+                if "position_ids" in ex
+                else np.arange(len(ex["input_ids"]))
+                for ex in examples
+            ]
+        ),
     }
 
 
