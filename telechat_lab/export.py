@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from telechat_lab.errors import ConfigError, OutputDirError
+from telechat_lab.errors import CheckpointError, ConfigError, OutputDirError
 from telechat_lab.model import DTYPES
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
@@ -160,7 +160,10 @@ def merge_and_export(settings) -> Path:
     """merge.py: check the base, the adapters and the export directory before loading anything, merge, export."""
     from telechat_lab.resolve import base_and_adapters
 
-    base, adapters = base_and_adapters(settings.model.path, settings.adapter_path)
+    try:
+        base, adapters = base_and_adapters(settings.model.path, settings.adapter_path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}: refusing to merge (nothing was written)") from None
     check_export_dir(settings.export_dir, base, adapters)
     model = merge_adapters(base, adapters, device=settings.export_device)
     out = export(
@@ -172,7 +175,7 @@ def merge_and_export(settings) -> Path:
         legacy_format=settings.export_legacy_format,
     )
     print(
-        f"merged {len(adapters)} adapter(s) into {base}\nexported to {out}\n"
+        f"wrote {out}: {base} with {len(adapters)} adapter{'s' if len(adapters) != 1 else ''} merged\n"
         f"serve it: vllm serve {out} --trust-remote-code"
     )
     return out

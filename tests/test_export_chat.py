@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_script
+from helpers import make_adapter, run_script
 from safetensors.torch import load_file
 
 from telechat_lab.chat.session import ChatSession, batch, interactive, read_prompts
@@ -23,25 +23,6 @@ from telechat_lab.tokenizer import load_tokenizer, save_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 NO_TELECHAT_LAB = "import sys; sys.modules['telechat_lab'] = None\n"  # any import of it now fails
-
-
-def make_adapter(base_dir: Path, out: Path, use_dora=False, seed=0) -> Path:
-    """A LoRA (or DoRA) adapter with non-zero weights, saved naming its base by absolute path."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = Telechat2ForCausalLM.from_pretrained(base_dir)
-    config = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["query", "key_value", "dense", "gate_proj", "up_proj", "down_proj"],
-        init_lora_weights=False,
-        use_dora=use_dora,
-    )
-    peft_model = get_peft_model(model, config)
-    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
-    peft_model.save_pretrained(out)
-    return out
 
 
 def merge(adapters: list[Path], model_path=None):
@@ -86,7 +67,12 @@ def exported(tiny_dir, tmp_path_factory):
         "merge.py", [f"adapter_path=[{lora},{dora}]", f"export_dir={out}", "dtype=float32", "export_size=0.001"], work
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"dir": out, "adapters": [lora, dora], "base": tiny_dir, "work": work}
+    return {"dir": out, "adapters": [lora, dora], "base": tiny_dir, "work": work, "stdout": proc.stdout}
+
+
+def test_merge_says_what_it_wrote_where(exported):
+    """The base is named as what was read, the export directory as what was written."""
+    assert f"wrote {exported['dir']}: {exported['base']} with 2 adapters merged\n" in exported["stdout"]
 
 
 def test_export_layout_for_transformers_and_vllm(exported):
