@@ -21,6 +21,17 @@ AUTO_MAP = {
 }
 
 
+def add_remote_code(directory: Path, **config) -> None:
+    """The remote-code files beside `directory`'s config.json and its `auto_map` to them (with `config`'s
+    entries): transformers (`trust_remote_code=True`) and PEFT load the directory without this package."""
+    path = directory / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(auto_map=dict(AUTO_MAP), **config)
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for name in REMOTE_CODE:
+        shutil.copy(MODEL_DIR / name, directory / name)
+
+
 def check_export_dir(export_dir: str | Path, base: Path, adapters: list[Path]) -> Path:
     """The export directory, refused (OutputDirError, nothing written) when it is, contains or lies inside the
     base or an adapter directory: merged weights would replace what they were made from."""
@@ -130,19 +141,15 @@ def export(
                 model.save_pretrained(out, max_shard_size=max_shard)
         # config.json: explicit num_key_value_heads (vLLM reads it), model_type telechat, the dtype saved, and
         # flash_attn, which the release's own modeling files read on every forward (SPEC section 7)
-        cfg = json.loads((out / "config.json").read_text())
-        cfg.update(
+        add_remote_code(
+            out,
             architectures=["TeleChat2ForCausalLM"],
             model_type="telechat",
-            auto_map=dict(AUTO_MAP),
             num_key_value_heads=config.num_key_value_heads,
             torch_dtype=dtype,
             dtype=dtype,
             flash_attn=bool(getattr(config, "flash_attn", False)),
         )
-        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        for name in REMOTE_CODE:
-            shutil.copy(MODEL_DIR / name, out / name)
         save_tokenizer(load_tokenizer(tokenizer_dir), out)
         generation = {
             "bos_token_id": BOS_ID,

@@ -78,6 +78,7 @@ def test_an_adapter_of_another_base_is_refused(adapter, tmp_path):
     assert str(other) in message
 
 
+@pytest.mark.slow
 def test_merge_cli_refuses_a_nan_adapter_with_one_message(adapter, tmp_path):
     bad, out = corrupted(adapter, tmp_path, lambda tensors: tensors[QUERY_A].fill_(float("nan")))
     proc = run_script("merge.py", [f"adapter_path={bad}", f"export_dir={out}"], tmp_path)
