@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from helpers import make_adapter, run_script
 from safetensors.torch import load_file, save_file
 
@@ -132,3 +133,29 @@ def test_a_tensor_missing_from_the_base_is_named(base_copy, adapter, tmp_path):
     save_file(tensors, base_copy / "model.safetensors", metadata={"format": "pt"})
     message = refused(tmp_path, f"model.path={base_copy}", f"adapter_path={adapter}", f"export_dir={tmp_path / 'out'}")
     assert message.startswith(f"{base_copy / 'model.safetensors'}: transformer.ln_f.weight is missing"), message
+
+
+def test_an_adapter_with_tensors_its_config_does_not_make_is_refused(adapter, tmp_path):
+    extra = QUERY_A.replace(".h.0.", ".h.7.")  # a deeper model's layer
+
+    def add_layer(tensors):
+        tensors[extra] = tensors[QUERY_A].clone()
+
+    bad, out = corrupted(adapter, tmp_path, add_layer)
+    message = refused(tmp_path, f"adapter_path={bad}", f"export_dir={out}")
+    assert message.startswith(f"{bad / WEIGHTS}: {extra} is not a tensor of adapter_config.json"), message
+
+
+def test_a_base_weight_saved_beside_the_adapter_is_accepted(adapter, tiny_dir, tmp_path):
+    """PEFT saves an embedding beside the adapter (save_embedding_layers, after a vocabulary resize) and loads it
+    into the base: not a mismatch."""
+    embedding = "base_model.model.transformer.word_embeddings.weight"
+    saved = load_file(tiny_dir / "model.safetensors")["transformer.word_embeddings.weight"] + 1.0
+
+    def add_embedding(tensors):
+        tensors[embedding] = saved
+
+    bad, out = corrupted(adapter, tmp_path, add_embedding)
+    merge([f"adapter_path={bad}", f"export_dir={out}", "dtype=float32"])
+    exported = load_file(out / "model.safetensors")["transformer.word_embeddings.weight"]
+    assert torch.equal(exported, saved)

@@ -51,9 +51,9 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         return {key: _shape(f.get_slice(key).get_shape()) for key in f.keys()}
 
 
-def _compare(found: dict, expected: dict, file_of, source: str, optional=()) -> None:
+def _compare(found: dict, expected: dict, file_of, source: str, optional=(), extra_ok=frozenset()) -> None:
     """`found` (name -> shape, `file_of(name)` the file holding it) against `expected`: the first missing,
-    misshapen or unexpected tensor named with its file."""
+    misshapen or unexpected (not in `extra_ok`) tensor named with its file."""
     for key, shape in expected.items():
         if key not in found and key not in optional:
             raise CheckpointError(f"{file_of(key)}: {key} is missing ({source} asks for it): incomplete or mismatched")
@@ -62,7 +62,7 @@ def _compare(found: dict, expected: dict, file_of, source: str, optional=()) -> 
                 f"{file_of(key)}: {key} has shape {list(found[key])} where {source} gives {list(shape)}: "
                 "the weights do not match it (made for another model?)"
             )
-    extra = [key for key in found if key not in expected]
+    extra = [key for key in found if key not in expected and key not in extra_ok]
     if extra:
         raise CheckpointError(
             f"{file_of(extra[0])}: {extra[0]} is not a tensor of {source}: the weights do not match it "
@@ -118,13 +118,16 @@ def check_adapter_weights(adapter: str | Path, base: str | Path) -> None:
         raise CheckpointError(f"{adapter / 'adapter_config.json'} is not a LoRA config PEFT reads ({err})") from err
     with warnings.catch_warnings():  # PEFT's and transformers' deprecation notes about the meta model
         warnings.simplefilter("ignore")
+        model = _meta_model(base)
+        # a base weight saved beside the adapter (PEFT's save_embedding_layers, e.g. after a vocabulary resize)
+        base_weights = frozenset("base_model.model." + key for key in model.state_dict())
         try:
-            peft_model = get_peft_model(_meta_model(base), config, low_cpu_mem_usage=True)
+            peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
         except ValueError as err:  # e.g. target modules that the base does not have
             raise CheckpointError(f"{adapter / 'adapter_config.json'} does not fit the base {base} ({err})") from err
         expected = {key: _shape(t.shape) for key, t in get_peft_model_state_dict(peft_model).items()}
     source = f"adapter_config.json (r={config.r}, target_modules) on the base {base}"
-    _compare(found, expected, lambda key: weights, source)
+    _compare(found, expected, lambda key: weights, source, extra_ok=base_weights)
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
             tensor = f.get_tensor(key)
