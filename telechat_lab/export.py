@@ -101,8 +101,12 @@ def _save_bin(state_dict: dict, out: Path, max_shard: str) -> None:
 
 
 def is_export(directory: Path) -> bool:
-    """Whether `directory` holds an earlier export of this project (which a new export may replace)."""
-    return (directory / "config.json").is_file() and all((directory / name).is_file() for name in REMOTE_CODE)
+    """Whether `directory` holds an earlier export of this project (which a new export may replace); a tiny
+    checkpoint carries the same files but is not one."""
+    from telechat_lab.tiny import MARKER
+
+    files = ("config.json", *REMOTE_CODE)
+    return all((directory / name).is_file() for name in files) and not (directory / MARKER).exists()
 
 
 def export(

@@ -159,3 +159,15 @@ def test_a_base_weight_saved_beside_the_adapter_is_accepted(adapter, tiny_dir, t
     merge([f"adapter_path={bad}", f"export_dir={out}", "dtype=float32"])
     exported = load_file(out / "model.safetensors")["transformer.word_embeddings.weight"]
     assert torch.equal(exported, saved)
+
+
+def test_an_export_does_not_replace_a_tiny_checkpoint(tiny_dir, adapter, tmp_path):
+    """A tiny checkpoint carries the remote code an export does, but it is not an earlier export."""
+    from telechat_lab.errors import OutputDirError
+    from telechat_lab.tiny import write_tiny_checkpoint
+
+    other = write_tiny_checkpoint(tmp_path / "other_tiny", hidden_size=64, training_seqlen=256)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    with pytest.raises(OutputDirError, match="holds no earlier export"):
+        merge([f"adapter_path={adapter}", f"export_dir={other}"])
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
