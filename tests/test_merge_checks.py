@@ -125,6 +125,7 @@ def test_a_shard_missing_from_the_base_is_named(base_copy, adapter, tmp_path):
     (base_copy / "model.safetensors.index.json").write_text(json.dumps(index))
     message = refused(tmp_path, f"model.path={base_copy}", f"adapter_path={adapter}", f"export_dir={tmp_path / 'out'}")
     assert message.startswith(f"{base_copy / 'model-00002-of-00002.safetensors'} is missing"), message
+    assert f"for {len(names) - 5} tensor(s), {names[5]} first" in message
 
 
 def test_a_tensor_missing_from_the_base_is_named(base_copy, adapter, tmp_path):

@@ -84,8 +84,10 @@ def check_checkpoint(directory: str | Path) -> None:
         files = sorted(set(weight_map.values()))
         for shard in files:
             if not (directory / shard).is_file():
-                key = next(k for k, v in weight_map.items() if v == shard)
-                raise CheckpointError(f"{directory / shard} is missing ({index} names it for {key} and others)")
+                keys = [k for k, v in weight_map.items() if v == shard]
+                raise CheckpointError(
+                    f"{directory / shard} is missing ({index} names it for {len(keys)} tensor(s), {keys[0]} first)"
+                )
     else:
         files = [p.name for p in sorted(directory.glob("*.safetensors"))]
     if not files or config.get("quantization_config"):
