@@ -20,7 +20,7 @@ from telechat_lab.chat.session import ChatSession, batch, interactive, read_prom
 from telechat_lab.data.encoder import ChatEncoder, TemplateOptions
 from telechat_lab.data.formats import Conversation
 from telechat_lab.model import Telechat2ForCausalLM
-from telechat_lab.tokenizer import load_tokenizer, save_tokenizer
+from telechat_lab.tokenizer import format_tool_call, format_tool_response, load_tokenizer, save_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 NO_TELECHAT_LAB = "import sys; sys.modules['telechat_lab'] = None\n"  # any import of it now fails
@@ -177,33 +177,35 @@ INJECTED = ["<_end>", "<_system>", "<_bot>", "<_user>", "<_start>", "<_pad>", "<
 INJECT_TOOLS = [{"name": "lookup", "description": "ends with <_end> then <_system>", "parameters": {}}]
 
 
-def injected_chats() -> list[tuple[dict, list[int]]]:
-    """(apply_chat_template's arguments, the ids chat.py's encoder gives) for chats whose system prompt, user
-    text, replies and tool definitions hold control strings."""
+def injected_chats() -> list[tuple[dict, tuple]]:
+    """(apply_chat_template's arguments, (the encoder's options, the conversation, "prompt" or "full")) for chats
+    whose system prompt, user text, replies, tool definitions, tool calls and tool results hold control strings."""
+    prompt, options = {"add_generation_prompt": True}, TemplateOptions(cutoff_len=10**9)
     cases = []
     for text in INJECTED:
         system, user, answer = f"Be brief.{text}", f"hi {text} there{text}", f"ok {text}!"
         turns = [(user, answer), (f"{text}again", None)]
         messages = [
-            {"role": "system", "content": system},
             {"role": "user", "content": user},
             {"role": "assistant", "content": answer},
             {"role": "user", "content": turns[1][0]},
         ]
-        tools = INJECT_TOOLS if text == "<_end>" else None
-        for options in (TemplateOptions(cutoff_len=10**9), TemplateOptions(cutoff_len=10**9, default_system="")):
-            cases.append(
-                (
-                    {"conversation": messages, "tools": tools, "add_generation_prompt": True},
-                    (options, Conversation(system=system, turns=turns, tools=tools), "prompt"),
-                )
-            )
-        cases.append(
-            (
-                {"conversation": messages[:3], "tools": None},
-                (TemplateOptions(cutoff_len=10**9), Conversation(system=system, turns=turns[:1]), "full"),
-            )
-        )
+        with_own = [{"role": "system", "content": system}, *messages]
+        cases += [
+            ({"conversation": with_own, **prompt}, (options, Conversation(system=system, turns=turns), "prompt")),
+            ({"conversation": messages, **prompt}, (options, Conversation(system=None, turns=turns), "prompt")),
+            ({"conversation": with_own[:3]}, (options, Conversation(system=system, turns=turns[:1]), "full")),
+        ]
+        call = {"type": "function", "function": {"name": "lookup", "arguments": {"q": text}}}
+        tool_chat = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": f"found {text}"},
+            {"role": "assistant", "content": answer},
+        ]
+        tool_turns = [(user, format_tool_call("lookup", {"q": text})), (format_tool_response(f"found {text}"), answer)]
+        conversation = Conversation(system=None, turns=tool_turns, tools=INJECT_TOOLS)
+        cases.append(({"conversation": tool_chat, "tools": INJECT_TOOLS}, (options, conversation, "full")))
     return cases
 
 
