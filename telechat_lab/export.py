@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from telechat_lab.errors import ConfigError, OutputDirError
+from telechat_lab.errors import CheckpointError, ConfigError, OutputDirError
 from telechat_lab.model import DTYPES
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
@@ -19,6 +19,17 @@ AUTO_MAP = {
     "AutoModel": "modeling_telechat2.Telechat2Model",
     "AutoModelForCausalLM": "modeling_telechat2.Telechat2ForCausalLM",
 }
+
+
+def add_remote_code(directory: Path, **config) -> None:
+    """The remote-code files beside `directory`'s config.json and its `auto_map` to them (with `config`'s
+    entries): transformers (`trust_remote_code=True`) and PEFT load the directory without this package."""
+    path = directory / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(auto_map=dict(AUTO_MAP), **config)
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for name in REMOTE_CODE:
+        shutil.copy(MODEL_DIR / name, directory / name)
 
 
 def check_export_dir(export_dir: str | Path, base: Path, adapters: list[Path]) -> Path:
@@ -90,8 +101,12 @@ def _save_bin(state_dict: dict, out: Path, max_shard: str) -> None:
 
 
 def is_export(directory: Path) -> bool:
-    """Whether `directory` holds an earlier export of this project (which a new export may replace)."""
-    return (directory / "config.json").is_file() and all((directory / name).is_file() for name in REMOTE_CODE)
+    """Whether `directory` holds an earlier export of this project (which a new export may replace); a tiny
+    checkpoint carries the same files but is not one."""
+    from telechat_lab.tiny import MARKER
+
+    files = ("config.json", *REMOTE_CODE)
+    return all((directory / name).is_file() for name in files) and not (directory / MARKER).exists()
 
 
 def export(
@@ -130,19 +145,15 @@ def export(
                 model.save_pretrained(out, max_shard_size=max_shard)
         # config.json: explicit num_key_value_heads (vLLM reads it), model_type telechat, the dtype saved, and
         # flash_attn, which the release's own modeling files read on every forward (SPEC section 7)
-        cfg = json.loads((out / "config.json").read_text())
-        cfg.update(
+        add_remote_code(
+            out,
             architectures=["TeleChat2ForCausalLM"],
             model_type="telechat",
-            auto_map=dict(AUTO_MAP),
             num_key_value_heads=config.num_key_value_heads,
             torch_dtype=dtype,
             dtype=dtype,
             flash_attn=bool(getattr(config, "flash_attn", False)),
         )
-        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        for name in REMOTE_CODE:
-            shutil.copy(MODEL_DIR / name, out / name)
         save_tokenizer(load_tokenizer(tokenizer_dir), out)
         generation = {
             "bos_token_id": BOS_ID,
@@ -160,7 +171,10 @@ def merge_and_export(settings) -> Path:
     """merge.py: check the base, the adapters and the export directory before loading anything, merge, export."""
     from telechat_lab.resolve import base_and_adapters
 
-    base, adapters = base_and_adapters(settings.model.path, settings.adapter_path)
+    try:
+        base, adapters = base_and_adapters(settings.model.path, settings.adapter_path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}: refusing to merge (nothing was written)") from None
     check_export_dir(settings.export_dir, base, adapters)
     model = merge_adapters(base, adapters, device=settings.export_device)
     out = export(
@@ -172,7 +186,7 @@ def merge_and_export(settings) -> Path:
         legacy_format=settings.export_legacy_format,
     )
     print(
-        f"merged {len(adapters)} adapter(s) into {base}\nexported to {out}\n"
+        f"wrote {out}: {base} with {len(adapters)} adapter{'s' if len(adapters) != 1 else ''} merged\n"
         f"serve it: vllm serve {out} --trust-remote-code"
     )
     return out

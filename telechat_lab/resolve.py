@@ -75,13 +75,19 @@ def check_adapter(directory: Path) -> dict:
 def base_and_adapters(model_path: str | None, adapter_path) -> tuple[Path, list[Path]]:
     """The base checkpoint (model.path, else the first adapter's base_model_name_or_path) and the adapters, every
     file they need checked before anything is loaded."""
+    from telechat_lab.model.checks import check_adapter_weights, check_checkpoint
+
     adapters = adapter_dirs(adapter_path)
     configs = [check_adapter(a) for a in adapters]
     if model_path:
-        return model_dir(model_path), adapters
-    if not adapters:
+        base = model_dir(model_path)
+    elif not adapters:
         raise CheckpointError("model.path is not set and there is no adapter_path to take the base from")
-    base = configs[0].get("base_model_name_or_path")
-    if not base:
+    elif not configs[0].get("base_model_name_or_path"):
         raise CheckpointError(f"{adapters[0] / 'adapter_config.json'} names no base_model_name_or_path: set model.path")
-    return model_dir(base), adapters
+    else:
+        base = model_dir(configs[0]["base_model_name_or_path"])
+    check_checkpoint(base)  # its tensors against its config.json
+    for adapter in adapters:  # its tensors against its config and this base: names, ranks, shapes, finite
+        check_adapter_weights(adapter, base)
+    return base, adapters

@@ -1,7 +1,9 @@
 """Write a tiny random-initialised TeleChat2 checkpoint directory (config, safetensors, tokenizer).
 
 It is laid out like a released checkpoint, so everything that reads a real TeleChat2 directory reads
-it too: the out-of-the-box demo trains it on CPU, and tests build it on the fly.
+it too: the out-of-the-box demo trains it on CPU, and tests build it on the fly. Like a release (and an
+export) it carries its remote-code files and `auto_map`, so the demo's adapter, whose base it is, loads with
+plain transformers + PEFT (`trust_remote_code=True`).
 
     python -m telechat_lab.tiny OUT_DIR [--tokenizer PATH/tokenizer.model] [--hidden-size 128] ...
 
@@ -21,6 +23,7 @@ import torch
 from telechat_lab import cache_root
 from telechat_lab.console import without_transformers_bars
 from telechat_lab.errors import OutputDirError
+from telechat_lab.export import add_remote_code
 from telechat_lab.files import staged_files
 from telechat_lab.model import Telechat2Config, Telechat2ForCausalLM
 from telechat_lab.tokenizer import TINY_TOKENIZER_PATH, load_tokenizer, save_tokenizer, tokenizer_hash
@@ -60,6 +63,7 @@ def write_tiny_checkpoint(
             str(dtype),
             "init=0.1",
             "tool-tags",
+            "remote-code",
         )
     )  # bump: rewrite old dirs
     marker = out / MARKER
@@ -91,6 +95,7 @@ def write_tiny_checkpoint(
     with staged_files(out) as staging:  # each file moved into place whole: a reader never sees half of one
         with without_transformers_bars():  # a tiny model is written at once
             model.save_pretrained(staging)
+        add_remote_code(staging)  # an adapter of the demo loads with plain transformers + PEFT, as an export does
         save_tokenizer(tok, staging)
         model.generation_config.save_pretrained(staging)
         (staging / MARKER).write_text(signature)

@@ -22,6 +22,12 @@ How the pipeline reproduces SentencePiece's BPE encoder:
   ``byte_fallback`` for characters outside the vocabulary; ``ignore_merges`` so that a chunk that is itself a
   piece (a user-defined piece, or a normal piece, which SentencePiece also produces whole) maps to that piece.
 
+The chat template keeps control-token names inside message text as text, as the training encoder does (no role
+injection through ``apply_chat_template``): it writes ``<_`` in message text as ``<`` + :data:`TEXT_ESCAPE` +
+``_`` (and the mark itself twice), so the special-token matcher does not see the name, and the normalizer's first
+two steps undo that exactly before the text is encoded. (``split_special_tokens=True`` would not do: it turns
+the template's own control tokens into text too.)
+
 ``save_tokenizer`` (or plain ``save_pretrained``) writes ``tokenizer.json``, ``tokenizer_config.json`` naming the
 standard ``TokenizersBackend`` class, ``chat_template.jinja`` and a copy of ``tokenizer.model``, so
 ``AutoTokenizer.from_pretrained(dir)`` reloads it without importing this package.
@@ -50,6 +56,7 @@ __all__ = [
     "PAD_TOKEN",
     "SPECIAL_TOKENS",
     "SYSTEM_TOKEN",
+    "TEXT_ESCAPE",
     "TINY_TOKENIZER_PATH",
     "TOOLS_PREFIX",
     "TOOLS_SUFFIX",
@@ -195,6 +202,13 @@ def visible_ids(ids: Iterable[int]) -> list[int]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+#: The chat template writes "<_" in message text as "<" + TEXT_ESCAPE + "_" (and TEXT_ESCAPE itself twice), so a
+#: control token's name in the text is not matched as the control token; the tokenizer's normalizer undoes it
+#: (SPEC section 5: text that looks like a control token stays text, as the training encoder keeps it). A Unicode
+#: noncharacter (U+FDD0, reserved for a program's internal use): text never holds it by accident.
+TEXT_ESCAPE = "\ufdd0"
+
+
 def _jinja_str(text: str) -> str:
     # A JSON string literal is a valid Jinja string literal with the same value (Jinja unescapes \n, \", \\).
     return json.dumps(text, ensure_ascii=False)
@@ -203,6 +217,12 @@ def _jinja_str(text: str) -> str:
 _CHAT_TEMPLATE_SRC = """
 {#- TeleChat2 chat format (telechat-lab). Variables: messages, tools, add_generation_prompt, default_system
     (None/undefined: the TeleChat default system prompt; "": no <_system> block when there is no system). -#}
+{#- text(): message text with every "<_" written "<@ESC@_" (and @ESC@ itself doubled), so that a control token's
+    name in the text is not the control token (the tokenizer matches those names anywhere in the string); the
+    tokenizer's normalizer undoes the escape, so the text is encoded as itself. -#}
+{%- macro text(value) -%}
+    {{- value | replace('@ESC@', '@ESC@@ESC@') | replace('<_', '<@ESC@_') -}}
+{%- endmacro -%}
 {%- macro render_content(content) -%}
     {%- if content is string -%}
         {{- content -}}
@@ -238,14 +258,14 @@ _CHAT_TEMPLATE_SRC = """
     {%- set system = fallback_system -%}
 {%- endif -%}
 {%- if system or tools -%}
-    {{- '<_system>' + system -}}
+    {{- '<_system>' + text(system) -}}
     {%- if tools -%}
         {{- @TOOLS_PREFIX@ -}}
         {%- for tool in tools -%}
             {%- if tool['type'] is defined and tool['type'] == 'function' and tool['function'] is mapping -%}
-                {{- tool | tojson -}}
+                {{- text(tool | tojson) -}}
             {%- else -%}
-                {{- {'type': 'function', 'function': tool} | tojson -}}
+                {{- text({'type': 'function', 'function': tool} | tojson) -}}
             {%- endif -%}
             {{- '\\n' -}}
         {%- endfor -%}
@@ -256,16 +276,16 @@ _CHAT_TEMPLATE_SRC = """
 {%- for message in loop_messages -%}
     {%- set role = message['role'] -%}
     {%- if role == 'user' -%}
-        {{- '<_user>' + render_content(message['content']) -}}
+        {{- '<_user>' + text(render_content(message['content'])) -}}
     {%- elif role == 'tool' or role == 'observation' -%}
         {%- if loop.first or loop.previtem['role'] not in ['tool', 'observation'] -%}
             {{- '<_user>' -}}
         {%- else -%}
             {{- '\\n' -}}
         {%- endif -%}
-        {{- '<tool_response>\\n' + render_content(message['content']) + '\\n</tool_response>' -}}
+        {{- '<tool_response>\\n' + text(render_content(message['content'])) + '\\n</tool_response>' -}}
     {%- elif role == 'assistant' or role == 'bot' -%}
-        {%- set content = render_content(message['content']) -%}
+        {%- set content = text(render_content(message['content'])) -%}
         {{- '<_bot>' -}}
         {%- generation -%}
             {{- content -}}
@@ -280,8 +300,8 @@ _CHAT_TEMPLATE_SRC = """
                     {%- else -%}
                         {%- set arguments = fn['arguments'] | tojson -%}
                     {%- endif -%}
-                    {{- '<tool_call>\\n{"name": ' + (fn['name'] | tojson)
-                        + ', "arguments": ' + arguments + '}\\n</tool_call>' -}}
+                    {{- '<tool_call>\\n{"name": ' + text(fn['name'] | tojson)
+                        + ', "arguments": ' + text(arguments) + '}\\n</tool_call>' -}}
                 {%- endfor -%}
             {%- endif -%}
             {{- '<_end>' -}}
@@ -305,6 +325,7 @@ CHAT_TEMPLATE = (
     .replace("@DEFAULT_SYSTEM@", _jinja_str(DEFAULT_SYSTEM_PROMPT))
     .replace("@TOOLS_PREFIX@", _jinja_str(TOOLS_PREFIX))
     .replace("@TOOLS_SUFFIX@", _jinja_str(TOOLS_SUFFIX))
+    .replace("@ESC@", TEXT_ESCAPE)
 )
 
 # --------------------------------------------------------------------------------------------------------------
@@ -406,7 +427,16 @@ def build_backend_tokenizer(model_file: str | os.PathLike):
     )
     # SentencePiece always adds the dummy prefix; Metaspace skips it when the segment already starts with "▁",
     # so such a segment gets a second "▁" first.
-    tok.normalizer = normalizers.Sequence([normalizers.Replace(" ", "▁"), normalizers.Replace(Regex(r"\A▁"), "▁▁")])
+    # first the chat template's escape of "<_" in message text is undone (see TEXT_ESCAPE): the inserted mark goes,
+    # then a doubled mark is one again (both literal, left to right: an exact inverse of the escape)
+    tok.normalizer = normalizers.Sequence(
+        [
+            normalizers.Replace("<" + TEXT_ESCAPE + "_", "<_"),
+            normalizers.Replace(TEXT_ESCAPE * 2, TEXT_ESCAPE),
+            normalizers.Replace(" ", "▁"),
+            normalizers.Replace(Regex(r"\A▁"), "▁▁"),
+        ]
+    )
     pre = [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)]
     if user_defined:
         pre.append(pre_tokenizers.Split(Regex(_longest_match_regex(user_defined)), behavior="isolated"))

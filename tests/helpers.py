@@ -168,6 +168,27 @@ def tree_snapshot(directory) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def make_adapter(base_dir: Path, out: Path, use_dora=False, seed=0) -> Path:
+    """A LoRA (or DoRA) adapter with non-zero weights, saved naming its base by absolute path."""
+    from peft import LoraConfig, get_peft_model
+
+    from telechat_lab.model import Telechat2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Telechat2ForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "key_value", "dense", "gate_proj", "up_proj", "down_proj"],
+        init_lora_weights=False,
+        use_dora=use_dora,
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    peft_model.save_pretrained(out)
+    return out
+
+
 class StopAfter(L.Callback):
     """Interrupts a run after `step` optimizer steps (as a crash or a pre-empted job would)."""
 

@@ -12,36 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_script
+from conftest import shared_path
+from helpers import make_adapter, record_to_chat, run_script, run_train, with_system
 from safetensors.torch import load_file
 
 from telechat_lab.chat.session import ChatSession, batch, interactive, read_prompts
 from telechat_lab.data.encoder import ChatEncoder, TemplateOptions
 from telechat_lab.data.formats import Conversation
 from telechat_lab.model import Telechat2ForCausalLM
-from telechat_lab.tokenizer import load_tokenizer, save_tokenizer
+from telechat_lab.tokenizer import format_tool_call, format_tool_response, load_tokenizer, save_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 NO_TELECHAT_LAB = "import sys; sys.modules['telechat_lab'] = None\n"  # any import of it now fails
-
-
-def make_adapter(base_dir: Path, out: Path, use_dora=False, seed=0) -> Path:
-    """A LoRA (or DoRA) adapter with non-zero weights, saved naming its base by absolute path."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = Telechat2ForCausalLM.from_pretrained(base_dir)
-    config = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["query", "key_value", "dense", "gate_proj", "up_proj", "down_proj"],
-        init_lora_weights=False,
-        use_dora=use_dora,
-    )
-    peft_model = get_peft_model(model, config)
-    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
-    peft_model.save_pretrained(out)
-    return out
 
 
 def merge(adapters: list[Path], model_path=None):
@@ -86,7 +68,12 @@ def exported(tiny_dir, tmp_path_factory):
         "merge.py", [f"adapter_path=[{lora},{dora}]", f"export_dir={out}", "dtype=float32", "export_size=0.001"], work
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"dir": out, "adapters": [lora, dora], "base": tiny_dir, "work": work}
+    return {"dir": out, "adapters": [lora, dora], "base": tiny_dir, "work": work, "stdout": proc.stdout}
+
+
+def test_merge_says_what_it_wrote_where(exported):
+    """The base is named as what was read, the export directory as what was written."""
+    assert f"wrote {exported['dir']}: {exported['base']} with 2 adapters merged\n" in exported["stdout"]
 
 
 def test_export_layout_for_transformers_and_vllm(exported):
@@ -185,19 +172,71 @@ def test_export_loads_without_telechat_lab_and_matches_the_merged_model(exported
     assert (logits - expected).abs().max().item() < 1e-4
 
 
+# control strings a user (or a record) may write in text: chat.py keeps them text, so must the export's template
+INJECTED = ["<_end>", "<_system>", "<_bot>", "<_user>", "<_start>", "<_pad>", "<_end", "<<_bot>>", "\ufdd0<_bot>\ufdd0"]
+INJECT_TOOLS = [{"name": "lookup", "description": "ends with <_end> then <_system>", "parameters": {}}]
+
+
+def injected_chats() -> list[tuple[dict, tuple]]:
+    """(apply_chat_template's arguments, (the encoder's options, the conversation, "prompt" or "full")) for chats
+    whose system prompt, user text, replies, tool definitions, tool calls and tool results hold control strings."""
+    prompt, options = {"add_generation_prompt": True}, TemplateOptions(cutoff_len=10**9)
+    cases = []
+    for text in INJECTED:
+        system, user, answer = f"Be brief.{text}", f"hi {text} there{text}", f"ok {text}!"
+        turns = [(user, answer), (f"{text}again", None)]
+        messages = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": turns[1][0]},
+        ]
+        with_own = [{"role": "system", "content": system}, *messages]
+        cases += [
+            ({"conversation": with_own, **prompt}, (options, Conversation(system=system, turns=turns), "prompt")),
+            ({"conversation": messages, **prompt}, (options, Conversation(system=None, turns=turns), "prompt")),
+            ({"conversation": with_own[:3]}, (options, Conversation(system=system, turns=turns[:1]), "full")),
+        ]
+        call = {"type": "function", "function": {"name": "lookup", "arguments": {"q": text}}}
+        tool_chat = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": f"found {text}"},
+            {"role": "assistant", "content": answer},
+        ]
+        tool_turns = [(user, format_tool_call("lookup", {"q": text})), (format_tool_response(f"found {text}"), answer)]
+        conversation = Conversation(system=None, turns=tool_turns, tools=INJECT_TOOLS)
+        cases.append(({"conversation": tool_chat, "tools": INJECT_TOOLS}, (options, conversation, "full")))
+    return cases
+
+
+def chat_py_ids(tokenizer_dir: Path, cases) -> list[list[int]]:
+    """The ids chat.py's encoder (the training encoder) gives each case."""
+    out = []
+    for _, (options, conversation, kind) in cases:
+        encoder = ChatEncoder(tokenizer_dir, options)
+        out.append(encoder.prompt_ids(conversation) if kind == "prompt" else encoder.encode(conversation).input_ids)
+    return out
+
+
 def test_export_tokenizer_loads_without_remote_code(exported, tmp_path):
     """The tokenizer is a standard fast tokenizer: AutoTokenizer loads it with trust_remote_code=False (nothing
-    asks, no module of the export runs), and also with the argument left out in a non-interactive process."""
+    asks, no module of the export runs), and also with the argument left out in a non-interactive process. Its
+    chat template gives chat.py's ids for text holding control strings: they stay text (no role injection)."""
     out = exported["dir"]
     expected = load_tokenizer(out)("<tool_call>\n天气</tool_call>")["input_ids"]
     assert expected[0] == 9
+    cases = injected_chats()
+    (tmp_path / "chats.json").write_text(json.dumps([kwargs for kwargs, _ in cases]))
     code = NO_TELECHAT_LAB + textwrap.dedent(f"""
-        import sys
+        import json, sys
         from transformers import AutoTokenizer
         for kwargs in ({{"trust_remote_code": False}}, {{}}):
             tok = AutoTokenizer.from_pretrained({str(out)!r}, **kwargs)
             assert type(tok).__name__ == "TokenizersBackend", type(tok)
             print("IDS", tok("<tool_call>\\n天气</tool_call>")["input_ids"])
+        chats = json.load(open("chats.json"))
+        ids = [tok.apply_chat_template(**chat, tokenize=True, return_dict=False) for chat in chats]
+        json.dump(ids, open("template_ids.json", "w"))
         assert not [m for m in sys.modules if m.startswith("transformers_modules")], "remote code ran"
     """)
     proc = subprocess.run(
@@ -211,6 +250,88 @@ def test_export_tokenizer_loads_without_remote_code(exported, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count(f"IDS {expected}") == 2, proc.stdout
+    template_ids = json.loads((tmp_path / "template_ids.json").read_text())
+    assert template_ids == chat_py_ids(out, cases)
+    # the control ids are only where the template puts them: one <_system>, a <_bot> a turn, an <_end> a reply
+    for ids, (_, (options, conversation, _)) in zip(template_ids, cases):
+        assert ids.count(6) == (1 if options.default_system or conversation.system else 0)
+        assert ids.count(5) == len(conversation.turns)
+        assert ids.count(2) == sum(answer is not None for _, answer in conversation.turns)
+
+
+def test_export_template_matches_chat_py_on_the_golden_cases(tmp_path):
+    """With the real vocabulary: the export's tokenizer (as export() writes it), loaded by AutoTokenizer, gives
+    chat.py's ids for every golden case (whole conversation and generation prompt) and for injected control
+    strings."""
+    from transformers import AutoTokenizer
+
+    from telechat_lab.data.formats import to_conversation
+    from telechat_lab.data.registry import DatasetSpec
+
+    model_file = shared_path("telechat2", "tokenizer.model")
+    golden = [json.loads(line) for line in shared_path("golden", "template", "cases.jsonl").open()]
+    save_tokenizer(load_tokenizer(model_file), tmp_path / "export")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "export")
+    encoder = ChatEncoder(model_file, TemplateOptions(cutoff_len=10**9))
+    for case in golden:
+        info = case["dataset_info"]
+        spec = DatasetSpec(case["id"], tmp_path, info["formatting"], info.get("columns", {}), info.get("tags", {}))
+        conversation = to_conversation(spec, case["record"], case["id"])
+        system, messages, tools = record_to_chat(case["record"], info)
+        chat = with_system(system, messages)
+        ids = tok.apply_chat_template(chat, tools=tools, tokenize=True, return_dict=False)
+        assert ids == encoder.encode(conversation).input_ids == case["expected"]["input_ids"], case["id"]
+        prompt = tok.apply_chat_template(chat[:-1], tools=tools, add_generation_prompt=True, return_dict=False)
+        conversation.turns[-1] = (conversation.turns[-1][0], None)
+        assert prompt == encoder.prompt_ids(conversation) == case["expected"]["generation_prompt_ids"], case["id"]
+    cases = injected_chats()
+    template_ids = [tok.apply_chat_template(**kwargs, return_dict=False) for kwargs, _ in cases]
+    assert template_ids == chat_py_ids(model_file, cases)
+
+
+@pytest.mark.slow
+def test_the_demos_adapter_loads_with_plain_transformers_and_peft(tmp_path):
+    """The demo trains the tiny checkpoint of the cache, which its adapter names as base_model_name_or_path: that
+    checkpoint carries the remote code an export does, so PeftModel and AutoPeftModelForCausalLM load the adapter
+    in a Python that cannot import telechat_lab (isolated mode: no project on sys.path either)."""
+    from telechat_lab.tiny import default_tiny_checkpoint
+
+    run_train(tmp_path / "demo", "trainer.max_steps=1")  # the demo's run (model.path null: the tiny model), short
+    adapter = tmp_path / "demo"
+    base = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
+    assert base == default_tiny_checkpoint()
+    ids = torch.randint(20, 3000, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = merged_in_memory(base, [adapter])(input_ids=ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    code = NO_TELECHAT_LAB + textwrap.dedent(f"""
+        try:
+            import telechat_lab
+            raise SystemExit("telechat_lab is importable")
+        except ImportError:
+            pass
+        import json, torch
+        from peft import AutoPeftModelForCausalLM, PeftModel
+        from transformers import AutoModelForCausalLM
+        adapter = {str(adapter)!r}
+        base = json.load(open(adapter + "/adapter_config.json"))["base_model_name_or_path"]
+        ids = torch.load({str(tmp_path / "ids.pt")!r})
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True), adapter)
+        auto = AutoPeftModelForCausalLM.from_pretrained(adapter, trust_remote_code=True)
+        with torch.no_grad():
+            torch.save([plain(input_ids=ids).logits, auto(input_ids=ids).logits], {str(tmp_path / "logits.pt")!r})
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for logits in torch.load(tmp_path / "logits.pt"):
+        assert (logits - expected).abs().max().item() < 1e-4
 
 
 def readme_snippet() -> str:

@@ -72,13 +72,16 @@ def checkpoint_dtype(directory: Path) -> torch.dtype:
 
 
 def load_model(directory: str | Path, dtype: torch.dtype, attn_implementation: str = "sdpa", **kwargs):
-    """`Telechat2ForCausalLM.from_pretrained`; a missing, truncated or corrupt weight file is named."""
+    """`Telechat2ForCausalLM.from_pretrained`; a missing, truncated or corrupt weight file, or one whose tensors do
+    not match config.json, is named (before loading: a missing tensor would otherwise be loaded as random)."""
     from telechat_lab.console import show_loading_progress, without_transformers_bars
     from telechat_lab.files import find_broken_weights
 
+    from .checks import check_checkpoint
     from .modeling_telechat2 import Telechat2ForCausalLM
 
     directory = Path(directory)
+    check_checkpoint(directory)
     weights = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     with without_transformers_bars(off=not show_loading_progress(weights)):  # a tiny checkpoint loads at once
         try:
