@@ -15,7 +15,8 @@ import torch
 from helpers import run_script
 from safetensors.torch import load_file
 
-from telechat_lab.chat.session import ChatSession, batch, interactive, read_prompts
+from telechat_lab.chat.batch import batch, read_prompts
+from telechat_lab.chat.session import ChatSession, interactive
 from telechat_lab.data.encoder import ChatEncoder, TemplateOptions
 from telechat_lab.data.formats import Conversation
 from telechat_lab.model import Telechat2ForCausalLM
