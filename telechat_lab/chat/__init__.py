@@ -35,7 +35,7 @@ def run_chat(settings) -> None:
     from telechat_lab.errors import Interrupted
     from telechat_lab.files import check_input_file
 
-    from .batch import batch, check_output, read_prompts
+    from .batch import batch, check_output, complete, read_prompts
     from .session import interactive
 
     try:
@@ -46,11 +46,7 @@ def run_chat(settings) -> None:
             if settings.output:
                 done = check_output(settings.output, items, settings.input, settings.overwrite, settings.resume)
                 if done.count == len(items):
-                    print(
-                        f"{settings.output} already holds the answers to all {len(items)} prompts of "
-                        f"{settings.input}: nothing to do (overwrite=true answers them again)",
-                        file=sys.stderr,
-                    )
+                    print(complete(settings.output, settings.input, len(items)), file=sys.stderr)
                     return
         session = make_session(settings)
         if settings.input:

@@ -171,6 +171,14 @@ def answered(output: str, items: list[BatchItem], source: str) -> Answered:
     return Answered(len(lines), len(complete))
 
 
+def complete(output: str, source: str, total: int) -> str:
+    """What a rerun says of an output that answers every prompt."""
+    return (
+        f"{output} already holds the answers to all {total} prompts of {source}: nothing to do "
+        "(overwrite=true answers them again)"
+    )
+
+
 def _refuse(output: str, why: str):
     raise ConfigError(f"output={output} exists: add overwrite=true to replace it, or choose another file ({why})")
 
@@ -188,8 +196,8 @@ def check_output(output: str, items: list[BatchItem], source: str, overwrite: bo
 
 
 class _Signals:
-    """SIGINT / SIGTERM during the batch: the first lets the current answer finish (`stopping`), a second
-    raises KeyboardInterrupt, which stops the answer being generated at its next token."""
+    """SIGINT / SIGTERM during the batch: the first lets the current answer finish (`signum` says the loop
+    stops), a second raises KeyboardInterrupt, which stops the answer being generated at its next token."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -306,7 +314,7 @@ def batch(
             raise DataError(f"{source} line {item.line}: {err}") from err
     done, keep = check_output(output, items, source, overwrite, resume) if output else (0, 0)
     if done == len(items):
-        print(f"{output} already holds the answers to all {len(items)} prompts of {source}", file=sys.stderr)
+        print(complete(output, source, len(items)), file=sys.stderr)
         return len(items)
     if done:
         print(f"resuming: {done} of {len(items)} answered in {output}", file=sys.stderr, flush=True)
