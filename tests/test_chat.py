@@ -69,6 +69,21 @@ def test_progress_is_one_line_per_answer_when_piped(tiny_dir, files, capsys):
     assert capsys.readouterr().err == "".join(f"answered {n}/5\n" for n in range(1, 6))
 
 
+def test_progress_is_a_bar_on_a_terminal(tiny_dir, files, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    source, output = files
+    batch(ChatSession(Numbered(), tiny_dir), str(source), str(output))
+    assert "5/5" in screen.getvalue() and "answered 1/5\n" not in screen.getvalue()
+    assert "\x1b[" in screen.getvalue()  # drawn in place
+
+
 @pytest.mark.parametrize(
     "existing, why",
     [
