@@ -2,6 +2,7 @@
 cleanly on SIGINT / SIGTERM; the terminal loop stops an answer on Ctrl+C and goes on, with line editing and
 history (driven through a pty)."""
 
+import io
 import os
 import pty
 import re
@@ -70,8 +71,6 @@ def test_progress_is_one_line_per_answer_when_piped(tiny_dir, files, capsys):
 
 
 def test_progress_is_a_bar_on_a_terminal(tiny_dir, files, monkeypatch):
-    import io
-
     class Terminal(io.StringIO):
         def isatty(self):
             return True
@@ -198,6 +197,30 @@ def test_a_stopped_answer_is_kept_in_the_conversation(tiny_dir):
     next(replies)
     replies.close()  # the caller stops reading
     assert session.turns[1][0] == "again" and len(session.turns) == 2
+
+
+class CtrlCAtThePrompt:
+    """Input where Ctrl+C is pressed at the prompt at the given reads (1-based), and 'hello' typed otherwise."""
+
+    def __init__(self, interrupted_reads):
+        self.reads, self.interrupted = 0, interrupted_reads
+
+    def readline(self):
+        self.reads += 1
+        if self.reads in self.interrupted:
+            raise KeyboardInterrupt
+        return "hello\n" if self.reads < 6 else ""
+
+
+def test_ctrl_c_at_the_prompt_gives_a_new_prompt_and_twice_in_a_second_quits(tiny_dir):
+    from telechat_lab.chat.session import interactive
+
+    out = io.StringIO()
+    interactive(ChatSession(Numbered(), tiny_dir), CtrlCAtThePrompt({1, 3}), out)
+    assert out.getvalue().count("Ctrl+C again quits") == 2 and out.getvalue().count("Assistant: ") == 3
+    out = io.StringIO()
+    interactive(ChatSession(Numbered(), tiny_dir), CtrlCAtThePrompt({2, 3}), out)
+    assert out.getvalue().count("Assistant: ") == 1 and out.getvalue().endswith("Quit (Ctrl+C twice).\n")
 
 
 # ------------------------------------------------------------------------ the transformers engine

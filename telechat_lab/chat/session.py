@@ -124,7 +124,8 @@ def _line_editing(on: bool) -> Iterator[None]:
 
 def interactive(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
     """The terminal loop. Ctrl+C stops the answer being written (the prompt comes back, the conversation is
-    kept); at the prompt it starts a new line, twice within a second it quits; Ctrl+D or 'exit' quits."""
+    kept); at the prompt it starts a new line, and quits when it follows another Ctrl+C within a second (no line
+    typed between); Ctrl+D or 'exit' quits."""
     terminal = _on_terminal(stdin, stdout)
     print(HELP, file=stdout, flush=True)
     last_interrupt = -1.0
@@ -157,6 +158,7 @@ def interactive(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO 
             if line is None:  # end of input
                 print(file=stdout, flush=True)
                 break
+            last_interrupt = -1.0  # a line in between: the next Ctrl+C is a first one
             message = line.strip()
             if not message:
                 continue
