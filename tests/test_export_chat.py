@@ -16,7 +16,8 @@ from conftest import shared_path
 from helpers import make_adapter, record_to_chat, run_script, run_train, with_system
 from safetensors.torch import load_file
 
-from telechat_lab.chat.session import ChatSession, batch, interactive, read_prompts
+from telechat_lab.chat.batch import batch, read_prompts
+from telechat_lab.chat.session import ChatSession, interactive
 from telechat_lab.data.encoder import ChatEncoder, TemplateOptions
 from telechat_lab.data.formats import Conversation
 from telechat_lab.model import Telechat2ForCausalLM

@@ -255,7 +255,7 @@ BAD_PROMPTS = {
 
 @pytest.mark.parametrize("case", list(BAD_PROMPTS))
 def test_batch_input_is_checked_first_and_the_output_kept(tiny_session, tmp_path, case):
-    from telechat_lab.chat.session import batch
+    from telechat_lab.chat.batch import batch
 
     text, expected = BAD_PROMPTS[case]
     source, output = tmp_path / "in.jsonl", tmp_path / "answers.jsonl"
@@ -267,12 +267,15 @@ def test_batch_input_is_checked_first_and_the_output_kept(tiny_session, tmp_path
     assert output.read_text() == "yesterday's answers\n" and len(tiny_session.engine.prompts) == before
 
 
-def test_batch_output_is_written_whole_or_not_at_all(tiny_session, tmp_path):
-    from telechat_lab.chat.session import batch
+def test_batch_output_keeps_the_answers_before_a_failure_and_the_rerun_continues(tiny_session, tmp_path):
+    from telechat_lab.chat.batch import batch
 
     source, output = tmp_path / "in.txt", tmp_path / "answers.jsonl"
     source.write_text("one\ntwo\nthree\n")
     output.write_text("old\n")
+    with pytest.raises(ConfigError, match="exists: add overwrite=true"):  # not chat's answers: never replaced
+        batch(tiny_session, str(source), str(output))
+    assert output.read_text() == "old\n"
     engine = tiny_session.engine
     calls = []
 
@@ -285,12 +288,14 @@ def test_batch_output_is_written_whole_or_not_at_all(tiny_session, tmp_path):
     tiny_session.engine = type("Failing", (), {"stream": staticmethod(failing), "max_length": 256})()
     try:
         with pytest.raises(RuntimeError):
-            batch(tiny_session, str(source), str(output))
+            batch(tiny_session, str(source), str(output), overwrite=True)
+        assert [json.loads(line)["prompt"] for line in output.read_text().splitlines()] == ["one"]
+        assert batch(tiny_session, str(source), str(output)) == 3  # continues after "one"
     finally:
         tiny_session.engine = engine
-    assert output.read_text() == "old\n" and not list(tmp_path.glob(".tmp-*"))
-    assert batch(tiny_session, str(source), str(output)) == 3
+    assert len(calls) == 4 and calls[2] == calls[1]  # "two" asked again, "one" not
     assert [json.loads(line)["prompt"] for line in output.read_text().splitlines()] == ["one", "two", "three"]
+    assert not list(tmp_path.glob(".tmp-*"))
 
 
 def test_interactive_chat_survives_bytes_that_are_not_utf8(tiny_session):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def make_session(settings):
     """The engine for `settings` (a ChatConfig) in a ChatSession; paths are checked before the model loads."""
@@ -11,11 +13,9 @@ def make_session(settings):
     from telechat_lab.resolve import base_and_adapters
 
     from .engines import HuggingFaceEngine, VLLMEngine
-    from .session import ChatSession, read_prompts
+    from .session import ChatSession
 
     base, adapters = base_and_adapters(settings.model.path, settings.adapter_path)
-    if settings.input and settings.input != "-":
-        read_prompts(settings.input)  # a malformed input file fails now, not after the model has loaded
     if settings.infer_backend == "vllm":
         engine = VLLMEngine(base, adapters, **asdict(settings.vllm))
     else:
@@ -28,17 +28,37 @@ def make_session(settings):
 
 
 def run_chat(settings) -> None:
-    """chat.py: the terminal loop, or batch mode with `input`."""
-    from telechat_lab.files import check_input_file, check_new_output
+    """chat.py: the terminal loop, or batch mode with `input`. The prompts, and what `output` already holds, are
+    checked before the model loads; Ctrl+C while it loads ends the command with 130 and a message."""
+    import signal
 
-    from .session import batch, interactive
+    from telechat_lab.errors import Interrupted
+    from telechat_lab.files import check_input_file
 
-    if settings.input and settings.input != "-":  # before the model loads
-        check_input_file("input", settings.input)
-    if settings.input and settings.output:
-        check_new_output("output", settings.output, settings.overwrite)
-    session = make_session(settings)
-    if settings.input:
-        batch(session, settings.input, settings.output)
-    else:
-        interactive(session)
+    from .batch import batch, check_output, complete, read_prompts
+    from .session import interactive
+
+    try:
+        if settings.input:
+            if settings.input != "-":
+                check_input_file("input", settings.input)
+            items = read_prompts(settings.input)
+            if settings.output:
+                done = check_output(settings.output, items, settings.input, settings.overwrite, settings.resume)
+                if done.count == len(items):
+                    print(complete(settings.output, settings.input, len(items)), file=sys.stderr)
+                    return
+        session = make_session(settings)
+        if settings.input:
+            batch(
+                session,
+                settings.input,
+                settings.output,
+                items=items,
+                overwrite=settings.overwrite,
+                resume=settings.resume,
+            )
+        else:
+            interactive(session)
+    except KeyboardInterrupt:
+        raise Interrupted("chat: interrupted (Ctrl+C)", signal.SIGINT) from None

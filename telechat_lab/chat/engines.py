@@ -1,14 +1,22 @@
 """Generation engines. Both take prompt token ids (encoded exactly as in training) and generation
-options, and yield text."""
+options, and yield text.
+
+Stopping an answer: the transformers engine generates in a thread of its own (its streamer hands the text to
+the caller as it comes). When the caller stops reading (Ctrl+C raises KeyboardInterrupt while it waits, or it
+closes the generator), a stopping criterion ends `generate` at its next token and the thread is joined before
+the caller goes on: no generation thread outlives its answer (one still running when the interpreter exits
+ends the process with `terminate called without an active exception`).
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from threading import Thread
+from threading import Event, Thread
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from telechat_lab.tokenizer import EOS_ID, PAD_ID, visible_ids
 
@@ -49,14 +57,18 @@ class HuggingFaceEngine:
         kwargs = generation_kwargs(generation)
         inputs = torch.tensor([prompt_ids], device=self.device)
         errors: list[BaseException] = []
-        thread = Thread(target=self._generate, args=(inputs, streamer, kwargs, errors), daemon=True)
+        stop = Event()
+        thread = Thread(target=self._generate, args=(inputs, streamer, kwargs, stop, errors), daemon=True)
         thread.start()
-        yield from streamer
-        thread.join()
+        try:
+            yield from streamer
+        finally:  # the answer is done, failed, or the caller stopped reading (Ctrl+C, close())
+            stop.set()
+            _join(thread)
         if errors:  # generation failed in its thread (out of memory, bad options): raise it here
             raise errors[0]
 
-    def _generate(self, inputs, streamer, kwargs, errors):
+    def _generate(self, inputs, streamer, kwargs, stop: Event, errors):
         try:
             with torch.no_grad():
                 self.model.generate(
@@ -65,11 +77,31 @@ class HuggingFaceEngine:
                     streamer=streamer,
                     eos_token_id=EOS_ID,
                     pad_token_id=PAD_ID,
+                    stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
                     **kwargs,
                 )
         except BaseException as err:  # noqa: BLE001 - handed to the caller
             errors.append(err)
             streamer.end()
+
+
+def _join(thread: Thread) -> None:
+    """Wait for the generation thread (it stops at its next token); a further Ctrl+C does not cut the wait."""
+    while thread.is_alive():
+        try:
+            thread.join()
+        except KeyboardInterrupt:
+            continue
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation at the next token once `event` is set."""
+
+    def __init__(self, event: Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def _answer_streamer(tokenizer):

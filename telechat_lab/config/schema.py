@@ -210,8 +210,9 @@ class ChatConfig:
     max_input_tokens: int | None = setting(None, min=1)  # null: the model's training_seqlen minus max_new_tokens
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     input: str | None = None  # batch mode: a prompts file (text lines or JSON lines), or - for stdin
-    output: str | None = None  # batch mode: JSONL answers, written when every answer is ready (default: stdout)
-    overwrite: bool = False  # replace an existing output file
+    output: str | None = None  # batch mode: JSONL answers, appended as they come (default: stdout)
+    overwrite: bool = False  # replace an existing output file (else a partial one of the same input is continued)
+    resume: bool = True  # continue an output file this input's prompts began; false: refuse an existing file
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
