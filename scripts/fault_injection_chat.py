@@ -7,8 +7,8 @@ command always ends with the output an uninterrupted run writes.
 A baseline answers `--prompts` prompts with the tiny model (greedy decoding, so every run answers alike). Each
 try starts the same command with an output of its own and stops it at a random moment (mostly a moment into a
 random answer, sometimes while it starts and loads the model): with SIGKILL (nothing can be saved) or SIGTERM
-(chat stops after the answer it is writing, exit 143). It is then rerun, each rerun perhaps stopped again, until one ends
-with 0; its output is compared with the baseline's, byte for byte. Figures: tries, survived (the baseline's
+(chat stops after the answer it is writing, exit 143). It is then rerun, each rerun perhaps stopped again, until
+one ends with 0; its output is compared with the baseline's, byte for byte. Figures: tries, survived (the baseline's
 output), mismatches, failed (an unexpected exit code), sigkills, sigterms, reruns, resumed (reruns that found
 answers to continue after), half_lines (reruns that found a half-written last line).
 """
