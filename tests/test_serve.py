@@ -106,7 +106,8 @@ def served(tmp_path_factory):
             assert time.monotonic() < deadline, "the server did not start:\n" + (work / "server.log").read_text()
             time.sleep(0.3)
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
-        yield {"client": client, "proc": proc, "log": work / "server.log", "base": base, "alpha": alpha, "beta": beta}
+        server = {"client": client, "url": url, "proc": proc, "log": work / "server.log"}
+        yield {**server, "base": base, "alpha": alpha, "beta": beta}
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -233,6 +234,10 @@ def test_bad_requests_are_400_and_the_server_goes_on(served):
     with pytest.raises(openai.BadRequestError) as missing:
         client.chat.completions.create(model="alpha", messages=[{"content": "no role"}])
     assert "role" in missing.value.message
+    broken = httpx.post(
+        f"{served['url']}/chat/completions", content="{broken", headers={"content-type": "application/json"}, timeout=30
+    )
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
     assert ask(client, "alpha", "Still there?").choices[0].message.content is not None
 
 
@@ -301,3 +306,40 @@ def test_adapters_by_dir_name_and_clashes(tmp_path):
     assert served_adapters({"a": "/x"}) == {"a": "/x"}
     with pytest.raises(ValueError, match="two adapters are named 'run1'"):
         served_adapters([str(tmp_path / "a" / "run1"), str(tmp_path / "b" / "run1")])
+
+
+def test_a_busy_port_is_refused_before_the_model_loads(tiny_dir, capsys):
+    from telechat_lab.config.schema import ServeConfig, ServeModelConfig
+    from telechat_lab.errors import UserError
+    from telechat_lab.serve import run_serve
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(UserError, match=f"port={port}: cannot listen on 127.0.0.1:{port}"):
+            run_serve(ServeConfig(model=ServeModelConfig(path=str(tiny_dir)), port=port))
+    assert "loading" not in capsys.readouterr().err
+
+
+def test_without_the_serve_extra_the_message_names_it(monkeypatch):
+    from telechat_lab.config.schema import ServeConfig
+    from telechat_lab.errors import UserError
+    from telechat_lab.serve import run_serve
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if it were not installed
+    with pytest.raises(UserError, match=r"pip install 'telechat-lab\[serve\]'"):
+        run_serve(ServeConfig())
+
+
+def test_served_names_need_a_base_and_must_differ(tiny_dir):
+    from telechat_lab.config.schema import ServeConfig, ServeModelConfig
+    from telechat_lab.errors import ConfigError
+    from telechat_lab.serve import served_models
+
+    with pytest.raises(ConfigError, match="no adapters to take the base from"):
+        served_models(ServeConfig())
+    base, name, adapters = served_models(ServeConfig(model=ServeModelConfig(path=str(tiny_dir))))
+    assert (base, name, adapters) == (tiny_dir.resolve(), tiny_dir.name, {})
+    with pytest.raises(ConfigError, match="'x' names the base model"):
+        served_models(ServeConfig(model=ServeModelConfig(path=str(tiny_dir), name="x"), adapters={"x": "/nowhere"}))

@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import threading
+from pathlib import Path
 
 
 def _check_port(host: str, port: int) -> None:
@@ -26,30 +27,38 @@ def _check_port(host: str, port: int) -> None:
             ) from err
 
 
-def load(settings):
-    """(engine, ChatSession) for `settings` (a ServeConfig): every path checked before the model loads."""
-    from dataclasses import asdict
-    from pathlib import Path
-
-    from telechat_lab.chat.session import ChatSession
+def served_models(settings) -> tuple[Path, str, dict[str, Path]]:
+    """(the base directory, the name it is served under, {adapter name: directory}), every path checked."""
     from telechat_lab.errors import ConfigError
     from telechat_lab.resolve import base_and_adapters
 
-    from .engine import MultiAdapterEngine, served_adapters
+    from .engine import served_adapters
 
     named = served_adapters(settings.adapters)
+    clash = "adapters: '{}' names the base model (model.name, else its directory's name); name the adapter otherwise"
+    if settings.model.name in named:  # before the adapters' files are read
+        raise ConfigError(clash.format(settings.model.name))
+    if not settings.model.path and not named:
+        raise ConfigError("model.path is not set and there are no adapters to take the base from: set model.path=DIR")
     base, paths = base_and_adapters(settings.model.path, list(named.values()))
-    base_name = settings.model.name or Path(base).name
+    base_name = settings.model.name or base.name
     if base_name in named:
-        raise ConfigError(f"adapters: '{base_name}' names the base model (model.name); give the adapter another name")
-    engine = MultiAdapterEngine(
-        base,
-        base_name,
-        dict(zip(named, paths)),
-        settings.model.dtype,
-        settings.model.attn_implementation,
-        settings.device,
-    )
+        raise ConfigError(clash.format(base_name))
+    return base, base_name, dict(zip(named, paths))
+
+
+def load(settings):
+    """(engine, ChatSession) for `settings` (a ServeConfig)."""
+    from dataclasses import asdict
+
+    from telechat_lab.chat.session import ChatSession
+
+    from .engine import MultiAdapterEngine
+
+    base, base_name, adapters = served_models(settings)
+    print("loading the model ...", file=sys.stderr, flush=True)
+    model = settings.model
+    engine = MultiAdapterEngine(base, base_name, adapters, model.dtype, model.attn_implementation, settings.device)
     session = ChatSession(engine, base, settings.system, settings.default_system, asdict(settings.generation))
     return engine, session
 
@@ -67,7 +76,6 @@ def run_serve(settings) -> None:
             f"serve needs the `serve` extra ({err.name} is missing): pip install 'telechat-lab[serve]'"
         ) from err
     _check_port(settings.host, settings.port)
-    print("loading the model ...", file=sys.stderr, flush=True)
     engine, session = load(settings)
     app = create_app(engine, session, settings.max_input_tokens)
     server = uvicorn.Server(

@@ -37,13 +37,16 @@ def create_app(engine, session, max_input_tokens: int | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
-        problems = []
+        problems, params = [], []
         for problem in err.errors():
+            if problem.get("type") == "json_invalid":
+                detail = problem.get("ctx", {}).get("error", "")
+                problems.append(f"the request body is not valid JSON ({detail} at character {problem['loc'][-1]})")
+                continue
             where = ".".join(str(p) for p in problem.get("loc", ())[1:])
-            problems.append(f"{where}: {problem['msg']}" if where else problem["msg"])
-        first = err.errors()[0].get("loc", ()) if err.errors() else ()
-        param = ".".join(str(p) for p in first[1:]) or None
-        return JSONResponse(error_body("; ".join(problems), param), status_code=400)
+            problems.append(f"{where or 'the request body'}: {problem['msg']}")
+            params.append(where or None)
+        return JSONResponse(error_body("; ".join(problems), params[0] if params else None), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException):
