@@ -2,11 +2,14 @@
 sse-starlette, or whole). Chat prompts are built by chat's encoder (ChatSession.encoder), so a request gets
 exactly the tokens chat.py sends; `/v1/completions` continues the prompt's text as it is (no chat format).
 
-Every bad request (unknown model, malformed messages or fields, a prompt over the limit) is answered with HTTP 400
-and OpenAI's error body; a failure while generating is a 500 with the same shape; the server goes on serving."""
+Requests take turns (an asyncio lock: a waiting request holds no worker thread, so any number of clients get
+their answers, in order). Every bad request (unknown model, malformed messages or fields, a prompt over the limit)
+is answered with HTTP 400 and OpenAI's error body; a failure while generating is a 500 with the same shape; the
+server goes on serving."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -30,6 +33,19 @@ def create_app(engine, session, max_input_tokens: int | None = None) -> FastAPI:
     settings requests use; `max_input_tokens`: the prompt limit (None: the model's length minus max_tokens)."""
     app = FastAPI(title="telechat-lab")
     created = int(time.time())
+    turn = asyncio.Lock()  # one generation at a time: the others wait here, in order, holding no worker thread
+
+    async def generated(pieces: Iterator[str]) -> AsyncIterator[str]:
+        """The generation's text, each piece waited for in a worker thread; a client that leaves stops it."""
+        async with turn:
+            try:
+                while (piece := await run_in_threadpool(next, pieces, _END)) is not _END:
+                    yield piece
+            finally:
+                pieces.close()
+
+    async def whole(pieces: Iterator[str]) -> str:
+        return "".join([piece async for piece in generated(pieces)])
 
     @app.exception_handler(RequestError)
     async def bad_request(request: Request, err: RequestError):
@@ -105,7 +121,7 @@ def create_app(engine, session, max_input_tokens: int | None = None) -> FastAPI:
             async def events() -> AsyncIterator[str]:
                 yield chunk({"role": "assistant", "content": ""})
                 text, sent = "", 0
-                async for piece in _pieces(pieces):
+                async for piece in generated(pieces):
                     text += piece
                     held = text.find(CALL_START) if req.tools else -1  # a tool call is sent once it is whole
                     upto = len(text) if held < 0 else held
@@ -126,7 +142,7 @@ def create_app(engine, session, max_input_tokens: int | None = None) -> FastAPI:
                 yield "[DONE]"
 
             return EventSourceResponse(events())
-        text = await run_in_threadpool(_join, pieces)
+        text = await whole(pieces)
         content, calls = parse_tool_calls(text) if req.tools else (text, [])
         message = {"role": "assistant", "content": content}
         if calls:
@@ -160,27 +176,14 @@ def create_app(engine, session, max_input_tokens: int | None = None) -> FastAPI:
         if req.stream:
 
             async def events() -> AsyncIterator[str]:
-                async for piece in _pieces(pieces):
+                async for piece in generated(pieces):
                     if piece:
                         yield json.dumps(body(piece, None))
                 yield json.dumps(body("", job.finish_reason))
                 yield "[DONE]"
 
             return EventSourceResponse(events())
-        text = await run_in_threadpool(_join, pieces)
+        text = await whole(pieces)
         return {**body(text, job.finish_reason), "usage": usage(job)}
 
     return app
-
-
-def _join(pieces: Iterator[str]) -> str:
-    return "".join(pieces)
-
-
-async def _pieces(pieces: Iterator[str]) -> AsyncIterator[str]:
-    """The generation's text, each piece waited for in a worker thread; a client that leaves stops it."""
-    try:
-        while (piece := await run_in_threadpool(next, pieces, _END)) is not _END:
-            yield piece
-    finally:
-        pieces.close()
