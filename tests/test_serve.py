@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -343,3 +344,43 @@ def test_served_names_need_a_base_and_must_differ(tiny_dir):
     assert (base, name, adapters) == (tiny_dir.resolve(), tiny_dir.name, {})
     with pytest.raises(ConfigError, match="'x' names the base model"):
         served_models(ServeConfig(model=ServeModelConfig(path=str(tiny_dir), name="x"), adapters={"x": "/nowhere"}))
+
+
+def serve_here(tiny_dir, **settings):
+    """run_serve in this process (the main thread, where signals land) on the tiny model, on a free port."""
+    from telechat_lab.config.schema import ServeConfig, ServeModelConfig
+    from telechat_lab.serve import run_serve
+
+    config = ServeConfig(model=ServeModelConfig(path=str(tiny_dir), dtype="float32"), device="cpu", port=free_port())
+    for key, value in settings.items():
+        setattr(config, key, value)
+    run_serve(config)
+
+
+def test_ctrl_c_stops_the_server_and_the_command_ends_normally(tiny_dir, capsys):
+    answers = []
+
+    def client():
+        url = f"http://127.0.0.1:{port}/v1"
+        for _ in range(300):
+            try:
+                answers.append(httpx.get(f"{url}/models", timeout=2).json()["data"][0]["id"])
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    port = free_port()
+    waiter = threading.Thread(target=client, daemon=True)
+    waiter.start()
+    serve_here(tiny_dir, port=port, lifetime=120)  # returns: no KeyboardInterrupt
+    waiter.join(10)
+    assert answers == [tiny_dir.name]
+    assert "server stopped (SIGINT)" in capsys.readouterr().err
+
+
+def test_the_server_stops_by_itself_after_its_lifetime(tiny_dir, capsys):
+    start = time.monotonic()
+    serve_here(tiny_dir, lifetime=1)
+    assert time.monotonic() - start < 60
+    assert "server stopped (its lifetime of 1 s is over)" in capsys.readouterr().err
