@@ -120,7 +120,8 @@ def served(tmp_path_factory):
 
 
 def ask(client, model, text, **kw):
-    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], **GREEDY, **kw)
+    messages = [{"role": "user", "content": text}]
+    return client.chat.completions.create(model=model, messages=messages, **{**GREEDY, **kw})
 
 
 @pytest.mark.slow
@@ -209,10 +210,14 @@ def test_tool_call_round_trip(served, tiny_dir):
 @pytest.mark.slow
 def test_eight_concurrent_clients_all_get_answers(served):
     client = served["client"]
-    alone = {name: ask(client, name, f"Question {name}").choices[0].message.content for name in ("alpha", "beta")}
+
+    def question(name):
+        return ask(client, name, f"Question {name}", max_tokens=4)
+
+    alone = {name: question(name).choices[0].message.content for name in ("alpha", "beta")}
     names = ["alpha", "beta", "tele", "alpha", "beta", "tele", "alpha", "beta"]
     with ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(lambda name: ask(client, name, f"Question {name}"), names))
+        replies = list(pool.map(question, names))
     assert all(r.choices[0].message.content is not None or r.choices[0].message.tool_calls for r in replies)
     for name, reply in zip(names, replies):
         if name in alone:  # each got its own adapter's answer, not another request's
