@@ -389,3 +389,16 @@ def test_the_server_stops_by_itself_after_its_lifetime(tiny_dir, capsys):
     serve_here(tiny_dir, lifetime=1)
     assert time.monotonic() - start < 60
     assert "server stopped (its lifetime of 1 s is over)" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_the_model_loads_is_one_message(tiny_dir, monkeypatch):
+    from telechat_lab.errors import Interrupted
+    from telechat_lab.serve import engine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.MultiAdapterEngine, "__init__", interrupted)
+    with pytest.raises(Interrupted, match="while the model was loading") as err:
+        serve_here(tiny_dir)
+    assert err.value.exit_code == 130

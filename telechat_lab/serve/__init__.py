@@ -65,7 +65,7 @@ def load(settings):
 
 def run_serve(settings) -> None:
     """Serve until Ctrl+C, SIGTERM or `settings.lifetime`."""
-    from telechat_lab.errors import UserError
+    from telechat_lab.errors import Interrupted, UserError
 
     try:
         import uvicorn
@@ -76,7 +76,10 @@ def run_serve(settings) -> None:
             f"serve needs the `serve` extra ({err.name} is missing): pip install 'telechat-lab[serve]'"
         ) from err
     _check_port(settings.host, settings.port)
-    engine, session = load(settings)
+    try:
+        engine, session = load(settings)
+    except KeyboardInterrupt:
+        raise Interrupted("serve: stopped by Ctrl+C while the model was loading", signal.SIGINT) from None
     app = create_app(engine, session, settings.max_input_tokens)
     server = uvicorn.Server(
         uvicorn.Config(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=5, log_level="info")
