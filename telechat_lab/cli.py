@@ -1,4 +1,4 @@
-"""The commands: `telechat-lab train|merge|chat|inspect|tiny [overrides ...]`, and the same as
+"""The commands: `telechat-lab train|merge|chat|inspect|serve|tiny [overrides ...]`, and the same as
 `python train.py`, `python merge.py`, `python chat.py`, `python -m telechat_lab.data.inspect` in a checkout.
 
 Each Hydra command first checks its whole command line (every problem at once, before Hydra writes
@@ -23,6 +23,7 @@ COMMANDS = {
     "merge": "merge adapters and export (conf/merge.yaml)",
     "chat": "chat, or answer a file of prompts (conf/chat.yaml)",
     "inspect": "see the encoded data and what is trained (conf/inspect.yaml)",
+    "serve": "an OpenAI-compatible HTTP server, adapters chosen by model name (conf/serve.yaml)",
     "tiny": "write a tiny random TeleChat2 checkpoint: telechat-lab tiny DIR",
 }
 
@@ -73,6 +74,14 @@ def chat(cfg: DictConfig) -> None:
         run_chat(OmegaConf.to_object(cfg))
 
 
+@hydra.main(config_path=CONF_DIR, config_name="serve", version_base="1.3")
+def serve(cfg: DictConfig) -> None:
+    from telechat_lab.serve import run_serve
+
+    with reported():
+        run_serve(OmegaConf.to_object(cfg))
+
+
 @hydra.main(config_path=CONF_DIR, config_name="inspect", version_base="1.3")
 def inspect(cfg: DictConfig) -> None:
     from telechat_lab.data.inspect import run
@@ -109,7 +118,7 @@ def run(command: str, argv: list[str] | None = None) -> None:
     start_again = Path(__file__).resolve().parent / "commands" / "run_train.py"
     completing = bool({"-sc", "--shell-completion"} & set(args))
     sys.argv = [str(start_again) if command == "train" and not completing else sys.argv[0], *args]
-    {"train": train, "merge": merge, "chat": chat, "inspect": inspect}[command]()
+    {"train": train, "merge": merge, "chat": chat, "inspect": inspect, "serve": serve}[command]()
 
 
 def _completion_query(args: list[str]) -> list[str]:

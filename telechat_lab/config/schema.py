@@ -217,6 +217,28 @@ class ChatConfig:
 
 
 @dataclass
+class ServeModelConfig(ChatModelConfig):
+    name: str | None = None  # the name the base is served under (a request's `model`); null: its directory's name
+
+
+@dataclass
+class ServeConfig:
+    """`telechat-lab serve` (conf/serve.yaml): an OpenAI-compatible HTTP server."""
+
+    model: ServeModelConfig = field(default_factory=ServeModelConfig)
+    # {name: adapter dir, ...}, or a list of adapter / run directories (each served under its directory's name)
+    adapters: Any = setting(None, types=(dict, list, str))
+    host: str = "127.0.0.1"
+    port: int = setting(8000, min=1, max=65535)
+    system: str | None = None  # the system prompt of a request without one; null: TeleChat's default
+    default_system: str | None = None  # what null above means (as data.default_system; "" = no system block)
+    device: str = "auto"
+    max_input_tokens: int | None = setting(None, min=1)  # null: the model's training_seqlen minus max_tokens
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # a request's defaults
+    lifetime: float | None = setting(None, gt=0)  # seconds after which the server stops by itself; null: never
+
+
+@dataclass
 class MergeModelConfig:
     path: str | None = None  # the base; null: the adapter's base_model_name_or_path
 
@@ -246,7 +268,13 @@ class InspectConfig:
     seed: int = setting(42, min=0, max=MAX_SEED)
 
 
-SCHEMAS: dict[str, type] = {"train": TrainConfig, "chat": ChatConfig, "merge": MergeConfig, "inspect": InspectConfig}
+SCHEMAS: dict[str, type] = {
+    "train": TrainConfig,
+    "chat": ChatConfig,
+    "merge": MergeConfig,
+    "inspect": InspectConfig,
+    "serve": ServeConfig,
+}
 
 
 def register_schemas() -> None:

@@ -1,0 +1,149 @@
+"""One base model in memory with several LoRA / DoRA adapters (PEFT's multi-adapter PeftModel), each served under
+its own name, the base under its own. Generation is chat's (HuggingFaceEngine.stream: the same generate call and
+streamer), one request at a time under a lock; the adapter is chosen with `set_adapter`, the base is run with
+`disable_adapter()`."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from telechat_lab.chat.engines import HuggingFaceEngine
+from telechat_lab.errors import ConfigError
+from telechat_lab.tokenizer import EOS_ID
+
+
+def served_adapters(adapters) -> dict[str, str]:
+    """`adapters` ({name: dir}, a list of dirs, or one dir) as {name: dir}; a directory's name names it."""
+    if adapters in (None, "", [], {}):
+        return {}
+    if isinstance(adapters, dict):
+        return {str(name): str(path) for name, path in adapters.items()}
+    paths = [adapters] if isinstance(adapters, str) else list(adapters)
+    named: dict[str, str] = {}
+    for path in paths:
+        name = Path(str(path).rstrip("/")).name
+        if name in named:
+            raise ConfigError(
+                f"adapters: two adapters are named '{name}' ({named[name]} and {path}); "
+                "name them yourself: adapters={a: DIR, b: DIR}"
+            )
+        named[name] = str(path)
+    return named
+
+
+@dataclass
+class Generation:
+    """One request's generation: the ids generate produced (the prompt's first), and how it ended."""
+
+    prompt_tokens: int
+    max_new_tokens: int
+    ids: list[int] = field(default_factory=list)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+
+    @property
+    def completion_ids(self) -> list[int]:
+        return self.ids[self.prompt_tokens :]
+
+    @property
+    def finish_reason(self) -> str:
+        out = self.completion_ids
+        return "stop" if (out and out[-1] == EOS_ID) or len(out) < self.max_new_tokens else "length"
+
+
+class _Recorded:
+    """The streamer generate writes to, recording every id it is given."""
+
+    def __init__(self, streamer, job: Generation):
+        self.streamer, self.job = streamer, job
+
+    def put(self, value):
+        self.job.ids += value.reshape(-1).tolist()
+        self.streamer.put(value)
+
+    def end(self):
+        self.streamer.end()
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class MultiAdapterEngine(HuggingFaceEngine):
+    def __init__(
+        self,
+        base: Path,
+        base_name: str,
+        adapters: dict[str, Path],
+        dtype: str = "auto",
+        attn_implementation: str = "auto",
+        device: str = "auto",
+    ):
+        from telechat_lab.model.loading import load_model, resolve_attention, resolve_dtype
+        from telechat_lab.tokenizer import load_tokenizer
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        on_cuda = device.startswith("cuda")
+        model = load_model(base, resolve_dtype(dtype, on_cuda=on_cuda), resolve_attention(attn_implementation, on_cuda))
+        if adapters:
+            from peft import PeftModel
+
+            (first, path), *others = adapters.items()
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=first)
+            for name, path in others:
+                model.load_adapter(str(path), adapter_name=name)
+        self.model = model.to(device).eval()
+        self.tokenizer = load_tokenizer(base)
+        self.device = device
+        self.max_length = model.config.training_seqlen
+        self.base_name = base_name
+        self.names = [base_name, *adapters]
+        self._lock = threading.Lock()
+        self._job: Generation | None = None
+
+    def generate(self, name: str, prompt_ids: list[int], generation: dict) -> tuple[Generation, Iterator[str]]:
+        """(the record of this generation, its text as it comes). Requests wait their turn; closing the iterator
+        early stops the generation after its current token."""
+        job = Generation(len(prompt_ids), int(generation.get("max_new_tokens", 512)))
+        return job, self._run(job, name, prompt_ids, generation)
+
+    def _run(self, job: Generation, name: str, prompt_ids: list[int], generation: dict) -> Iterator[str]:
+        with self._lock:
+            self._job = job
+            try:
+                if name == self.base_name:
+                    chosen = self.model.disable_adapter() if len(self.names) > 1 else nullcontext()
+                else:
+                    self.model.set_adapter(name)
+                    chosen = nullcontext()
+                with chosen:
+                    try:
+                        yield from self.stream(prompt_ids, generation)
+                    finally:  # the client left, or it failed: the generation thread ends before the next one
+                        job.cancel.set()
+                        if job.started:
+                            job.done.wait()
+            finally:
+                self._job = None
+
+    def _generate(self, inputs, streamer, kwargs, errors):
+        job = self._job
+        job.started = True
+        try:
+            stop = StoppingCriteriaList([_Cancelled(job.cancel)])
+            super()._generate(inputs, _Recorded(streamer, job), {**kwargs, "stopping_criteria": stop}, errors)
+        finally:
+            job.done.set()
