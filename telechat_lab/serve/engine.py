@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from telechat_lab.chat.engines import HuggingFaceEngine
 from telechat_lab.errors import ConfigError
@@ -45,7 +44,6 @@ class Generation:
     prompt_tokens: int
     max_new_tokens: int
     ids: list[int] = field(default_factory=list)
-    cancel: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     started: bool = False
 
@@ -71,14 +69,6 @@ class _Recorded:
 
     def end(self):
         self.streamer.end()
-
-
-class _Cancelled(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class MultiAdapterEngine(HuggingFaceEngine):
@@ -133,17 +123,16 @@ class MultiAdapterEngine(HuggingFaceEngine):
                     try:
                         yield from self.stream(prompt_ids, generation)
                     finally:  # the client left, or it failed: the generation thread ends before the next one
-                        job.cancel.set()
                         if job.started:
                             job.done.wait()
             finally:
                 self._job = None
 
-    def _generate(self, inputs, streamer, kwargs, errors):
+    def _generate(self, inputs, streamer, kwargs, stop, errors):
+        # `stop` is set by chat's stream() when its reader stops (the client left): generation ends at its next token
         job = self._job
         job.started = True
         try:
-            stop = StoppingCriteriaList([_Cancelled(job.cancel)])
-            super()._generate(inputs, _Recorded(streamer, job), {**kwargs, "stopping_criteria": stop}, errors)
+            super()._generate(inputs, _Recorded(streamer, job), kwargs, stop, errors)
         finally:
             job.done.set()
