@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import QUICK, REPO, run_train, train_cli, tree_snapshot
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from telechat_lab.errors import OutputDirError
 from telechat_lab.training import rundir
@@ -46,6 +47,16 @@ def held_by_another_process(directory: Path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def train_in(out: Path, *overrides: str) -> dict:
+    """run_train for any path (quoted for Hydra)."""
+    from helpers import compose_train
+
+    from telechat_lab.training.run import override_value, train
+
+    overrides = [*QUICK, *overrides, f"output_dir={override_value(str(out))}", f"data.cache_dir={out.parent}/cache"]
+    return train(compose_train(overrides), overrides)
 
 
 def cli(tmp_path, *args):
@@ -235,7 +246,7 @@ def test_settings_from_the_environment_stay_unresolved_in_what_the_run_writes(tm
     secret = "logger.csv.name=${oc.env:MYTOKEN}"
     mask = os.umask(0o027)
     try:
-        run_train(out, "trainer.max_steps=2", secret)
+        train_in(out, "trainer.max_steps=2", secret)
     finally:
         os.umask(mask)
     written = tree_snapshot(out)
@@ -247,8 +258,10 @@ def test_settings_from_the_environment_stay_unresolved_in_what_the_run_writes(tm
     assert {oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()} == {"0o640"}
 
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("resume:"))
-    assert shlex.split(line.split(":", 1)[1])[2:] == [f"output_dir={out}", "resume=true"]
-    assert run_train(out, "trainer.max_steps=3", "resume=true")["steps"] == 3  # resolved again
+    command = shlex.split(line.split(":", 1)[1])  # as a shell reads the line pasted
+    assert command[:2] == ["python", "train.py"] and command[3] == "resume=true"
+    assert OverridesParser.create().parse_override(command[2]).value() == str(out)  # and Hydra the override
+    assert train_in(out, "trainer.max_steps=3", "resume=true")["steps"] == 3  # resolved again
     assert not [name for name, data in tree_snapshot(out).items() if token.encode() in data]
 
 

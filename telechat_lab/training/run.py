@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -50,8 +51,18 @@ def train_command() -> str:
 
 
 def resume_command(output_dir: Path) -> str:
-    """The command that continues the run in `output_dir`, quoted to paste back into a shell."""
-    return f"{train_command()} {shlex.quote(f'output_dir={output_dir}')} resume=true"
+    """The command that continues the run in `output_dir`, quoted to paste back into a shell (and for Hydra)."""
+    return f"{train_command()} {shlex.quote(f'output_dir={override_value(str(output_dir))}')} resume=true"
+
+
+def override_value(text: str) -> str:
+    """`text` as the value of a Hydra override: as it is where Hydra reads it so, else quoted."""
+    if re.fullmatch(r"[\w/.+%@~-]+", text):
+        return text
+    escaped = re.sub(
+        r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text
+    )  # Hydra reads a backslash as one but before a quote
+    return "'" + escaped.replace("'", "\\'").replace("${", "\\${") + "'"
 
 
 def requeued_by_slurm() -> bool:
