@@ -131,6 +131,7 @@ def overwrite_faults(args, rng: random.Random, work: Path, common: list[str]) ->
         shutil.copytree(old, out, symlinks=True)
         kill_after = rng.uniform(0.05, 0.65) * duration  # the timing run ends later than most (a busy machine)
         code, err = run_with_kill([*again, f"output_dir={out}"], work, kill_after)
+        how = "killed" if code is None else "it had ended"
         if code not in (None, 0):
             print(f"try {n}: the overwrite=true run failed ({code}):\n{err[-2000:]}", flush=True)
             figures["broken"] += 1
@@ -148,7 +149,7 @@ def overwrite_faults(args, rng: random.Random, work: Path, common: list[str]) ->
         ok = code == 0 and (out / "final_metrics.json").is_file() and not interrupted_overwrite(out)
         figures["next_failed" if not ok else "survived"] += 1
         print(
-            f"try {n}: killed after {kill_after:.1f} s ({'killed' if code is None else 'had ended'}): {state}; "
+            f"try {n}: killed after {kill_after:.1f} s ({how}): {state}; "
             f"the next command ({nxt[-1]}) {'succeeded' if ok else f'FAILED ({code}): ' + err[-1500:]}",
             flush=True,
         )

@@ -59,9 +59,8 @@ def override_value(text: str) -> str:
     """`text` as the value of a Hydra override: as it is where Hydra reads it so, else quoted."""
     if re.fullmatch(r"[\w/.+%@~-]+", text):
         return text
-    escaped = re.sub(
-        r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text
-    )  # Hydra reads a backslash as one but before a quote
+    # Hydra reads a backslash as itself, but before a quote (or the closing one) as an escape
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
     return "'" + escaped.replace("'", "\\'").replace("${", "\\${") + "'"
 
 
