@@ -111,6 +111,26 @@ def run_snapshot(directory: Path) -> dict[str, bytes]:
     return files
 
 
+def wait_for_set_aside(proc: subprocess.Popen, directory: Path) -> float:
+    """The moment the overwrite=true run in `directory` has set the earlier run aside (or ended)."""
+    from telechat_lab.training.rundir import REPLACED, REPLACING
+
+    while proc.poll() is None and not any((directory / name).exists() for name in (REPLACING, REPLACED)):
+        time.sleep(0.01)
+    return time.perf_counter()
+
+
+def kill_at(proc: subprocess.Popen, delay: float) -> tuple[int | None, str]:
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return None, ""
+    _, err = proc.communicate()
+    return proc.returncode, err
+
+
 def overwrite_faults(args, rng: random.Random, work: Path, common: list[str]) -> dict:
     sys.path.insert(0, str(REPO))
     from telechat_lab.training.rundir import has_checkpoint, interrupted_overwrite, recover_interrupted_overwrite
@@ -122,15 +142,24 @@ def overwrite_faults(args, rng: random.Random, work: Path, common: list[str]) ->
     again = [*common, "seed=1", "overwrite=true"]
     shutil.rmtree(work / "timing", ignore_errors=True)
     shutil.copytree(old, work / "timing", symlinks=True)
-    duration = run_to_end([*again, f"output_dir={work / 'timing'}"], work)  # how long an overwrite=true run takes
-    print(f"an overwrite=true run: {duration:.1f} s", flush=True)
+    start, proc = time.perf_counter(), launch([*again, f"output_dir={work / 'timing'}"], work)
+    aside = wait_for_set_aside(proc, work / "timing") - start  # how long it starts, and then trains
+    proc.communicate()
+    duration = time.perf_counter() - start
+    print(f"an overwrite=true run: {duration:.1f} s, the earlier run set aside after {aside:.1f} s", flush=True)
     figures = {"tries": args.tries, "old_intact": 0, "new_resumable": 0, "broken": 0, "next_failed": 0, "survived": 0}
     for n in range(args.tries):
         out = work / f"try-{n}"
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(old, out, symlinks=True)
-        kill_after = rng.uniform(0.05, 0.65) * duration  # the timing run ends later than most (a busy machine)
-        code, err = run_with_kill([*again, f"output_dir={out}"], work, kill_after)
+        # mostly after the earlier run was set aside (the new run starts, trains, deletes it), sometimes before
+        before = rng.random() < 0.25
+        delay = rng.uniform(0.2, 1.0) * aside if before else rng.uniform(0.0, 1.1) * (duration - aside)
+        proc, start = launch([*again, f"output_dir={out}"], work), time.perf_counter()
+        if not before:
+            wait_for_set_aside(proc, out)
+        code, err = kill_at(proc, delay)
+        kill_after = time.perf_counter() - start
         how = "killed" if code is None else "it had ended"
         if code not in (None, 0):
             print(f"try {n}: the overwrite=true run failed ({code}):\n{err[-2000:]}", flush=True)

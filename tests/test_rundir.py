@@ -282,3 +282,19 @@ def test_an_output_dir_that_cannot_be_one_is_one_message_and_changes_nothing(tmp
         with pytest.raises(OutputDirError, match=message):
             prepare(cfg, overrides)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and taken.read_text() == "a file"
+
+
+def test_a_read_only_location_is_one_message_and_changes_nothing(tmp_path, monkeypatch):
+    import errno
+
+    def refused(self, *args, **kwargs):  # what a read-only parent gives (these tests may run as root)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(OutputDirError, match=r"output_dir=.*/a/run cannot be created \(Permission denied: .*/a\)"):
+        claim(tmp_path / "a" / "run")
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(OutputDirError, match=rf"output_dir={tmp_path} is not writable"):
+        claim(tmp_path)
+    assert list(tmp_path.iterdir()) == []
