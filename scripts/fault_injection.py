@@ -165,17 +165,22 @@ def overwrite_faults(args, rng: random.Random, work: Path, common: list[str]) ->
             print(f"try {n}: the overwrite=true run failed ({code}):\n{err[-2000:]}", flush=True)
             figures["broken"] += 1
             continue
-        recover_interrupted_overwrite(out)  # what the next command does first
-        intact = run_snapshot(out) == old_files
-        resumable = not intact and not interrupted_overwrite(out) and has_checkpoint(out)
+        probe = work / "probe"  # what the next command finds, once it has done what it does first (on a copy:
+        shutil.rmtree(probe, ignore_errors=True)  # the next command itself recovers `out`)
+        shutil.copytree(out, probe, symlinks=True)
+        recover_interrupted_overwrite(probe)
+        intact = run_snapshot(probe) == old_files
+        resumable = not intact and not interrupted_overwrite(probe) and has_checkpoint(probe)
         state = "old run intact" if intact else "new run resumable" if resumable else "BROKEN"
         figures["old_intact" if intact else "new_resumable" if resumable else "broken"] += int(True)
         if not (intact or resumable):
-            print(f"try {n}: killed after {kill_after:.1f} s: {state}: {sorted(run_snapshot(out))}", flush=True)
+            print(f"try {n}: killed after {kill_after:.1f} s: {state}: {sorted(run_snapshot(probe))}", flush=True)
             continue
         nxt = [*again, f"output_dir={out}"] if intact else [f"output_dir={out}", "resume=true"]
         code, err = run_with_kill(nxt, work, None)
         ok = code == 0 and (out / "final_metrics.json").is_file() and not interrupted_overwrite(out)
+        if ok and intact:  # the earlier run was what it found: the new run replaced it
+            ok = (out / "config.yaml").read_bytes() != old_files["config.yaml"]
         figures["next_failed" if not ok else "survived"] += 1
         print(
             f"try {n}: killed after {kill_after:.1f} s ({how}): {state}; "

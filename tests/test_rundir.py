@@ -229,10 +229,10 @@ def test_after_an_interrupted_overwrite_both_overwrite_and_resume_work(tmp_path)
             metrics = run_train(out, "trainer.max_steps=1", "seed=3", "overwrite=true")
             assert metrics["steps"] == 1 and not interrupted_overwrite(out)
             assert "seed: 3" in (out / "config.yaml").read_text()
-        else:
-            recover_interrupted_overwrite(out)
-            assert snapshot(out) == old  # the earlier run, intact (its config.yaml not the killed attempt's)
+        else:  # the earlier run is back first (its config.yaml, not the killed attempt's), then continued
             assert run_train(out, "trainer.max_steps=3", "resume=true")["steps"] == 3
+            assert (out / "run.json").read_bytes() == old["run.json"]  # not the killed attempt's
+            assert (out / "checkpoints" / "step-0000003.ckpt").is_file() and not interrupted_overwrite(out)
 
 
 # ------------------------------------------------------------------------ 9, printed commands, file modes
