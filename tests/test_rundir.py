@@ -112,6 +112,22 @@ def test_a_second_command_on_a_run_directory_in_use_is_refused_and_deletes_nothi
 
 
 @pytest.mark.slow
+def test_a_launched_ddp_worker_does_not_take_the_lock_its_parent_holds(tmp_path, monkeypatch):
+    from helpers import compose_train
+
+    from telechat_lab.training.run import OUTPUT_ENV, prepare
+    from telechat_lab.training.runlock import held
+
+    out = tmp_path / "run"
+    overrides = [*QUICK, f"data.cache_dir={tmp_path}/cache", f"output_dir={out}"]
+    with held_by_another_process(out):  # as rank 0 holds it
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        monkeypatch.setenv(OUTPUT_ENV, str(out))
+        assert prepare(compose_train(overrides), overrides).output_dir == out
+        assert held() == []
+
+
+@pytest.mark.slow
 def test_a_second_sweep_into_a_sweep_directory_in_use_is_refused(tmp_path):
     from omegaconf import OmegaConf
 
