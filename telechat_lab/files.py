@@ -68,11 +68,12 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def usual_modes(directory: Path) -> None:
-    """Give what a library wrote into `directory` the usual permissions (0666 less the umask; executables and
-    directories 0777 less it): some write through private temporary files, which would leave results 0600."""
+def usual_modes(written: Path) -> None:
+    """Give a file, or a directory and everything in it, that a library wrote the usual permissions (0666 less the
+    umask; executables and directories 0777 less it): some write through private temporary files (results would
+    be 0600), some apply the umask they saw first in the process."""
     mask = _umask()
-    for path in [directory, *directory.rglob("*")]:
+    for path in [written, *written.rglob("*")] if written.is_dir() else [written]:
         if path.is_symlink():
             continue
         mode = path.stat().st_mode

@@ -30,7 +30,7 @@ import torch
 
 from telechat_lab.console import without_transformers_bars
 from telechat_lab.errors import CheckpointError, NonFiniteLoss
-from telechat_lab.files import TEMP_PREFIX, remove_stale_temporaries, staged_dir, staged_files
+from telechat_lab.files import TEMP_PREFIX, remove_stale_temporaries, staged_dir, staged_files, usual_modes
 
 log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
@@ -138,6 +138,7 @@ class RunCheckpoints(L.Callback):
         trainer.save_checkpoint(staging)  # every rank takes part (sharded strategies); ends with a barrier
         state = self._gathered(trainer, pl_module)
         if trainer.is_global_zero:
+            usual_modes(staging)
             os.replace(staging, final)
             with staged_dir(self.output_dir / f"checkpoint-{step}") as directory:
                 self.save_pretrained(pl_module, directory, state)
