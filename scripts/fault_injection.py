@@ -2,6 +2,7 @@
 adapter the uninterrupted run ends with.
 
     python scripts/fault_injection.py --tries 20 [--steps 12] [--seed 0] [--work DIR] [--json FILE]
+    python scripts/fault_injection.py --target overwrite --tries 10 [...]
 
 A baseline run trains the tiny model for `--steps` optimizer steps with a checkpoint at every step
 (save_steps=1). Each try starts the same run in a directory of its own and kills it (SIGKILL, nothing can be
@@ -10,6 +11,12 @@ checkpoint (mostly during training and checkpoint writes). It is then continued 
 again with `overwrite=true` if it was killed before its first checkpoint), and each continuation may itself be
 killed at random, until one finishes. Its final adapter is compared with the baseline's, tensor by tensor, for
 exact equality. Figures: tries, survived (finished with the baseline's adapter), mismatches, kills, restarts.
+
+`--target overwrite`: a finished run is started again with `overwrite=true` (another seed) and killed at a random
+moment of it (while the earlier run is set aside, while the new one starts or trains, while the earlier one is
+deleted). What the next command finds first (`recover_interrupted_overwrite`) must then be either the earlier run,
+intact byte for byte, or a new run that `resume=true` continues to its end; the next command (`overwrite=true`
+again, or `resume=true`) must succeed. Figures: tries, old_intact, new_resumable, broken, next_failed, survived.
 """
 
 from __future__ import annotations
@@ -90,6 +97,101 @@ def same_adapter(a: Path, b: Path) -> bool:
     return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
 
 
+def run_snapshot(directory: Path) -> dict[str, bytes]:
+    """A run's own files (not Hydra's logs and .hydra of the command that ran last, not the lock file)."""
+    sys.path.insert(0, str(REPO))
+    from telechat_lab.training.rundir import run_files
+
+    files = {}
+    for name in run_files(directory):
+        top = directory / name
+        for path in [top, *sorted(top.rglob("*"))] if top.is_dir() else [top]:
+            if path.is_file():
+                files[str(path.relative_to(directory))] = path.read_bytes()
+    return files
+
+
+def wait_for_set_aside(proc: subprocess.Popen, directory: Path) -> float:
+    """The moment the overwrite=true run in `directory` has set the earlier run aside (or ended)."""
+    from telechat_lab.training.rundir import REPLACED, REPLACING
+
+    while proc.poll() is None and not any((directory / name).exists() for name in (REPLACING, REPLACED)):
+        time.sleep(0.01)
+    return time.perf_counter()
+
+
+def kill_at(proc: subprocess.Popen, delay: float) -> tuple[int | None, str]:
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return None, ""
+    _, err = proc.communicate()
+    return proc.returncode, err
+
+
+def overwrite_faults(args, rng: random.Random, work: Path, common: list[str]) -> dict:
+    sys.path.insert(0, str(REPO))
+    from telechat_lab.training.rundir import has_checkpoint, interrupted_overwrite, recover_interrupted_overwrite
+
+    old = work / "old-run"
+    shutil.rmtree(old, ignore_errors=True)
+    run_to_end([*common, f"output_dir={old}"], work)
+    old_files = run_snapshot(old)
+    again = [*common, "seed=1", "overwrite=true"]
+    shutil.rmtree(work / "timing", ignore_errors=True)
+    shutil.copytree(old, work / "timing", symlinks=True)
+    start, proc = time.perf_counter(), launch([*again, f"output_dir={work / 'timing'}"], work)
+    aside = wait_for_set_aside(proc, work / "timing") - start  # how long it starts, and then trains
+    proc.communicate()
+    duration = time.perf_counter() - start
+    print(f"an overwrite=true run: {duration:.1f} s, the earlier run set aside after {aside:.1f} s", flush=True)
+    figures = {"tries": args.tries, "old_intact": 0, "new_resumable": 0, "broken": 0, "next_failed": 0, "survived": 0}
+    for n in range(args.tries):
+        out = work / f"try-{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(old, out, symlinks=True)
+        # mostly after the earlier run was set aside (the new run starts, trains, deletes it), sometimes before
+        before = rng.random() < 0.25
+        delay = rng.uniform(0.2, 1.0) * aside if before else rng.uniform(0.0, 1.1) * (duration - aside)
+        proc, start = launch([*again, f"output_dir={out}"], work), time.perf_counter()
+        if not before:
+            wait_for_set_aside(proc, out)
+        code, err = kill_at(proc, delay)
+        kill_after = time.perf_counter() - start
+        how = "killed" if code is None else "it had ended"
+        if code not in (None, 0):
+            print(f"try {n}: the overwrite=true run failed ({code}):\n{err[-2000:]}", flush=True)
+            figures["broken"] += 1
+            continue
+        probe = work / "probe"  # what the next command finds, once it has done what it does first (on a copy:
+        shutil.rmtree(probe, ignore_errors=True)  # the next command itself recovers `out`)
+        shutil.copytree(out, probe, symlinks=True)
+        recover_interrupted_overwrite(probe)
+        intact = run_snapshot(probe) == old_files
+        resumable = not intact and not interrupted_overwrite(probe) and has_checkpoint(probe)
+        state = "old run intact" if intact else "new run resumable" if resumable else "BROKEN"
+        figures["old_intact" if intact else "new_resumable" if resumable else "broken"] += int(True)
+        if not (intact or resumable):
+            print(f"try {n}: killed after {kill_after:.1f} s: {state}: {sorted(run_snapshot(probe))}", flush=True)
+            continue
+        nxt = [*again, f"output_dir={out}"] if intact else [f"output_dir={out}", "resume=true"]
+        code, err = run_with_kill(nxt, work, None)
+        ok = code == 0 and (out / "final_metrics.json").is_file() and not interrupted_overwrite(out)
+        if ok and intact:  # the earlier run was what it found: the new run replaced it
+            ok = (out / "config.yaml").read_bytes() != old_files["config.yaml"]
+        figures["next_failed" if not ok else "survived"] += 1
+        print(
+            f"try {n}: killed after {kill_after:.1f} s ({how}): {state}; "
+            f"the next command ({nxt[-1]}) {'succeeded' if ok else f'FAILED ({code}): ' + err[-1500:]}",
+            flush=True,
+        )
+        if ok:
+            shutil.rmtree(out, ignore_errors=True)
+    return figures
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tries", type=int, default=20)
@@ -97,11 +199,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="where the runs go (default: a temporary dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--target", choices=("checkpoints", "overwrite"), default="checkpoints")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     work = Path(args.work or tempfile.mkdtemp(prefix="fault-injection-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     common = [*RUN, f"trainer.max_steps={args.steps}", f"data.cache_dir={work / 'cache'}"]
+    if args.target == "overwrite":
+        return report(overwrite_faults(args, rng, work, common), args, argv)
 
     baseline = work / "baseline"
     shutil.rmtree(baseline, ignore_errors=True)
@@ -137,6 +242,10 @@ def main(argv: list[str] | None = None) -> dict:
         figures["survived" if ok else "mismatches"] += 1
         print(f"try {n}: {kills} kill(s), {'same adapter' if ok else 'DIFFERENT adapter'}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
+    return report(figures, args, argv)
+
+
+def report(figures: dict, args, argv: list[str] | None) -> dict:
     figures["command"] = "python scripts/fault_injection.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(json.dumps(figures, indent=2))
     if args.json:

@@ -68,6 +68,19 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def usual_modes(written: Path) -> None:
+    """Give a file, or a directory and everything in it, that a library wrote the usual permissions (0666 less the
+    umask; executables and directories 0777 less it): some write through private temporary files (results would
+    be 0600), some apply the umask they saw first in the process."""
+    mask = _umask()
+    for path in [written, *written.rglob("*")] if written.is_dir() else [written]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        executable = path.is_dir() or mode & 0o111
+        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -81,9 +94,9 @@ def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}-", dir=final.parent))
-    os.chmod(staging, 0o777 & ~_umask())
     try:
         yield staging
+        usual_modes(staging)
         if final.exists():
             old = final.with_name(f"{TEMP_PREFIX}{final.name}-old-{os.getpid()}")
             os.replace(final, old)
@@ -105,6 +118,7 @@ def staged_files(target: str | os.PathLike) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=target))
     try:
         yield staging
+        usual_modes(staging)
         for item in staging.iterdir():
             destination = target / item.name
             if destination.is_dir() and not destination.is_symlink():

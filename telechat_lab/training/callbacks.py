@@ -7,7 +7,6 @@ import io
 import math
 import os
 import resource
-import shutil
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
 from telechat_lab.files import atomic_write_text
-from telechat_lab.training.rundir import REPLACED
+from telechat_lab.training.rundir import discard_replaced_run, has_checkpoint
 
 
 class SpeedAndMemory(L.Callback):
@@ -240,12 +239,21 @@ class StepsProgressBar(RichProgressBar):
 
 
 class DiscardReplacedRun(L.Callback):
-    """overwrite=true: the earlier run, set aside, is deleted once the new run has trained its first step."""
+    """overwrite=true: the earlier run, set aside, is deleted once the new run has trained a step and written a
+    resumable checkpoint (until then an interruption puts the earlier run back), at the latest when training ends."""
 
     def __init__(self, output_dir: Path):
         self.output_dir, self.done = output_dir, False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not self.done and trainer.global_step >= 1:
-            shutil.rmtree(self.output_dir / REPLACED, ignore_errors=True)
-            self.done = True
+        if not self.done and trainer.global_step >= 1 and has_checkpoint(self.output_dir):
+            self._discard(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        if not self.done and has_checkpoint(self.output_dir):
+            self._discard(trainer)
+
+    def _discard(self, trainer) -> None:
+        if trainer.is_global_zero:
+            discard_replaced_run(self.output_dir)
+        self.done = True

@@ -30,7 +30,14 @@ import torch
 
 from telechat_lab.console import without_transformers_bars
 from telechat_lab.errors import CheckpointError, NonFiniteLoss
-from telechat_lab.files import TEMP_PREFIX, remove_stale_temporaries, staged_dir, staged_files, write_json
+from telechat_lab.files import (
+    TEMP_PREFIX,
+    remove_stale_temporaries,
+    staged_dir,
+    staged_files,
+    usual_modes,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
@@ -139,6 +146,7 @@ class RunCheckpoints(L.Callback):
         state = self._gathered(trainer, pl_module)
         if trainer.is_global_zero:
             write_json(meta_file(final), {"step": step, "run_id": self.run_id})  # read on resume, never unpickled
+            usual_modes(staging)
             os.replace(staging, final)
             with staged_dir(self.output_dir / f"checkpoint-{step}") as directory:
                 self.save_pretrained(pl_module, directory, state)

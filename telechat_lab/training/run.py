@@ -3,9 +3,10 @@ what a resume continues), build (data, model, trainer), fit, report (the final m
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import re
+import shlex
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +20,6 @@ from telechat_lab.errors import ConfigError, Interrupted, OutputDirError
 log = logging.getLogger(__name__)
 OUTPUT_ENV = "TELECHAT_LAB_OUTPUT_DIR"  # pins output_dir for the processes a DDP launcher starts
 COMMAND_ENV = "TELECHAT_LAB_COMMAND"  # how the command was started (set by telechat_lab.cli)
-NEW_DIR_ENV = "TELECHAT_LAB_NEW_OUTPUT_DIR"  # the output directory this command creates (it held no run)
 
 
 @dataclass
@@ -34,6 +34,10 @@ class Run:
     checkpoint: Path | None = None  # what a resume continues from
     overrides: list[str] = field(default_factory=list)  # the command line's, for names (wandb, sweeps)
     parts: dict = field(default_factory=dict)
+    recorded: dict | None = None  # `values` as written and logged: settings from the environment unresolved
+
+    def __post_init__(self):
+        self.recorded = self.values if self.recorded is None else self.recorded
 
 
 def launched_worker() -> bool:
@@ -44,6 +48,20 @@ def launched_worker() -> bool:
 def train_command() -> str:
     """How this run was started ("python train.py" or "telechat-lab train"), for the commands it prints."""
     return os.environ.get(COMMAND_ENV, "python train.py")
+
+
+def resume_command(output_dir: Path) -> str:
+    """The command that continues the run in `output_dir`, quoted to paste back into a shell (and for Hydra)."""
+    return f"{train_command()} {shlex.quote(f'output_dir={override_value(str(output_dir))}')} resume=true"
+
+
+def override_value(text: str) -> str:
+    """`text` as the value of a Hydra override: as it is where Hydra reads it so, else quoted."""
+    if re.fullmatch(r"[\w/.+%@~-]+", text):
+        return text
+    # Hydra reads a backslash as itself, but before a quote (or the closing one) as an escape
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
+    return "'" + escaped.replace("'", "\\'").replace("${", "\\${") + "'"
 
 
 def requeued_by_slurm() -> bool:
@@ -96,8 +114,12 @@ def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None) -> Run:
 
     from .checkpoints import newest_checkpoint
     from .rundir import (
+        CONFIG_FILE,
         check_output_dir,
+        check_outside,
         read_run_record,
+        recorded_values,
+        resolved_values,
         resumed_settings,
         run_files,
         run_id,
@@ -108,6 +130,7 @@ def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None) -> Run:
     overrides = hydra_overrides() if overrides is None else list(overrides)
     validate(cfg)  # every problem at once, before anything is loaded or written
     values = config_values(cfg)
+    raw = _unresolved(cfg)
     output_dir = resolve_output_dir(values["output_dir"])
     if isinstance(cfg, DictConfig):  # loggers write under the run's own directory (a sweep job's, ...)
         cfg = cfg.copy()
@@ -122,6 +145,10 @@ def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None) -> Run:
     values["output_dir"] = str(output_dir)
 
     worker = launched_worker()
+    protected = {"model.path": model_dir, "data.dataset_dir": data_dir}
+    if not worker:  # from here on the directory is this process's (see runlock)
+        check_outside(output_dir, protected)
+        claim_output_dir(output_dir)
     resume = bool(values["resume"])
     if (
         not resume
@@ -131,11 +158,13 @@ def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None) -> Run:
     ):
         log.warning("SLURM requeued this job: resuming the run in %s", output_dir)
         resume = values["resume"] = True
-    if not worker:
-        protected = {"model.path": model_dir, "data.dataset_dir": data_dir}
-        check_output_dir(output_dir, resume=resume, overwrite=bool(values["overwrite"]), protected=protected)
+    if not worker:  # under the lock: what is there now is what it was checked against
+        check_output_dir(output_dir, resume=resume, overwrite=bool(values["overwrite"]), protected={})
+    recorded = recorded_values(values, raw)
     if resume:
-        values = resumed_settings(output_dir, values, overrides)
+        recorded = resumed_settings(output_dir, recorded, overrides)
+        values = resolved_values(recorded, output_dir / CONFIG_FILE)
+        values["resume"] = True
         validate(values)
     identity = run_id(values)
     checkpoint = None
@@ -149,12 +178,39 @@ def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None) -> Run:
     if not worker:
         if values["overwrite"] and run_files(output_dir):
             set_aside_run(output_dir)
-        _write_settings(output_dir, values)
+        _write_settings(output_dir, recorded)
         if not resume:
             write_run_record(output_dir, values, overrides)
     os.environ[OUTPUT_ENV] = str(output_dir)
     settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), values))
-    return Run(settings, values, output_dir, model_dir, identity, checkpoint, overrides)
+    return Run(settings, values, output_dir, model_dir, identity, checkpoint, overrides, recorded=recorded)
+
+
+def _unresolved(cfg: DictConfig | dict) -> dict:
+    if isinstance(cfg, dict):
+        return cfg
+    return {key: value for key, value in OmegaConf.to_container(cfg, resolve=False).items() if key != "hydra"}
+
+
+def claim_output_dir(directory: Path, check=None) -> None:
+    """Take the run directory for this process (runlock) and finish an overwrite=true that was interrupted there;
+    then `check()` (the output directory's rules, under the lock). On a refusal what the claim made goes again."""
+    import sys
+
+    from .rundir import recover_interrupted_overwrite
+    from .runlock import claim
+
+    owner = claim(directory)
+    try:
+        note = recover_interrupted_overwrite(directory)
+        if note:
+            print(f"note: {note}", file=sys.stderr, flush=True)
+        if check is not None:
+            check()
+    except BaseException:
+        owner.undo()
+        owner.release()
+        raise
 
 
 def _write_settings(output_dir: Path, values: dict) -> None:
@@ -254,14 +310,14 @@ def build(run: Run) -> None:
     for logger in loggers:  # Lightning passes wandb an `anonymous` setting that wandb >= 0.19 warns has no effect
         getattr(logger, "_wandb_init", {}).pop("anonymous", None)
     for logger in loggers:
-        logger.log_hyperparams(run.values)
+        logger.log_hyperparams(run.recorded)
     checkpoints = RunCheckpoints(
         run.output_dir,
         run.model_dir,
         run.run_id,
         s.save_steps,
         s.save_total_limit,
-        OmegaConf.to_yaml(OmegaConf.create(run.values)),
+        OmegaConf.to_yaml(OmegaConf.create(run.recorded)),
     )
     plot = LossPlot(run.output_dir, s.plot_loss)
     callbacks = [hydra.utils.instantiate(v) for v in (s.callbacks or {}).values() if v is not None]
@@ -350,7 +406,7 @@ def report(run: Run) -> dict:
         f"{run.output_dir / 'checkpoints'}",
         f"loss plot:  {run.output_dir / 'training_loss.png'}",
         f"metrics:    {csv_dir / 'metrics.csv' if csv_dir else 'no CSV file (no CSV logger: logger=none?)'}",
-        f"resume:     {train_command()} output_dir={run.output_dir} resume=true",
+        f"resume:     {resume_command(run.output_dir)}",
     ]
     print("\n" + "\n".join(lines), flush=True)
     return metrics
@@ -371,13 +427,15 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
     """train.py, before Hydra starts (and writes into the output directory): every config problem at once, then
     the output directory's rules; a problem is printed and exits 2."""
     import sys
+    from functools import partial
 
     from telechat_lab.config import check_command_line as check_config
     from telechat_lab.data.pipeline import resolved_dataset_dir
     from telechat_lab.errors import reported
     from telechat_lab.resolve import model_dir
 
-    from .rundir import check_output_dir, check_outside, run_files
+    from .rundir import check_output_dir, check_outside, interrupted_overwrite
+    from .runlock import check_free, claim
 
     cfg = check_config(argv, conf_dir, "train")
     if cfg is None:
@@ -406,42 +464,34 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
         if given and "${" not in given[-1]:
             with reported():  # a sweep's directory holds its jobs' own: only where it lies is checked
                 check_outside(resolve_output_dir(given[-1]), protected)
+                claim(resolve_output_dir(given[-1]), "hydra.sweep.dir").undoable = False  # one sweep at a time
         return
     if requeued_by_slurm() and not values["resume"]:
         return  # prepare() resumes the run when it is this command's own, and refuses otherwise
     with reported():
         directory = resolve_output_dir(values["output_dir"])
-        check_output_dir(directory, resume=values["resume"], overwrite=values["overwrite"], protected=protected)
-    if not values["resume"] and not run_files(directory):  # what is there now (not a run) is what a failure leaves
-        existed = sorted(os.listdir(directory)) if directory.is_dir() else None
-        os.environ[NEW_DIR_ENV] = json.dumps({"dir": str(directory), "existed": existed})
+        rules = partial(check_output_dir, directory, resume=values["resume"], overwrite=values["overwrite"])
+        check_outside(directory, protected)
+        check_free(directory)
+        if not interrupted_overwrite(directory):
+            rules(protected={})  # a command refused here writes nothing, not even the lock file
+        claim_output_dir(directory, partial(rules, protected={}))  # held until the process ends
     sys.stdout.flush()
 
 
-def undo_unstarted_run(output_dir: Path | None) -> None:
+def undo_unstarted_run() -> None:
     """A run that failed before its first step (a bad dataset, a model that does not load) leaves its output
-    directory as it found it, so that the corrected command can use it: a directory it made is removed, what it
-    added to one that held no run is removed, and a run it was replacing (overwrite=true) is put back."""
-    import shutil
-
-    from telechat_lab.files import remove_entry
-
+    directory as it found it, so that the corrected command can use it: a run it was replacing (overwrite=true)
+    is put back, and what this process created there is removed (the whole directory when it made it)."""
     from .rundir import restore_replaced_run
+    from .runlock import held
 
     if launched_worker():
         return
-    if output_dir is not None:
-        restore_replaced_run(output_dir)
-    record = json.loads(os.environ.get(NEW_DIR_ENV) or "null")
-    if not record:
-        return
-    directory = Path(record["dir"])
-    if record["existed"] is None:
-        shutil.rmtree(directory, ignore_errors=True)
-        return
-    for item in directory.iterdir() if directory.is_dir() else []:
-        if item.name not in record["existed"]:
-            remove_entry(item)
+    for owner in held():
+        if owner.undoable:
+            restore_replaced_run(owner.directory)
+            owner.undo()
 
 
 def train(cfg: DictConfig | dict, overrides: list[str] | None = None) -> dict:
@@ -450,7 +500,9 @@ def train(cfg: DictConfig | dict, overrides: list[str] | None = None) -> dict:
     resume=true they say which settings were given explicitly."""
     import signal
 
-    run = None
+    from .runlock import held
+
+    run, claimed = None, held()
     try:
         run = prepare(cfg, overrides)
         build(run)
@@ -462,14 +514,17 @@ def train(cfg: DictConfig | dict, overrides: list[str] | None = None) -> dict:
     except BaseException:
         trainer = run.parts.get("trainer") if run is not None else None
         if trainer is None or trainer.global_step == 0:  # it never trained (the data are set up in fit)
-            undo_unstarted_run(run.output_dir if run is not None else None)
+            undo_unstarted_run()
         raise
+    finally:  # a claim prepare() took (the Python API, a sweep's job) ends with the run; the CLI's with the process
+        for owner in held():
+            if owner not in claimed:
+                owner.release()
     stopped = run.parts["checkpoints"].stop_signal
     if stopped is not None:
         raise Interrupted(
             f"stopped by {signal.Signals(stopped).name} after step {metrics['steps']}: a resumable "
-            f"checkpoint is in {run.output_dir / 'checkpoints'}; continue with "
-            f"{train_command()} output_dir={run.output_dir} resume=true",
+            f"checkpoint is in {run.output_dir / 'checkpoints'}; continue with {resume_command(run.output_dir)}",
             stopped,
         )
     return metrics

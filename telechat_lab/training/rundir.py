@@ -17,17 +17,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from telechat_lab.config import field_meta
 from telechat_lab.errors import ConfigError, OutputDirError
-from telechat_lab.files import read_json, remove_entry, write_json
+from telechat_lab.files import TEMP_PREFIX, read_json, remove_entry, write_json
+from telechat_lab.training.runlock import LOCK_FILE
 
 RUN_RECORD = "run.json"
-REPLACED = ".replaced-run"  # overwrite=true: the earlier run, kept until the new one has trained a step
+REPLACED = ".replaced-run"  # overwrite=true: the earlier run, kept until the new one has a checkpoint
+REPLACING = ".replacing-run"  # ... while it is being set aside
+RESTORING = ".restoring-run"  # ... while it is being put back
+ABANDONED = f"{TEMP_PREFIX}abandoned-run"  # ... the new run's files, while they are being removed
 CONFIG_FILE = "config.yaml"
+ENV_INTERPOLATION = re.compile(r"\$\{\s*oc\.env\s*:")
+REFERENCE = re.compile(r"\$\{\s*([\w.]+)\s*\}")
 HYDRA_FILES = (".hydra",)  # what Hydra writes into the run directory before the run starts (and *.log)
 TRAINER_FIXED = {"accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm"}
 TRAINER_GROW = {"max_steps", "max_epochs"}
@@ -145,7 +153,8 @@ def run_files(directory: Path) -> list[str]:
     """What a run (or anything else) left in `directory`: every entry but Hydra's own files."""
     if not directory.is_dir():
         return []
-    return sorted(p.name for p in directory.iterdir() if p.name not in HYDRA_FILES and p.suffix != ".log")
+    own = {*HYDRA_FILES, LOCK_FILE, REPLACED, REPLACING, RESTORING, ABANDONED}
+    return sorted(p.name for p in directory.iterdir() if p.name not in own and p.suffix != ".log")
 
 
 def _relation(a: Path, b: Path) -> str | None:
@@ -200,26 +209,111 @@ def check_output_dir(directory: Path, *, resume: bool, overwrite: bool, protecte
 
 def set_aside_run(directory: Path) -> Path:
     """overwrite=true: the earlier run's files (not Hydra's files of this one) move into REPLACED, deleted once the
-    new run has trained a step (callbacks.DiscardReplacedRun), put back if it fails before (`restore_replaced_run`)."""
-    aside = directory / REPLACED
-    aside.mkdir(exist_ok=True)
+    new run has a checkpoint (`discard_replaced_run`), put back if it fails before (`restore_replaced_run`).
+
+    Crash-safe at every point: they move one by one into REPLACING, which becomes REPLACED by one rename when
+    all are there; until then `recover_interrupted_overwrite` puts them back (the new run writes nothing before)."""
+    partial = directory / REPLACING
+    partial.mkdir()
     for name in run_files(directory):
-        if name != REPLACED:
-            os.replace(directory / name, aside / name)
-    return aside
+        os.replace(directory / name, partial / name)
+    os.replace(partial, directory / REPLACED)
+    return directory / REPLACED
 
 
 def restore_replaced_run(directory: Path) -> None:
-    """The new run failed before its first step: its files go, the earlier run's come back."""
+    """The new run failed before its first checkpoint: its files go, the earlier run's come back. Crash-safe: the
+    new run's files move into a temporary directory first, then REPLACED becomes RESTORING by one rename (from
+    then on the directory holds only the earlier run's files), whose entries then move back."""
     aside = directory / REPLACED
-    if not aside.is_dir():
-        return
-    for name in run_files(directory):
-        if name != REPLACED:
-            remove_entry(directory / name)
-    for item in aside.iterdir():
-        os.replace(item, directory / item.name)
-    aside.rmdir()
+    if aside.is_dir():
+        abandoned = directory / ABANDONED
+        abandoned.mkdir(exist_ok=True)
+        for name in run_files(directory):
+            if (abandoned / name).exists() or (abandoned / name).is_symlink():
+                remove_entry(abandoned / name)
+            os.replace(directory / name, abandoned / name)
+        os.replace(aside, directory / RESTORING)
+    for name in (RESTORING, REPLACING):  # REPLACING: a set-aside interrupted before the new run wrote anything
+        back = directory / name
+        if back.is_dir():
+            for item in back.iterdir():
+                os.replace(item, directory / item.name)
+            back.rmdir()
+    shutil.rmtree(directory / ABANDONED, ignore_errors=True)
+
+
+def discard_replaced_run(directory: Path) -> None:
+    """The new run has a checkpoint: the earlier one, set aside, goes (renamed first, so that a crash while it is
+    deleted leaves a temporary directory, never a half REPLACED)."""
+    aside = directory / REPLACED
+    if aside.is_dir():
+        trash = directory / f"{TEMP_PREFIX}replaced-run-{os.getpid()}"
+        os.replace(aside, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def has_checkpoint(directory: Path) -> bool:
+    """The run in `directory` wrote a resumable checkpoint (each is renamed into place whole)."""
+    found = (directory / "checkpoints").glob("step-*.ckpt")
+    return any(not p.name.startswith(TEMP_PREFIX) for p in found)
+
+
+def interrupted_overwrite(directory: Path) -> bool:
+    return any((directory / name).is_dir() for name in (REPLACING, REPLACED, RESTORING))
+
+
+def recover_interrupted_overwrite(directory: Path) -> str | None:
+    """An overwrite=true that was killed: put the earlier run back when the new one never wrote a checkpoint,
+    else keep the new one (resumable) and discard the earlier. Returns what was done (None: nothing to do)."""
+    if not interrupted_overwrite(directory):
+        return None
+    if (directory / REPLACED).is_dir() and has_checkpoint(directory):
+        discard_replaced_run(directory)
+        return f"an interrupted overwrite=true had started a new run in {directory}: kept (it has a checkpoint)"
+    restore_replaced_run(directory)
+    return f"an interrupted overwrite=true was undone: the earlier run in {directory} is back"
+
+
+def from_environment(raw: dict) -> dict[str, Any]:
+    """The settings of `raw` (unresolved) whose value comes from the environment, by dotted path, unresolved: an
+    ${oc.env:...} interpolation, or an interpolation of such a setting. The run writes and logs these as they are
+    (a secret is not copied into its files), and a resume resolves them again."""
+    leaves = {path: value for path, value in _leaves(raw, "").items() if "${" in json.dumps(value, default=str)}
+    found = {path: value for path, value in leaves.items() if ENV_INTERPOLATION.search(json.dumps(value, default=str))}
+    grown = True
+    while grown:
+        grown = False
+        for path, value in leaves.items():
+            refs = REFERENCE.findall(json.dumps(value, default=str))
+            if path not in found and any(_overlaps(ref, other) for ref in refs for other in found):
+                found[path], grown = value, True
+    return found
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def recorded_values(values: dict, raw: dict) -> dict:
+    """`values` as the run writes and logs them: the settings from the environment left unresolved."""
+    recorded = json.loads(json.dumps(values, default=str))
+    for path, value in from_environment(raw).items():
+        if _get(recorded, path) is not _ABSENT:
+            _set(recorded, path, value)
+    return recorded
+
+
+def resolved_values(recorded: dict, source: Path) -> dict:
+    """Settings read back from a run's file, their interpolations (from the environment) resolved again."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(OmegaConf.create(recorded), resolve=True)
+    except Exception as err:
+        raise ConfigError(
+            f"{source} reads a setting from the environment that does not resolve now ({err}); set it and resume again"
+        ) from err
 
 
 def write_run_record(directory: Path, values: dict, overrides: list[str]) -> dict:

@@ -115,6 +115,14 @@ def plot_sweep(sweep_dir: Path, rows: list[dict], swept: list[str]) -> None:
 
 
 class SweepSummary(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        """The sweep's directory is this sweep's until it ends: a second sweep into it is refused (runlock)."""
+        from telechat_lab.errors import reported
+        from telechat_lab.training.runlock import claim
+
+        with reported():
+            claim(Path(config.hydra.sweep.dir).resolve(), "hydra.sweep.dir").undoable = False
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweeper = config.hydra.get("sweeper") or {}
         direction = sweeper.get("direction", "minimize") if hasattr(sweeper, "get") else "minimize"
