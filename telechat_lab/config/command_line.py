@@ -74,12 +74,14 @@ def command_line_config(
         overrides = OverridesParser.create().parse_overrides(args)
     except Exception:  # a syntax error: Hydra reports it
         return [], None
-    hydra_args, groups, keys, not_here = [], [], [], []
+    hydra_args, hydra_groups, groups, keys, not_here = [], [], [], [], []
     own_groups = _option_groups(conf_dir, config_name)
     for override, arg in zip(overrides, args):
         key = override.key_or_group
-        if key.split(".")[0] == "hydra":
+        if _is_hydras(key):  # hydra.launcher.n_jobs=2, hydra/launcher=joblib: Hydra's own config
             hydra_args.append(arg)
+            if "/" in key:
+                hydra_groups.append((key, arg, override))
             continue
         try:  # a sweep stands for its first choice; a glob(...) needs Hydra's loader: give up
             value = next(iter(override.sweep_string_iterator())) if override.is_sweep_override() else None
@@ -97,7 +99,7 @@ def command_line_config(
         return not_here, None
     try:
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-            missing = _missing_options(groups, config_name, hydra_args)
+            missing = _missing_options([*hydra_groups, *groups], config_name, hydra_args)
             if missing:  # an optional group (experiment) would skip a misspelt option silently
                 return missing, None
             lenient = [f"schema={config_name}_unchecked", *hydra_args, *(t for _, t, _ in groups)]
@@ -124,6 +126,11 @@ def command_line_config(
         except ConfigError as err:
             problems += [line.removeprefix("  - ") for line in str(err).splitlines()[1:]]
     return problems, cfg
+
+
+def _is_hydras(key: str) -> bool:
+    """A key or group of Hydra's own config (`hydra.sweeper.n_jobs`, `hydra/launcher`), not of the command's."""
+    return key.replace("/", ".").split(".")[0] == "hydra"
 
 
 def _option_groups(conf_dir: str, config_name: str) -> set[str]:
