@@ -1,6 +1,9 @@
 """The check of a command line before Hydra runs (telechat_lab/config/command_line.py): Hydra's own groups and keys,
 near names for misspelt keys, missing extras, and what each command completes and documents."""
 
+import subprocess
+import sys
+
 import pytest
 from helpers import CONF
 
@@ -58,9 +61,60 @@ def test_a_trainer_key_is_suggested_before_adding_one():
 def test_every_alias_names_a_real_key():
     from helpers import compose_train
 
-    from telechat_lab.config.suggest import ALIASES
+    from telechat_lab.config.suggest import ALIASES, _exists
 
     cfg = compose_train([])
-    from telechat_lab.config.suggest import _exists
-
     assert [alias for alias in ALIASES.values() if not _exists(cfg, alias)] == []
+
+
+@pytest.mark.parametrize(
+    "argv,module,said",
+    [
+        (["-m", "hparams_search=lora_optuna"], "optuna", "hydra.sweeper: the Optuna sweeper needs optuna, which is"),
+        (["-m", "hydra/launcher=joblib", "adapter=lora,dora"], "hydra_plugins.hydra_joblib_launcher", "hydra/launcher"),
+        (["-m", "hydra/launcher=slurm", "hardware=ddp"], "submitit", "hydra/launcher=slurm: the submitit"),
+        (["logger=wandb"], "wandb", "logger.wandb: the wandb logger"),
+        (["logger=tensorboard"], "tensorboard", "logger.tensorboard: the TensorBoard logger"),
+        (["hardware=deepspeed_zero2"], "deepspeed", "hardware.strategy=deepspeed: DeepSpeed"),
+        (["adapter=qlora"], "bitsandbytes", "adapter.type=qlora: QLoRA"),
+        (["model.attn_implementation=flash_attention_2"], "flash_attn", "model.attn_implementation=flash_attention_2"),
+    ],
+)
+def test_a_missing_extra_is_named_with_its_install(monkeypatch, argv, module, said):
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    found = problems(*argv)
+    assert any(p.startswith(said) and p.endswith('pip install "telechat-lab[' + extra_of(module) + ']"') for p in found)
+
+
+def extra_of(module):
+    from telechat_lab.extras import FEATURES
+
+    return next(f.extra for f in FEATURES if module in f.modules)
+
+
+def test_vllm_chat_names_its_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    assert problems("infer_backend=vllm", command="chat") == [
+        'infer_backend=vllm: vLLM needs vllm, which is not installed: pip install "telechat-lab[vllm]"'
+    ]
+
+
+def test_installed_extras_say_nothing():
+    assert problems("-m", "hparams_search=lora_optuna", "hydra/launcher=joblib", "logger=wandb") == []
+
+
+@pytest.mark.slow
+def test_train_without_optuna_stops_before_hydra_runs(tmp_path):
+    """The command line itself (a process without optuna): one message naming the extra, exit 2, nothing written."""
+    code = "import sys; sys.modules['optuna'] = None; from telechat_lab.cli import main; main()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "train", "-m", "hparams_search=lora_optuna"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert 'needs optuna, which is not installed: pip install "telechat-lab[sweep]"' in proc.stderr
+    assert "Traceback" not in proc.stderr and "Error locating target" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -4,16 +4,17 @@ types a value only as it merges it; here every problem of the composed config is
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from telechat_lab.errors import ConfigError
+from telechat_lab.extras import missing_for_config, missing_for_options
 
 from .schema import SCHEMAS
+from .suggest import near_names
 from .validate import config_problems
 
 # Hydra's own flags: completion, help, printing the config; the check leaves these runs to Hydra untouched
@@ -97,6 +98,9 @@ def command_line_config(
         (groups if is_group else keys).append((key, text, override))
     if not_here:
         return not_here, None
+    not_installed = missing_for_options([f"{k}={v}" for k, _, o in [*hydra_groups, *groups] for v in _choices(o)])
+    if not_installed:  # the option itself comes with the package (a launcher plugin)
+        return not_installed, None
     try:
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
             missing = _missing_options([*hydra_groups, *groups], config_name, hydra_args)
@@ -110,7 +114,10 @@ def command_line_config(
                 if not (o.is_add() or o.is_force_add() or o.is_delete()) and not _has_key(plain, k)
             ]
             known = [t for k, t, _ in keys if k not in unknown]
-            cfg = compose(config_name, overrides=[*lenient, *known])
+            cfg = compose(config_name, overrides=[*lenient, *known], return_hydra_config=True)
+        not_installed = missing_for_config(cfg)  # Hydra's own node too: its sweeper, launcher, sampler
+        with open_dict(cfg):
+            del cfg["hydra"]
     except Exception as err:  # a missing group option is said here; anything else Hydra reports itself
         missing = getattr(err, "missing_cfg_file", None)
         options = getattr(err, "options", None)
@@ -119,7 +126,7 @@ def command_line_config(
             return [f"{group}={name}: no such option; choose one of {', '.join(options)}"], None
         return [], None
     schema = SCHEMAS.get(config_name)
-    problems = [_unknown_key(k, plain, schema) for k in unknown]
+    problems = [_unknown_key(k, plain, schema) for k in unknown] + not_installed
     if schema is not None:
         try:
             problems += config_problems(cfg, schema)
@@ -157,14 +164,19 @@ def _missing_options(groups: list, config_name: str, hydra_args: list[str]) -> l
 
     loader = GlobalHydra.instance().config_loader()
     problems = []
-    for key, text, override in groups:
+    for key, _, override in groups:
         options = loader.get_group_options(key, config_name=config_name, overrides=hydra_args)
-        chosen = [text.split("=", 1)[1]] if "=" in text else []  # ~group deletes: nothing chosen
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else chosen
-        for value in values:
+        for value in _choices(override):
             if options and value not in ("", "null") and value not in options:
                 problems.append(f"{key}={value}: no such option; choose one of {', '.join(options)}")
     return problems
+
+
+def _choices(override) -> list[str]:
+    """The options a group override chooses: each choice of a sweep; none for `~group`."""
+    if override.is_delete():
+        return []
+    return list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_string()]
 
 
 def _free_form(schema: type | None, key: str) -> bool:
@@ -179,17 +191,12 @@ def _free_form(schema: type | None, key: str) -> bool:
 
 
 def _unknown_key(key: str, cfg: DictConfig, schema: type | None) -> str:
-    """ "KEY: unknown key" with the nearest known names, or how to add a key where new ones are allowed."""
+    """ "KEY: unknown key" with the nearest known names, then, where new keys are allowed, how to add one."""
+    near = near_names(key, cfg)
+    text = f"{key}: unknown key" + (f"; did you mean {', '.join(near)}?" if near else "")
     if _free_form(schema, key):
-        return f"{key}: unknown key (to add a new key write +{key}=...)"
-    parent, _, name = key.rpartition(".")
-    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
-    known = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
-    prefix = f"{parent}." if parent else ""
-    near = [prefix + n for n in difflib.get_close_matches(name, known, n=3, cutoff=0.6)]
-    if not parent:  # `lr=...`: the same name inside a group (optim.lr)
-        near += [f"{g}.{name}" for g in known if isinstance(cfg.get(g), DictConfig) and name in cfg[g].keys()]
-    return f"{key}: unknown key" + (f"; did you mean {', '.join(near)}?" if near else "")
+        text += f" (to add a new key write +{key}=...)"
+    return text
 
 
 def skips_check(argv: list[str]) -> bool:
