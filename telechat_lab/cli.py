@@ -83,9 +83,8 @@ def inspect(cfg: DictConfig) -> None:
 
 def run(command: str, argv: list[str] | None = None) -> None:
     """Run one Hydra command with `argv` (default: the process's own arguments)."""
-    from telechat_lab.console import quiet_libraries
+    from telechat_lab.config.command_line import skips_check
 
-    quiet_libraries()
     args = sys.argv[1:] if argv is None else list(argv)
     if "TELECHAT_LAB_COMMAND" not in os.environ:  # the first process (not a DDP rank): how the user started it
         started = Path(sys.argv[0]).name
@@ -96,20 +95,86 @@ def run(command: str, argv: list[str] | None = None) -> None:
             if started.endswith(".py")
             else f"telechat-lab {command}"
         )
-    if command == "train":
+    if skips_check(args):  # --help, completion, --cfg: Hydra alone, and nothing that imports torch
+        import telechat_lab.config.schema  # noqa: F401  (registers the schemas the configs are typed against)
+    elif command == "train":
+        from telechat_lab.console import quiet_libraries
         from telechat_lab.training.run import check_command_line
 
+        quiet_libraries()
         check_command_line(args, CONF_DIR)
     else:
         from telechat_lab.config import check_command_line
+        from telechat_lab.console import quiet_libraries
 
+        quiet_libraries()
         check_command_line(args, CONF_DIR, command)
     # what @hydra.main reads; and what a DDP launcher starts again for each rank: a file that runs this command
     # (not for shell completion: Hydra names the program to complete after sys.argv[0])
     start_again = Path(__file__).resolve().parent / "commands" / "run_train.py"
     completing = bool({"-sc", "--shell-completion"} & set(args))
     sys.argv = [str(start_again) if command == "train" and not completing else sys.argv[0], *args]
-    {"train": train, "merge": merge, "chat": chat, "inspect": inspect}[command]()
+    main_of = {"train": train, "merge": merge, "chat": chat, "inspect": inspect}[command]
+    if {"-h", "--help"} & set(args):
+        print_help(command, args)
+    elif completing and any(a.startswith("query") for a in args):
+        _complete_own_groups(command, main_of)
+    else:
+        main_of()
+
+
+def foreign_groups(command: str) -> set[str]:
+    """The config groups in conf/ that `command` does not use (merge: all of train's), and the internal `schema`."""
+    from telechat_lab.config.command_line import option_groups
+
+    own = option_groups(CONF_DIR, command)
+    return {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name != "hydra"} - own | {"schema"}
+
+
+def _complete_own_groups(command: str, main_of) -> None:
+    """Hydra's completion lists every group of the config directory, which the commands share: only the
+    command's own groups (and keys, and Hydra's) are offered."""
+    import contextlib
+    import io
+    import re
+
+    answer, foreign = io.StringIO(), foreign_groups(command)
+    with contextlib.redirect_stdout(answer):
+        main_of()
+    words = answer.getvalue().split()
+    kept = [w for w in words if re.split(r"[=./]", w.lstrip("+~"), maxsplit=1)[0] not in foreign]
+    print(("\n" if "\n" in answer.getvalue().strip() else " ").join(kept))
+
+
+def print_help(command: str, args: list[str]) -> None:
+    """`--help`: the command's own option groups (with their options) and its config composed with the given
+    overrides; not Hydra's page, which lists every group of the shared conf/ (and the internal `schema`) and
+    composes the defaults once for each group it lists (seconds)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from telechat_lab.config.command_line import config_source, option_groups
+
+    conf_dir, config_name, overrides = config_source(args, CONF_DIR, command)
+    try:
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+            found = GlobalHydra.instance().config_loader().repository  # conf/, --config-dir (what a run searches)
+            groups = [
+                f"  {g}: {', '.join(found.get_group_options(g))}" for g in sorted(option_groups(conf_dir, config_name))
+            ]
+            cfg = compose(config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:  # a bad override beside --help
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(
+        f"{command}: {COMMANDS[command]}\n\n"
+        + (f"== Option groups == (group=option)\n{chr(10).join(groups)}\n\n" if groups else "")
+        + f"== Config == (key=value; a sweep: -m key=a,b)\n{OmegaConf.to_yaml(cfg)}\n"
+        "Every key, its type, default and meaning: telechat_lab/config/schema.py.\n"
+        "Hydra's own options and groups (-m, --cfg job, hydra/launcher=joblib, -sc install=bash): --hydra-help"
+    )
 
 
 def _completion_query(args: list[str]) -> list[str]:

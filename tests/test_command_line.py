@@ -1,11 +1,12 @@
 """The check of a command line before Hydra runs (telechat_lab/config/command_line.py): Hydra's own groups and keys,
 near names for misspelt keys, missing extras, and what each command completes and documents."""
 
+import os
 import subprocess
 import sys
 
 import pytest
-from helpers import CONF
+from helpers import CONF, REPO
 
 from telechat_lab.config import command_line_config
 
@@ -118,3 +119,47 @@ def test_train_without_optuna_stops_before_hydra_runs(tmp_path):
     assert 'needs optuna, which is not installed: pip install "telechat-lab[sweep]"' in proc.stderr
     assert "Traceback" not in proc.stderr and "Error locating target" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+PROGRAM = "import sys; sys.argv[0] = 'telechat-lab'; from telechat_lab.cli import main; main()"
+
+
+def run_cli(args, line=None, script=None):
+    """`telechat-lab ARGS` (or `python SCRIPT ARGS`), with COMP_LINE for a completion query; stdout, and whether
+    torch was imported by then."""
+    start = f"import runpy\nsys.argv = [{str(script)!r}, *sys.argv[1:]]\n"
+    start += "runpy.run_path(sys.argv[0], run_name='__main__')"
+    code = "import atexit, sys\natexit.register(lambda: print('TORCH', 'torch' in sys.modules))\n"
+    code += start if script else PROGRAM
+    env = {**os.environ, **({"COMP_LINE": line} if line is not None else {})}
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out, _, torch = proc.stdout.rpartition("TORCH ")
+    return out, torch.strip() == "True"
+
+
+def test_help_documents_only_the_commands_own_groups_without_torch():
+    train, torch = run_cli(["train", "--help"])
+    assert "adapter: dora, freeze, full, lora, qlora" in train and "hparams_search: lora_optuna" in train
+    assert "schema:" not in train and "schema=" not in train and "optimized_metric:" in train and not torch
+    merge, torch = run_cli(["--help"], script=REPO / "merge.py")
+    assert "adapter_path:" in merge and "export_dir:" in merge and not torch
+    assert "Option groups" not in merge and "adapter:" not in merge and "schema:" not in merge
+    inspect, _ = run_cli(["inspect", "--help"])
+    groups = inspect.split("== Option groups ==")[1].split("==")[0]
+    assert "data: default" in groups and "model: " in groups and "adapter" not in groups
+
+
+@pytest.mark.parametrize("command", ["merge", "chat"])
+def test_completion_offers_only_the_commands_own_groups_without_torch(command):
+    words, torch = run_cli(["-sc", "query=bash"], f"telechat-lab {command} ")
+    assert "adapter_path=" in words.split() and not torch
+    assert not {"adapter=", "data.", "schema=", "trainer."} & set(words.split()), words
+    words, torch = run_cli(["-sc", "query=bash"], f"python {command}.py ", script=REPO / f"{command}.py")
+    assert "adapter_path=" in words.split() and "adapter=" not in words.split() and not torch
+
+
+def test_train_completion_keeps_its_groups_but_not_the_internal_schema():
+    words, torch = run_cli(["-sc", "query=bash"], "telechat-lab train ")
+    assert {"adapter=", "hparams_search=", "trainer.", "optim.lr="} - set(words.split()) <= {"optim.lr="}
+    assert "schema=" not in words.split() and not torch

@@ -35,7 +35,7 @@ HYDRA_INFO_FLAGS = {
 }
 
 
-def _config_source(argv: list[str], conf_dir: str, config_name: str) -> tuple[str, str, list[str]]:
+def config_source(argv: list[str], conf_dir: str, config_name: str) -> tuple[str, str, list[str]]:
     """(config dir, config name, overrides) after Hydra's --config-dir / --config-name flags."""
     overrides, i = [], 0
     while i < len(argv):
@@ -70,13 +70,13 @@ def command_line_config(
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    conf_dir, config_name, args = _config_source(argv, conf_dir, config_name)
+    conf_dir, config_name, args = config_source(argv, conf_dir, config_name)
     try:
         overrides = OverridesParser.create().parse_overrides(args)
     except Exception:  # a syntax error: Hydra reports it
         return [], None
     hydra_args, hydra_groups, groups, keys, not_here = [], [], [], [], []
-    own_groups = _option_groups(conf_dir, config_name)
+    own_groups = option_groups(conf_dir, config_name)
     for override, arg in zip(overrides, args):
         key = override.key_or_group
         if _is_hydras(key):  # hydra.launcher.n_jobs=2, hydra/launcher=joblib: Hydra's own config
@@ -140,7 +140,7 @@ def _is_hydras(key: str) -> bool:
     return key.replace("/", ".").split(".")[0] == "hydra"
 
 
-def _option_groups(conf_dir: str, config_name: str) -> set[str]:
+def option_groups(conf_dir: str, config_name: str) -> set[str]:
     """The option groups a command's primary config selects in its defaults list (train: data, adapter, ...)."""
     import yaml
 
@@ -152,7 +152,7 @@ def _option_groups(conf_dir: str, config_name: str) -> set[str]:
         if isinstance(entry, dict):
             for name in entry:
                 words = str(name).split()
-                if words[0] != "override":
+                if words[0] != "override" and words[-1] != "schema":  # schema: internal, the typing
                     groups.add(words[-1])
     return groups
 
