@@ -3,7 +3,8 @@
 
 Each Hydra command first checks its whole command line (every problem at once, before Hydra writes
 anything), then runs with its config from the package's own `conf/` (so an installed package works from any
-directory); user errors end as one message and an exit code, never a traceback.
+directory); user errors end as one message and an exit code, never a traceback. `--help` and Tab completion
+show only the command's own groups and keys (the commands share one conf/) and import nothing heavy (no torch).
 """
 
 from __future__ import annotations

@@ -52,6 +52,13 @@ def test_unknown_keys_get_the_near_name(arg, suggested):
     assert problem.startswith(f"{key}: unknown key; did you mean {suggested}"), problem
 
 
+def test_other_commands_get_near_names_too():
+    assert problems("generation.max_new_token=4", command="chat") == [
+        "generation.max_new_token: unknown key; did you mean generation.max_new_tokens?"
+    ]
+    assert problems("export_dri=out", command="merge")[0].startswith("export_dri: unknown key; did you mean export_dir")
+
+
 def test_a_trainer_key_is_suggested_before_adding_one():
     assert problems("trainer.max_step=5") == [
         "trainer.max_step: unknown key; did you mean trainer.max_steps, trainer.max_time, trainer.min_steps? "
