@@ -9,8 +9,10 @@ show only the command's own groups and keys (the commands share one conf/) and i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -132,15 +134,40 @@ def foreign_groups(command: str) -> set[str]:
     return {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name != "hydra"} - own | {"schema"}
 
 
+@contextlib.contextmanager
+def _one_search_path_per_query() -> Iterator[None]:
+    """Hydra's completion asks its config loader about each group with the same config name and overrides, and
+    the loader loads the primary config again for every question (most of a Tab's time): within one query, the
+    search path it builds from them is built once. Without that private method (another Hydra), nothing changes."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    build = getattr(ConfigLoaderImpl, "_parse_overrides_and_create_caching_repo", None)
+    if build is None:
+        yield
+        return
+    built: dict = {}
+
+    def once(self, config_name, overrides):
+        key = (id(self), config_name, tuple(overrides))
+        if key not in built:
+            built[key] = build(self, config_name, overrides)
+        return built[key]
+
+    ConfigLoaderImpl._parse_overrides_and_create_caching_repo = once
+    try:
+        yield
+    finally:
+        ConfigLoaderImpl._parse_overrides_and_create_caching_repo = build
+
+
 def _complete_own_groups(command: str, main_of) -> None:
     """Hydra's completion lists every group of the config directory, which the commands share: only the
     command's own groups (and keys, and Hydra's) are offered."""
-    import contextlib
     import io
     import re
 
     answer, foreign = io.StringIO(), foreign_groups(command)
-    with contextlib.redirect_stdout(answer):
+    with contextlib.redirect_stdout(answer), _one_search_path_per_query():
         main_of()
     words = answer.getvalue().split()
     kept = [w for w in words if re.split(r"[=./]", w.lstrip("+~"), maxsplit=1)[0] not in foreign]
