@@ -170,3 +170,7 @@ def test_train_completion_keeps_its_groups_but_not_the_internal_schema():
     words, torch = run_cli(["-sc", "query=bash"], "telechat-lab train ")
     assert {"adapter=", "hparams_search=", "trainer.", "optim.lr="} - set(words.split()) <= {"optim.lr="}
     assert "schema=" not in words.split() and not torch
+
+
+def test_a_glob_sweep_of_a_hydra_group_is_left_to_hydra():
+    assert problems("-m", "hydra/launcher=glob(*)", "adapter=lora") == []

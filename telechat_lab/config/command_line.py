@@ -173,10 +173,14 @@ def _missing_options(groups: list, config_name: str, hydra_args: list[str]) -> l
 
 
 def _choices(override) -> list[str]:
-    """The options a group override chooses: each choice of a sweep; none for `~group`."""
+    """The options a group override chooses: each choice of a sweep; none for `~group` or a glob(...) (that needs
+    Hydra's loader: Hydra reports what it does not find)."""
     if override.is_delete():
         return []
-    return list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_string()]
+    try:
+        return list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_string()]
+    except Exception:
+        return []
 
 
 def _free_form(schema: type | None, key: str) -> bool:
