@@ -20,6 +20,7 @@ class Feature:
     options: tuple[str, ...] = ()  # group=option choices that use it (a plugin's option: before composing)
     targets: tuple[str, ...] = ()  # prefixes of a `_target_` anywhere in the config (hydra's included)
     setting: tuple[str, Any] | None = None  # (dotted key, value) that uses it
+    commands: tuple[str, ...] = ()  # commands that always use it
 
 
 FEATURES = (
@@ -46,6 +47,7 @@ FEATURES = (
     Feature("QLoRA's 4-bit base", ("bitsandbytes",), "qlora", setting=("adapter.type", "qlora")),
     Feature("flash-attn", ("flash_attn",), "flash", setting=("model.attn_implementation", "flash_attention_2")),
     Feature("vLLM", ("vllm",), "vllm", setting=("infer_backend", "vllm")),
+    Feature("the HTTP server", ("fastapi", "uvicorn", "sse_starlette"), "serve", commands=("serve",)),
 )
 
 
@@ -87,12 +89,14 @@ def _targets(node: Any, path: str = "") -> Iterator[tuple[str, str]]:
             yield from _targets(item, f"{path}[{i}]")
 
 
-def missing_for_config(cfg: DictConfig) -> list[str]:
-    """Every feature the composed config (with its `hydra` node) uses whose package is not installed."""
+def missing_for_config(cfg: DictConfig, command: str = "") -> list[str]:
+    """Every feature a command's composed config (with its `hydra` node) uses whose package is not installed."""
     problems = []
     targets = list(_targets(OmegaConf.to_container(cfg, resolve=False)))
     for feature in FEATURES:
         where = next((w for w, t in targets if t.startswith(feature.targets)), None) if feature.targets else None
+        if command in feature.commands:
+            where = command
         if feature.setting is not None:
             key, value = feature.setting
             if OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False) == value:

@@ -174,3 +174,15 @@ def test_train_completion_keeps_its_groups_but_not_the_internal_schema():
 
 def test_a_glob_sweep_of_a_hydra_group_is_left_to_hydra():
     assert problems("-m", "hydra/launcher=glob(*)", "adapter=lora") == []
+
+
+def test_a_command_that_needs_an_extra_names_it(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from telechat_lab.extras import missing_for_config
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    assert missing_for_config(OmegaConf.create({}), "serve") == [
+        'serve: the HTTP server needs uvicorn, which is not installed: pip install "telechat-lab[serve]"'
+    ]
+    assert missing_for_config(OmegaConf.create({}), "merge") == []

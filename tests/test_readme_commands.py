@@ -137,7 +137,8 @@ def _normal(text: str) -> str:
 def readme_commands() -> list[str]:
     """Each command line of README.md's bash blocks, without its comment."""
     blocks = re.findall(r"^```bash\n(.*?)^```", (REPO / "README.md").read_text(), flags=re.S | re.M)
-    return [_normal(line) for block in blocks for line in block.splitlines() if _normal(line)]
+    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]  # `\` continues a line
+    return [_normal(line) for line in lines if _normal(line)]
 
 
 def conf_sweep_examples() -> list[str]:

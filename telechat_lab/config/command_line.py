@@ -115,7 +115,7 @@ def command_line_config(
             ]
             known = [t for k, t, _ in keys if k not in unknown]
             cfg = compose(config_name, overrides=[*lenient, *known], return_hydra_config=True)
-        not_installed = missing_for_config(cfg)  # Hydra's own node too: its sweeper, launcher, sampler
+        not_installed = missing_for_config(cfg, config_name)  # Hydra's own node too: its sweeper, launcher, sampler
         with open_dict(cfg):
             del cfg["hydra"]
     except Exception as err:  # a missing group option is said here; anything else Hydra reports itself
