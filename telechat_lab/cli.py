@@ -47,6 +47,9 @@ def _basic_sweep() -> bool:
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def train(cfg: DictConfig) -> float | None:
+    from telechat_lab.console import quiet_libraries
+
+    quiet_libraries()  # again in a launcher's worker process (joblib, submitit), which starts here, before imports
     from telechat_lab.errors import UserError
     from telechat_lab.training.run import train as run_training
 

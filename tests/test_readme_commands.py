@@ -198,7 +198,8 @@ def test_documented_commands_that_cannot_run_here_pass_the_check(command):
 
 @pytest.mark.slow
 def test_documented_commands_run(tmp_path):
-    """The whole list in one process (see the module docstring): each ends with exit code 0 and what it says."""
+    """The whole list in one process (see the module docstring): each ends with exit code 0 and what it says, with
+    no warning (a launcher's workers too)."""
     plan = []
     for command in documented():
         entry = RUNS.get(command)  # one not in RUNS: test_every_documented_command_is_run_or_skipped_with_a_reason
@@ -227,6 +228,7 @@ def test_documented_commands_run(tmp_path):
     for step, result in zip(plan, results):
         expect = RUNS[step["command"]].expect
         assert expect in result["output"], f"{step['command']}: no {expect!r} in\n{result['output'][-2000:]}"
+        assert "Warning" not in result["output"], f"{step['command']} warns:\n{result['output'][-2000:]}"
 
 
 def _run_plan(plan_file: str, results_file: str) -> None:
