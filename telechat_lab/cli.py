@@ -3,13 +3,16 @@
 
 Each Hydra command first checks its whole command line (every problem at once, before Hydra writes
 anything), then runs with its config from the package's own `conf/` (so an installed package works from any
-directory); user errors end as one message and an exit code, never a traceback.
+directory); user errors end as one message and an exit code, never a traceback. `--help` and Tab completion
+show only the command's own groups and keys (the commands share one conf/) and import nothing heavy (no torch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -45,6 +48,9 @@ def _basic_sweep() -> bool:
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def train(cfg: DictConfig) -> float | None:
+    from telechat_lab.console import quiet_libraries
+
+    quiet_libraries()  # again in a launcher's worker process (joblib, submitit), which starts here, before imports
     from telechat_lab.errors import UserError
     from telechat_lab.training.run import train as run_training
 
@@ -92,9 +98,8 @@ def inspect(cfg: DictConfig) -> None:
 
 def run(command: str, argv: list[str] | None = None) -> None:
     """Run one Hydra command with `argv` (default: the process's own arguments)."""
-    from telechat_lab.console import quiet_libraries
+    from telechat_lab.config.command_line import skips_check
 
-    quiet_libraries()
     args = sys.argv[1:] if argv is None else list(argv)
     if "TELECHAT_LAB_COMMAND" not in os.environ:  # the first process (not a DDP rank): how the user started it
         started = Path(sys.argv[0]).name
@@ -105,20 +110,111 @@ def run(command: str, argv: list[str] | None = None) -> None:
             if started.endswith(".py")
             else f"telechat-lab {command}"
         )
-    if command == "train":
+    if skips_check(args):  # --help, completion, --cfg: Hydra alone, and nothing that imports torch
+        import telechat_lab.config.schema  # noqa: F401  (registers the schemas the configs are typed against)
+    elif command == "train":
+        from telechat_lab.console import quiet_libraries
         from telechat_lab.training.run import check_command_line
 
+        quiet_libraries()
         check_command_line(args, CONF_DIR)
     else:
         from telechat_lab.config import check_command_line
+        from telechat_lab.console import quiet_libraries
 
+        quiet_libraries()
         check_command_line(args, CONF_DIR, command)
     # what @hydra.main reads; and what a DDP launcher starts again for each rank: a file that runs this command
     # (not for shell completion: Hydra names the program to complete after sys.argv[0])
     start_again = Path(__file__).resolve().parent / "commands" / "run_train.py"
     completing = bool({"-sc", "--shell-completion"} & set(args))
     sys.argv = [str(start_again) if command == "train" and not completing else sys.argv[0], *args]
-    {"train": train, "merge": merge, "chat": chat, "inspect": inspect, "serve": serve}[command]()
+    main_of = {"train": train, "merge": merge, "chat": chat, "inspect": inspect, "serve": serve}[command]
+    if {"-h", "--help"} & set(args):
+        print_help(command, args)
+    elif completing and any(a.startswith("query") for a in args):
+        _complete_own_groups(command, main_of)
+    else:
+        main_of()
+
+
+def foreign_groups(command: str) -> set[str]:
+    """The config groups in conf/ that `command` does not use (merge: all of train's), and the internal `schema`."""
+    from telechat_lab.config.command_line import option_groups
+
+    own = option_groups(CONF_DIR, command)
+    return {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name != "hydra"} - own | {"schema"}
+
+
+@contextlib.contextmanager
+def _one_search_path_per_query() -> Iterator[None]:
+    """Hydra's completion asks its config loader about each group with the same config name and overrides, and
+    the loader loads the primary config again for every question (most of a Tab's time): within one query, the
+    search path it builds from them is built once. Without that private method (another Hydra), nothing changes."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    build = getattr(ConfigLoaderImpl, "_parse_overrides_and_create_caching_repo", None)
+    if build is None:
+        yield
+        return
+    built: dict = {}
+
+    def once(self, config_name, overrides):
+        key = (id(self), config_name, tuple(overrides))
+        if key not in built:
+            built[key] = build(self, config_name, overrides)
+        return built[key]
+
+    ConfigLoaderImpl._parse_overrides_and_create_caching_repo = once
+    try:
+        yield
+    finally:
+        ConfigLoaderImpl._parse_overrides_and_create_caching_repo = build
+
+
+def _complete_own_groups(command: str, main_of) -> None:
+    """Hydra's completion lists every group of the config directory, which the commands share: only the
+    command's own groups (and keys, and Hydra's) are offered."""
+    import io
+    import re
+
+    answer, foreign = io.StringIO(), foreign_groups(command)
+    with contextlib.redirect_stdout(answer), _one_search_path_per_query():
+        main_of()
+    words = answer.getvalue().split()
+    kept = [w for w in words if re.split(r"[=./]", w.lstrip("+~"), maxsplit=1)[0] not in foreign]
+    print(("\n" if "\n" in answer.getvalue().strip() else " ").join(kept))
+
+
+def print_help(command: str, args: list[str]) -> None:
+    """`--help`: the command's own option groups (with their options) and its config composed with the given
+    overrides; not Hydra's page, which lists every group of the shared conf/ (and the internal `schema`) and
+    composes the defaults once for each group it lists (seconds)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from telechat_lab.config.command_line import config_source, option_groups
+
+    conf_dir, config_name, overrides = config_source(args, CONF_DIR, command)
+    try:
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+            found = GlobalHydra.instance().config_loader().repository  # conf/, --config-dir (what a run searches)
+            groups = [
+                f"  {g}: {', '.join(found.get_group_options(g))}" for g in sorted(option_groups(conf_dir, config_name))
+            ]
+            cfg = compose(config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:  # a bad override beside --help
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(
+        f"{command}: {COMMANDS[command]}\n\n"
+        + (f"== Option groups == (group=option)\n{chr(10).join(groups)}\n\n" if groups else "")
+        + f"== Config == (key=value; a sweep: -m key=a,b)\n{OmegaConf.to_yaml(cfg)}\n"
+        "Every key, its type, default and meaning: telechat_lab/config/schema.py.\n"
+        "Hydra's own options and groups (-m, --cfg job, hydra/launcher=joblib, -sc install=bash): --hydra-help"
+    )
 
 
 def _completion_query(args: list[str]) -> list[str]:

@@ -640,7 +640,8 @@ def test_override_check_leaves_glob_sweeps_to_hydra():
     # '+' adds a key only where new keys are allowed (Trainer arguments, loggers, callbacks): said only there
     problems, _ = command_line_config(["trainer.max_tim=1", "nonsense=1"], CONF, "train")
     assert problems == [
-        "trainer.max_tim: unknown key (to add a new key write +trainer.max_tim=...)",
+        "trainer.max_tim: unknown key; did you mean trainer.max_time, trainer.max_steps? "
+        "(to add a new key write +trainer.max_tim=...)",
         "nonsense: unknown key",
     ]
 

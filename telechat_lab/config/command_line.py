@@ -4,16 +4,17 @@ types a value only as it merges it; here every problem of the composed config is
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from telechat_lab.errors import ConfigError
+from telechat_lab.extras import missing_for_config, missing_for_options
 
 from .schema import SCHEMAS
+from .suggest import near_names
 from .validate import config_problems
 
 # Hydra's own flags: completion, help, printing the config; the check leaves these runs to Hydra untouched
@@ -34,7 +35,7 @@ HYDRA_INFO_FLAGS = {
 }
 
 
-def _config_source(argv: list[str], conf_dir: str, config_name: str) -> tuple[str, str, list[str]]:
+def config_source(argv: list[str], conf_dir: str, config_name: str) -> tuple[str, str, list[str]]:
     """(config dir, config name, overrides) after Hydra's --config-dir / --config-name flags."""
     overrides, i = [], 0
     while i < len(argv):
@@ -69,17 +70,19 @@ def command_line_config(
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    conf_dir, config_name, args = _config_source(argv, conf_dir, config_name)
+    conf_dir, config_name, args = config_source(argv, conf_dir, config_name)
     try:
         overrides = OverridesParser.create().parse_overrides(args)
     except Exception:  # a syntax error: Hydra reports it
         return [], None
-    hydra_args, groups, keys, not_here = [], [], [], []
-    own_groups = _option_groups(conf_dir, config_name)
+    hydra_args, hydra_groups, groups, keys, not_here = [], [], [], [], []
+    own_groups = option_groups(conf_dir, config_name)
     for override, arg in zip(overrides, args):
         key = override.key_or_group
-        if key.split(".")[0] == "hydra":
+        if _is_hydras(key):  # hydra.launcher.n_jobs=2, hydra/launcher=joblib: Hydra's own config
             hydra_args.append(arg)
+            if "/" in key:
+                hydra_groups.append((key, arg, override))
             continue
         try:  # a sweep stands for its first choice; a glob(...) needs Hydra's loader: give up
             value = next(iter(override.sweep_string_iterator())) if override.is_sweep_override() else None
@@ -95,9 +98,12 @@ def command_line_config(
         (groups if is_group else keys).append((key, text, override))
     if not_here:
         return not_here, None
+    not_installed = missing_for_options([f"{k}={v}" for k, _, o in [*hydra_groups, *groups] for v in _choices(o)])
+    if not_installed:  # the option itself comes with the package (a launcher plugin)
+        return not_installed, None
     try:
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-            missing = _missing_options(groups, config_name, hydra_args)
+            missing = _missing_options([*hydra_groups, *groups], config_name, hydra_args)
             if missing:  # an optional group (experiment) would skip a misspelt option silently
                 return missing, None
             lenient = [f"schema={config_name}_unchecked", *hydra_args, *(t for _, t, _ in groups)]
@@ -108,7 +114,10 @@ def command_line_config(
                 if not (o.is_add() or o.is_force_add() or o.is_delete()) and not _has_key(plain, k)
             ]
             known = [t for k, t, _ in keys if k not in unknown]
-            cfg = compose(config_name, overrides=[*lenient, *known])
+            cfg = compose(config_name, overrides=[*lenient, *known], return_hydra_config=True)
+        not_installed = missing_for_config(cfg, config_name)  # Hydra's own node too: its sweeper, launcher, sampler
+        with open_dict(cfg):
+            del cfg["hydra"]
     except Exception as err:  # a missing group option is said here; anything else Hydra reports itself
         missing = getattr(err, "missing_cfg_file", None)
         options = getattr(err, "options", None)
@@ -117,7 +126,7 @@ def command_line_config(
             return [f"{group}={name}: no such option; choose one of {', '.join(options)}"], None
         return [], None
     schema = SCHEMAS.get(config_name)
-    problems = [_unknown_key(k, plain, schema) for k in unknown]
+    problems = [_unknown_key(k, plain, schema) for k in unknown] + not_installed
     if schema is not None:
         try:
             problems += config_problems(cfg, schema)
@@ -126,7 +135,12 @@ def command_line_config(
     return problems, cfg
 
 
-def _option_groups(conf_dir: str, config_name: str) -> set[str]:
+def _is_hydras(key: str) -> bool:
+    """A key or group of Hydra's own config (`hydra.sweeper.n_jobs`, `hydra/launcher`), not of the command's."""
+    return key.replace("/", ".").split(".")[0] == "hydra"
+
+
+def option_groups(conf_dir: str, config_name: str) -> set[str]:
     """The option groups a command's primary config selects in its defaults list (train: data, adapter, ...)."""
     import yaml
 
@@ -138,7 +152,7 @@ def _option_groups(conf_dir: str, config_name: str) -> set[str]:
         if isinstance(entry, dict):
             for name in entry:
                 words = str(name).split()
-                if words[0] != "override":
+                if words[0] != "override" and words[-1] != "schema":  # schema: internal, the typing
                     groups.add(words[-1])
     return groups
 
@@ -150,14 +164,23 @@ def _missing_options(groups: list, config_name: str, hydra_args: list[str]) -> l
 
     loader = GlobalHydra.instance().config_loader()
     problems = []
-    for key, text, override in groups:
+    for key, _, override in groups:
         options = loader.get_group_options(key, config_name=config_name, overrides=hydra_args)
-        chosen = [text.split("=", 1)[1]] if "=" in text else []  # ~group deletes: nothing chosen
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else chosen
-        for value in values:
+        for value in _choices(override):
             if options and value not in ("", "null") and value not in options:
                 problems.append(f"{key}={value}: no such option; choose one of {', '.join(options)}")
     return problems
+
+
+def _choices(override) -> list[str]:
+    """The options a group override chooses: each choice of a sweep; none for `~group` or a glob(...) (that needs
+    Hydra's loader: Hydra reports what it does not find)."""
+    if override.is_delete():
+        return []
+    try:
+        return list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_string()]
+    except Exception:
+        return []
 
 
 def _free_form(schema: type | None, key: str) -> bool:
@@ -172,17 +195,12 @@ def _free_form(schema: type | None, key: str) -> bool:
 
 
 def _unknown_key(key: str, cfg: DictConfig, schema: type | None) -> str:
-    """ "KEY: unknown key" with the nearest known names, or how to add a key where new ones are allowed."""
+    """ "KEY: unknown key" with the nearest known names, then, where new keys are allowed, how to add one."""
+    near = near_names(key, cfg)
+    text = f"{key}: unknown key" + (f"; did you mean {', '.join(near)}?" if near else "")
     if _free_form(schema, key):
-        return f"{key}: unknown key (to add a new key write +{key}=...)"
-    parent, _, name = key.rpartition(".")
-    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
-    known = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
-    prefix = f"{parent}." if parent else ""
-    near = [prefix + n for n in difflib.get_close_matches(name, known, n=3, cutoff=0.6)]
-    if not parent:  # `lr=...`: the same name inside a group (optim.lr)
-        near += [f"{g}.{name}" for g in known if isinstance(cfg.get(g), DictConfig) and name in cfg[g].keys()]
-    return f"{key}: unknown key" + (f"; did you mean {', '.join(near)}?" if near else "")
+        text += f" (to add a new key write +{key}=...)"
+    return text
 
 
 def skips_check(argv: list[str]) -> bool:
