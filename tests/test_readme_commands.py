@@ -110,6 +110,15 @@ RUNS: dict[str, Run | Check | Skip] = {
         SAY, files={"prompts.txt": "Who are you?\n"}
     ),
     "vllm serve runs/merged --trust-remote-code": Skip("vLLM's own server: the vllm extra on a CUDA machine"),
+    "pip install -e .[serve]": Skip("installation"),
+    # a server runs until stopped: here its command line is checked; tests/test_serve.py starts one and drives it
+    "telechat-lab serve adapters=[runs/a,runs/b]": Check(),
+    "telechat-lab serve model.path=/path/to/TeleChat2-7B model.name=telechat2 adapters={sft:runs/sft,tools:runs/tools} "
+    "port=8000": Check(("model.path=/path/to/TeleChat2-7B",)),
+    "vllm serve /path/to/TeleChat2-7B --trust-remote-code --served-model-name telechat2 --enable-lora --lora-modules "
+    "sft=runs/sft tools=runs/tools --max-lora-rank 64 --enable-auto-tool-choice --tool-call-parser hermes": Skip(
+        "vLLM's own server: the vllm extra on a CUDA machine"
+    ),
     "python train.py model=telechat2_7b model.path=/path/to/TeleChat2-7B": Check(("model.path=/path/to/TeleChat2-7B",)),
     **{
         f".venv/bin/python bench/{name}": Skip("a benchmark (bench/): tests/test_bench.py runs its smoke version")
