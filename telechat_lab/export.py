@@ -57,7 +57,9 @@ def check_export_dir(export_dir: str | Path, base: Path, adapters: list[Path]) -
 
 def check_replaceable(final: Path) -> None:
     """An export replaces an earlier export, or fills a new or empty directory; anything else is refused."""
-    if final.exists() and any(final.iterdir()) and not is_export(final):
+    from telechat_lab.vllm_adapter import is_vllm_adapter
+
+    if final.exists() and any(final.iterdir()) and not (is_export(final) or is_vllm_adapter(final)):
         raise OutputDirError(
             f"export_dir={final} is not empty and holds no earlier export: choose another "
             "export_dir (nothing was written)"
@@ -176,6 +178,8 @@ def merge_and_export(settings) -> Path:
     except CheckpointError as err:
         raise CheckpointError(f"{err}: refusing to merge (nothing was written)") from None
     check_export_dir(settings.export_dir, base, adapters)
+    if settings.export_mode == "vllm_adapter":
+        return export_vllm_adapter(base, adapters, settings.export_dir)
     model = merge_adapters(base, adapters, device=settings.export_device)
     out = export(
         model,
@@ -190,3 +194,26 @@ def merge_and_export(settings) -> Path:
         f"serve it: vllm serve {out} --trust-remote-code"
     )
     return out
+
+
+def export_vllm_adapter(base: Path, adapters: list[Path], export_dir: str | Path) -> Path:
+    """merge.py export_mode=vllm_adapter: the one adapter in vLLM's module layout (telechat_lab/vllm_adapter.py)."""
+    from telechat_lab.files import read_json, staged_dir
+    from telechat_lab.vllm_adapter import check_servable, convert_adapter, vllm_lora_rank
+
+    if len(adapters) != 1:
+        raise ConfigError(
+            f"export_mode=vllm_adapter converts one adapter, got {len(adapters)}: vLLM applies one LoRA per "
+            "request; merge the others into the base first (export_mode=merged) and convert the last one"
+        )
+    config = read_json(adapters[0] / "adapter_config.json", "the adapter config")
+    check_servable(adapters[0], config)
+    final = Path(export_dir).expanduser().resolve()
+    with staged_dir(final) as out:
+        convert_adapter(adapters[0], base, out)
+    print(
+        f"wrote {final}: {adapters[0]} in vLLM's LoRA layout\n"
+        f"serve it: vllm serve {base} --trust-remote-code --enable-lora --max-lora-rank {vllm_lora_rank(config)} "
+        f"--lora-modules {adapters[0].name}={final}"
+    )
+    return final

@@ -231,6 +231,9 @@ class MergeConfig:
     export_device: str = setting("cpu", choices=("cpu", "auto"))
     export_legacy_format: bool = False  # false: safetensors; true: pytorch_model.bin
     dtype: str = setting("auto", choices=DTYPE_NAMES)  # auto: bfloat16 for an fp32 base, else the base's
+    # merged: the base with the adapters merged in; vllm_adapter: the one adapter, unmerged, in the module layout
+    # vLLM's TeleChat2 serves with --enable-lora (query -> q_proj, key_value split into k_proj/v_proj, dense -> o_proj)
+    export_mode: str = setting("merged", choices=("merged", "vllm_adapter"))
 
 
 @dataclass
