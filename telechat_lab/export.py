@@ -163,7 +163,7 @@ def export(
             flash_attn=flash_attn,
             seq_length=seq_length or getattr(config, "seq_length", None) or config.training_seqlen,
         )
-        save_tokenizer(load_tokenizer(tokenizer_dir), out)
+        save_tokenizer(load_tokenizer(tokenizer_dir), out, release_special_tokens=True)
         generation = {
             "bos_token_id": BOS_ID,
             "eos_token_id": EOS_ID,
