@@ -28,9 +28,9 @@ injection through ``apply_chat_template``): it writes ``<_`` in message text as 
 two steps undo that exactly before the text is encoded. (``split_special_tokens=True`` would not do: it turns
 the template's own control tokens into text too.)
 
-``save_tokenizer`` (or plain ``save_pretrained``) writes ``tokenizer.json``, ``tokenizer_config.json`` naming the
-standard ``TokenizersBackend`` class, ``chat_template.jinja`` and a copy of ``tokenizer.model``, so
-``AutoTokenizer.from_pretrained(dir)`` reloads it without importing this package.
+``save_tokenizer`` writes ``tokenizer.json``, ``tokenizer_config.json`` naming the standard fast tokenizer class
+by the name transformers 4.x and 5.x both know (``PreTrainedTokenizerFast``), ``chat_template.jinja`` and a copy
+of ``tokenizer.model``, so ``AutoTokenizer.from_pretrained(dir)`` reloads it without importing this package.
 """
 
 from __future__ import annotations
