@@ -5,6 +5,7 @@ refused up front, also by chat.py's vLLM engine, before vLLM is needed."""
 import json
 
 import pytest
+import torch
 from helpers import make_adapter, run_script
 from safetensors.torch import load_file
 
@@ -111,3 +112,24 @@ def test_adapters_vllm_cannot_serve_are_refused(tiny_dir, tmp_path, kind):
 
     with pytest.raises(ConfigError, match=kind.replace("dora", "DoRA")):
         VLLMEngine(tiny_dir, [adapter])
+
+
+def test_chat_vllm_engine_converts_the_adapter_on_the_fly(converted, tiny_dir, monkeypatch):
+    """chat.py infer_backend=vllm adapter_path=RUN: vLLM (a stand-in recording its arguments; it needs a GPU) is
+    given the adapter in its own layout, the same as merge.py export_mode=vllm_adapter writes."""
+    import sys
+    import types
+
+    started = {}
+    fake = types.ModuleType("vllm")
+    fake.LLM = lambda **kwargs: started.update(kwargs)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    from telechat_lab.chat.engines import VLLMEngine
+
+    engine = VLLMEngine(tiny_dir, [converted["lora"]])
+    assert started["enable_lora"] and started["model"] == str(tiny_dir)
+    served = engine.adapters[0]
+    assert json.loads((served / "adapter_config.json").read_text())["target_modules"] == sorted(SERVED)
+    expected = load_file(converted["dir"] / "adapter_model.safetensors")
+    got = load_file(served / "adapter_model.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
