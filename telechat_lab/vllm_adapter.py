@@ -7,8 +7,8 @@ vLLM's TeleChat2 is its Llama model with TeleChat2's weight names mapped onto it
 an adapter's `key_value`. So the conversion renames `query` -> `q_proj` and `dense` -> `o_proj` and splits
 `key_value` exactly: its `lora_A` is shared by K and V, its `lora_B` rows are split as the weight's rows are
 (per KV head, that head's K rows then its V rows; SPEC section 2). B_k @ A and B_v @ A are then exactly the K and
-V rows of B @ A. vLLM serves neither DoRA's magnitude vectors nor `modules_to_save` copies: such adapters are
-refused here, before vLLM is started (merge them with merge.py and serve the export instead)."""
+V rows of B @ A. vLLM serves neither DoRA's magnitude vectors, `modules_to_save` copies nor trained biases: such
+adapters are refused here, before vLLM is started (merge them with merge.py and serve the export instead)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,10 @@ def check_servable(adapter: Path, config: dict) -> None:
         raise ConfigError(
             f"{where}: modules_to_save={config['modules_to_save']} are trained copies of whole modules, which "
             f"vLLM's LoRA support cannot serve: {merge}"
+        )
+    if config.get("bias", "none") != "none":
+        raise ConfigError(
+            f"{where}: bias={config['bias']!r} trains biases, which vLLM's LoRA support cannot serve: {merge}"
         )
     targets = config.get("target_modules")
     if isinstance(targets, list):

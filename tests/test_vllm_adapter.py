@@ -86,31 +86,34 @@ def test_a_new_conversion_replaces_an_earlier_one(converted):
     assert (out / "adapter_model.safetensors").is_file()
 
 
-def lora_saving_lm_head(base_dir, tmp_path):
+def peft_adapter(base_dir, out, **options):
     from peft import LoraConfig, get_peft_model
 
     from telechat_lab.model import Telechat2ForCausalLM
 
-    config = LoraConfig(r=4, target_modules=["query"], modules_to_save=["lm_head"])
-    model = get_peft_model(Telechat2ForCausalLM.from_pretrained(base_dir), config)
+    model = get_peft_model(Telechat2ForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, **options))
     model.peft_config["default"].base_model_name_or_path = str(base_dir)
-    model.save_pretrained(tmp_path / "modules_to_save")
-    return tmp_path / "modules_to_save"
+    model.save_pretrained(out)
+    return out
 
 
-@pytest.mark.parametrize("kind", ["dora", "modules_to_save"])
+KINDS = {
+    "DoRA": {"target_modules": ["query", "key_value"], "use_dora": True},
+    "modules_to_save": {"target_modules": ["query"], "modules_to_save": ["lm_head"]},
+    "bias": {"target_modules": ["dense"], "bias": "lora_only"},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
 def test_adapters_vllm_cannot_serve_are_refused(tiny_dir, tmp_path, kind):
-    if kind == "dora":
-        adapter = make_adapter(tiny_dir, tmp_path / kind, use_dora=True)
-    else:
-        adapter = lora_saving_lm_head(tiny_dir, tmp_path)
+    adapter = peft_adapter(tiny_dir, tmp_path / kind, **KINDS[kind])
     with pytest.raises(ConfigError, match="vLLM's LoRA support cannot serve|cannot be served by vLLM"):
         merge([f"adapter_path={adapter}", f"export_dir={tmp_path / 'out'}", "export_mode=vllm_adapter"])
     assert not (tmp_path / "out").exists()
 
     from telechat_lab.chat.engines import VLLMEngine  # refused before vLLM is imported (it is absent here)
 
-    with pytest.raises(ConfigError, match=kind.replace("dora", "DoRA")):
+    with pytest.raises(ConfigError, match=kind):
         VLLMEngine(tiny_dir, [adapter])
 
 
