@@ -101,6 +101,7 @@ KINDS = {
     "DoRA": {"target_modules": ["query", "key_value"], "use_dora": True},
     "modules_to_save": {"target_modules": ["query"], "modules_to_save": ["lm_head"]},
     "bias": {"target_modules": ["dense"], "bias": "lora_only"},
+    "lm_head": {"target_modules": ["query", "lm_head"]},
 }
 
 
