@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,9 +15,9 @@ from telechat_lab.model import DTYPES
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 REMOTE_CODE = ("configuration_telechat2.py", "modeling_telechat2.py")
+# only the classes the release's own modeling file has too (users swap it in): no AutoModel entry
 AUTO_MAP = {
     "AutoConfig": "configuration_telechat2.Telechat2Config",
-    "AutoModel": "modeling_telechat2.Telechat2Model",
     "AutoModelForCausalLM": "modeling_telechat2.Telechat2ForCausalLM",
 }
 
@@ -57,7 +58,9 @@ def check_export_dir(export_dir: str | Path, base: Path, adapters: list[Path]) -
 
 def check_replaceable(final: Path) -> None:
     """An export replaces an earlier export, or fills a new or empty directory; anything else is refused."""
-    if final.exists() and any(final.iterdir()) and not is_export(final):
+    from telechat_lab.vllm_adapter import is_vllm_adapter
+
+    if final.exists() and any(final.iterdir()) and not (is_export(final) or is_vllm_adapter(final)):
         raise OutputDirError(
             f"export_dir={final} is not empty and holds no earlier export: choose another "
             "export_dir (nothing was written)"
@@ -116,10 +119,15 @@ def export(
     dtype: str = "auto",
     export_size: float = 5.0,
     legacy_format: bool = False,
+    flash_attn: bool = False,
+    seq_length: int | None = None,
+    generation: dict | None = None,
 ) -> Path:
     """Write `model` as a TeleChat2 checkpoint directory: TeleChat2's parameter names, config.json for
     transformers and vLLM, the remote-code files, the tokenizer with its chat template and
-    generation_config.json. Written beside `export_dir` and renamed into place: an earlier export there is
+    generation_config.json (`generation`'s sampling, else the release's recommended one). `seq_length` (vLLM's
+    max_model_len; default: the base's, else its training_seqlen) and `flash_attn` (for the release's modeling
+    files) go into config.json. Written beside `export_dir` and renamed into place: an earlier export there is
     replaced whole only once the new one is complete; a non-empty directory that is not an export is refused."""
     from telechat_lab.console import show_loading_progress, without_transformers_bars
     from telechat_lab.files import staged_dir
@@ -152,19 +160,25 @@ def export(
             num_key_value_heads=config.num_key_value_heads,
             torch_dtype=dtype,
             dtype=dtype,
-            flash_attn=bool(getattr(config, "flash_attn", False)),
+            flash_attn=flash_attn,
+            seq_length=seq_length or getattr(config, "seq_length", None) or config.training_seqlen,
         )
-        save_tokenizer(load_tokenizer(tokenizer_dir), out)
+        save_tokenizer(load_tokenizer(tokenizer_dir), out, release_special_tokens=True)
         generation = {
             "bos_token_id": BOS_ID,
             "eos_token_id": EOS_ID,
             "pad_token_id": PAD_ID,
-            "do_sample": False,
-            "max_new_tokens": 1024,
-            "repetition_penalty": 1.0,
+            **(generation or release_sampling()),
         }
         (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return final
+
+
+def release_sampling() -> dict:
+    """The TeleChat2 release's recommended sampling (conf/merge.yaml's `generation` defaults)."""
+    from telechat_lab.config.schema import ExportGenerationConfig
+
+    return dataclasses.asdict(ExportGenerationConfig())
 
 
 def merge_and_export(settings) -> Path:
@@ -176,6 +190,8 @@ def merge_and_export(settings) -> Path:
     except CheckpointError as err:
         raise CheckpointError(f"{err}: refusing to merge (nothing was written)") from None
     check_export_dir(settings.export_dir, base, adapters)
+    if settings.export_mode == "vllm_adapter":
+        return export_vllm_adapter(base, adapters, settings.export_dir)
     model = merge_adapters(base, adapters, device=settings.export_device)
     out = export(
         model,
@@ -184,9 +200,35 @@ def merge_and_export(settings) -> Path:
         dtype=settings.dtype,
         export_size=settings.export_size,
         legacy_format=settings.export_legacy_format,
+        flash_attn=settings.flash_attn,
+        seq_length=settings.seq_length,
+        generation=dataclasses.asdict(settings.generation),
     )
     print(
         f"wrote {out}: {base} with {len(adapters)} adapter{'s' if len(adapters) != 1 else ''} merged\n"
         f"serve it: vllm serve {out} --trust-remote-code"
     )
     return out
+
+
+def export_vllm_adapter(base: Path, adapters: list[Path], export_dir: str | Path) -> Path:
+    """merge.py export_mode=vllm_adapter: the one adapter in vLLM's module layout (telechat_lab/vllm_adapter.py)."""
+    from telechat_lab.files import read_json, staged_dir
+    from telechat_lab.vllm_adapter import check_servable, convert_adapter, vllm_lora_rank
+
+    if len(adapters) != 1:
+        raise ConfigError(
+            f"export_mode=vllm_adapter converts one adapter, got {len(adapters)}: vLLM applies one LoRA per "
+            "request; merge the others into the base first (export_mode=merged) and convert the last one"
+        )
+    config = read_json(adapters[0] / "adapter_config.json", "the adapter config")
+    check_servable(adapters[0], config)
+    final = Path(export_dir).expanduser().resolve()
+    with staged_dir(final) as out:
+        convert_adapter(adapters[0], base, out)
+    print(
+        f"wrote {final}: {adapters[0]} in vLLM's LoRA layout\n"
+        f"serve it: vllm serve {base} --trust-remote-code --enable-lora --max-lora-rank {vllm_lora_rank(config)} "
+        f"--lora-modules {adapters[0].name}={final}"
+    )
+    return final

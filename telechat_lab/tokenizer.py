@@ -28,9 +28,9 @@ injection through ``apply_chat_template``): it writes ``<_`` in message text as 
 two steps undo that exactly before the text is encoded. (``split_special_tokens=True`` would not do: it turns
 the template's own control tokens into text too.)
 
-``save_tokenizer`` (or plain ``save_pretrained``) writes ``tokenizer.json``, ``tokenizer_config.json`` naming the
-standard ``TokenizersBackend`` class, ``chat_template.jinja`` and a copy of ``tokenizer.model``, so
-``AutoTokenizer.from_pretrained(dir)`` reloads it without importing this package.
+``save_tokenizer`` writes ``tokenizer.json``, ``tokenizer_config.json`` naming the standard fast tokenizer class
+by the name transformers 4.x and 5.x both know (``PreTrainedTokenizerFast``), ``chat_template.jinja`` and a copy
+of ``tokenizer.model``, so ``AutoTokenizer.from_pretrained(dir)`` reloads it without importing this package.
 """
 
 from __future__ import annotations
@@ -515,14 +515,38 @@ def load_tokenizer(path: str | os.PathLike, chat_template: str | None = None):
     return tok
 
 
-def save_tokenizer(tokenizer, save_directory: str | os.PathLike) -> list[str]:
+def save_tokenizer(tokenizer, save_directory: str | os.PathLike, release_special_tokens: bool = False) -> list[str]:
     """``save_pretrained`` plus a copy of ``tokenizer.model``: the directory reloads with
-    ``AutoTokenizer.from_pretrained`` (with or without ``trust_remote_code``) without this package."""
+    ``AutoTokenizer.from_pretrained`` (with or without ``trust_remote_code``) without this package, in transformers
+    4.x (the release pins 4.45) and 5.x alike (see :func:`_portable_tokenizer_config`). ``release_special_tokens``:
+    the special-token settings of the release's own ``tokenizer_config.json`` (``<_end>`` as eos and unk, no bos),
+    as exports write them."""
     save_directory = Path(save_directory)
     files = [str(f) for f in tokenizer.save_pretrained(str(save_directory))]
+    _portable_tokenizer_config(save_directory / "tokenizer_config.json", tokenizer, release_special_tokens)
     target = save_directory / _MODEL_FILE
     source = getattr(tokenizer, "vocab_file", None)
     if not target.is_file() and source and Path(source).is_file():
         shutil.copyfile(source, target)
         files.append(str(target))
     return files
+
+
+def _portable_tokenizer_config(path: Path, tokenizer, release_special_tokens: bool) -> None:
+    """Rewrite transformers 5's tokenizer_config.json in the form 4.x reads too: the class by its name in both
+    (``PreTrainedTokenizerFast``; 5.x's ``TokenizersBackend`` does not exist in 4.x), the extra special tokens as
+    ``additional_special_tokens`` (4.x wants a mapping under 5.x's key), the chat template inline (4.x before 4.50
+    reads no ``chat_template.jinja``), the model's inputs named (4.x adds token_type_ids otherwise)."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.pop("backend", None)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = config.pop("extra_special_tokens", None)
+    if extra:
+        config["additional_special_tokens"] = list(extra.values() if isinstance(extra, dict) else extra)
+    config["chat_template"] = tokenizer.chat_template
+    # 4.x's PreTrainedTokenizerFast also returns token_type_ids, which generate(**inputs) refuses
+    config.update(add_bos_token=False, add_eos_token=False, model_input_names=["input_ids", "attention_mask"])
+    if release_special_tokens:
+        config.pop("bos_token", None)
+        config.update(eos_token=EOS_TOKEN, unk_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

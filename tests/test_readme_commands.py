@@ -115,10 +115,18 @@ RUNS: dict[str, Run | Check | Skip] = {
     "telechat-lab serve adapters=[runs/a,runs/b]": Check(),
     "telechat-lab serve model.path=/path/to/TeleChat2-7B model.name=telechat2 adapters={sft:runs/sft,tools:runs/tools} "
     "port=8000": Check(("model.path=/path/to/TeleChat2-7B",)),
+    **{  # the serve section's adapters (runs/sft, runs/tools) are the demo's run here
+        f"python merge.py adapter_path=runs/{name} export_mode=vllm_adapter export_dir=runs/{name}-vllm": Run(
+            instead=["merge", "adapter_path=runs/demo", "export_mode=vllm_adapter", f"export_dir=runs/{name}-vllm"]
+        )
+        for name in ("sft", "tools")
+    },
+    "python merge.py adapter_path=runs/demo export_mode=vllm_adapter export_dir=runs/demo-vllm": Run(),
     "vllm serve /path/to/TeleChat2-7B --trust-remote-code --served-model-name telechat2 --enable-lora --lora-modules "
-    "sft=runs/sft tools=runs/tools --max-lora-rank 64 --enable-auto-tool-choice --tool-call-parser hermes": Skip(
-        "vLLM's own server: the vllm extra on a CUDA machine"
-    ),
+    "sft=runs/sft-vllm tools=runs/tools-vllm --max-lora-rank 64 --enable-auto-tool-choice "
+    "--tool-call-parser hermes": Skip("vLLM's own server: the vllm extra on a CUDA machine"),
+    "vllm serve BASE_OR_EXPORT --trust-remote-code --enable-lora --max-lora-rank 8 "
+    "--lora-modules demo=runs/demo-vllm": Skip("vLLM's own server: the vllm extra on a CUDA machine"),
     "python train.py model=telechat2_7b model.path=/path/to/TeleChat2-7B": Check(("model.path=/path/to/TeleChat2-7B",)),
     **{
         f".venv/bin/python bench/{name}": Skip("a benchmark (bench/): tests/test_bench.py runs its smoke version")

@@ -148,6 +148,13 @@ class VLLMEngine:
     ):
         if len(adapters) > 1:
             raise ValueError("infer_backend=vllm serves one adapter; merge the others first (merge.py)")
+        if adapters:  # converted to the module layout vLLM's TeleChat2 serves (refused up front if it cannot)
+            import tempfile
+
+            from telechat_lab.vllm_adapter import convert_adapter
+
+            self._converted = tempfile.TemporaryDirectory(prefix="telechat-lab-vllm-lora-")
+            adapters = [convert_adapter(adapters[0], base, Path(self._converted.name))]
         try:
             from vllm import LLM
         except ImportError as err:

@@ -239,6 +239,20 @@ class ServeConfig:
 
 
 @dataclass
+class ExportGenerationConfig:
+    """generation_config.json of an export: what `vllm serve` and transformers' generate() sample with by default.
+    The defaults are the TeleChat2 release's recommended sampling (its own generation_config.json), sampling on
+    (the release's file says do_sample false beside them, which makes transformers warn and ignore them)."""
+
+    max_new_tokens: int = setting(4096, min=1)
+    do_sample: bool = True
+    temperature: float = setting(0.3, gt=0)
+    top_p: float = setting(0.85, gt=0, max=1)
+    top_k: int = setting(5, min=0)
+    repetition_penalty: float = setting(1.03, gt=0)
+
+
+@dataclass
 class MergeModelConfig:
     path: str | None = None  # the base; null: the adapter's base_model_name_or_path
 
@@ -254,6 +268,12 @@ class MergeConfig:
     export_device: str = setting("cpu", choices=("cpu", "auto"))
     export_legacy_format: bool = False  # false: safetensors; true: pytorch_model.bin
     dtype: str = setting("auto", choices=DTYPE_NAMES)  # auto: bfloat16 for an fp32 base, else the base's
+    # merged: the base with the adapters merged in; vllm_adapter: the one adapter, unmerged, in the module layout
+    # vLLM's TeleChat2 serves with --enable-lora (query -> q_proj, key_value split into k_proj/v_proj, dense -> o_proj)
+    export_mode: str = setting("merged", choices=("merged", "vllm_adapter"))
+    flash_attn: bool = False  # config.json's flash_attn, read by the release's own modeling files (needs flash-attn)
+    seq_length: int | None = setting(None, min=1)  # null: the base's seq_length, else its training_seqlen
+    generation: ExportGenerationConfig = field(default_factory=ExportGenerationConfig)
 
 
 @dataclass

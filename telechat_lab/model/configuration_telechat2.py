@@ -78,7 +78,15 @@ class Telechat2Config(PretrainedConfig):
             raise ValueError(
                 f"n_head ({n_head}) must be a multiple of num_key_value_heads ({self.num_key_value_heads})"
             )
-        super().__init__(**kwargs)
+        # handed to PretrainedConfig too: transformers 4.x's sets them from its own arguments (tie_word_embeddings
+        # defaulting to true, the token ids to None), overwriting what was set above
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
 
     @property
     def head_dim(self) -> int:

@@ -31,20 +31,42 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging import version
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.modeling_utils import PreTrainedModel
 
 from .configuration_telechat2 import Telechat2Config
 
+# Older transformers (the release pins 4.45) lack the attention interface, the mask builder and the checkpointing
+# layer of 5.x: without them this file builds the same boolean mask itself and runs sdpa / eager attention itself.
+try:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+except ImportError:  # transformers < 4.48
+    ALL_ATTENTION_FUNCTIONS = None
+try:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # transformers < 4.52
+    GradientCheckpointingLayer = nn.Module
+try:
+    from transformers.masking_utils import create_causal_mask
+except ImportError:  # transformers < 4.53
+    create_causal_mask = None
+if create_causal_mask is not None and "inputs_embeds" not in inspect.signature(create_causal_mask).parameters:
+    create_causal_mask = None  # 4.x's takes other arguments (input_embeds, cache_position): the mask is built here
+
 # transformers 5.x renamed `past_key_values` to `cache`; accept whichever this version uses.
-_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+_MASK_CACHE_ARG = (
+    "cache" if create_causal_mask and "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+)
 _OUT_CACHE = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+_CACHE_TAKES_CONFIG = "config" in inspect.signature(DynamicCache.__init__).parameters
+# transformers < 4.46: GenerationMixin has no prepare_inputs_for_generation of its own; the model supplies it
+_OWN_GENERATION_INPUTS = version.parse(transformers.__version__) < version.parse("4.46")
 
 
 class Telechat2RMSNorm(nn.Module):
@@ -151,6 +173,43 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return out, probs
 
 
+def sdpa_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """torch's scaled_dot_product_attention with a boolean mask (True: attend), for transformers < 4.48."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def attention_function(name: str) -> Callable:
+    """The attention implementation `name` (config._attn_implementation) of this transformers version."""
+    if ALL_ATTENTION_FUNCTIONS is not None and hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(name, eager_attention_forward)
+    if name == "eager":
+        return eager_attention_forward
+    if ALL_ATTENTION_FUNCTIONS is not None:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    if name == "sdpa":
+        return sdpa_attention_forward
+    raise ValueError(
+        f"attn_implementation={name!r} needs transformers >= 4.48 (this is {transformers.__version__}): "
+        "use 'sdpa' or 'eager'"
+    )
+
+
+def boolean_causal_mask(attention_mask, doc_ids, past_len: int, q_len: int, device) -> torch.Tensor:
+    """[B or 1, 1, q_len, past_len + q_len], True where a query may attend: earlier or same position, a key that is
+    not padding, of the same packed document. (What `create_causal_mask` gives, for transformers without it.)"""
+    q_pos = torch.arange(past_len, past_len + q_len, device=device)[:, None]
+    k_pos = torch.arange(past_len + q_len, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, : past_len + q_len].bool()
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    return mask | (k_pos == q_pos)[None, None]  # a padding query attends to itself: no all-masked row
+
+
 class Telechat2Attention(nn.Module):
     def __init__(self, config: Telechat2Config, layer_idx: int):
         super().__init__()
@@ -179,9 +238,7 @@ class Telechat2Attention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
-        attention_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        attention_fn = attention_function(self.config._attn_implementation)
         out, weights = attention_fn(
             self,
             query,
@@ -238,6 +295,7 @@ class Telechat2PreTrainedModel(PreTrainedModel):
     _supports_flash_attn_2 = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _supports_cache_class = True  # transformers 4.x: generate() hands it a DynamicCache
 
     def _flash_attn_can_dispatch(self, flash_attn_version: int, is_init_check: bool = False) -> bool:
         try:
@@ -385,7 +443,7 @@ class Telechat2Model(Telechat2PreTrainedModel):
         if doc_ids is not None:
             use_cache = False
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = DynamicCache(config=self.config) if _CACHE_TAKES_CONFIG else DynamicCache()
         if not use_cache:
             cache = None
         total_len = past_len + q_len
@@ -399,14 +457,17 @@ class Telechat2Model(Telechat2PreTrainedModel):
         else:
             rope = self.rotary_emb(position_ids, total_len)
 
-        mask_kwargs = {_MASK_CACHE_ARG: cache}
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            **mask_kwargs,
-        )
+        if create_causal_mask is None:
+            causal_mask = boolean_causal_mask(attention_mask, doc_ids, past_len, q_len, device)
+        else:
+            mask_kwargs = {_MASK_CACHE_ARG: cache}
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                **mask_kwargs,
+            )
         if self.config._attn_implementation.startswith("flash") and doc_ids is not None:
             kwargs.setdefault("position_ids", position_ids)  # flash-attn derives varlen boundaries from it
 
@@ -432,6 +493,25 @@ class Telechat2ForCausalLM(Telechat2PreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.lm_head
+
+    if _OWN_GENERATION_INPUTS:
+
+        def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+            """What later transformers' GenerationMixin passes: the tokens not yet cached, positions counted over
+            the attention mask (padding at 1)."""
+            past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = None
+            if attention_mask is not None:
+                position_ids = attention_mask.long().cumsum(-1) - 1
+                position_ids.masked_fill_(attention_mask == 0, 1)
+                position_ids = position_ids[:, past_len:]
+            return {
+                "input_ids": input_ids[:, past_len:],
+                "past_key_values": past_key_values,
+                "attention_mask": attention_mask,
+                "position_ids": position_ids,
+                "use_cache": kwargs.get("use_cache"),
+            }
 
     def set_output_embeddings(self, value):
         self.lm_head = value
@@ -488,7 +568,12 @@ class Telechat2ForCausalLM(Telechat2PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             # mean cross-entropy over tokens whose shifted label is not -100 (computed in fp32)
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if hasattr(self, "loss_function"):
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            else:  # transformers < 4.46: the same mean cross-entropy, computed here
+                loss = chunked_causal_lm_loss(
+                    self.lm_head, hidden_states, labels, self.config.loss_chunk_size, **kwargs
+                )
         return CausalLMOutputWithPast(loss=loss, logits=logits, **out_cache)
 
 
