@@ -75,3 +75,19 @@ def without_transformers_bars(off: bool = True) -> Iterator[None]:
     finally:
         if was_on:
             hf_logging.enable_progress_bar()
+
+
+_shown_in_sweep: dict[str, str] = {}  # a sweep's directory -> the last report printed by one of its jobs
+
+
+def print_once_per_sweep(text: str) -> None:
+    """Print a report; in a sweep, only when it differs from the one an earlier job of the sweep printed (the
+    dataset table is the same for every job that does not sweep a data setting)."""
+    from telechat_lab.training.run import sweep_dir
+
+    sweep = sweep_dir()
+    if sweep is not None:
+        if _shown_in_sweep.get(str(sweep)) == text:
+            return
+        _shown_in_sweep[str(sweep)] = text
+    print(text, flush=True)

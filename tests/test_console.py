@@ -3,10 +3,16 @@ where its plot is, a signal's message is printed once, and a finished run resume
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import warnings
 
-from helpers import REPO
+import lightning as L
+import pytest
+from helpers import REPO, run_train, tree_snapshot
+
+from telechat_lab.errors import Interrupted
 
 
 def test_an_editable_install_raises_no_build_backend_warning(tmp_path, monkeypatch):
@@ -26,3 +32,52 @@ def test_an_editable_install_raises_no_build_backend_warning(tmp_path, monkeypat
         wheel = build_meta.build_editable(str(tmp_path / "dist"))
     assert wheel.endswith(".whl")
     assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
+
+
+class SignalAt(L.Callback):
+    """Sends this process `signum` after optimizer step `step`, as Ctrl+C would."""
+
+    def __init__(self, step: int, signum: int = signal.SIGINT):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_a_signal_prints_its_stop_message_and_resume_hint_once(tmp_path, capsys):
+    with pytest.raises(Interrupted) as stopped:
+        run_train(
+            tmp_path, "trainer.max_steps=6", "+callbacks.sig._target_=test_console.SignalAt", "+callbacks.sig.step=2"
+        )
+    shown = capsys.readouterr().out + str(stopped.value)  # the message is what the command prints on stderr
+    assert "stopped by SIGINT after step 2" in shown
+    assert shown.count("resume=true") == 1 and shown.count(str(tmp_path / "checkpoints")) == 1, shown
+    assert "loss plot:" in shown  # the rest of the report stays
+
+
+def test_resuming_a_completed_run_says_so_and_changes_nothing(tmp_path, capsys):
+    first = run_train(tmp_path, "trainer.max_steps=2")
+    before = tree_snapshot(tmp_path)
+    capsys.readouterr()
+    again = run_train(tmp_path, "trainer.max_steps=2", "resume=true")
+    out = capsys.readouterr().out
+    assert f"{tmp_path} is a completed run (2 steps): nothing to resume" in out
+    assert "dataset" not in out and "Epoch" not in out  # nothing loaded, nothing trained
+    assert again == first and tree_snapshot(tmp_path) == before
+    # with a higher limit it trains on
+    assert run_train(tmp_path, "trainer.max_steps=3", "resume=true")["steps"] == 3
+
+
+def test_in_a_sweep_a_report_is_printed_once_unless_it_differs(tmp_path, monkeypatch, capsys):
+    from telechat_lab import console
+    from telechat_lab.training import run
+
+    console.print_once_per_sweep("table A")
+    console.print_once_per_sweep("table A")  # not in a sweep: every run prints its own
+    monkeypatch.setattr(run, "sweep_dir", lambda: tmp_path / "sweep")
+    for table in ("table A", "table A", "table B", "table B", "table A"):  # the jobs of one sweep
+        console.print_once_per_sweep(table)
+    monkeypatch.setattr(run, "sweep_dir", lambda: tmp_path / "another")
+    console.print_once_per_sweep("table A")
+    assert capsys.readouterr().out.split("\n") == ["table A"] * 3 + ["table B", "table A", "table A", ""]

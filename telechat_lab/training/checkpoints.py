@@ -228,6 +228,11 @@ def _checkpoint_meta(path: Path) -> dict:
     return {"step": int(state["global_step"]), "run_id": (state.get("telechat_run") or {}).get("run_id")}
 
 
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a resumable checkpoint was written at."""
+    return _checkpoint_meta(path)["step"]
+
+
 def newest_checkpoint(checkpoint_dir: Path, run_id: str) -> Path | None:
     """The resumable checkpoint with the highest recorded step that loads; unreadable ones are skipped with a
     warning naming them. A checkpoint of another run is refused."""
