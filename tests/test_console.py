@@ -4,8 +4,11 @@ where its plot is, a signal's message is printed once, and a finished run resume
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import subprocess
+import sys
 import warnings
 
 import lightning as L
@@ -81,3 +84,21 @@ def test_in_a_sweep_a_report_is_printed_once_unless_it_differs(tmp_path, monkeyp
     monkeypatch.setattr(run, "sweep_dir", lambda: tmp_path / "another")
     console.print_once_per_sweep("table A")
     assert capsys.readouterr().out.split("\n") == ["table A"] * 3 + ["table B", "table A", "table A", ""]
+
+
+def test_the_tests_filter_the_warnings_the_commands_filter(tmp_path):
+    """A test that meets one of the libraries' warnings the commands filter (console.NOT_OURS) reports no warning;
+    any other warning is still reported."""
+    from telechat_lab.console import NOT_OURS
+
+    test = tmp_path / "test_warns.py"
+    lines = ["import warnings", "", "", "def test_warns():"]
+    for pattern, category, _why in NOT_OURS:  # each pattern's own text, as the library writes it
+        text = re.sub(r"\\(.)", r"\1", pattern) + " ..."
+        lines.append(f"    warnings.warn({text!r}, {category.__name__})")
+    lines += ["    warnings.warn('a warning of ours', UserWarning)"]
+    test.write_text("\n".join(lines) + "\n")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-c", str(REPO / "setup.cfg"), str(test)]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert "1 passed, 1 warning" in proc.stdout and "a warning of ours" in proc.stdout, proc.stdout + proc.stderr
