@@ -102,3 +102,13 @@ def test_the_tests_filter_the_warnings_the_commands_filter(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
     proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert "1 passed, 1 warning" in proc.stdout and "a warning of ours" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_demo_is_two_epochs_and_the_long_demo_the_same_for_ten():
+    from helpers import compose_train
+
+    demo, long = compose_train([]), compose_train(["experiment=tiny_long"])
+    assert demo.trainer.max_epochs == 2 and long.trainer.max_epochs == 10
+    same = lambda cfg: (cfg.optim.lr, cfg.adapter.rank, cfg.adapter.alpha, cfg.data)  # noqa: E731
+    assert same(long) == same(demo)
+    assert "make demo ARGS=experiment=tiny_long" in (REPO / "Makefile").read_text()
