@@ -112,3 +112,10 @@ def test_the_demo_is_two_epochs_and_the_long_demo_the_same_for_ten():
     same = lambda cfg: (cfg.optim.lr, cfg.adapter.rank, cfg.adapter.alpha, cfg.data)  # noqa: E731
     assert same(long) == same(demo)
     assert "make demo ARGS=experiment=tiny_long" in (REPO / "Makefile").read_text()
+
+
+def test_a_run_stopped_early_by_a_callback_is_not_complete_and_resumes(tmp_path, capsys):
+    stop = ["+callbacks.stop._target_=helpers.StopAfter", "+callbacks.stop.step=2"]
+    run_train(tmp_path, "trainer.max_steps=4", "save_steps=1", *stop)
+    metrics = run_train(tmp_path, "trainer.max_steps=4", "save_steps=1", "resume=true", "+callbacks.stop=null")
+    assert metrics["steps"] == 4 and "nothing to resume" not in capsys.readouterr().out

@@ -110,14 +110,21 @@ class RunCheckpoints(L.Callback):
 
     # ------------------------------------------------------------------------------------ saving
 
+    @staticmethod
+    def _last_step(trainer) -> bool:
+        """This step is the run's last: max_steps or the last batch of max_epochs is reached."""
+        last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+        return (0 < trainer.max_steps <= trainer.global_step) or (trainer.is_last_batch and last_epoch)
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        checkpoint["telechat_run"] = {"run_id": self.run_id, "step": trainer.global_step}
+        # final: written at the run's last step (a resume with the same limits has nothing left to train)
+        step, final = trainer.global_step, self._last_step(trainer)
+        checkpoint["telechat_run"] = {"run_id": self.run_id, "step": step, "final": final}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         requested = self._stop_requested(trainer)
         step = trainer.global_step
-        last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
-        final = (0 < trainer.max_steps <= step) or (trainer.is_last_batch and last_epoch)
+        final = self._last_step(trainer)
         if step and step != self._last_saved and (step % self.save_steps == 0 or final or requested):
             self.save(trainer, pl_module, step)
         if requested:
@@ -223,14 +230,15 @@ def requeue_slurm_job() -> None:
 def _checkpoint_meta(path: Path) -> dict:
     if path.is_dir():  # a sharded (DeepSpeed) checkpoint: its step is in its name
         match = STEP_FILE.match(path.name)
-        return {"step": int(match.group(1)) if match else -1, "run_id": None}
+        return {"step": int(match.group(1)) if match else -1, "run_id": None, "final": False}
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    return {"step": int(state["global_step"]), "run_id": (state.get("telechat_run") or {}).get("run_id")}
+    record = state.get("telechat_run") or {}
+    return {"step": int(state["global_step"]), "run_id": record.get("run_id"), "final": bool(record.get("final"))}
 
 
-def checkpoint_step(path: Path) -> int:
-    """The optimizer step a resumable checkpoint was written at."""
-    return _checkpoint_meta(path)["step"]
+def ended_its_run(path: Path) -> bool:
+    """The resumable checkpoint was written at its run's last step (max_steps or max_epochs reached)."""
+    return _checkpoint_meta(path)["final"]
 
 
 def newest_checkpoint(checkpoint_dir: Path, run_id: str) -> Path | None:

@@ -166,14 +166,15 @@ def settings_of(values: dict) -> TrainConfig:
 
 
 def finished_metrics(output_dir: Path, values: dict, checkpoint: Path) -> dict | None:
-    """The final metrics of a run that completed at its newest checkpoint, resumed with the same trainer settings
-    (max_steps, max_epochs, ...): there is nothing left to train. None when it has more to do."""
-    from .checkpoints import checkpoint_step
+    """The final metrics of a run whose newest checkpoint was written at its last step and that completed,
+    resumed with the same trainer settings (max_steps, max_epochs, ...): there is nothing left to train. None when
+    it has more to do (a run stopped early by a callback, or given higher limits)."""
+    from .checkpoints import ended_its_run
     from .rundir import saved_settings
 
     path = output_dir / "final_metrics.json"
     metrics = json.loads(path.read_text()) if path.is_file() else {}
-    if metrics.get("status") != "completed" or metrics.get("steps") != checkpoint_step(checkpoint):
+    if metrics.get("status") != "completed" or not ended_its_run(checkpoint):
         return None
     return metrics if saved_settings(output_dir).get("trainer") == values["trainer"] else None
 
