@@ -119,3 +119,14 @@ def test_a_run_stopped_early_by_a_callback_is_not_complete_and_resumes(tmp_path,
     run_train(tmp_path, "trainer.max_steps=4", "save_steps=1", *stop)
     metrics = run_train(tmp_path, "trainer.max_steps=4", "save_steps=1", "resume=true", "+callbacks.stop=null")
     assert metrics["steps"] == 4 and "nothing to resume" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_sweep_prints_the_dataset_table_once_and_where_its_plot_is(tmp_path):
+    from helpers import QUICK, train_cli
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", *QUICK, "adapter=lora,dora", "trainer.max_steps=1", f"hydra.sweep.dir={sweep}"]
+    out = train_cli([*args, f"data.cache_dir={tmp_path}/cache"], tmp_path).stdout
+    assert out.count("trained tokens") == 1 and "(lora rank 16" in out and "(dora rank 16" in out, out
+    assert f"loss plot: {sweep / 'sweep_loss.png'}" in out and (sweep / "sweep_loss.png").is_file()

@@ -100,6 +100,11 @@ def test_training_loss_plot_has_integer_steps_validation_points_and_an_outside_l
     assert (tmp_path / "training_loss.png").is_file() and (tmp_path / "validation_loss.png").is_file()
 
 
+def test_a_one_step_sweep_still_has_whole_step_ticks():
+    fig = plots.sweep_figure("one step", [("0: adapter=lora", [(1, 8.6)], []), ("1: adapter=dora", [(1, 8.6)], [])])
+    assert_readable(fig)
+
+
 @pytest.mark.parametrize(
     "value,shown", [("0.000123456789", "0.000123"), ("8", "8"), ("3e-4", "0.0003"), ("lora", "lora"), ("1.5", "1.5")]
 )

@@ -57,6 +57,9 @@ def _finish(fig, ax, title: str):
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))  # 0, 100, 200: not 0, 80, 160
+    first, last = ax.dataLim.intervalx
+    if last - first < 2:  # a step or two: the locator would fall back to fractions of a step
+        ax.set_xlim(first - 1, last + 1)
     ax.set(xlabel="optimizer step", ylabel="loss", title=title)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -109,7 +112,16 @@ def sweep_figure(title: str, curves: list[tuple[str, list, list]]):
     for (label, train, val), (colour, linestyle, marker) in zip(curves, styles):
         if train:
             every = max(1, len(train) // 8)  # a few markers on a long curve, every point on a short one
-            ax.plot(*zip(*train), color=colour, linestyle=linestyle, marker=marker, markevery=every, label=label)
+            ax.plot(
+                *zip(*train),
+                color=colour,
+                linestyle=linestyle,
+                marker=marker,
+                markerfacecolor="none",  # hollow: markers lying on each other all show
+                markersize=8,
+                markevery=every,
+                label=label,
+            )
         if val:
             ax.plot(*zip(*val), color=colour, **{**VALIDATION, "marker": marker})
             any_val = True
