@@ -20,6 +20,11 @@ NOT_OURS = [
     (r"`gradient_checkpointing_enable` is deprecated", FutureWarning, "peft's kbit preparation calls the old name"),
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", Warning, "Lightning's own pytree code on torch >= 2.10"),
     (
+        r"`training_step` returned `None`",
+        Warning,
+        "nan_policy=skip skips a step by returning None, on purpose; our own line says which step and why",
+    ),
+    (
         r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
         Warning,
         "Lightning looks for state_dict() on the DataLoader; our data module restores the sampler's position "

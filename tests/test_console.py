@@ -99,7 +99,7 @@ def test_the_tests_filter_the_warnings_the_commands_filter(tmp_path):
     lines += ["    warnings.warn('a warning of ours', UserWarning)"]
     test.write_text("\n".join(lines) + "\n")
     command = [sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-c", str(REPO / "setup.cfg"), str(test)]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
     proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert "1 passed, 1 warning" in proc.stdout and "a warning of ours" in proc.stdout, proc.stdout + proc.stderr
 
@@ -130,3 +130,20 @@ def test_a_sweep_prints_the_dataset_table_once_and_where_its_plot_is(tmp_path):
     out = train_cli([*args, f"data.cache_dir={tmp_path}/cache"], tmp_path).stdout
     assert out.count("trained tokens") == 1 and "(lora rank 16" in out and "(dora rank 16" in out, out
     assert f"loss plot: {sweep / 'sweep_loss.png'}" in out and (sweep / "sweep_loss.png").is_file()
+
+
+def test_a_non_finite_loss_is_reported_without_an_autograd_warning():
+    from types import SimpleNamespace
+
+    import torch
+
+    from telechat_lab.errors import NonFiniteLoss
+    from telechat_lab.training.module import TelechatLitModule
+
+    trainer = SimpleNamespace(global_step=4)
+    module = SimpleNamespace(trainer=trainer, nan_policy="stop", skipped_steps=0, nan_max_skips=1)
+    loss = torch.tensor(float("nan"), requires_grad=True) * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(NonFiniteLoss, match="the loss is nan at step 5"):
+            TelechatLitModule._non_finite(module, "loss", loss)
