@@ -32,8 +32,10 @@ $(VENV)/.installed-dev: setup.cfg pyproject.toml $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# the demo: 2 epochs, a couple of minutes on a CPU; the long one (10 epochs): make demo ARGS=experiment=tiny_long
 demo: $(VENV)/.installed
 	$(PY) train.py $(ARGS)
+	@$(if $(ARGS),,echo "the long demo (10 epochs, about 15 minutes on 2 CPU cores): make demo ARGS=experiment=tiny_long")
 
 # FAST=1 leaves out the tests marked slow (several processes: DDP, sweeps, signals); CI runs them all.
 test: $(VENV)/.installed-dev

@@ -9,6 +9,7 @@ The pipeline is timed without its cache (a fresh cache dir every run), with one 
 workers. Best of --repeat runs each.
 
     python bench/data_prep.py [--data DIR] [--tokenizer tokenizer.model] [--workers 2] [--repeat 3] [--scale 1]
+    python bench/data_prep.py --smoke    # CI: the tiny tokenizer and the bundled telechat-format demo data, once
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--scale", type=int, default=1, help="repeat the data K times (scaling on more data)")
+    parser.add_argument("--smoke", action="store_true", help="CI: tiny tokenizer, bundled demo data, 1 repeat")
     args = parser.parse_args()
+    if args.smoke:
+        from telechat_lab.tokenizer import TINY_TOKENIZER_PATH
+
+        args.data, args.tokenizer = ROOT / "telechat_lab" / "demo_data", TINY_TOKENIZER_PATH
+        args.repeat, args.workers = 1, 2
     if not args.data.is_dir() or not args.tokenizer.is_file():
         sys.exit(f"needs {args.data} and {args.tokenizer} (../shared beside the checkout)")
 

@@ -18,7 +18,8 @@ is not counted, attention is, see telechat_lab/training/flops.py), peak GPU memo
     python bench/train_throughput.py --cpu-smoke                                             # CI: tiny, CPU
 
 Writes bench/results/<name>.json (device, versions, the exact command, every figure) and <name>.md (a table);
-figures from a CPU are labelled as such.
+figures from a CPU are labelled as such. Results already there are kept: a run without --name writes <name>-2, ...
+(--out DIR writes elsewhere).
 """
 
 from __future__ import annotations
@@ -70,7 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--work", type=Path, default=ROOT / "bench" / ".work", help="random models, caches, runs")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    p.add_argument("--name", default=None, help="results file name (default: from device, shape and settings)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="results file name, replaced if it exists (default: from device, shape and settings, with -2, -3, ... "
+        "added where such results exist: a run never replaces the committed ones unless named)",
+    )
     p.add_argument(
         "--cpu-smoke",
         action="store_true",
@@ -173,6 +179,15 @@ def table(report: dict) -> str:
             f"{agreement['max_abs_diff']:.2e}."
         )
     return f"{caption}\n\n" + "\n".join(lines) + tail + f"\n\n`{report['command']}`\n"
+
+
+def free_name(out: Path, name: str) -> str:
+    """`name`, or name-2, name-3, ...: the first whose .json and .md are not in `out` yet."""
+    taken = lambda n: (out / f"{n}.json").exists() or (out / f"{n}.md").exists()  # noqa: E731
+    n = 1
+    while taken(name if n == 1 else f"{name}-{n}"):
+        n += 1
+    return name if n == 1 else f"{name}-{n}"
 
 
 def main(argv=None) -> dict:
@@ -284,9 +299,10 @@ def main(argv=None) -> dict:
             if r["stack"] == "ours"
         }
     device = "cpu" if not on_gpu else report["environment"]["device"].lower().replace("nvidia ", "").split()[0]
-    name = args.name or (
+    name = args.name or free_name(
+        args.out,
         f"train_throughput_{device}_{args.shape}_L{values['n_layer']}_{args.adapter}_c{args.cutoff}"
-        + ("_compile" if args.compile else "")
+        + ("_compile" if args.compile else ""),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -20,6 +20,11 @@ NOT_OURS = [
     (r"`gradient_checkpointing_enable` is deprecated", FutureWarning, "peft's kbit preparation calls the old name"),
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", Warning, "Lightning's own pytree code on torch >= 2.10"),
     (
+        r"`training_step` returned `None`",
+        Warning,
+        "nan_policy=skip skips a step by returning None, on purpose; our own line says which step and why",
+    ),
+    (
         r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
         Warning,
         "Lightning looks for state_dict() on the DataLoader; our data module restores the sampler's position "
@@ -75,3 +80,19 @@ def without_transformers_bars(off: bool = True) -> Iterator[None]:
     finally:
         if was_on:
             hf_logging.enable_progress_bar()
+
+
+_shown_in_sweep: dict[str, str] = {}  # a sweep's directory -> the last report printed by one of its jobs
+
+
+def print_once_per_sweep(text: str) -> None:
+    """Print a report; in a sweep, only when it differs from the one an earlier job of the sweep printed (the
+    dataset table is the same for every job that does not sweep a data setting)."""
+    from telechat_lab.training.run import sweep_dir
+
+    sweep = sweep_dir()
+    if sweep is not None:
+        if _shown_in_sweep.get(str(sweep)) == text:
+            return
+        _shown_in_sweep[str(sweep)] = text
+    print(text, flush=True)

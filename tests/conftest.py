@@ -44,3 +44,12 @@ def tiny_real_vocab_dir(tmp_path_factory):
 
     tokenizer = shared_path("telechat2", "tokenizer.model")
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_real"), tokenizer=tokenizer, hidden_size=64)
+
+
+def pytest_configure(config):
+    """The libraries' warnings that the commands filter (telechat_lab/console.py NOT_OURS, each with the reason it
+    is not shown) are filtered in the tests too, which call the training code without a command around it."""
+    from telechat_lab.console import NOT_OURS
+
+    for pattern, category, _why in NOT_OURS:
+        config.addinivalue_line("filterwarnings", f"ignore:{pattern}:{category.__module__}.{category.__qualname__}")

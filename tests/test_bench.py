@@ -88,3 +88,52 @@ def test_loss_memory_bench_measures_both_paths_and_their_losses_agree(tmp_path):
     whole_logits_mib = 512 * 131072 * 4 / 2**20  # 256 MiB: the whole path holds it at least once
     assert row["whole_mib"] >= whole_logits_mib and row["chunked_mib"] < row["whole_mib"] / 2
     assert row["loss_abs_diff"] < 1e-4
+
+
+def _bench(script: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_tokenizer_speed_smoke_checks_every_way_against_the_spec_encoding():
+    out = _bench("tokenizer_speed.py", "--smoke").stdout
+    assert "(40 with tool tags)" in out and "ids as SPEC section 4 encodes them for every way below" in out
+    assert out.count("x\n") == 6  # a row for each of the six ways
+
+
+def test_tokenizer_speed_reference_encodes_the_tool_tags_as_their_control_ids():
+    import sentencepiece as spm
+    from tokenizer_speed import spec_encode
+
+    from telechat_lab.tokenizer import TINY_TOKENIZER_PATH, load_tokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(TINY_TOKENIZER_PATH))
+    text = 'look it up <tool_call>\n{"name": "search"}\n</tool_call><tool_response>\nfound\n</tool_response>'
+    ids = spec_encode(sp, text)
+    assert [i for i in ids if i < 13] == [9, 10, 11, 12] and not set(sp.encode(text)) & {9, 10, 11, 12}
+    assert ids == load_tokenizer(TINY_TOKENIZER_PATH)(text, add_special_tokens=False)["input_ids"]
+
+
+def test_data_prep_smoke_times_the_pipeline_on_the_bundled_data():
+    out = _bench("data_prep.py", "--smoke").stdout
+    record = json.loads(out.strip().splitlines()[-1])
+    assert record["examples"] == 40 and len(record["examples_per_s"]) == 4
+
+
+def test_train_throughput_keeps_results_already_there(tmp_path):
+    from train_throughput import free_name
+
+    assert free_name(tmp_path, "run") == "run"
+    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "run-2.md").write_text("")
+    assert free_name(tmp_path, "run") == "run-3"
+
+
+def test_the_readme_examples_outputs_are_ignored_by_git():
+    paths = ["runs/try1/adapter_model.safetensors", "lora.db", "study.db", "multirun/train/x/0/run.json"]
+    command = ["git", "-C", str(REPO), "check-ignore", "--no-index", *paths]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    assert proc.stdout.split() == paths, proc.stdout + proc.stderr

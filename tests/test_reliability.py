@@ -672,7 +672,7 @@ def test_a_missing_group_option_is_one_message(tmp_path):
     # experiment is an optional group: a misspelt preset was skipped silently; every choice of a sweep counts
     problems, _ = command_line_config(["-m", "experiment=tiny,telechat2_7b_lora_stf", "adapter=lora,dorra"], conf)
     assert problems == [
-        "experiment=telechat2_7b_lora_stf: no such option; choose one of telechat2_7b_lora_sft, tiny",
+        "experiment=telechat2_7b_lora_stf: no such option; choose one of telechat2_7b_lora_sft, tiny, tiny_long",
         "adapter=dorra: no such option; choose one of dora, freeze, full, lora, qlora",
     ]
     problems, _ = command_line_config(["model=tiny"], conf, "chat")  # chat's model is keys (model.path), no group

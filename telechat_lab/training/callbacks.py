@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import resource
 import time
 from pathlib import Path
@@ -148,45 +147,9 @@ class LossPlot(L.Callback):
         writer.writerows([(s, "train", v) for s, v in self.train] + [(s, "val", v) for s, v in self.val])
         atomic_write_text(self.output_dir / "loss_history.csv", rows.getvalue())
         if self.enabled and self.train:
+            from .plots import plot_losses
+
             plot_losses(self.output_dir, self.train, self.val)
-
-
-def smooth(values: list[float], weight: float | None = None) -> list[float]:
-    """Exponential moving average; the weight grows with the series' length (as TensorBoard's)."""
-    if weight is None:
-        weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(values))) - 0.5)
-    out, last = [], values[0] if values else 0.0
-    for v in values:
-        last = last * weight + (1 - weight) * v
-        out.append(last)
-    return out
-
-
-def plot_losses(output_dir: Path, train: list, val: list) -> None:
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps, losses = zip(*train)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, losses, color="#9ecae1", alpha=0.6, label="raw")
-    ax.plot(steps, smooth(list(losses)), color="#08519c", label="smoothed")
-    ax.set(xlabel="step", ylabel="loss", title=f"training loss of {output_dir.name}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(output_dir / "training_loss.png", dpi=100)
-    plt.close(fig)
-    if val:
-        steps, losses = zip(*val)
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(steps, losses, marker="o", color="#d94801", label="validation")
-        ax.set(xlabel="step", ylabel="loss", title=f"validation loss of {output_dir.name}")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(output_dir / "validation_loss.png", dpi=100)
-        plt.close(fig)
 
 
 class StepsProgressBar(RichProgressBar):

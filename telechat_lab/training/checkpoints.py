@@ -117,14 +117,21 @@ class RunCheckpoints(L.Callback):
 
     # ------------------------------------------------------------------------------------ saving
 
+    @staticmethod
+    def _last_step(trainer) -> bool:
+        """This step is the run's last: max_steps or the last batch of max_epochs is reached."""
+        last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+        return (0 < trainer.max_steps <= trainer.global_step) or (trainer.is_last_batch and last_epoch)
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        checkpoint["telechat_run"] = {"run_id": self.run_id, "step": trainer.global_step}
+        # final: written at the run's last step (a resume with the same limits has nothing left to train)
+        step, final = trainer.global_step, self._last_step(trainer)
+        checkpoint["telechat_run"] = {"run_id": self.run_id, "step": step, "final": final}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         requested = self._stop_requested(trainer)
         step = trainer.global_step
-        last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
-        final = (0 < trainer.max_steps <= step) or (trainer.is_last_batch and last_epoch)
+        final = self._last_step(trainer)
         if step and step != self._last_saved and (step % self.save_steps == 0 or final or requested):
             self.save(trainer, pl_module, step)
         if requested:
@@ -145,7 +152,8 @@ class RunCheckpoints(L.Callback):
         trainer.save_checkpoint(staging)  # every rank takes part (sharded strategies); ends with a barrier
         state = self._gathered(trainer, pl_module)
         if trainer.is_global_zero:
-            write_json(meta_file(final), {"step": step, "run_id": self.run_id})  # read on resume, never unpickled
+            record = {"step": step, "run_id": self.run_id, "final": self._last_step(trainer)}
+            write_json(meta_file(final), record)  # what resume reads first: never unpickled
             usual_modes(staging)
             os.replace(staging, final)
             with staged_dir(self.output_dir / f"checkpoint-{step}") as directory:
@@ -317,6 +325,21 @@ def _skip(path: Path, err: Exception) -> None:
         path,
         str(err).splitlines()[0] if str(err) else type(err).__name__,
     )
+
+
+def ended_its_run(path: Path) -> bool:
+    """The resumable checkpoint was written at its run's last step (max_steps or max_epochs reached): its record
+    says, else (an older version's checkpoint) the file itself, loaded weights-only."""
+    from telechat_lab.files import read_json
+
+    if meta_file(path).is_file():
+        try:
+            return bool(read_json(meta_file(path), "a checkpoint's record").get("final"))
+        except Exception:
+            pass
+    if path.is_dir():
+        return False
+    return bool((load_checkpoint_file(path).get("telechat_run") or {}).get("final"))
 
 
 def newest_checkpoint(checkpoint_dir: Path, run_id: str) -> Path | None:

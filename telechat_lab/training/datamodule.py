@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from telechat_lab.config import DataConfig
+from telechat_lab.console import print_once_per_sweep
 from telechat_lab.data import build_datasets, format_report
 from telechat_lab.data.fingerprint import fingerprint_changes
 from telechat_lab.data.packing import Collator, PackedDataset
@@ -96,7 +97,7 @@ class TelechatDataModule(L.LightningDataModule):
             self.report["packing_efficiency"] = round(train.efficiency(), 4)
         self.train_set, self.val_set = train, val
         if self.trainer is None or self.trainer.is_global_zero:
-            print(format_report(self.report), flush=True)
+            print_once_per_sweep(format_report(self.report))
 
     def collator(self) -> Collator:
         return Collator(padding_free=self.cfg.padding_free)

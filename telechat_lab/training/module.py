@@ -170,7 +170,7 @@ class TelechatLitModule(L.LightningModule):
         return bool(finite)
 
     def _non_finite(self, what: str, value: torch.Tensor) -> None:
-        step = self.trainer.global_step + 1
+        step, value = self.trainer.global_step + 1, value.detach()  # only its value is printed (no autograd warning)
         if self.nan_policy == "stop" or self.skipped_steps >= self.nan_max_skips:
             why = (
                 "nan_policy=stop"

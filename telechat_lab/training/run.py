@@ -35,6 +35,7 @@ class Run:
     overrides: list[str] = field(default_factory=list)  # the command line's, for names (wandb, sweeps)
     parts: dict = field(default_factory=dict)
     recorded: dict | None = None  # `values` as written and logged: settings from the environment unresolved
+    finished: dict | None = None  # resume=true of a run with nothing left to train: its final metrics
 
     def __post_init__(self):
         self.recorded = self.values if self.recorded is None else self.recorded
@@ -175,6 +176,20 @@ def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None) -> Run:
                 f"resume=true: no readable checkpoint in {output_dir / 'checkpoints'} (the run "
                 "stopped before its first one); start it again with overwrite=true"
             )
+        finished = finished_metrics(output_dir, values, checkpoint)
+        if finished is not None:  # nothing to train: nothing is loaded or written
+            settings = settings_of(values)
+            return Run(
+                settings,
+                values,
+                output_dir,
+                model_dir,
+                identity,
+                checkpoint,
+                overrides,
+                finished=finished,
+                recorded=recorded,
+            )
     if not worker:
         if values["overwrite"] and run_files(output_dir):
             set_aside_run(output_dir)
@@ -182,8 +197,7 @@ def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None) -> Run:
         if not resume:
             write_run_record(output_dir, values, overrides)
     os.environ[OUTPUT_ENV] = str(output_dir)
-    settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), values))
-    return Run(settings, values, output_dir, model_dir, identity, checkpoint, overrides, recorded=recorded)
+    return Run(settings_of(values), values, output_dir, model_dir, identity, checkpoint, overrides, recorded=recorded)
 
 
 def _unresolved(cfg: DictConfig | dict) -> dict:
@@ -211,6 +225,26 @@ def claim_output_dir(directory: Path, check=None) -> None:
         owner.undo()
         owner.release()
         raise
+
+
+def settings_of(values: dict) -> TrainConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), values))
+
+
+def finished_metrics(output_dir: Path, values: dict, checkpoint: Path) -> dict | None:
+    """The final metrics of a run whose newest checkpoint was written at its last step and that completed,
+    resumed with the same trainer settings (max_steps, max_epochs, ...): there is nothing left to train. None when
+    it has more to do (a run stopped early by a callback, or given higher limits)."""
+    from telechat_lab.files import read_json
+
+    from .checkpoints import ended_its_run
+    from .rundir import saved_settings
+
+    path = output_dir / "final_metrics.json"
+    metrics = read_json(path, "the run's final metrics") if path.is_file() else {}
+    if metrics.get("status") != "completed" or not ended_its_run(checkpoint):
+        return None
+    return metrics if saved_settings(output_dir).get("trainer") == values["trainer"] else None
 
 
 def _write_settings(output_dir: Path, values: dict) -> None:
@@ -400,14 +434,12 @@ def report(run: Run) -> dict:
         + (f" (packing efficiency {report['packing_efficiency']:.1%})" if "packing_efficiency" in report else ""),
         f"final train loss {_fmt(metrics['train_loss'])}, validation loss {_fmt(metrics['val_loss'])}"
         + (f", {module.skipped_steps} steps skipped (nan_policy=skip)" if module.skipped_steps else ""),
-        f"{'adapter' if adapter else 'model'}: {run.output_dir}"
-        if stopped is None
-        else f"stopped at step {trainer.global_step}: the checkpoint to continue from is in "
-        f"{run.output_dir / 'checkpoints'}",
         f"loss plot:  {run.output_dir / 'training_loss.png'}",
         f"metrics:    {csv_dir / 'metrics.csv' if csv_dir else 'no CSV file (no CSV logger: logger=none?)'}",
-        f"resume:     {resume_command(run.output_dir)}",
     ]
+    if stopped is None:  # a stopped run's message (Interrupted) says where its checkpoint is and how to resume
+        lines.insert(2, f"{'adapter' if adapter else 'model'}: {run.output_dir}")
+        lines.append(f"resume:     {resume_command(run.output_dir)}")
     print("\n" + "\n".join(lines), flush=True)
     return metrics
 
@@ -505,6 +537,13 @@ def train(cfg: DictConfig | dict, overrides: list[str] | None = None) -> dict:
     run, claimed = None, held()
     try:
         run = prepare(cfg, overrides)
+        if run.finished is not None:
+            print(
+                f"{run.output_dir} is a completed run ({run.finished['steps']} steps): nothing to resume. To train "
+                "it further, raise trainer.max_steps or trainer.max_epochs with resume=true",
+                flush=True,
+            )
+            return {**run.finished, "output_dir": str(run.output_dir)}
         build(run)
         try:
             fit(run)

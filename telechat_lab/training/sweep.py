@@ -80,38 +80,34 @@ def write_summary(sweep_dir: Path, metric: str = "val_loss", direction: str = "m
         " ".join(f"{k}={v}" for k, v in fixed.items()) or "nothing else"
     )
     (sweep_dir / "summary.md").write_text(head + "\n\n" + "\n".join(lines) + "\n")
-    plot_sweep(sweep_dir, rows, swept)
+    plot = plot_sweep(sweep_dir, rows, swept)
     print(f"\nsweep summary ({len(rows)} jobs): {sweep_dir / 'summary.md'}\n{head}\n" + "\n".join(lines))
+    print(f"loss plot: {plot}")
     return table
 
 
-def plot_sweep(sweep_dir: Path, rows: list[dict], swept: list[str]) -> None:
-    """sweep_loss.png: each job's training loss (solid) and validation loss (dashed, dots), one colour a job."""
-    import matplotlib
+def plot_sweep(sweep_dir: Path, rows: list[dict], swept: list[str]) -> Path:
+    """sweep_loss.png: every job's training and validation losses (telechat_lab/training/plots.py)."""
+    from .plots import plot_sweep as draw
+    from .plots import short_value
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for n, row in enumerate(rows):
+    curves = []
+    for row in rows:
         history = sweep_dir / row["job"] / "loss_history.csv"
         if not history.is_file():
             continue
         points = list(csv.DictReader(io.StringIO(history.read_text())))
-        label = f"{row['job']}: " + (" ".join(f"{k}={row['overrides'].get(k, '')}" for k in swept) or "job")
-        colour = f"C{n % 10}"
-        train = [(int(p["step"]), float(p["loss"])) for p in points if p["split"] == "train"]
-        val = [(int(p["step"]), float(p["loss"])) for p in points if p["split"] == "val"]
-        if train:
-            ax.plot(*zip(*train), color=colour, label=label)
-        if val:
-            ax.plot(*zip(*val), color=colour, linestyle="--", marker="o")
-    ax.set(xlabel="step", ylabel="loss", title=f"{sweep_dir.name}: training (solid) and validation (dashed) loss")
-    if ax.lines:
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(sweep_dir / "sweep_loss.png", dpi=100)
-    plt.close(fig)
+        settings = " ".join(f"{k}={short_value(row['overrides'].get(k, ''))}" for k in swept)
+        curves.append(
+            (
+                f"{row['job']}: {settings or 'job'}",
+                [(int(p["step"]), float(p["loss"])) for p in points if p["split"] == "train"],
+                [(int(p["step"]), float(p["loss"])) for p in points if p["split"] == "val"],
+            )
+        )
+    path = sweep_dir / "sweep_loss.png"
+    draw(path, f"{sweep_dir.name}: each job's loss", curves)
+    return path
 
 
 class SweepSummary(Callback):
