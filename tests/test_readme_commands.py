@@ -67,6 +67,8 @@ class Skip:
 RUNS: dict[str, Run | Check | Skip] = {
     "make demo": Skip("creates .venv and installs; the job it runs is `python train.py`, run below"),
     "make test": Skip("the whole test suite"),
+    # make demo installs .venv first; the job it runs is this one (the preset, cut short)
+    "make demo ARGS=experiment=tiny_long": Run(instead=["train", "experiment=tiny_long", *CHEAP]),
     "python -m venv .venv && . .venv/bin/activate": Skip("installation"),
     "pip install torch==2.13.0": Skip("installation"),
     "pip install -e .[dev]": Skip("installation"),
@@ -85,6 +87,7 @@ RUNS: dict[str, Run | Check | Skip] = {
         [*CHEAP, "model.path=tiny-model", "data.preprocessing_num_workers=1", "output_dir=runs/preset"]
     ),
     "python train.py output_dir=runs/try1 resume=true": Run([*CHEAP, "trainer.max_steps=2"]),
+    "python train.py output_dir=runs/try1 resume=true trainer.max_epochs=20": Run([*CHEAP, "trainer.max_steps=3"]),
     "python train.py -m adapter=lora,dora optim.lr=1e-4,3e-4": Run([*CHEAP, "optim.lr=1e-4"], expect="summary"),
     "python train.py -m hydra/launcher=joblib hydra.launcher.n_jobs=2 adapter=lora,dora": Run(CHEAP, expect="summary"),
     "python train.py -m hparams_search=lora_optuna": Run(TRIALS, expect="summary"),
