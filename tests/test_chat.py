@@ -293,11 +293,20 @@ def test_ctrl_c_or_closing_stops_generation_and_joins_its_thread(endless_dir, on
 class Terminal:
     """chat.py on a pseudo-terminal; every wait is bounded."""
 
+    # The child makes the pty its controlling terminal (so Ctrl+C typed there is a SIGINT) and then becomes chat.py.
+    # It is started by subprocess, never by forking this process: a fork of the test process (its threads holding
+    # locks) can hang in the child before it runs anything.
+    BECOME = (
+        "import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+
     def __init__(self, args, cwd, env):
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # the child
-            os.chdir(cwd)
-            os.execve(sys.executable, [sys.executable, str(REPO / "chat.py"), *args], env)
+        self.fd, tty = pty.openpty()
+        command = [sys.executable, "-c", self.BECOME, str(REPO / "chat.py"), *args]
+        self.process = subprocess.Popen(command, cwd=cwd, env=env, stdin=tty, stdout=tty, stderr=tty, close_fds=True)
+        os.close(tty)
+        self.pid = self.process.pid
         self.shown, self.read_to = "", 0
 
     def _read(self, wait: float) -> bool:
