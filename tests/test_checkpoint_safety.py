@@ -49,7 +49,12 @@ def test_each_checkpoint_has_a_record_of_its_step_and_run_beside_it(run_dir):
     run_id = read_run_record(run_dir)["run_id"]
     for step in (1, 2):
         record = json.loads((run_dir / "checkpoints" / f"step-{step:07d}.json").read_text())
-        assert record == {"step": step, "run_id": run_id, "final": step == 2}  # max_steps=2: its last
+        assert {k: record[k] for k in ("step", "run_id", "final")} == {
+            "step": step,
+            "run_id": run_id,
+            "final": step == 2,
+        }
+        assert record["trainer"]["max_steps"] == 2  # the limits its last step was the last of
 
 
 @pytest.mark.parametrize("with_record", [False, True])

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 
 from telechat_lab.console import without_transformers_bars
 from telechat_lab.errors import CheckpointError, NonFiniteLoss
@@ -65,6 +66,8 @@ class RunCheckpoints(L.Callback):
         self.output_dir, self.base_dir = Path(output_dir), Path(base_dir).resolve()
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.run_id, self.save_steps, self.keep, self.resolved_config = run_id, save_steps, keep, resolved_config
+        # the trainer settings its last step was the last of (a resume with others has more to train)
+        self.trainer_settings = (yaml.safe_load(resolved_config) or {}).get("trainer") if resolved_config else None
         self.stop_signal: int | None = None  # the signal that stopped the run, once it has
         self._requested = 0
         self._last_saved = -1
@@ -126,7 +129,8 @@ class RunCheckpoints(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # final: written at the run's last step (a resume with the same limits has nothing left to train)
         step, final = trainer.global_step, self._last_step(trainer)
-        checkpoint["telechat_run"] = {"run_id": self.run_id, "step": step, "final": final}
+        record = {"run_id": self.run_id, "step": step, "final": final, "trainer": self.trainer_settings}
+        checkpoint["telechat_run"] = record
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         requested = self._stop_requested(trainer)
@@ -153,6 +157,7 @@ class RunCheckpoints(L.Callback):
         state = self._gathered(trainer, pl_module)
         if trainer.is_global_zero:
             record = {"step": step, "run_id": self.run_id, "final": self._last_step(trainer)}
+            record["trainer"] = self.trainer_settings
             write_json(meta_file(final), record)  # what resume reads first: never unpickled
             usual_modes(staging)
             os.replace(staging, final)
@@ -327,19 +332,20 @@ def _skip(path: Path, err: Exception) -> None:
     )
 
 
-def ended_its_run(path: Path) -> bool:
-    """The resumable checkpoint was written at its run's last step (max_steps or max_epochs reached): its record
-    says, else (an older version's checkpoint) the file itself, loaded weights-only."""
+def ended_its_run(path: Path, trainer_settings: dict) -> bool:
+    """The resumable checkpoint was written at the last step of a run with these trainer settings (max_steps,
+    max_epochs, ...): its record says, else (an older version's checkpoint) the file itself, loaded weights-only."""
     from telechat_lab.files import read_json
 
+    record = None
     if meta_file(path).is_file():
         try:
-            return bool(read_json(meta_file(path), "a checkpoint's record").get("final"))
+            record = read_json(meta_file(path), "a checkpoint's record")
         except Exception:
-            pass
-    if path.is_dir():
-        return False
-    return bool((load_checkpoint_file(path).get("telechat_run") or {}).get("final"))
+            record = None
+    if record is None and not path.is_dir():
+        record = load_checkpoint_file(path).get("telechat_run") or {}
+    return bool(record and record.get("final") and record.get("trainer") == trainer_settings)
 
 
 def newest_checkpoint(checkpoint_dir: Path, run_id: str) -> Path | None:

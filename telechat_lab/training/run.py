@@ -238,13 +238,12 @@ def finished_metrics(output_dir: Path, values: dict, checkpoint: Path) -> dict |
     from telechat_lab.files import read_json
 
     from .checkpoints import ended_its_run
-    from .rundir import saved_settings
 
     path = output_dir / "final_metrics.json"
     metrics = read_json(path, "the run's final metrics") if path.is_file() else {}
-    if metrics.get("status") != "completed" or not ended_its_run(checkpoint):
+    if metrics.get("status") != "completed" or not ended_its_run(checkpoint, values["trainer"]):
         return None
-    return metrics if saved_settings(output_dir).get("trainer") == values["trainer"] else None
+    return metrics
 
 
 def _write_settings(output_dir: Path, values: dict) -> None:
@@ -538,6 +537,9 @@ def train(cfg: DictConfig | dict, overrides: list[str] | None = None) -> dict:
     try:
         run = prepare(cfg, overrides)
         if run.finished is not None:
+            for owner in held():  # nothing is changed, not even the lock file's record
+                if owner.directory == run.output_dir:
+                    owner.restore_record()
             print(
                 f"{run.output_dir} is a completed run ({run.finished['steps']} steps): nothing to resume. To train "
                 "it further, raise trainer.max_steps or trainer.max_epochs with resume=true",

@@ -57,6 +57,11 @@ class Claim:
         if LOCK_FILE not in self.found:
             (self.directory / LOCK_FILE).unlink(missing_ok=True)
         else:  # as it was: a refused command changes nothing
+            self.restore_record()
+
+    def restore_record(self) -> None:
+        """The lock file's record of its earlier holder back (a command that changed nothing leaves no trace)."""
+        if LOCK_FILE in self.found:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, self.previous, 0)
 
@@ -95,7 +100,10 @@ def claim(directory: Path, key: str = "output_dir") -> Claim:
 
 
 def check_free(directory: Path, key: str = "output_dir") -> None:
-    """OutputDirError naming the holder when another live process holds `directory`; takes nothing, writes nothing."""
+    """OutputDirError naming the holder when another live process holds `directory`; takes nothing, writes nothing.
+    A directory this process holds is free to it (an earlier command of the same process, the Python API)."""
+    if Path(directory) in _held:
+        return
     try:
         fd = os.open(Path(directory) / LOCK_FILE, os.O_RDONLY)
     except OSError:
