@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -206,7 +207,7 @@ def merge_and_export(settings) -> Path:
     )
     print(
         f"wrote {out}: {base} with {len(adapters)} adapter{'s' if len(adapters) != 1 else ''} merged\n"
-        f"serve it: vllm serve {out} --trust-remote-code"
+        f"serve it: vllm serve {shlex.quote(str(out))} --trust-remote-code"
     )
     return out
 
@@ -228,7 +229,7 @@ def export_vllm_adapter(base: Path, adapters: list[Path], export_dir: str | Path
         convert_adapter(adapters[0], base, out)
     print(
         f"wrote {final}: {adapters[0]} in vLLM's LoRA layout\n"
-        f"serve it: vllm serve {base} --trust-remote-code --enable-lora --max-lora-rank {vllm_lora_rank(config)} "
-        f"--lora-modules {adapters[0].name}={final}"
+        f"serve it: vllm serve {shlex.quote(str(base))} --trust-remote-code --enable-lora "
+        f"--max-lora-rank {vllm_lora_rank(config)} --lora-modules {shlex.quote(f'{adapters[0].name}={final}')}"
     )
     return final

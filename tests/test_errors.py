@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 
+import lightning as L
 import pytest
 
 from telechat_lab.errors import reported
@@ -64,3 +65,55 @@ def test_a_seed_out_of_numpys_range_is_a_config_error(seed, message):
     for key in ("seed", "data.seed"):
         with pytest.raises(ConfigError, match=message.replace("seed", key, 1).replace(".", r"\.")):
             validate(compose_train([f"{key}={seed}"]))
+
+
+# ------------------------------------------------------------------------ settings that train nothing
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.max_epochs=0", "trainer.max_steps=-1"], r"trainer\.max_epochs=0: trains nothing"),
+        (["+trainer.limit_train_batches=0"], r"trainer\.limit_train_batches=0: trains nothing"),
+    ],
+)
+def test_settings_that_train_nothing_are_config_errors(overrides, message):
+    from helpers import compose_train
+
+    from telechat_lab.config import validate
+    from telechat_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_train(overrides))
+
+
+class StopAtStart(L.Callback):
+    """Ends training before its first step (what settings that give no batch amount to)."""
+
+    def on_train_start(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def test_a_run_that_trains_no_step_is_an_error_and_keeps_nothing(tmp_path):
+    from helpers import run_train
+
+    from telechat_lab.errors import ConfigError
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="no training step ran"):
+        run_train(out, "+callbacks.stop._target_=test_errors.StopAtStart")
+    assert not out.exists()  # not an untrained adapter that reads as a result
+
+
+def test_lightnings_word_on_the_trainer_settings_is_one_message(tmp_path):
+    from helpers import QUICK, train_cli
+
+    out = tmp_path / "run"
+    proc = train_cli(
+        [*QUICK, f"data.cache_dir={tmp_path}/cache", f"output_dir={out}", "+trainer.limit_train_batches=0.01"],
+        tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "trainer: You requested to check 0.01 of the `train_dataloader`" in proc.stderr
+    assert not out.exists()

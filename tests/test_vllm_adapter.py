@@ -3,6 +3,7 @@ by hand into q/k/v-layout weights it equals our merged export split the same way
 refused up front, also by chat.py's vLLM engine, before vLLM is needed."""
 
 import json
+import shlex
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ SERVED = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 def converted(tiny_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("vllm_adapter")
     lora = make_adapter(tiny_dir, work / "lora", seed=3)
-    out = work / "vllm"
+    out = work / "vllm adapter"  # a space: the printed command must still paste back into a shell
     proc = run_script("merge.py", [f"adapter_path={lora}", f"export_dir={out}", "export_mode=vllm_adapter"], work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"dir": out, "lora": lora, "work": work, "stdout": proc.stdout}
@@ -39,7 +40,8 @@ def test_converted_adapter_has_the_names_vllm_maps(converted, tiny_dir):
         for ab in "AB"
     }
     assert set(keys) == expected
-    assert f"--enable-lora --max-lora-rank 8 --lora-modules lora={converted['dir']}" in converted["stdout"]
+    command = converted["stdout"].split("serve it: ", 1)[1].splitlines()[0]
+    assert shlex.split(command)[-4:] == ["--max-lora-rank", "8", "--lora-modules", f"lora={converted['dir']}"]
 
 
 def test_converted_adapter_merges_exactly_into_the_merged_export(converted, tiny_dir):

@@ -150,6 +150,13 @@ def _trainer_problems(trainer: dict, problems: list[str]) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or (steps != -1 and steps < 1):
         problems.append(f"trainer.max_steps={steps!r}: a positive number of steps, or -1 for no limit")
     epochs = trainer.get("max_epochs")
+    if epochs == 0:
+        problems.append("trainer.max_epochs=0: trains nothing; a positive number of epochs, or -1 for no limit")
+    batches = trainer.get("limit_train_batches")
+    if batches is not None and not isinstance(batches, bool) and isinstance(batches, (int, float)) and batches <= 0:
+        problems.append(
+            f"trainer.limit_train_batches={batches!r}: trains nothing; a number of batches, or a fraction in (0, 1]"
+        )
     if steps == -1 and epochs in (None, -1):
         problems.append("trainer.max_steps and trainer.max_epochs are both unlimited: set one of them")
 

@@ -393,9 +393,21 @@ def fit(run: Run) -> None:
     trainer, module, datamodule = run.parts["trainer"], run.parts["module"], run.parts["datamodule"]
     plot = run.parts["plot"]
     checkpoint = str(run.checkpoint) if run.checkpoint else None
-    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)  # never runs code in it
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)  # never runs code in it
+    except MisconfigurationException as err:  # Lightning's word on the trainer settings: the user's to fix
+        raise ConfigError(f"invalid configuration:\n  - trainer: {err}") from err
     if run.parts["checkpoints"].stop_signal is not None:
         return
+    if checkpoint is None and trainer.global_step == 0:  # what it wrote goes again (train's undo)
+        limits = {key: run.settings.trainer.get(key) for key in ("max_epochs", "max_steps", "limit_train_batches")}
+        given = ", ".join(f"trainer.{key}={value}" for key, value in limits.items() if value is not None)
+        raise ConfigError(
+            f"no training step ran ({given}; data.batch_size={run.settings.data.batch_size}): these settings give "
+            "nothing to train on; nothing was kept"
+        )
     run.parts["checkpoints"].save_final(trainer, module)
     validating = datamodule.val_set is not None and trainer.limit_val_batches != 0
     if validating and (not plot.val or plot.val[-1][0] != trainer.global_step):
