@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from telechat_lab.adapter_kinds import adapter_kind
 from telechat_lab.config import AdapterConfig, ModelConfig, OptimConfig
 from telechat_lab.errors import NonFiniteLoss
 from telechat_lab.model.loading import upcast_trained
@@ -26,7 +27,9 @@ def load_base_model(
     fp32 master weights for full fine-tuning under mixed precision; attention for padded or packed rows."""
     from telechat_lab.model.loading import load_model, resolve_attention, resolve_dtype
 
-    dtype = resolve_dtype(model.dtype, precision=precision, frozen_base=adapter.type != "full")
+    dtype = resolve_dtype(
+        model.dtype, precision=precision, frozen_base=not adapter_kind(adapter.type).trains_whole_base
+    )
     kwargs = {}
     quant = quantization_config(adapter)
     if quant is not None:
@@ -78,7 +81,7 @@ class TelechatLitModule(L.LightningModule):
         if self.model_cfg.compile:
             for block in getattr(self.model, "get_base_model", lambda: self.model)().transformer.h:
                 block.compile()  # in place: parameter names, checkpoints and PEFT's saving are unchanged
-        if checkpointing and self.adapter_cfg.type in ("lora", "dora", "qlora"):
+        if checkpointing and adapter_kind(self.adapter_cfg.type).uses_peft:
             self.model.enable_input_require_grads()
         self.n_trainable, self.n_params = count_parameters(self.model)
         if self._trainer is None or self.trainer.is_global_zero:

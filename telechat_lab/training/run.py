@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from telechat_lab.adapter_kinds import adapter_kind
 from telechat_lab.config import TrainConfig, config_values, validate
 from telechat_lab.errors import ConfigError, Interrupted, OutputDirError
 
@@ -368,7 +369,7 @@ def build(run: Run) -> None:
     trainer_args = dict(s.trainer)
     if not s.data.val_size:  # no validation split: say so to Lightning (which otherwise warns of an empty loader)
         trainer_args.setdefault("limit_val_batches", 0)
-    hardware = trainer_arguments(s.hardware, exclude_frozen=s.adapter.type != "full")
+    hardware = trainer_arguments(s.hardware, exclude_frozen=not adapter_kind(s.adapter.type).trains_whole_base)
     trainer = L.Trainer(
         **trainer_args,
         **hardware,
@@ -427,7 +428,7 @@ def report(run: Run) -> dict:
         write_json(run.output_dir / "final_metrics.json", {k: v for k, v in metrics.items() if k != "output_dir"})
     report = run.parts["datamodule"].report
     csv_dir = csv_log_dir(run.parts["loggers"])
-    adapter = run.settings.adapter.type in ("lora", "dora", "qlora")
+    adapter = adapter_kind(run.settings.adapter.type).uses_peft
     lines = [
         f"trained {module.n_trainable:,} of {module.n_params:,} parameters for {trainer.global_step} steps "
         f"on {report.get('train', {}).get('examples')} examples"
