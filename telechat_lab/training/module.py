@@ -14,10 +14,11 @@ from telechat_lab.adapter_kinds import adapter_kind
 from telechat_lab.config import AdapterConfig, ModelConfig, OptimConfig
 from telechat_lab.errors import NonFiniteLoss
 from telechat_lab.model.loading import upcast_trained
+from telechat_lab.private_apis import attn_implementation, set_last_lr
 from telechat_lab.tokenizer import IGNORE_INDEX as IGNORE
 
 from .adapters import apply_adapter, count_parameters, describe, quantization_config, weight_dtypes
-from .zero import created_whole, partitioned_loading, zero3_config
+from .zero import created_whole, partitioned_loading, uses_deepspeed, zero3_config
 
 
 def load_base_model(
@@ -76,7 +77,7 @@ class TelechatLitModule(L.LightningModule):
                 model.config.use_cache = False
             with created_whole(zero3):
                 self.model = apply_adapter(model, self.adapter_cfg).train()  # from_pretrained: eval mode
-        if type(getattr(self._trainer, "strategy", None)).__name__ != "DeepSpeedStrategy":
+        if not uses_deepspeed(self._trainer):
             upcast_trained(self.model, precision)  # DeepSpeed keeps fp32 master weights itself
         if self.model_cfg.compile:
             for block in getattr(self.model, "get_base_model", lambda: self.model)().transformer.h:
@@ -87,7 +88,7 @@ class TelechatLitModule(L.LightningModule):
         if self._trainer is None or self.trainer.is_global_zero:
             print(
                 f"training {self.n_trainable:,} of {self.n_params:,} parameters ({describe(self.adapter_cfg)}), "
-                f"{weight_dtypes(self.model)}, {model.config._attn_implementation} attention"
+                f"{weight_dtypes(self.model)}, {attn_implementation(model.config)} attention"
                 + (", gradient checkpointing" if checkpointing else "")
                 + (", compiled blocks" if self.model_cfg.compile else ""),
                 flush=True,
@@ -234,4 +235,4 @@ class TelechatLitModule(L.LightningModule):
         rates = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
         for group, rate in zip(scheduler.optimizer.param_groups, rates):
             group["lr"] = rate
-        scheduler._last_lr = rates  # what get_last_lr() (train/lr) reports
+        set_last_lr(scheduler, rates)  # what get_last_lr() (train/lr) reports
