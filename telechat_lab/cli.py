@@ -43,7 +43,10 @@ def _basic_sweep() -> bool:
     sweep summary); an Optuna sweep records a failed trial from its error."""
     from hydra.core.hydra_config import HydraConfig
 
-    return _multirun() and "BasicSweeper" in str(HydraConfig.get().sweeper.get("_target_", ""))
+    from telechat_lab.private_apis import hydra_basic_sweeper
+    from telechat_lab.targets import targets
+
+    return _multirun() and targets(HydraConfig.get().sweeper, hydra_basic_sweeper())
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
@@ -151,12 +154,16 @@ def _one_search_path_per_query() -> Iterator[None]:
     """Hydra's completion asks its config loader about each group with the same config name and overrides, and
     the loader loads the primary config again for every question (most of a Tab's time): within one query, the
     search path it builds from them is built once. Without that private method (another Hydra), nothing changes."""
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from telechat_lab.private_apis import overridden
 
-    build = getattr(ConfigLoaderImpl, "_parse_overrides_and_create_caching_repo", None)
-    if build is None:
+    found = overridden(
+        "hydra._internal.config_loader_impl", "ConfigLoaderImpl", "_parse_overrides_and_create_caching_repo"
+    )
+    if found is None:
         yield
         return
+    loader, method = found
+    build = getattr(loader, method)
     built: dict = {}
 
     def once(self, config_name, overrides):
@@ -165,11 +172,11 @@ def _one_search_path_per_query() -> Iterator[None]:
             built[key] = build(self, config_name, overrides)
         return built[key]
 
-    ConfigLoaderImpl._parse_overrides_and_create_caching_repo = once
+    setattr(loader, method, once)
     try:
         yield
     finally:
-        ConfigLoaderImpl._parse_overrides_and_create_caching_repo = build
+        setattr(loader, method, build)
 
 
 def _complete_own_groups(command: str, main_of) -> None:

@@ -124,6 +124,35 @@ def test_config_errors_are_all_listed_at_once():
         assert expected in message, message
 
 
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["adapter=dora", "adapter.use_dora=false"],
+            "adapter.use_dora=false with adapter.type=dora: that trains plain",
+        ),
+        (["adapter=lora", "adapter.use_dora=true"], "adapter.use_dora=true with adapter.type=lora: that is DoRA"),
+        (["adapter=qlora", "adapter.use_dora=true"], "adapter.use_dora=true with adapter.type=qlora: that is DoRA"),
+        (["adapter=full", "adapter.use_dora=true"], "adapter.use_dora=true with adapter.type=full: that is DoRA"),
+        (["adapter=qlora", "adapter.type=lora"], "adapter.quantization with adapter.type=lora: a quantised"),
+        (
+            ["adapter=qlora", "adapter.type=dora", "adapter.use_dora=true"],
+            "adapter.quantization with adapter.type=dora: a quantised",
+        ),
+    ],
+)
+def test_settings_that_contradict_the_adapter_kind_are_refused(overrides, expected):
+    # each would train something other than the kind the run is named (and printed) as
+    with pytest.raises(ConfigError, match="invalid configuration") as err:
+        validate(compose_train(overrides), cuda_available=False)
+    assert expected in str(err.value) and "use adapter=" in str(err.value), str(err.value)
+
+
+def test_every_adapter_preset_agrees_with_its_kind():
+    for preset in sorted(p.stem for p in (Path(CONF) / "adapter").glob("*.yaml")):
+        validate(compose_train([f"adapter={preset}"]), cuda_available=False)
+
+
 def test_missing_checkpoint_fails_before_loading():
     cfg = compose_train(["model=telechat2_7b", "model.path=/nonexistent/TeleChat2-7B"])
     with pytest.raises(ConfigError, match="model.path=/nonexistent/TeleChat2-7B: no config.json"):

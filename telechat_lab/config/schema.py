@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from telechat_lab.adapter_kinds import ADAPTER_KINDS
+
 
 def setting(
     default: Any = dataclasses.MISSING,
@@ -99,7 +101,7 @@ class QuantizationConfig:
 
 @dataclass
 class AdapterConfig:
-    type: str = setting("lora", choices=("lora", "dora", "qlora", "full", "freeze"))
+    type: str = setting("lora", choices=tuple(ADAPTER_KINDS))  # what each kind implies: adapter_kinds.py
     rank: int = setting(8, min=1)
     alpha: float = setting(16.0, gt=0)
     dropout: float = setting(0.0, min=0, max=0.99)

@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from telechat_lab.adapter_kinds import ADAPTER_KINDS, contradictions
 from telechat_lab.errors import ConfigError
 
 from .schema import TrainConfig
@@ -164,19 +165,9 @@ def _trainer_problems(trainer: dict, problems: list[str]) -> None:
 def _cross_field_problems(values: dict, cuda_available: bool, problems: list[str]) -> None:
     adapter, hardware = values.get("adapter") or {}, values.get("hardware") or {}
     model, data = values.get("model") or {}, values.get("data") or {}
-    kind, quant = adapter.get("type"), adapter.get("quantization")
-    if quant and kind in ("full", "freeze"):
-        problems.append(
-            f"adapter.quantization with adapter.type={kind}: a quantised base cannot be trained "
-            "directly; use adapter=qlora"
-        )
-    if kind == "qlora" and not quant:
-        problems.append("adapter=qlora needs adapter.quantization (bits, quant_type, ...)")
-    if (
-        kind in ("lora", "dora", "qlora")
-        and isinstance(adapter.get("dropout"), (int, float))
-        and adapter["dropout"] >= 1
-    ):
+    kind = ADAPTER_KINDS.get(adapter.get("type"))
+    problems += contradictions(adapter)
+    if kind and kind.uses_peft and isinstance(adapter.get("dropout"), (int, float)) and adapter["dropout"] >= 1:
         problems.append(f"adapter.dropout={adapter['dropout']}: must be below 1")
     ds = hardware.get("deepspeed")
     if hardware.get("strategy") == "deepspeed":
@@ -188,8 +179,8 @@ def _cross_field_problems(values: dict, cuda_available: bool, problems: list[str
                 f"hardware={hardware.get('name')}: DeepSpeed ZeRO-{stage} needs CUDA GPUs "
                 f"({'accelerator=cpu' if hardware.get('accelerator') == 'cpu' else 'none is visible'})"
             )
-        if kind == "qlora":
-            problems.append("adapter=qlora with DeepSpeed: bitsandbytes 4-bit weights cannot be sharded by ZeRO")
+        if kind and kind.quantized:
+            problems.append(f"adapter={kind.name} with DeepSpeed: bitsandbytes 4-bit weights cannot be sharded by ZeRO")
     if hardware.get("accelerator") in ("gpu", "cuda") and not cuda_available:
         problems.append(f"hardware.accelerator={hardware['accelerator']}: no CUDA GPU is visible (use hardware=cpu)")
     path = model.get("path")

@@ -1,5 +1,6 @@
 """The adapter group -> a trainable model: LoRA / DoRA / QLoRA through peft, full fine-tuning, or
-freezing all but the last N blocks. QLoRA and DoRA are flags on one LoRA path, not classes."""
+freezing all but the last N blocks. QLoRA and DoRA are flags on one LoRA path, not classes; what each kind
+implies is telechat_lab/adapter_kinds.py's table."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import torch
 
+from telechat_lab.adapter_kinds import adapter_kind
 from telechat_lab.config import AdapterConfig
 from telechat_lab.model import DTYPES
 
@@ -26,7 +28,7 @@ def target_modules(target: Any) -> list[str]:
 def quantization_config(adapter: AdapterConfig):
     """bitsandbytes config for adapter.quantization (QLoRA), else None."""
     quant = adapter.quantization
-    if not quant:
+    if not adapter_kind(adapter.type).quantized:
         return None
     try:
         import bitsandbytes  # noqa: F401
@@ -47,14 +49,15 @@ def quantization_config(adapter: AdapterConfig):
 
 
 def apply_adapter(model: torch.nn.Module, adapter: AdapterConfig) -> torch.nn.Module:
-    if adapter.type == "full":
+    kind = adapter_kind(adapter.type)
+    if kind.trains_whole_base:
         model.requires_grad_(True)
         return model
-    if adapter.type == "freeze":
+    if kind.trains_last_blocks:
         return _freeze_all_but(model, adapter.trainable_layers, adapter.modules_to_save or [])
     from peft import LoraConfig, get_peft_model
 
-    if adapter.quantization:
+    if kind.quantized:
         # not peft's prepare_model_for_kbit_training: it also makes every weight left unquantised fp32, the
         # embeddings and lm_head of a 131072-token vocabulary included (4.3 GB for a frozen 7B)
         model.requires_grad_(False)
@@ -64,7 +67,7 @@ def apply_adapter(model: torch.nn.Module, adapter: AdapterConfig) -> torch.nn.Mo
         lora_dropout=adapter.dropout,
         target_modules=target_modules(adapter.target),
         use_rslora=adapter.rslora,
-        use_dora=adapter.use_dora,
+        use_dora=kind.dora,
         modules_to_save=adapter.modules_to_save,
         task_type="CAUSAL_LM",
     )
@@ -103,14 +106,13 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def describe(adapter: AdapterConfig) -> str:
     """One line on what is trained, for the console."""
-    if adapter.type == "full":
+    kind = adapter_kind(adapter.type)
+    if kind.trains_whole_base:
         return "full fine-tuning"
-    if adapter.type == "freeze":
+    if kind.trains_last_blocks:
         extra = f" and {', '.join(adapter.modules_to_save)}" if adapter.modules_to_save else ""
         return f"the last {adapter.trainable_layers} blocks{extra}"
-    quant = (
-        f", base in {adapter.quantization.bits}-bit {adapter.quantization.quant_type}" if adapter.quantization else ""
-    )
+    quant = f", base in {adapter.quantization.bits}-bit {adapter.quantization.quant_type}" if kind.quantized else ""
     targets = "every linear layer" if adapter.target == "all" else ", ".join(target_modules(adapter.target))
     return f"{adapter.type} rank {adapter.rank}, alpha {adapter.alpha:g} on {targets}{quant}"
 

@@ -46,7 +46,8 @@ class SpeedAndMemory(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         from lightning.fabric.utilities.throughput import get_available_flops
-        from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+
+        from telechat_lab.private_apis import compute_dtype
 
         from .flops import count_flops
 
@@ -54,7 +55,7 @@ class SpeedAndMemory(L.Callback):
         if self.peak_tflops:
             self.peak = self.peak_tflops * 1e12
         elif device.type == "cuda":
-            self.peak = get_available_flops(device, _plugin_to_compute_dtype(trainer.precision_plugin))
+            self.peak = get_available_flops(device, compute_dtype(trainer.precision_plugin))
         self.counts = count_flops(pl_module.model, pl_module.model.config, self.gradient_checkpointing)
         self._window_start = time.perf_counter()
 

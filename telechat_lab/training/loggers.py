@@ -4,21 +4,26 @@ rows; here the calls of one step fill one row, written once the step is over (or
 
 from __future__ import annotations
 
-from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from telechat_lab.private_apis import add_prefix, experiment_started, logger_prefix
+
 
 class StepCSVLogger(CSVLogger):
+    def __init__(self, *args, flush_logs_every_n_steps: int = 100, **kwargs) -> None:
+        super().__init__(*args, flush_logs_every_n_steps=flush_logs_every_n_steps, **kwargs)
+        self.flush_every = flush_logs_every_n_steps
+
     @rank_zero_only
     def log_metrics(self, metrics, step=None) -> None:
         experiment = self.experiment
         rows = experiment.metrics
         if step is None:
             step = len(rows)
-        if rows and rows[-1]["step"] != step and len(rows) >= self._flush_logs_every_n_steps:
+        if rows and rows[-1]["step"] != step and len(rows) >= self.flush_every:
             CSVLogger.save(self)  # every row held is of a finished step
-        experiment.log_metrics(_add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR), step)
+        experiment.log_metrics(add_prefix(metrics, logger_prefix(self), self.LOGGER_JOIN_CHAR), step)
         rows = experiment.metrics
         if len(rows) > 1 and rows[-2]["step"] == step:
             rows[-2].update(rows.pop())
@@ -34,5 +39,5 @@ class StepCSVLogger(CSVLogger):
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        if self._experiment is not None:
+        if experiment_started(self):
             CSVLogger.save(self)

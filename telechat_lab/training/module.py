@@ -10,13 +10,15 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from telechat_lab.adapter_kinds import adapter_kind
 from telechat_lab.config import AdapterConfig, ModelConfig, OptimConfig
 from telechat_lab.errors import NonFiniteLoss
 from telechat_lab.model.loading import upcast_trained
+from telechat_lab.private_apis import attn_implementation, set_last_lr
 from telechat_lab.tokenizer import IGNORE_INDEX as IGNORE
 
 from .adapters import apply_adapter, count_parameters, describe, quantization_config, weight_dtypes
-from .zero import created_whole, partitioned_loading, zero3_config
+from .zero import created_whole, partitioned_loading, uses_deepspeed, zero3_config
 
 
 def load_base_model(
@@ -26,7 +28,9 @@ def load_base_model(
     fp32 master weights for full fine-tuning under mixed precision; attention for padded or packed rows."""
     from telechat_lab.model.loading import load_model, resolve_attention, resolve_dtype
 
-    dtype = resolve_dtype(model.dtype, precision=precision, frozen_base=adapter.type != "full")
+    dtype = resolve_dtype(
+        model.dtype, precision=precision, frozen_base=not adapter_kind(adapter.type).trains_whole_base
+    )
     kwargs = {}
     quant = quantization_config(adapter)
     if quant is not None:
@@ -73,18 +77,18 @@ class TelechatLitModule(L.LightningModule):
                 model.config.use_cache = False
             with created_whole(zero3):
                 self.model = apply_adapter(model, self.adapter_cfg).train()  # from_pretrained: eval mode
-        if type(getattr(self._trainer, "strategy", None)).__name__ != "DeepSpeedStrategy":
+        if not uses_deepspeed(self._trainer):
             upcast_trained(self.model, precision)  # DeepSpeed keeps fp32 master weights itself
         if self.model_cfg.compile:
             for block in getattr(self.model, "get_base_model", lambda: self.model)().transformer.h:
                 block.compile()  # in place: parameter names, checkpoints and PEFT's saving are unchanged
-        if checkpointing and self.adapter_cfg.type in ("lora", "dora", "qlora"):
+        if checkpointing and adapter_kind(self.adapter_cfg.type).uses_peft:
             self.model.enable_input_require_grads()
         self.n_trainable, self.n_params = count_parameters(self.model)
         if self._trainer is None or self.trainer.is_global_zero:
             print(
                 f"training {self.n_trainable:,} of {self.n_params:,} parameters ({describe(self.adapter_cfg)}), "
-                f"{weight_dtypes(self.model)}, {model.config._attn_implementation} attention"
+                f"{weight_dtypes(self.model)}, {attn_implementation(model.config)} attention"
                 + (", gradient checkpointing" if checkpointing else "")
                 + (", compiled blocks" if self.model_cfg.compile else ""),
                 flush=True,
@@ -231,4 +235,4 @@ class TelechatLitModule(L.LightningModule):
         rates = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
         for group, rate in zip(scheduler.optimizer.param_groups, rates):
             group["lr"] = rate
-        scheduler._last_lr = rates  # what get_last_lr() (train/lr) reports
+        set_last_lr(scheduler, rates)  # what get_last_lr() (train/lr) reports

@@ -14,8 +14,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from telechat_lab.adapter_kinds import adapter_kind
 from telechat_lab.config import TrainConfig, config_values, validate
 from telechat_lab.errors import ConfigError, Interrupted, OutputDirError
+from telechat_lab.private_apis import experiment_started, wandb_init_settings
+from telechat_lab.targets import targets
 
 log = logging.getLogger(__name__)
 OUTPUT_ENV = "TELECHAT_LAB_OUTPUT_DIR"  # pins output_dir for the processes a DDP launcher starts
@@ -316,6 +319,7 @@ def build(run: Run) -> None:
     """The data module, the LightningModule, the loggers, callbacks and the Trainer."""
     import hydra
     import lightning as L
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     from telechat_lab.console import quiet_lightning
 
@@ -335,13 +339,10 @@ def build(run: Run) -> None:
     logger_cfgs = [v for v in (s.logger or {}).values() if v is not None]
     if run.checkpoint is not None:  # keep the interrupted run's CSV logs: the resumed part goes to logs/resumed-*
         stamp = datetime.now().strftime("resumed-%Y%m%d-%H%M%S")
-        logger_cfgs = [{**v, "version": stamp} if "CSVLogger" in str(v.get("_target_")) else v for v in logger_cfgs]
-    loggers = [
-        hydra.utils.instantiate(wandb_settings(v, run) if "WandbLogger" in str(v.get("_target_")) else v)
-        for v in logger_cfgs
-    ]
+        logger_cfgs = [{**v, "version": stamp} if targets(v, CSVLogger) else v for v in logger_cfgs]
+    loggers = [hydra.utils.instantiate(wandb_settings(v, run) if targets(v, WandbLogger) else v) for v in logger_cfgs]
     for logger in loggers:  # Lightning passes wandb an `anonymous` setting that wandb >= 0.19 warns has no effect
-        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+        wandb_init_settings(logger).pop("anonymous", None)
     for logger in loggers:
         logger.log_hyperparams(run.recorded)
     checkpoints = RunCheckpoints(
@@ -367,7 +368,7 @@ def build(run: Run) -> None:
     trainer_args = dict(s.trainer)
     if not s.data.val_size:  # no validation split: say so to Lightning (which otherwise warns of an empty loader)
         trainer_args.setdefault("limit_val_batches", 0)
-    hardware = trainer_arguments(s.hardware, exclude_frozen=s.adapter.type != "full")
+    hardware = trainer_arguments(s.hardware, exclude_frozen=not adapter_kind(s.adapter.type).trains_whole_base)
     trainer = L.Trainer(
         **trainer_args,
         **hardware,
@@ -438,7 +439,7 @@ def report(run: Run) -> dict:
         write_json(run.output_dir / "final_metrics.json", {k: v for k, v in metrics.items() if k != "output_dir"})
     report = run.parts["datamodule"].report
     csv_dir = csv_log_dir(run.parts["loggers"])
-    adapter = run.settings.adapter.type in ("lora", "dora", "qlora")
+    adapter = adapter_kind(run.settings.adapter.type).uses_peft
     lines = [
         f"trained {module.n_trainable:,} of {module.n_params:,} parameters for {trainer.global_step} steps "
         f"on {report.get('train', {}).get('examples')} examples"
@@ -457,8 +458,10 @@ def report(run: Run) -> dict:
 
 def finish_loggers(run: Run) -> None:
     """Close the job's wandb run: the next job of a sweep (in this same process) starts a run of its own."""
+    from lightning.pytorch.loggers import WandbLogger
+
     for logger in run.parts.get("loggers", []):
-        if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
+        if isinstance(logger, WandbLogger) and experiment_started(logger):
             logger.experiment.finish()
 
 

@@ -13,11 +13,20 @@ from contextlib import contextmanager
 
 import torch
 
+from telechat_lab.private_apis import persistent_buffers
+
+
+def uses_deepspeed(trainer) -> bool:
+    """Whether `trainer` (a Lightning Trainer, or None) runs a DeepSpeed strategy."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return isinstance(getattr(trainer, "strategy", None), DeepSpeedStrategy)
+
 
 def zero3_config(trainer) -> dict | None:
     """The DeepSpeed config when `trainer` runs DeepSpeed ZeRO stage 3, else None."""
     strategy = getattr(trainer, "strategy", None)
-    if type(strategy).__name__ == "DeepSpeedStrategy" and getattr(strategy, "zero_stage_3", False):
+    if uses_deepspeed(trainer) and getattr(strategy, "zero_stage_3", False):
         return strategy.config
     return None
 
@@ -93,7 +102,6 @@ def gathered_state_dict(model: torch.nn.Module, trained_only: bool) -> dict[str,
                     for name, param in params:
                         state[f"{prefix}.{name}" if prefix else name] = param.detach().to("cpu", copy=True)
         if not trained_only and rank0:
-            for name, buffer in module.named_buffers(recurse=False):
-                if name not in module._non_persistent_buffers_set:
-                    state[f"{prefix}.{name}" if prefix else name] = buffer.detach().to("cpu", copy=True)
+            for name, buffer in persistent_buffers(module):
+                state[f"{prefix}.{name}" if prefix else name] = buffer.detach().to("cpu", copy=True)
     return state if rank0 else None
