@@ -64,3 +64,16 @@ def test_a_seed_out_of_numpys_range_is_a_config_error(seed, message):
     for key in ("seed", "data.seed"):
         with pytest.raises(ConfigError, match=message.replace("seed", key, 1).replace(".", r"\.")):
             validate(compose_train([f"{key}={seed}"]))
+
+
+def test_a_config_error_carries_its_problems_as_a_list():
+    """Callers pass lists and read `problems`; the header and one line per problem are written in one place."""
+    from telechat_lab.errors import ConfigError
+
+    err = ConfigError(["data.batch_size=0: must be at least 1", "optim.lr=-1: must be greater than 0"])
+    assert err.problems == ["data.batch_size=0: must be at least 1", "optim.lr=-1: must be greater than 0"]
+    assert str(err) == (
+        "invalid configuration:\n  - data.batch_size=0: must be at least 1\n  - optim.lr=-1: must be greater than 0"
+    )
+    single = ConfigError("output=x exists: add overwrite=true to replace it")
+    assert str(single) == "output=x exists: add overwrite=true to replace it" and single.problems == [str(single)]

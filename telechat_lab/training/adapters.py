@@ -8,9 +8,8 @@ from typing import Any
 import torch
 
 from telechat_lab.config import AdapterConfig
+from telechat_lab.config.schema import BLOCK_LINEAR_MODULES as ALL_TARGETS
 from telechat_lab.model import DTYPES
-
-ALL_TARGETS = ["query", "key_value", "dense", "gate_proj", "up_proj", "down_proj"]
 
 
 def target_modules(target: Any) -> list[str]:
