@@ -22,7 +22,8 @@ from telechat_lab.cli import CONF_DIR
 
 
 def compose(command: str = "train", overrides: list[str] | tuple = ()) -> DictConfig:
-    """The config of `command` (train, merge, chat, inspect) with these overrides, validated."""
+    """The config of `command` (train, merge, chat, inspect) with these overrides, validated (once: by the
+    command-line check, which composes the same overrides)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -31,13 +32,14 @@ def compose(command: str = "train", overrides: list[str] | tuple = ()) -> DictCo
     from telechat_lab.console import quiet_libraries
 
     quiet_libraries()
-    problems, _ = command_line_config(list(overrides), CONF_DIR, command)
+    problems, checked = command_line_config(list(overrides), CONF_DIR, command)
     if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(problems)
     GlobalHydra.instance().clear()  # a notebook may hold an earlier initialisation
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = hydra_compose(command, overrides=list(overrides))
-    validate(cfg, SCHEMAS[command])
+    if checked is None:  # what the check leaves to Hydra (a glob sweep, ...) is validated here
+        validate(cfg, SCHEMAS[command])
     return cfg
 
 
@@ -45,7 +47,7 @@ def train(overrides: list[str] | tuple = ()) -> dict:
     """A training run; its final metrics (train_loss, val_loss, steps, status, output_dir)."""
     from telechat_lab.training.run import train as run_training
 
-    return run_training(compose("train", overrides), list(overrides))
+    return run_training(compose("train", overrides), list(overrides), validated=True)
 
 
 def merge(overrides: list[str] | tuple = ()) -> Path:

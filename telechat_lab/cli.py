@@ -31,6 +31,9 @@ COMMANDS = {
 }
 
 
+_checked: dict[str, bool] = {}  # command -> its config was validated before Hydra started (one run, this process)
+
+
 def _multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -59,7 +62,7 @@ def train(cfg: DictConfig) -> float | None:
 
     try:
         with reported(multirun=_multirun()):
-            metrics = run_training(cfg)
+            metrics = run_training(cfg, validated=_checked.get("train", False) and not _multirun())
     except UserError:
         if _basic_sweep():  # its message is printed; the summary lists the job as failed, the sweep goes on
             return None
@@ -120,7 +123,7 @@ def run(command: str, argv: list[str] | None = None) -> None:
         from telechat_lab.training.run import check_command_line
 
         quiet_libraries()
-        check_command_line(args, CONF_DIR)
+        _checked["train"] = check_command_line(args, CONF_DIR) is not None
     else:
         from telechat_lab.config import check_command_line
         from telechat_lab.console import quiet_libraries

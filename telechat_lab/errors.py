@@ -16,7 +16,16 @@ class UserError(ValueError):
 
 
 class ConfigError(UserError):
-    """Bad settings; the message lists every problem at once, by key."""
+    """Bad settings. Given a list of problems (one line each, by key: what config validation finds), it carries
+    them as `problems` and reads "invalid configuration:" with one line per problem; given one message (a setting
+    that a command finds wrong later, such as an output file that exists), it reads that message."""
+
+    HEADER = "invalid configuration:"
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        text = problems if isinstance(problems, str) else "\n  - ".join([self.HEADER, *self.problems])
+        super().__init__(text)
 
 
 class DataError(UserError):

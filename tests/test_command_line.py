@@ -186,3 +186,39 @@ def test_a_command_that_needs_an_extra_names_it(monkeypatch):
         'serve: the HTTP server needs uvicorn, which is not installed: pip install "telechat-lab[serve]"'
     ]
     assert missing_for_config(OmegaConf.create({}), "merge") == []
+
+
+@pytest.mark.parametrize("target", ["[q_proj]", "'query,q_proj'", "[query,k_proj,v_proj]"])
+def test_an_adapter_target_the_model_lacks_is_named(target):
+    """adapter.target=[q_proj] passed the check and failed after encoding, with a traceback."""
+    (problem,) = problems(f"adapter.target={target}")
+    assert problem.startswith("adapter.target=") and "TeleChat2 has no module" in problem, problem
+    assert "q_proj" in problem or "k_proj, v_proj" in problem
+    assert "query, key_value, dense, gate_proj, up_proj, down_proj, lm_head" in problem
+
+
+def test_adapter_targets_the_model_has_pass():
+    assert problems("adapter.target=[query,dense,lm_head]") == []
+    assert problems("adapter.target='gate_proj,up_proj'") == []
+
+
+def test_logger_and_callback_arguments_are_bound_to_their_class():
+    """A logger's or callback's arguments were checked by nobody: each is bound to its class's signature."""
+    assert problems("logger=csv", "+logger.csv.nme=x") == ["logger.csv.nme: not an argument of StepCSVLogger"]
+    early = "+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping"
+    assert problems(early, "+callbacks.stop.monitr=val/loss") == [
+        "callbacks.stop.monitr: not an argument of EarlyStopping",
+        "callbacks.stop.monitor: required by EarlyStopping (give +callbacks.stop.monitor=...)",
+    ]
+    assert problems(early, "+callbacks.stop.monitor=val/loss", "+callbacks.stop.patience=2") == []
+    assert problems("+callbacks.x._target_=lightning.pytorch.callbacks.NoSuchCallback")[0].startswith(
+        "callbacks.x._target_=lightning.pytorch.callbacks.NoSuchCallback: cannot be imported"
+    )
+
+
+def test_an_optimising_sweep_without_a_validation_split_is_a_config_problem():
+    """The rule lived in training/run.py, after the config check; it is one of the config's problems now."""
+    said = problems("-m", "hparams_search=lora_optuna", "data.val_size=0", "data.batch_size=0")
+    assert "data.batch_size=0: must be at least 1" in said
+    assert any(p.startswith("the sweep minimises optimized_metric=val_loss, but data.val_size=0") for p in said)
+    assert problems("-m", "hparams_search=lora_optuna", "data.val_size=4") == []

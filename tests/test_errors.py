@@ -117,3 +117,16 @@ def test_lightnings_word_on_the_trainer_settings_is_one_message(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "trainer: You requested to check 0.01 of the `train_dataloader`" in proc.stderr
     assert not out.exists()
+
+
+def test_a_config_error_carries_its_problems_as_a_list():
+    """Callers pass lists and read `problems`; the header and one line per problem are written in one place."""
+    from telechat_lab.errors import ConfigError
+
+    err = ConfigError(["data.batch_size=0: must be at least 1", "optim.lr=-1: must be greater than 0"])
+    assert err.problems == ["data.batch_size=0: must be at least 1", "optim.lr=-1: must be greater than 0"]
+    assert str(err) == (
+        "invalid configuration:\n  - data.batch_size=0: must be at least 1\n  - optim.lr=-1: must be greater than 0"
+    )
+    single = ConfigError("output=x exists: add overwrite=true to replace it")
+    assert str(single) == "output=x exists: add overwrite=true to replace it" and single.problems == [str(single)]

@@ -3,6 +3,7 @@ checkpoints in HF/PEFT format, resume equivalence, DDP (gloo), a multirun with i
 offline."""
 
 import csv
+import importlib
 import json
 import math
 import os
@@ -862,3 +863,19 @@ def test_a_sweep_with_a_failing_job_goes_on_summarises_and_exits_non_zero(tmp_pa
     assert "error: unknown dataset(s) ['nope']" in proc.stderr and "1 of 2 jobs failed: 0" in proc.stderr
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert [(r["job"], r["status"]) for r in rows] == [("1", "completed"), ("0", "failed")]
+
+
+def test_a_config_is_validated_once(tmp_path, monkeypatch):
+    """The API's train validated a config three times (the command-line check, compose, prepare), a resume four;
+    now each config once: the given one, and a resume's merged settings (a config of their own)."""
+    validator = importlib.import_module("telechat_lab.config.validate")  # the package exports validate()
+    from telechat_lab import api
+
+    calls = []
+    checks = validator._cross_field_problems
+    monkeypatch.setattr(validator, "_cross_field_problems", lambda *a: calls.append(1) or checks(*a))
+    run = [*QUICK, f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert api.train([*run, "trainer.max_steps=1"])["steps"] == 1
+    assert len(calls) == 1
+    assert api.train([*run, "trainer.max_steps=2", "resume=true"])["steps"] == 2
+    assert len(calls) == 3

@@ -130,9 +130,23 @@ def command_line_config(
     if schema is not None:
         try:
             problems += config_problems(cfg, schema)
-        except ConfigError as err:
-            problems += [line.removeprefix("  - ") for line in str(err).splitlines()[1:]]
+        except ConfigError as err:  # a value that does not resolve
+            problems += err.problems
+    if config_name == "train":
+        problems += _sweep_problems(args, cfg)
     return problems, cfg
+
+
+def _sweep_problems(args: list[str], cfg: DictConfig) -> list[str]:
+    """An optimising sweep (hparams_search, a hydra/sweeper) minimises a validation metric only with a split."""
+    optimizing = any(arg.startswith(("hparams_search=", "hydra/sweeper=")) for arg in args)
+    metric, val_size = cfg.get("optimized_metric"), OmegaConf.select(cfg, "data.val_size", default=None)
+    if optimizing and isinstance(metric, str) and metric.startswith("val") and not val_size:
+        return [
+            f"the sweep minimises optimized_metric={metric}, but data.val_size=0 holds no validation split: set "
+            "data.val_size (a fraction, or a number of examples), or optimized_metric=train_loss"
+        ]
+    return []
 
 
 def _is_hydras(key: str) -> bool:
@@ -208,19 +222,15 @@ def skips_check(argv: list[str]) -> bool:
     return any(arg.split("=", 1)[0] in HYDRA_INFO_FLAGS for arg in argv)
 
 
-def exit_with_problems(problems: list[str]) -> None:
-    import sys
-
-    print("error: invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
-    sys.exit(2)
-
-
 def check_command_line(argv: list[str], conf_dir: str, config_name: str) -> DictConfig | None:
     """Before Hydra starts (and writes anything): print every problem of the command line's config and exit 2.
     Returns the composed config (None where the check was left to Hydra)."""
+    from telechat_lab.errors import reported
+
     if skips_check(argv):
         return None
     problems, cfg = command_line_config(argv, conf_dir, config_name)
     if problems:
-        exit_with_problems(problems)
+        with reported():
+            raise ConfigError(problems)
     return cfg

@@ -99,6 +99,11 @@ class QuantizationConfig:
     compute_dtype: str = setting("bfloat16", choices=DTYPE_NAMES[1:])
 
 
+# the linear modules of a TeleChat2 block (model/modeling_telechat2.py): what adapter.target=all means
+BLOCK_LINEAR_MODULES = ["query", "key_value", "dense", "gate_proj", "up_proj", "down_proj"]
+ADAPTER_TARGETS = [*BLOCK_LINEAR_MODULES, "lm_head"]  # what adapter.target may name
+
+
 @dataclass
 class AdapterConfig:
     type: str = setting("lora", choices=tuple(ADAPTER_KINDS))  # what each kind implies: adapter_kinds.py

@@ -1,5 +1,7 @@
 """The one-shot validator of a composed config: every unknown key, wrong type, out-of-range value and impossible
-combination, collected and reported together in one ConfigError, before anything is loaded."""
+combination, an adapter target the model lacks, a logger's or callback's argument its class does not take (the
+class named by `_target_` is imported to read its signature), collected and reported together in one
+ConfigError, before anything is loaded."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from telechat_lab.adapter_kinds import ADAPTER_KINDS, contradictions
 from telechat_lab.errors import ConfigError
 
-from .schema import TrainConfig
+from .schema import ADAPTER_TARGETS, TrainConfig
 
 
 def _type_problem(value: Any, annotation: Any, meta: dict, where: str, problems: list[str]) -> None:
@@ -197,6 +199,52 @@ def _cross_field_problems(values: dict, cuda_available: bool, problems: list[str
         problems.append("resume=true and overwrite=true: choose one (continue the run, or clear it and start anew)")
 
 
+def _target_problems(adapter: Any, problems: list[str]) -> None:
+    """adapter.target names modules the TeleChat2 blocks have ("all", a list, or comma-separated names)."""
+    target = adapter.get("target") if isinstance(adapter, dict) else None
+    if target == "all" or not isinstance(target, (str, list)):
+        return
+    names = [t.strip() for t in target.split(",")] if isinstance(target, str) else target
+    unknown = [str(name) for name in names if name not in ADAPTER_TARGETS]
+    if unknown:
+        problems.append(
+            f"adapter.target={target}: TeleChat2 has no module {', '.join(unknown)} "
+            f"(its modules: {', '.join(ADAPTER_TARGETS)}, or all)"
+        )
+
+
+def _instantiated_problems(group: Any, name: str, problems: list[str]) -> None:
+    """Each entry of the logger / callbacks group, {_target_: a class, its arguments}: the class imports and the
+    arguments bind to its signature (unknown and missing arguments by key)."""
+    from hydra.utils import get_class
+
+    for key, entry in (group or {}).items() if isinstance(group, dict) else ():
+        target = entry.get("_target_") if isinstance(entry, dict) else None
+        if not isinstance(target, str) or "${" in target:  # an interpolation: resolved only under Hydra's runtime
+            continue
+        where = f"{name}.{key}"
+        try:
+            cls = get_class(target)
+        except Exception as err:
+            problems.append(f"{where}._target_={target}: cannot be imported ({err})")
+            continue
+        arguments = {k: v for k, v in entry.items() if not k.startswith("_")}
+        parameters = inspect.signature(cls).parameters
+        if "_args_" in entry or entry.get("_partial_"):  # positional or later arguments: left to the class
+            continue
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            for argument in arguments:
+                if argument not in parameters:
+                    problems.append(f"{where}.{argument}: not an argument of {cls.__name__}")
+        for argument, parameter in parameters.items():
+            required = parameter.default is parameter.empty and parameter.kind not in (
+                parameter.VAR_POSITIONAL,
+                parameter.VAR_KEYWORD,
+            )
+            if required and argument not in arguments:
+                problems.append(f"{where}.{argument}: required by {cls.__name__} (give +{where}.{argument}=...)")
+
+
 LAZY_GROUPS = ("logger", "callbacks")  # their interpolations may need Hydra's runtime (the job's name, ...)
 
 
@@ -218,7 +266,7 @@ def config_values(cfg: DictConfig | dict) -> dict:
             else:
                 values[key] = cfg[key] if resolve else node._value()
         except Exception as err:  # an interpolation that cannot resolve
-            raise ConfigError(f"invalid configuration:\n  - {key}: does not resolve ({err})") from err
+            raise ConfigError([f"{key}: does not resolve ({err})"]) from err
     return values
 
 
@@ -238,6 +286,9 @@ def config_problems(
         if isinstance(trainer, dict):
             _trainer_problems(trainer, problems)
         _cross_field_problems(values, cuda_available, problems)
+        _target_problems(values.get("adapter"), problems)
+        for group in LAZY_GROUPS:
+            _instantiated_problems(values.get(group), group, problems)
     return problems
 
 
@@ -245,4 +296,4 @@ def validate(cfg: DictConfig | dict, schema: type = TrainConfig, cuda_available:
     """Raise ConfigError listing every problem of `cfg` (a composed config of `schema`)."""
     problems = config_problems(cfg, schema, cuda_available)
     if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(problems)

@@ -10,9 +10,8 @@ import torch
 
 from telechat_lab.adapter_kinds import adapter_kind
 from telechat_lab.config import AdapterConfig
+from telechat_lab.config.schema import BLOCK_LINEAR_MODULES as ALL_TARGETS
 from telechat_lab.model import DTYPES
-
-ALL_TARGETS = ["query", "key_value", "dense", "gate_proj", "up_proj", "down_proj"]
 
 
 def target_modules(target: Any) -> list[str]:

@@ -107,12 +107,13 @@ def _resolved_group(cfg: DictConfig | dict, key: str) -> Any:
     try:
         return OmegaConf.to_container(node, resolve=True)
     except Exception as err:
-        raise ConfigError(f"invalid configuration:\n  - {key}: does not resolve ({err})") from err
+        raise ConfigError([f"{key}: does not resolve ({err})"]) from err
 
 
-def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None) -> Run:
-    """Validate; apply the output directory's rules (nothing the user has is overwritten); for resume=true, the
-    run's own settings and its newest valid checkpoint; write config.yaml and run.json."""
+def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None, validated: bool = False) -> Run:
+    """Validate (unless the caller did: `validated`, by the command-line check or the API's compose); apply the
+    output directory's rules (nothing the user has is overwritten); for resume=true, the run's own settings and its
+    newest valid checkpoint; write config.yaml and run.json."""
     from telechat_lab.data.pipeline import resolved_dataset_dir
     from telechat_lab.resolve import model_dir as resolve_model_dir
 
@@ -132,7 +133,8 @@ def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None) -> Run:
     )
 
     overrides = hydra_overrides() if overrides is None else list(overrides)
-    validate(cfg)  # every problem at once, before anything is loaded or written
+    if not validated:
+        validate(cfg)  # every problem at once, before anything is loaded or written
     values = config_values(cfg)
     raw = _unresolved(cfg)
     output_dir = resolve_output_dir(values["output_dir"])
@@ -169,7 +171,7 @@ def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None) -> Run:
         recorded = resumed_settings(output_dir, recorded, overrides)
         values = resolved_values(recorded, output_dir / CONFIG_FILE)
         values["resume"] = True
-        validate(values)
+        validate(values)  # the run's own settings with this command's changes: a config of its own
     identity = run_id(values)
     checkpoint = None
     if resume:
@@ -399,7 +401,7 @@ def fit(run: Run) -> None:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)  # never runs code in it
     except MisconfigurationException as err:  # Lightning's word on the trainer settings: the user's to fix
-        raise ConfigError(f"invalid configuration:\n  - trainer: {err}") from err
+        raise ConfigError([f"trainer: {err}"]) from err
     if run.parts["checkpoints"].stop_signal is not None:
         return
     if checkpoint is None and trainer.global_step == 0:  # what it wrote goes again (train's undo)
@@ -469,9 +471,10 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def check_command_line(argv: list[str], conf_dir: str) -> None:
+def check_command_line(argv: list[str], conf_dir: str) -> DictConfig | None:
     """train.py, before Hydra starts (and writes into the output directory): every config problem at once, then
-    the output directory's rules; a problem is printed and exits 2."""
+    the output directory's rules; a problem is printed and exits 2. Returns the validated config (None where the
+    check was left to Hydra)."""
     import sys
     from functools import partial
 
@@ -484,21 +487,8 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
     from .runlock import check_free, claim
 
     cfg = check_config(argv, conf_dir, "train")
-    if cfg is None:
-        return
-    optimizing = any(arg.startswith(("hparams_search=", "hydra/sweeper=")) for arg in argv)
-    if optimizing and cfg.optimized_metric.startswith("val") and not cfg.data.val_size:
-        from telechat_lab.config.command_line import exit_with_problems
-
-        exit_with_problems(
-            [
-                f"the sweep minimises optimized_metric={cfg.optimized_metric}, but data.val_size=0 holds "
-                "no validation split: set data.val_size (a fraction, or a number of examples), or "
-                "optimized_metric=train_loss"
-            ]
-        )
-    if launched_worker():
-        return
+    if cfg is None or launched_worker():
+        return cfg
     values = config_values(cfg)
     with reported():
         protected = {
@@ -511,9 +501,9 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
             with reported():  # a sweep's directory holds its jobs' own: only where it lies is checked
                 check_outside(resolve_output_dir(given[-1]), protected)
                 claim(resolve_output_dir(given[-1]), "hydra.sweep.dir").undoable = False  # one sweep at a time
-        return
+        return cfg
     if requeued_by_slurm() and not values["resume"]:
-        return  # prepare() resumes the run when it is this command's own, and refuses otherwise
+        return cfg  # prepare() resumes the run when it is this command's own, and refuses otherwise
     with reported():
         directory = resolve_output_dir(values["output_dir"])
         rules = partial(check_output_dir, directory, resume=values["resume"], overwrite=values["overwrite"])
@@ -523,6 +513,7 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
             rules(protected={})  # a command refused here writes nothing, not even the lock file
         claim_output_dir(directory, partial(rules, protected={}))  # held until the process ends
     sys.stdout.flush()
+    return cfg
 
 
 def undo_unstarted_run() -> None:
@@ -540,17 +531,17 @@ def undo_unstarted_run() -> None:
             owner.undo()
 
 
-def train(cfg: DictConfig | dict, overrides: list[str] | None = None) -> dict:
+def train(cfg: DictConfig | dict, overrides: list[str] | None = None, validated: bool = False) -> dict:
     """Run one training job; returns its final metrics (train_loss, val_loss, steps, status, output_dir).
     `overrides`: the command-line overrides that made `cfg` (under @hydra.main they are read from Hydra); with
-    resume=true they say which settings were given explicitly."""
+    resume=true they say which settings were given explicitly. `validated`: `cfg` was validated already."""
     import signal
 
     from .runlock import held
 
     run, claimed = None, held()
     try:
-        run = prepare(cfg, overrides)
+        run = prepare(cfg, overrides, validated)
         if run.finished is not None:
             for owner in held():  # nothing is changed, not even the lock file's record
                 if owner.directory == run.output_dir:
