@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from telechat_lab.errors import CheckpointError, ConfigError, OutputDirError
+from telechat_lab.files import path_relation
 from telechat_lab.model import DTYPES
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
@@ -39,16 +40,7 @@ def check_export_dir(export_dir: str | Path, base: Path, adapters: list[Path]) -
     out = Path(export_dir).expanduser().resolve()
     for name, path in [("the base model", base), *(("an adapter", a) for a in adapters)]:
         path = path.resolve()
-        relation = (
-            "is"
-            if out == path
-            else "lies inside"
-            if path in out.parents
-            else "contains"
-            if out in path.parents
-            else None
-        )
-        if relation:
+        if relation := path_relation(out, path):
             raise OutputDirError(
                 f"export_dir={out} {relation} {name} ({path}): choose another export_dir; nothing was written"
             )

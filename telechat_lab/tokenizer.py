@@ -412,6 +412,8 @@ def build_backend_tokenizer(model_file: str | os.PathLike):
     for name, idx in TOOL_TAGS.items():  # ids 9-12 go by the release's names
         del vocab[pieces[idx].piece]
         vocab[name] = idx
+    # not transformers' SentencePieceExtractor / generate_merges: the same merges, but where scores tie in another
+    # order (longest left part first; here the piece's id, then the shortest cut), 860 of 2653 differ on the tiny one
     normal = {p.piece: (p.score, i) for i, p in enumerate(pieces) if p.type == _NORMAL}
     ranked = []
     for piece, (score, idx) in normal.items():
