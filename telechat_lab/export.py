@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -13,25 +12,7 @@ import torch
 from telechat_lab.errors import CheckpointError, ConfigError, OutputDirError
 from telechat_lab.files import path_relation
 from telechat_lab.model import DTYPES
-
-MODEL_DIR = Path(__file__).resolve().parent / "model"
-REMOTE_CODE = ("configuration_telechat2.py", "modeling_telechat2.py")
-# only the classes the release's own modeling file has too (users swap it in): no AutoModel entry
-AUTO_MAP = {
-    "AutoConfig": "configuration_telechat2.Telechat2Config",
-    "AutoModelForCausalLM": "modeling_telechat2.Telechat2ForCausalLM",
-}
-
-
-def add_remote_code(directory: Path, **config) -> None:
-    """The remote-code files beside `directory`'s config.json and its `auto_map` to them (with `config`'s
-    entries): transformers (`trust_remote_code=True`) and PEFT load the directory without this package."""
-    path = directory / "config.json"
-    cfg = json.loads(path.read_text())
-    cfg.update(auto_map=dict(AUTO_MAP), **config)
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    for name in REMOTE_CODE:
-        shutil.copy(MODEL_DIR / name, directory / name)
+from telechat_lab.model.remote_code import AUTO_MAP, REMOTE_CODE, add_remote_code
 
 
 def check_export_dir(export_dir: str | Path, base: Path, adapters: list[Path]) -> Path:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from telechat_lab.config import TrainConfig, config_values, validate
 from telechat_lab.errors import ConfigError, Interrupted, OutputDirError
+from telechat_lab.hydra_runtime import sweep_dir
 
 log = logging.getLogger(__name__)
 OUTPUT_ENV = "TELECHAT_LAB_OUTPUT_DIR"  # pins output_dir for the processes a DDP launcher starts
@@ -299,18 +300,6 @@ def swept_keys() -> set[str]:
     except Exception:
         return keys
     return keys | {o.key_or_group for o in overrides if o.is_sweep_override()}
-
-
-def sweep_dir() -> Path | None:
-    """The sweep's directory when this is a job of a Hydra multirun."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hc = HydraConfig.get()
-        return Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
-    except ValueError:
-        return None
 
 
 def build(run: Run) -> None:
