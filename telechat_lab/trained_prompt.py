@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from telechat_lab.errors import ConfigError
 
@@ -19,9 +19,13 @@ _NOT_RECORDED = object()
 def recorded_default_system(adapter: Path):
     """`adapter`'s run's data.default_system (None: TeleChat's default), or _NOT_RECORDED."""
     path = adapter / "config.yaml"
-    if not path.is_file():
+    try:
+        recorded = OmegaConf.load(path) if path.is_file() else None
+    except Exception:  # a config.yaml of another tool (not YAML OmegaConf reads): nothing recorded by a run
         return _NOT_RECORDED
-    return OmegaConf.select(OmegaConf.load(path), "data.default_system", default=_NOT_RECORDED)
+    if not isinstance(recorded, DictConfig):
+        return _NOT_RECORDED
+    return OmegaConf.select(recorded, "data.default_system", default=_NOT_RECORDED)
 
 
 def default_system_for(adapters: list[Path], given: str | None, command: str) -> str | None:

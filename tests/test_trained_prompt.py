@@ -71,3 +71,12 @@ def test_a_merged_exports_chat_template_defaults_to_the_runs_system_prompt(train
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # transformers 5 returns a BatchEncoding
     assert list(ids) == _expected(_base(trained), SYSTEM)
+
+
+def test_an_adapter_without_a_runs_config_records_nothing(tmp_path):
+    from telechat_lab.trained_prompt import default_system_for
+
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.yaml").write_text("- a list, not a run's settings\n")
+    assert default_system_for([tmp_path / "plain", tmp_path / "other"], None, "chat") is None
