@@ -88,7 +88,7 @@ _shown_in_sweep: dict[str, str] = {}  # a sweep's directory -> the last report p
 def print_once_per_sweep(text: str) -> None:
     """Print a report; in a sweep, only when it differs from the one an earlier job of the sweep printed (the
     dataset table is the same for every job that does not sweep a data setting)."""
-    from telechat_lab.training.run import sweep_dir
+    from telechat_lab.hydra_runtime import sweep_dir
 
     sweep = sweep_dir()
     if sweep is not None:

@@ -6,32 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
-import shutil
 from pathlib import Path
 
 import torch
 
 from telechat_lab.errors import CheckpointError, ConfigError, OutputDirError
+from telechat_lab.files import path_relation
 from telechat_lab.model import DTYPES
-
-MODEL_DIR = Path(__file__).resolve().parent / "model"
-REMOTE_CODE = ("configuration_telechat2.py", "modeling_telechat2.py")
-# only the classes the release's own modeling file has too (users swap it in): no AutoModel entry
-AUTO_MAP = {
-    "AutoConfig": "configuration_telechat2.Telechat2Config",
-    "AutoModelForCausalLM": "modeling_telechat2.Telechat2ForCausalLM",
-}
-
-
-def add_remote_code(directory: Path, **config) -> None:
-    """The remote-code files beside `directory`'s config.json and its `auto_map` to them (with `config`'s
-    entries): transformers (`trust_remote_code=True`) and PEFT load the directory without this package."""
-    path = directory / "config.json"
-    cfg = json.loads(path.read_text())
-    cfg.update(auto_map=dict(AUTO_MAP), **config)
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    for name in REMOTE_CODE:
-        shutil.copy(MODEL_DIR / name, directory / name)
+from telechat_lab.model.remote_code import AUTO_MAP, REMOTE_CODE, add_remote_code
 
 
 def check_export_dir(export_dir: str | Path, base: Path, adapters: list[Path]) -> Path:
@@ -40,16 +22,7 @@ def check_export_dir(export_dir: str | Path, base: Path, adapters: list[Path]) -
     out = Path(export_dir).expanduser().resolve()
     for name, path in [("the base model", base), *(("an adapter", a) for a in adapters)]:
         path = path.resolve()
-        relation = (
-            "is"
-            if out == path
-            else "lies inside"
-            if path in out.parents
-            else "contains"
-            if out in path.parents
-            else None
-        )
-        if relation:
+        if relation := path_relation(out, path):
             raise OutputDirError(
                 f"export_dir={out} {relation} {name} ({path}): choose another export_dir; nothing was written"
             )
@@ -123,16 +96,18 @@ def export(
     flash_attn: bool = False,
     seq_length: int | None = None,
     generation: dict | None = None,
+    default_system: str | None = None,
 ) -> Path:
     """Write `model` as a TeleChat2 checkpoint directory: TeleChat2's parameter names, config.json for
     transformers and vLLM, the remote-code files, the tokenizer with its chat template and
-    generation_config.json (`generation`'s sampling, else the release's recommended one). `seq_length` (vLLM's
+    generation_config.json (`generation`'s sampling, else the release's recommended one); the chat template's
+    default system prompt is `default_system` (None: TeleChat's). `seq_length` (vLLM's
     max_model_len; default: the base's, else its training_seqlen) and `flash_attn` (for the release's modeling
     files) go into config.json. Written beside `export_dir` and renamed into place: an earlier export there is
     replaced whole only once the new one is complete; a non-empty directory that is not an export is refused."""
     from telechat_lab.console import show_loading_progress, without_transformers_bars
     from telechat_lab.files import staged_dir
-    from telechat_lab.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer, save_tokenizer
+    from telechat_lab.tokenizer import BOS_ID, EOS_ID, PAD_ID, chat_template, load_tokenizer, save_tokenizer
 
     final = Path(export_dir).expanduser().resolve()
     check_replaceable(final)
@@ -164,7 +139,8 @@ def export(
             flash_attn=flash_attn,
             seq_length=seq_length or getattr(config, "seq_length", None) or config.training_seqlen,
         )
-        save_tokenizer(load_tokenizer(tokenizer_dir), out, release_special_tokens=True)
+        tokenizer = load_tokenizer(tokenizer_dir, chat_template=chat_template(default_system))
+        save_tokenizer(tokenizer, out, release_special_tokens=True)
         generation = {
             "bos_token_id": BOS_ID,
             "eos_token_id": EOS_ID,
@@ -185,6 +161,7 @@ def release_sampling() -> dict:
 def merge_and_export(settings) -> Path:
     """merge.py: check the base, the adapters and the export directory before loading anything, merge, export."""
     from telechat_lab.resolve import base_and_adapters
+    from telechat_lab.trained_prompt import default_system_for
 
     try:
         base, adapters = base_and_adapters(settings.model.path, settings.adapter_path)
@@ -204,6 +181,7 @@ def merge_and_export(settings) -> Path:
         flash_attn=settings.flash_attn,
         seq_length=settings.seq_length,
         generation=dataclasses.asdict(settings.generation),
+        default_system=default_system_for(adapters, settings.default_system, "merge"),
     )
     print(
         f"wrote {out}: {base} with {len(adapters)} adapter{'s' if len(adapters) != 1 else ''} merged\n"

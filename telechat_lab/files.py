@@ -51,6 +51,17 @@ def check_new_output(key: str, path: str | os.PathLike, overwrite: bool) -> None
         raise ConfigError(f"{key}={path} exists: add overwrite=true to replace it, or choose another file")
 
 
+def path_relation(a: Path, b: Path) -> str | None:
+    """How resolved path `a` stands to `b`: "is", "lies inside", "contains", or None (neither holds the other)."""
+    if a == b:
+        return "is"
+    if a.is_relative_to(b):
+        return "lies inside"
+    if b.is_relative_to(a):
+        return "contains"
+    return None
+
+
 def check_input_file(key: str, path: str | os.PathLike) -> None:
     target = Path(path).expanduser()
     if not target.is_file():

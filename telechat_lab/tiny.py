@@ -23,9 +23,9 @@ import torch
 from telechat_lab import cache_root
 from telechat_lab.console import without_transformers_bars
 from telechat_lab.errors import OutputDirError
-from telechat_lab.export import add_remote_code
 from telechat_lab.files import staged_files
 from telechat_lab.model import Telechat2Config, Telechat2ForCausalLM
+from telechat_lab.model.remote_code import add_remote_code
 from telechat_lab.tokenizer import TINY_TOKENIZER_PATH, load_tokenizer, save_tokenizer, tokenizer_hash
 
 MARKER = ".telechat_tiny"  # records the arguments, so an up-to-date directory is re-used
@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":  # python -m telechat_lab.tiny DIR: the same as telechat-lab tiny DIR
     import sys
 
-    from telechat_lab.cli import main as cli
+    from telechat_lab.console import quiet_libraries
+    from telechat_lab.errors import reported
 
-    cli(["tiny", *sys.argv[1:]])
+    quiet_libraries()
+    with reported():
+        main(sys.argv[1:])

@@ -73,15 +73,14 @@ def test_resuming_a_completed_run_says_so_and_changes_nothing(tmp_path, capsys):
 
 
 def test_in_a_sweep_a_report_is_printed_once_unless_it_differs(tmp_path, monkeypatch, capsys):
-    from telechat_lab import console
-    from telechat_lab.training import run
+    from telechat_lab import console, hydra_runtime
 
     console.print_once_per_sweep("table A")
     console.print_once_per_sweep("table A")  # not in a sweep: every run prints its own
-    monkeypatch.setattr(run, "sweep_dir", lambda: tmp_path / "sweep")
+    monkeypatch.setattr(hydra_runtime, "sweep_dir", lambda: tmp_path / "sweep")
     for table in ("table A", "table A", "table B", "table B", "table A"):  # the jobs of one sweep
         console.print_once_per_sweep(table)
-    monkeypatch.setattr(run, "sweep_dir", lambda: tmp_path / "another")
+    monkeypatch.setattr(hydra_runtime, "sweep_dir", lambda: tmp_path / "another")
     console.print_once_per_sweep("table A")
     assert capsys.readouterr().out.split("\n") == ["table A"] * 3 + ["table B", "table A", "table A", ""]
 

@@ -11,6 +11,7 @@ def make_session(settings):
     from dataclasses import asdict
 
     from telechat_lab.resolve import base_and_adapters
+    from telechat_lab.trained_prompt import default_system_for
 
     from .engines import HuggingFaceEngine, VLLMEngine
     from .session import ChatSession
@@ -22,8 +23,9 @@ def make_session(settings):
         engine = HuggingFaceEngine(
             base, adapters, settings.model.dtype, settings.model.attn_implementation, settings.device
         )
+    default_system = default_system_for(adapters, settings.default_system, "chat")
     return ChatSession(
-        engine, base, settings.system, settings.default_system, asdict(settings.generation), settings.max_input_tokens
+        engine, base, settings.system, default_system, asdict(settings.generation), settings.max_input_tokens
     )
 
 

@@ -37,7 +37,9 @@ class ChatSession:
         max_input_tokens: int | None = None,
     ):
         self.engine = engine
+        self.tokenizer_dir = tokenizer_dir
         self.encoder = ChatEncoder(tokenizer_dir, TemplateOptions(cutoff_len=10**9, default_system=default_system))
+        self.model_encoders: dict[str, ChatEncoder] = {}  # serve: a model whose default system prompt differs
         self.system = system
         self.generation = dict(generation or {})
         self.turns: list[tuple[str, str]] = []
@@ -45,6 +47,16 @@ class ChatSession:
         if max_input_tokens is None and model_length:
             max_input_tokens = max(1, model_length - int(self.generation.get("max_new_tokens", 0)))
         self.max_input_tokens = max_input_tokens
+
+    def add_model_default_system(self, model: str, default_system: str | None) -> None:
+        """Prompts to `model` (a served adapter's name) fall back to `default_system`."""
+        if default_system != self.encoder.options.default_system:
+            options = TemplateOptions(cutoff_len=10**9, default_system=default_system)
+            self.model_encoders[model] = ChatEncoder(self.tokenizer_dir, options)
+
+    def encoder_for(self, model: str) -> ChatEncoder:
+        """The encoder of prompts to `model`."""
+        return self.model_encoders.get(model, self.encoder)
 
     def prompt_ids(
         self, message: str, turns: list[tuple[str, str]] | None = None, system: str | None = None

@@ -212,7 +212,9 @@ class ChatConfig:
     adapter_path: Any = setting(None, types=(str, list))  # applied without merging (a list stacks several)
     infer_backend: str = setting("huggingface", choices=("huggingface", "vllm"))
     system: str | None = None  # the system prompt; null: TeleChat's default
-    default_system: str | None = None  # what null above means (as data.default_system; "" = no system block)
+    # what null above means: null: what the adapter's run trained with (its data.default_system), else TeleChat's
+    # default; "": no system block
+    default_system: str | None = None
     device: str = "auto"
     max_input_tokens: int | None = setting(None, min=1)  # null: the model's training_seqlen minus max_new_tokens
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -238,7 +240,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = setting(8000, min=1, max=65535)
     system: str | None = None  # the system prompt of a request without one; null: TeleChat's default
-    default_system: str | None = None  # what null above means (as data.default_system; "" = no system block)
+    # what null above means: null: what the adapter's run trained with (its data.default_system), else TeleChat's
+    # default; "": no system block
+    default_system: str | None = None
     device: str = "auto"
     max_input_tokens: int | None = setting(None, min=1)  # null: the model's training_seqlen minus max_tokens
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # a request's defaults
@@ -281,6 +285,9 @@ class MergeConfig:
     flash_attn: bool = False  # config.json's flash_attn, read by the release's own modeling files (needs flash-attn)
     seq_length: int | None = setting(None, min=1)  # null: the base's seq_length, else its training_seqlen
     generation: ExportGenerationConfig = field(default_factory=ExportGenerationConfig)
+    # the exported chat template's system prompt for a conversation without one; null: what the adapters' run
+    # trained with (its data.default_system), else TeleChat's default; "": no system block
+    default_system: str | None = None
 
 
 @dataclass

@@ -52,6 +52,7 @@ def load(settings):
     from dataclasses import asdict
 
     from telechat_lab.chat.session import ChatSession
+    from telechat_lab.trained_prompt import default_system_for
 
     from .engine import MultiAdapterEngine
 
@@ -60,6 +61,8 @@ def load(settings):
     model = settings.model
     engine = MultiAdapterEngine(base, base_name, adapters, model.dtype, model.attn_implementation, settings.device)
     session = ChatSession(engine, base, settings.system, settings.default_system, asdict(settings.generation))
+    for name, adapter in adapters.items():  # each adapter's prompts as its run trained them
+        session.add_model_default_system(name, default_system_for([adapter], settings.default_system, "serve"))
     return engine, session
 
 

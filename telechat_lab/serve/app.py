@@ -109,7 +109,7 @@ def create_app(engine, session, max_input_tokens: int | None = None) -> FastAPI:
         conversation = to_conversation(req.messages, req.tools)
         if conversation.system is None:
             conversation.system = session.system
-        job, pieces = start(req, session.encoder.prompt_ids(conversation), "conversation")
+        job, pieces = start(req, session.encoder_for(req.model).prompt_ids(conversation), "conversation")
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
 
         def chunk(delta: dict, finish: str | None = None) -> str:
@@ -160,7 +160,7 @@ def create_app(engine, session, max_input_tokens: int | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        job, pieces = start(req, session.encoder.encode_text(req.prompt), "prompt")
+        job, pieces = start(req, session.encoder_for(req.model).encode_text(req.prompt), "prompt")
         reply_id = f"cmpl-{uuid.uuid4().hex}"
 
         def body(text: str, finish: str | None) -> dict:

@@ -228,7 +228,10 @@ def save_model(model, directory: Path, base_dir: Path, state: dict | None = None
 
 
 def requeue_slurm_job() -> None:
-    """Under SLURM, put this job back in the queue (it resumes from the checkpoint just written)."""
+    """Under SLURM, put this job back in the queue (it resumes from the checkpoint just written). Not Lightning's
+    SLURMEnvironment(auto_requeue=True): its SIGUSR1 handler saves an hpc_ckpt mid-step on each rank by itself;
+    ours (on_train_start replaces it) lets the step finish, stops every rank at the same step and requeues only
+    after this run's own atomic checkpoint, which resume reads."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return

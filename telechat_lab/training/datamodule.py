@@ -135,6 +135,19 @@ class TelechatDataModule(L.LightningDataModule):
             num_workers=self.cfg.dataloader_num_workers,
         )
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """A training batch carries `step_targets`: the tokens its optimizer step trains on (its accumulated
+        batches, over every rank), what the step's loss is divided by (the LightningModule reads it)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self.sampler is not None:
+            batch_idx = trainer.fit_loop.epoch_loop.batch_idx + 1  # this batch's (Lightning counts it next)
+            accumulate = trainer.accumulate_grad_batches
+            first = batch_idx - batch_idx % accumulate
+            stop = min(first + accumulate, trainer.num_training_batches)
+            count = self.targets_in_batches(trainer.current_epoch, first, stop)
+            batch["step_targets"] = torch.tensor(max(count, 1), dtype=torch.float32)
+        return batch
+
     def targets_in_batches(self, epoch: int, first: int, stop: int) -> int:
         """Tokens trained on in batches first..stop-1 of `epoch`, over every rank: the number an optimizer step's
         loss is divided by, so that it is the mean over the step's tokens however they are split into

@@ -106,7 +106,7 @@ class TelechatLitModule(L.LightningModule):
         accumulate, world = trainer.accumulate_grad_batches, trainer.world_size
         first = batch_idx - batch_idx % accumulate
         stop = min(first + accumulate, trainer.num_training_batches)
-        share = self.model(**batch, num_items_in_batch=self._step_targets(batch, first, stop)).loss
+        share = self.model(**batch, num_items_in_batch=self._step_targets(batch)).loss
         if not self._finite_everywhere(share):
             return self._non_finite("loss", share)
         self.step_loss = self.step_loss + share.detach()
@@ -122,15 +122,13 @@ class TelechatLitModule(L.LightningModule):
         twice = accumulate if trainer.strategy.handles_gradient_accumulation else 1  # DeepSpeed divides again
         return share * (accumulate * twice * world)
 
-    def _step_targets(self, batch, first: int, stop: int) -> torch.Tensor:
-        """Tokens the optimizer step of batches first..stop-1 trains on, over every rank (from the data module's
-        sample order); without that data module, this batch's own tokens as if each batch were a step."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if hasattr(datamodule, "targets_in_batches"):
-            count = datamodule.targets_in_batches(self.trainer.current_epoch, first, stop)
-        else:
-            count = int((batch["labels"][..., 1:] != IGNORE).sum())
-            count *= self.trainer.accumulate_grad_batches * self.trainer.world_size
+    def _step_targets(self, batch) -> torch.Tensor:
+        """Tokens this batch's optimizer step trains on, over every rank: what the data module put in the batch
+        (`step_targets`); without that data module, this batch's own tokens as if each batch were a step."""
+        if "step_targets" in batch:
+            return batch.pop("step_targets").to(self.device)
+        count = int((batch["labels"][..., 1:] != IGNORE).sum())
+        count *= self.trainer.accumulate_grad_batches * self.trainer.world_size
         return torch.tensor(max(count, 1), dtype=torch.float32, device=self.device)
 
     def on_validation_epoch_start(self):

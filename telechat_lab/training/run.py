@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from telechat_lab.adapter_kinds import adapter_kind
 from telechat_lab.config import TrainConfig, config_values, validate
 from telechat_lab.errors import ConfigError, Interrupted, OutputDirError
+from telechat_lab.hydra_runtime import sweep_dir
 from telechat_lab.private_apis import experiment_started, wandb_init_settings
 from telechat_lab.targets import targets
 
@@ -303,18 +304,6 @@ def swept_keys() -> set[str]:
     except Exception:
         return keys
     return keys | {o.key_or_group for o in overrides if o.is_sweep_override()}
-
-
-def sweep_dir() -> Path | None:
-    """The sweep's directory when this is a job of a Hydra multirun."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hc = HydraConfig.get()
-        return Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
-    except ValueError:
-        return None
 
 
 def build(run: Run) -> None:

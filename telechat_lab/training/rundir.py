@@ -25,7 +25,7 @@ from typing import Any
 
 from telechat_lab.config import field_meta
 from telechat_lab.errors import ConfigError, OutputDirError
-from telechat_lab.files import TEMP_PREFIX, read_json, remove_entry, write_json
+from telechat_lab.files import TEMP_PREFIX, path_relation, read_json, remove_entry, write_json
 from telechat_lab.training.runlock import LOCK_FILE
 
 RUN_RECORD = "run.json"
@@ -157,21 +157,11 @@ def run_files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name not in own and p.suffix != ".log")
 
 
-def _relation(a: Path, b: Path) -> str | None:
-    if a == b:
-        return "is"
-    if b in a.parents:
-        return "lies inside"
-    if a in b.parents:
-        return "contains"
-    return None
-
-
 def check_outside(directory: Path, protected: dict[str, Path]) -> None:
     """Refuse (OutputDirError) an output directory that is, contains or lies inside a protected one."""
     directory = directory.resolve()
     for name, path in protected.items():
-        relation = _relation(directory, path.resolve())
+        relation = path_relation(directory, path.resolve())
         if relation:
             raise OutputDirError(
                 f"output_dir={directory} {relation} {name}={path}: choose an output_dir outside it "

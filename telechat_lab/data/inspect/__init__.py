@@ -66,9 +66,3 @@ def run(cfg: DictConfig) -> dict:
     if cfg.output:
         console.print(f"wrote {len(dataset)} examples to {cfg.output}")
     return report
-
-
-if __name__ == "__main__":  # python -m telechat_lab.data.inspect ... (the same as telechat-lab inspect ...)
-    from telechat_lab.cli import run as run_command
-
-    run_command("inspect")
