@@ -270,3 +270,7 @@ def main(argv: list[str] | None = None) -> None:
             tiny(rest)
         return
     run(command, rest)
+
+
+if __name__ == "__main__":  # python -m telechat_lab.cli COMMAND ...
+    main()

@@ -222,3 +222,15 @@ def test_an_optimising_sweep_without_a_validation_split_is_a_config_problem():
     assert "data.batch_size=0: must be at least 1" in said
     assert any(p.startswith("the sweep minimises optimized_metric=val_loss, but data.val_size=0") for p in said)
     assert problems("-m", "hparams_search=lora_optuna", "data.val_size=4") == []
+
+
+@pytest.mark.parametrize("module", ["telechat_lab", "telechat_lab.cli"])
+def test_the_module_forms_run_the_commands(module, tmp_path):
+    """`python -m telechat_lab` and `python -m telechat_lab.cli` are the telechat-lab command (the latter printed
+    nothing and exited 0)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = dict(capture_output=True, text=True, cwd=tmp_path, env=env)
+    proc = subprocess.run([sys.executable, "-m", module, "merge", "--help"], **run)
+    assert proc.returncode == 0 and proc.stdout.startswith("merge: "), proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-m", module, "bogus"], **run)
+    assert proc.returncode == 2 and "unknown command 'bogus'" in proc.stderr

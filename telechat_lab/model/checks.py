@@ -40,6 +40,15 @@ def _meta_model(directory: Path):
         raise CheckpointError(f"{directory / 'config.json'} does not describe a TeleChat2 model ({err})") from err
 
 
+def _expected_shapes(model) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the model's state dict at its whole shape: under DeepSpeed's ZeRO-3 (a model built inside
+    zero.Init, as partitioned loading does) a parameter is an empty slice and its `ds_shape` the whole."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    state = model.state_dict()
+    return {key: _shape(getattr(tensors.get(key), "ds_shape", None) or t.shape) for key, t in state.items()}
+
+
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape, from the header of the safetensors file `path` (checked complete)."""
     from safetensors import safe_open
@@ -96,7 +105,7 @@ def check_checkpoint(directory: str | Path) -> None:
     for name in files:
         for key, shape in _header_shapes(directory / name).items():
             found[key], where[key] = shape, directory / name
-    expected = {key: _shape(t.shape) for key, t in _meta_model(directory).state_dict().items()}
+    expected = _expected_shapes(_meta_model(directory))
     found = {key: shape for key, shape in found.items() if key in expected}  # extra tensors: the loader ignores them
     tied = ("lm_head.weight",) if config.get("tie_word_embeddings") else ()
     missing_in = directory / (files[0] if len(files) == 1 else INDEX)

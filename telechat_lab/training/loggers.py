@@ -4,6 +4,8 @@ rows; here the calls of one step fill one row, written once the step is over (or
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -11,8 +13,16 @@ from telechat_lab.private_apis import add_prefix, experiment_started, logger_pre
 
 
 class StepCSVLogger(CSVLogger):
-    def __init__(self, *args, flush_logs_every_n_steps: int = 100, **kwargs) -> None:
-        super().__init__(*args, flush_logs_every_n_steps=flush_logs_every_n_steps, **kwargs)
+    # CSVLogger's own arguments, spelt out: the config check binds a logger's settings to this signature
+    def __init__(
+        self,
+        save_dir: str | Path,
+        name: str | None = "lightning_logs",
+        version: int | str | None = None,
+        prefix: str = "",
+        flush_logs_every_n_steps: int = 100,
+    ) -> None:
+        super().__init__(save_dir, name, version, prefix, flush_logs_every_n_steps)
         self.flush_every = flush_logs_every_n_steps
 
     @rank_zero_only
