@@ -130,3 +130,20 @@ def test_a_config_error_carries_its_problems_as_a_list():
     )
     single = ConfigError("output=x exists: add overwrite=true to replace it")
     assert str(single) == "output=x exists: add overwrite=true to replace it" and single.problems == [str(single)]
+
+
+def test_a_resumes_csv_logs_never_go_into_a_folder_that_exists(tmp_path):
+    """Two resumes within one second got the same logs/resumed-<time>, and Lightning's CSVLogger deletes the
+    files it finds in its folder: the earlier resume's metrics were lost."""
+    from datetime import datetime, timedelta
+
+    from telechat_lab.training.run import _resumed_version
+
+    logs = tmp_path / "logs"
+    now = datetime.now()
+    for seconds in range(3):  # whatever second the call falls in
+        folder = logs / (now + timedelta(seconds=seconds)).strftime("resumed-%Y%m%d-%H%M%S")
+        folder.mkdir(parents=True)
+        (folder / "metrics.csv").write_text("kept\n")
+    version = _resumed_version({"save_dir": str(tmp_path), "name": "logs"})
+    assert version.startswith("resumed-") and not (logs / version).exists()

@@ -329,8 +329,7 @@ def build(run: Run) -> None:
     module = TelechatLitModule(run.model_dir, s.model, s.adapter, s.optim, s.nan_policy, s.nan_max_skips, packed)
     logger_cfgs = [v for v in (s.logger or {}).values() if v is not None]
     if run.checkpoint is not None:  # keep the interrupted run's CSV logs: the resumed part goes to logs/resumed-*
-        stamp = datetime.now().strftime("resumed-%Y%m%d-%H%M%S")
-        logger_cfgs = [{**v, "version": stamp} if targets(v, CSVLogger) else v for v in logger_cfgs]
+        logger_cfgs = [{**v, "version": _resumed_version(v)} if targets(v, CSVLogger) else v for v in logger_cfgs]
     loggers = [hydra.utils.instantiate(wandb_settings(v, run) if targets(v, WandbLogger) else v) for v in logger_cfgs]
     for logger in loggers:  # Lightning passes wandb an `anonymous` setting that wandb >= 0.19 warns has no effect
         wandb_init_settings(logger).pop("anonymous", None)
@@ -378,6 +377,18 @@ def build(run: Run) -> None:
         "checkpoints": checkpoints,
         "plot": plot,
     }
+
+
+def _resumed_version(csv: dict) -> str:
+    """A new folder for a resumed run's CSV logs, never one that exists (Lightning's CSVLogger deletes what it finds
+    there): `resumed-<time>`, or with `-2`, `-3`, ... for resumes within one second."""
+    stamp = datetime.now().strftime("resumed-%Y%m%d-%H%M%S")
+    parent = Path(str(csv.get("save_dir", "."))) / str(csv.get("name") or "")
+    version, n = stamp, 1
+    while (parent / version).exists():
+        n += 1
+        version = f"{stamp}-{n}"
+    return version
 
 
 def fit(run: Run) -> None:
