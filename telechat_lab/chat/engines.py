@@ -40,17 +40,21 @@ class HuggingFaceEngine:
         on_cuda = device.startswith("cuda")
         model = load_model(base, resolve_dtype(dtype, on_cuda=on_cuda), resolve_attention(attn_implementation, on_cuda))
         if adapters:
-            from peft import PeftModel
-
-            # several adapters stack as merge.py merges them: each earlier one merged in order,
-            # the last one applied on top, unmerged
-            for adapter in adapters[:-1]:
-                model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-            model = PeftModel.from_pretrained(model, str(adapters[-1]))
+            model = self._with_adapters(model, adapters)
         self.model = model.to(device).eval()
         self.tokenizer = load_tokenizer(base)
         self.device = device
         self.max_length = model.config.training_seqlen
+
+    @staticmethod
+    def _with_adapters(model, adapters):
+        """Several adapters stack as merge.py merges them: each earlier one merged in order, the last one applied on
+        top, unmerged."""
+        from peft import PeftModel
+
+        for adapter in adapters[:-1]:
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        return PeftModel.from_pretrained(model, str(adapters[-1]))
 
     def stream(self, prompt_ids: list[int], generation: dict) -> Iterator[str]:
         streamer = _answer_streamer(self.tokenizer)

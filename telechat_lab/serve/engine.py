@@ -11,8 +11,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from telechat_lab.chat.engines import HuggingFaceEngine
 from telechat_lab.errors import ConfigError
 from telechat_lab.tokenizer import EOS_ID
@@ -81,28 +79,22 @@ class MultiAdapterEngine(HuggingFaceEngine):
         attn_implementation: str = "auto",
         device: str = "auto",
     ):
-        from telechat_lab.model.loading import load_model, resolve_attention, resolve_dtype
-        from telechat_lab.tokenizer import load_tokenizer
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        on_cuda = device.startswith("cuda")
-        model = load_model(base, resolve_dtype(dtype, on_cuda=on_cuda), resolve_attention(attn_implementation, on_cuda))
-        if adapters:
-            from peft import PeftModel
-
-            (first, path), *others = adapters.items()
-            model = PeftModel.from_pretrained(model, str(path), adapter_name=first)
-            for name, path in others:
-                model.load_adapter(str(path), adapter_name=name)
-        self.model = model.to(device).eval()
-        self.tokenizer = load_tokenizer(base)
-        self.device = device
-        self.max_length = model.config.training_seqlen
+        super().__init__(base, adapters, dtype, attn_implementation, device)
         self.base_name = base_name
         self.names = [base_name, *adapters]
         self._lock = threading.Lock()
         self._job: Generation | None = None
+
+    @staticmethod
+    def _with_adapters(model, adapters: dict[str, Path]):
+        """Every adapter on the one base, each under its name (PEFT's multi-adapter model), none merged."""
+        from peft import PeftModel
+
+        (first, path), *others = adapters.items()
+        model = PeftModel.from_pretrained(model, str(path), adapter_name=first)
+        for name, path in others:
+            model.load_adapter(str(path), adapter_name=name)
+        return model
 
     def generate(self, name: str, prompt_ids: list[int], generation: dict) -> tuple[Generation, Iterator[str]]:
         """(the record of this generation, its text as it comes). Requests wait their turn; closing the iterator
