@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from telechat_lab.adapter_kinds import ADAPTER_KINDS
+from telechat_lab.stages import STAGES
 
 
 def setting(
@@ -154,6 +155,13 @@ class OptimConfig:
 
 
 @dataclass
+class StageConfig:
+    """The `stage` group (conf/stage/): what the training step computes; what each stage implies: stages.py."""
+
+    name: str = setting("sft", choices=tuple(STAGES))
+
+
+@dataclass
 class TrainConfig:
     """`python train.py` (conf/train.yaml)."""
 
@@ -169,6 +177,7 @@ class TrainConfig:
     nan_policy: str = setting("stop", choices=("stop", "skip"), on_resume=FREE)  # on a NaN/inf loss or grad norm
     nan_max_skips: int = setting(10, min=1, on_resume=FREE)  # nan_policy=skip: stop after this many skipped steps
     optimized_metric: str = setting("val_loss", choices=("val_loss", "train_loss"), on_resume=FREE)  # a sweep's
+    stage: StageConfig = field(default_factory=StageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -294,6 +303,7 @@ class MergeConfig:
 class InspectConfig:
     """`python -m telechat_lab.data.inspect` (conf/inspect.yaml)."""
 
+    stage: StageConfig = field(default_factory=StageConfig)  # which records the data must hold (stages.py)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     output: str | None = None  # JSON lines {"input_ids", "labels"}, one per encoded example, in dataset order
