@@ -76,9 +76,9 @@ def test_gpu_scripts_parse_and_name_every_part():
         assert f"#   {part} " in text and f"{part}|all)" in text, part
 
 
-def test_loss_memory_bench_measures_both_paths_and_their_losses_agree(tmp_path):
-    """bench/loss_memory.py at a small size: the whole [tokens, 131072] logits cost several times the chunked
-    loss's few [chunk, 131072] blocks, and both losses agree."""
+def test_loss_memory_bench_measures_every_path_and_their_losses_agree(tmp_path):
+    """bench/loss_memory.py at a small size: the whole [tokens, 131072] logits cost several times the chunked and
+    fused losses' few [chunk, 131072] blocks, every path is timed, and the losses and gradients agree."""
     cmd = [sys.executable, str(REPO / "bench" / "loss_memory.py"), "--tokens", "512", "--hidden", "64"]
     proc = subprocess.run([*cmd, "--chunk", "64", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -86,8 +86,11 @@ def test_loss_memory_bench_measures_both_paths_and_their_losses_agree(tmp_path):
     (row,) = record["rows"]
     assert record["command"].startswith("python bench/loss_memory.py --tokens 512")
     whole_logits_mib = 512 * 131072 * 4 / 2**20  # 256 MiB: the whole path holds it at least once
-    assert row["whole_mib"] >= whole_logits_mib and row["chunked_mib"] < row["whole_mib"] / 2
-    assert row["loss_abs_diff"] < 1e-4
+    mib = row["peak_extra_mib"]
+    assert mib["whole"] >= whole_logits_mib
+    assert mib["chunked"] < mib["whole"] / 2 and mib["fused"] < mib["whole"] / 2
+    assert all(row["seconds"][p] > 0 for p in ("whole", "chunked", "fused"))
+    assert row["loss_abs_diff"] < 1e-4 and row["grad_checksum_rel_diff"] < 1e-3
 
 
 def _bench(script: str, *args: str, cwd=None) -> subprocess.CompletedProcess:

@@ -1,6 +1,7 @@
-"""Training-speed paths of the native model, checked against the plain ones on CPU: the chunked
-cross-entropy (no [tokens, vocab] fp32 logits in training) and transformers' flex_attention (a block
-mask built from the packed documents' restarting positions instead of a dense [T, T] mask)."""
+"""Training-speed paths of the native model, checked against the plain ones on CPU: the training loss without
+[tokens, vocab] fp32 logits (fused: its gradients computed in the forward; chunked: recomputed in the backward)
+and transformers' flex_attention (a block mask built from the packed documents' restarting positions instead of a
+dense [T, T] mask)."""
 
 import weakref
 
@@ -70,12 +71,13 @@ def _assert_same_training_step(model, batch: dict, **kwargs) -> None:
 # ---------------------------------------------------------------- chunked cross-entropy
 
 
+@pytest.mark.parametrize("implementation", ["fused", "chunked"])
 @pytest.mark.parametrize("num_items", [None, 37])
 @pytest.mark.parametrize("chunk_size", [5, 8, 1024])  # 24 and 48 tokens: not dividing, dividing, one chunk
 @pytest.mark.parametrize("kind", list(BATCHES))
-def test_chunked_loss_and_gradients_equal_the_plain_path(kind, chunk_size, num_items):
+def test_chunked_loss_and_gradients_equal_the_plain_path(kind, chunk_size, num_items, implementation):
     """num_items_in_batch (gradient accumulation) divides the summed loss, as in ForCausalLMLoss."""
-    model = small_model(loss_chunk_size=chunk_size)
+    model = small_model(loss_chunk_size=chunk_size, loss_implementation=implementation)
     kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
     _assert_same_training_step(model, BATCHES[kind](), **kwargs)
 
@@ -100,6 +102,82 @@ def test_chunked_loss_goes_through_a_peft_wrapped_lm_head(wrap):
     model = get_peft_model(small_model(loss_chunk_size=5), LoraConfig(r=4, lora_alpha=8, **extra))
     assert type(model.base_model.model.lm_head) is not torch.nn.Linear
     _assert_same_training_step(model, _packed_batch())
+
+
+@pytest.mark.parametrize("trained_head", [False, True])
+def test_fused_loss_equals_the_plain_path_in_bf16(trained_head):
+    """bf16 weights (a frozen base under mixed precision): the fused loss and gradients equal the plain full-logits
+    path's to bf16 rounding; with a trained head its gradient too."""
+    model = small_model(loss_chunk_size=7).to(torch.bfloat16).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_(trained_head or not name.startswith("lm_head"))
+    batch = _padded_batch()
+    plain, plain_grads = _loss_and_grads(model, batch, return_logits=True)
+    fused, fused_grads = _loss_and_grads(model, batch)
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=2e-3, atol=2e-3)
+    assert fused_grads.keys() == plain_grads.keys() and ("lm_head.weight" in fused_grads) == trained_head
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name].float(), grad.float(), rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_fused_loss_under_cpu_autocast_equals_the_plain_path():
+    """fp32 weights under bf16 autocast (full fine-tuning with bf16-mixed): the same matmul dtypes as the plain
+    path, so the same loss and gradients to bf16 rounding; the weight's gradient keeps the weight's dtype."""
+    model = small_model(loss_chunk_size=5).train()
+    batch = _packed_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, plain_grads = _loss_and_grads(model, batch, return_logits=True)
+        fused, fused_grads = _loss_and_grads(model, batch)
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=2e-3, atol=2e-3)
+    assert fused_grads["lm_head.weight"].dtype == torch.float32
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=3e-2, atol=3e-3, msg=name)
+
+
+class _VocabMatmuls(TorchDispatchMode):
+    """Counts the matmuls with a `vocab`-sized dimension, forward and backward."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.count = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            shapes = [a.shape for a in args if isinstance(a, torch.Tensor)]
+            self.count += any(self.vocab in shape for shape in shapes)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("trained_head", [False, True])
+def test_fused_loss_never_recomputes_lm_head(trained_head):
+    """Per chunk, the fused path runs lm_head's matmul once and one matmul per gradient (hidden states, and the head
+    when it is trained); the chunked path also recomputes the logits in the backward: one more per chunk."""
+    vocab, chunk, tokens = 512, 8, 2 * 48
+    chunks = tokens // chunk
+    counts = {}
+    for implementation in ("fused", "chunked"):
+        model = small_model(vocab_size=vocab, loss_chunk_size=chunk, loss_implementation=implementation).train()
+        model.lm_head.weight.requires_grad_(trained_head)
+        ids = torch.randint(4, vocab, (2, 48))
+        probe = _VocabMatmuls(vocab)
+        with probe:
+            model(input_ids=ids, labels=ids).loss.backward()
+        counts[implementation] = probe.count
+    per_chunk = 3 if trained_head else 2
+    assert counts == {"fused": per_chunk * chunks, "chunked": (per_chunk + 1) * chunks}
+
+
+def test_loss_path_falls_back_to_chunked_for_a_wrapped_head():
+    from telechat_lab.model.modeling_telechat2 import loss_path
+
+    head = torch.nn.Linear(4, 8, bias=False)
+    assert loss_path(head, "auto", torch.device("cpu")) == "fused"
+    assert loss_path(head, "chunked", torch.device("cpu")) == "chunked"
+    assert loss_path(torch.nn.Sequential(head), "fused", torch.device("cpu")) == "chunked"
+    with pytest.raises(ValueError, match="liger-kernel"):
+        loss_path(head, "liger", torch.device("cpu"))
+    with pytest.raises(ValueError, match="loss_implementation"):
+        Telechat2Config(hidden_size=64, n_head=4, loss_implementation="fast")
 
 
 def test_return_logits_defaults_to_eval_mode():
@@ -146,13 +224,13 @@ class _PeakVocabBytes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("return_logits", [True, False])
-def test_chunked_loss_holds_a_few_chunks_of_logits(return_logits):
+@pytest.mark.parametrize("return_logits,implementation", [(True, "auto"), (False, "chunked"), (False, "fused")])
+def test_chunked_loss_holds_a_few_chunks_of_logits(return_logits, implementation):
     """A training step of the chunked path holds at most a few [chunk, vocab] fp32 tensors at once
     (without the checkpointing it would keep every chunk's log-softmax for the backward: 14 chunks
     here); the plain path, measured the same way, holds the whole [tokens, vocab] logits (and more)."""
     vocab, chunk, tokens = 512, 8, 2 * 48  # no other dimension of the tiny model is 512
-    model = small_model(vocab_size=vocab, loss_chunk_size=chunk).train()
+    model = small_model(vocab_size=vocab, loss_chunk_size=chunk, loss_implementation=implementation).train()
     ids = torch.randint(4, vocab, (2, 48))
     probe = _PeakVocabBytes(vocab)
     with probe:

@@ -160,6 +160,12 @@ def test_missing_checkpoint_fails_before_loading():
         validate(cfg, cuda_available=False)
 
 
+def test_liger_loss_needs_cuda_and_liger_kernel():
+    with pytest.raises(ConfigError, match="model.loss_implementation=liger: no CUDA GPU is visible"):
+        validate(compose_train(["model.loss_implementation=liger"]), cuda_available=False)
+    validate(compose_train(["model.loss_implementation=fused"]), cuda_available=False)
+
+
 def test_default_config_is_valid():
     validate(compose_train([]), cuda_available=False)
 

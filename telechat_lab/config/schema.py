@@ -52,6 +52,11 @@ class ModelConfig:
     dtype: str = setting("auto", choices=DTYPE_NAMES)
     gradient_checkpointing: bool = setting(False, on_resume=FREE)
     compile: bool = setting(False, on_resume=FREE)  # torch.compile each block (the first steps compile them)
+    # the training loss over lm_head, without [tokens, vocab] logits: fused (its gradients computed in the forward,
+    # lm_head never recomputed), chunked (each chunk recomputed in the backward: less memory for a trained head),
+    # liger (Liger's kernel of the fused method: CUDA, liger-kernel installed), auto (liger where it runs, else
+    # fused). A PEFT-wrapped or ZeRO-3 partitioned lm_head always takes chunked
+    loss_implementation: str = setting("auto", choices=("auto", "fused", "chunked", "liger"), on_resume=FREE)
 
 
 @dataclass

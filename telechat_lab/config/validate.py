@@ -9,6 +9,7 @@ import dataclasses
 import inspect
 import types
 import typing
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,9 @@ def _cross_field_problems(values: dict, cuda_available: bool, problems: list[str
         problems.append(f"model.path={path}: no config.json there (a TeleChat2 checkpoint directory is expected)")
     if model.get("attn_implementation") == "flash_attention_2" and not cuda_available:
         problems.append("model.attn_implementation=flash_attention_2 needs a CUDA GPU (use sdpa)")
+    if model.get("loss_implementation") == "liger" and not (cuda_available and find_spec("liger_kernel")):
+        why = "no CUDA GPU is visible" if not cuda_available else "liger-kernel is not installed (the kernels extra)"
+        problems.append(f"model.loss_implementation=liger: {why}; fused is the same method in plain torch")
     if data.get("padding_free") and data.get("packing"):
         problems.append("data.padding_free and data.packing: choose one")
     val_size = data.get("val_size")

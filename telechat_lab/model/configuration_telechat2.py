@@ -4,8 +4,9 @@ Self-contained (torch + transformers only) so that it can be copied into exporte
 remote code. Field names are those of the official `config.json` (`n_layer`, `n_head`,
 `ffn_hidden_size`, ...); the standard transformers names are aliases of them.
 
-`loss_chunk_size` (not in the releases' configs) is the number of tokens whose logits the chunked
-training loss materialises at once (see `Telechat2ForCausalLM.forward`).
+`loss_chunk_size` and `loss_implementation` (not in the releases' configs) are the number of tokens whose logits
+the training loss materialises at once and how it computes its gradients (auto / fused / chunked / liger: see
+`chunked_causal_lm_loss` in the modeling file and `Telechat2ForCausalLM.forward`).
 """
 
 from transformers import PretrainedConfig
@@ -44,6 +45,7 @@ class Telechat2Config(PretrainedConfig):
         pad_token_id: int = 3,
         tie_word_embeddings: bool = False,
         loss_chunk_size: int = 1024,
+        loss_implementation: str = "auto",
         **kwargs,
     ):
         # Official configs carry fields this implementation does not need (flash_attn, logn, ...):
@@ -70,6 +72,9 @@ class Telechat2Config(PretrainedConfig):
         self.pad_token_id = pad_token_id
         self.tie_word_embeddings = tie_word_embeddings
         self.loss_chunk_size = loss_chunk_size
+        self.loss_implementation = loss_implementation
+        if loss_implementation not in ("auto", "fused", "chunked", "liger"):
+            raise ValueError(f"loss_implementation {loss_implementation!r}: one of auto, fused, chunked, liger")
         if loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size ({loss_chunk_size}) must be a positive number of tokens")
         if hidden_size % n_head:

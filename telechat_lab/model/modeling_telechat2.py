@@ -346,6 +346,91 @@ def _chunk_cross_entropy_sum(lm_head: nn.Module, hidden: torch.Tensor, targets: 
     return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
 
 
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T (+ bias)` whose gradients are computed in the forward, a chunk of
+    tokens at a time (Liger's method): each chunk's logits become their own gradient in place (softmax minus the
+    one-hot target) and are multiplied into the gradients of the hidden states and of the weight, then freed. The
+    backward only scales what the forward computed, so `lm_head`'s matmul is never recomputed and no [tokens, vocab]
+    tensor exists. The matmuls run in the dtype autocast (or the inputs) give, the softmax in fp32, as the plain
+    path does."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, ignore_index: int):
+        need_hidden, need_weight = hidden.requires_grad, weight.requires_grad
+        need_bias = bias is not None and bias.requires_grad
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, targets.numel(), chunk_size):
+            chunk, target = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = F.linear(chunk, weight, bias)
+            matmul_dtype = logits.dtype
+            logits = logits.float()
+            valid = target != ignore_index
+            picked = torch.where(valid, target, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(target.numel(), device=target.device)
+            total = total + ((lse - logits[rows, picked]) * valid).sum()
+            if not (need_hidden or need_weight or need_bias):
+                continue
+            grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in the logits' memory
+            grad[rows, picked] -= 1.0
+            grad.mul_(valid.unsqueeze(1))
+            grad = grad.to(matmul_dtype)
+            if need_hidden:
+                grad_hidden[start : start + chunk_size] = (grad @ weight.to(matmul_dtype)).to(hidden.dtype)
+            if need_weight:
+                grad_weight += (grad.t() @ chunk.to(matmul_dtype)).float()
+            if need_bias:
+                grad_bias += grad.float().sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        scale = grad_output.float()
+        return (
+            None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+            None if grad_weight is None else (grad_weight * scale).to(weight_dtype),
+            None if grad_bias is None else (grad_bias * scale).to(bias_dtype),
+            None,
+            None,
+            None,
+        )
+
+
+LOSS_IMPLEMENTATIONS = ("auto", "fused", "chunked", "liger")
+
+
+def _liger_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import liger_kernel.transformers.functional  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def loss_path(lm_head: nn.Module, implementation: str, device: torch.device) -> str:
+    """Which training loss computes over `lm_head`: "fused" (gradients in the forward, the default) and "liger"
+    (Liger's Triton kernel of the same method, on CUDA where liger-kernel is installed; "auto" takes it there) need a
+    plain `nn.Linear` head whose weight is whole; a PEFT-wrapped head (LoRA on lm_head, modules_to_save) or a ZeRO-3
+    partitioned one goes through the module: "chunked" (each chunk recomputed in the backward)."""
+    plain = type(lm_head) is nn.Linear and not hasattr(lm_head.weight, "ds_id")
+    if implementation == "chunked" or not plain:
+        return "chunked"
+    if implementation == "liger" and not _liger_available(device):
+        raise ValueError("loss_implementation=liger needs liger-kernel installed (pip install liger-kernel) and CUDA")
+    if implementation == "liger" or (implementation == "auto" and _liger_available(device)):
+        return "liger"
+    return "fused"
+
+
 def chunked_causal_lm_loss(
     lm_head: nn.Module,
     hidden_states: torch.Tensor,
@@ -354,32 +439,45 @@ def chunked_causal_lm_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     ignore_index: int = -100,
     shift_labels: torch.Tensor | None = None,
+    implementation: str = "chunked",
     **kwargs,
 ) -> torch.Tensor:
-    """transformers' `ForCausalLMLoss` without the [tokens, vocab] logits: the tokens go through
-    `lm_head` (the module, so a PEFT-wrapped head keeps working) `chunk_size` at a time, each chunk's
-    summed cross-entropy under non-reentrant activation checkpointing, so that its fp32 logits are freed
-    after the forward and recomputed in the backward. Peak extra memory is a few [chunk_size, vocab]
-    fp32 tensors; the price is a second `lm_head` matmul per chunk in the backward.
-
-    Every chunk is computed, even one with no target, so that every rank calls `lm_head` equally often
-    (sharded training gathers its weight per call). Other keyword arguments (those meant for the
-    attention) are ignored, as `ForCausalLMLoss` ignores them."""
+    """transformers' `ForCausalLMLoss` without the [tokens, vocab] logits, `chunk_size` tokens at a time, by the path
+    `loss_path` picks for `implementation`:
+    - fused / liger: the gradients w.r.t. the hidden states and lm_head are computed in the forward
+      (`_FusedLinearCrossEntropy`; Liger's kernel on CUDA), the backward only scales them;
+    - chunked: the tokens go through `lm_head` (the module, so a PEFT-wrapped head keeps working), each chunk's
+      summed cross-entropy under non-reentrant activation checkpointing, so that its fp32 logits are freed after
+      the forward and recomputed in the backward (a second `lm_head` matmul per chunk). Every chunk is computed,
+      even one with no target, so that every rank calls `lm_head` equally often (sharded training gathers its
+      weight per call).
+    Peak extra memory is a few [chunk_size, vocab] fp32 tensors on every path. Other keyword arguments (those meant
+    for the attention) are ignored, as `ForCausalLMLoss` ignores them."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     targets = shift_labels.reshape(-1).to(hidden.device)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, targets.numel(), chunk_size):
-        stop = start + chunk_size
-        total = total + checkpoint(
-            _chunk_cross_entropy_sum,
-            lm_head,
-            hidden[start:stop],
-            targets[start:stop],
-            ignore_index,
-            use_reentrant=False,
-        )
+    path = loss_path(lm_head, implementation, hidden.device)
+    if path == "liger":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        total = liger_fused_linear_cross_entropy(
+            hidden, lm_head.weight, targets, lm_head.bias, ignore_index=ignore_index, reduction="sum"
+        ).float()
+    elif path == "fused":
+        total = _FusedLinearCrossEntropy.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_size, ignore_index)
+    else:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, targets.numel(), chunk_size):
+            stop = start + chunk_size
+            total = total + checkpoint(
+                _chunk_cross_entropy_sum,
+                lm_head,
+                hidden[start:stop],
+                targets[start:stop],
+                ignore_index,
+                use_reentrant=False,
+            )
     if num_items_in_batch is None:
         return total / (targets != ignore_index).sum()
     if torch.is_tensor(num_items_in_batch):
@@ -561,7 +659,14 @@ class Telechat2ForCausalLM(Telechat2PreTrainedModel, GenerationMixin):
 
         return_logits = not self.training if return_logits is None else return_logits
         if labels is not None and not return_logits:
-            loss = chunked_causal_lm_loss(self.lm_head, hidden_states, labels, self.config.loss_chunk_size, **kwargs)
+            loss = chunked_causal_lm_loss(
+                self.lm_head,
+                hidden_states,
+                labels,
+                self.config.loss_chunk_size,
+                implementation=getattr(self.config, "loss_implementation", "auto"),
+                **kwargs,
+            )
             return CausalLMOutputWithPast(loss=loss, logits=None, **out_cache)
 
         logits = self.lm_head(hidden_states)

@@ -72,6 +72,7 @@ class TelechatLitModule(L.LightningModule):
         zero3 = zero3_config(self._trainer)
         with partitioned_loading(zero3):  # under ZeRO-3 straight into each rank's slices
             model = load_base_model(self.model_dir, self.model_cfg, self.adapter_cfg, precision, self.packed)
+            model.config.loss_implementation = self.model_cfg.loss_implementation
             if checkpointing:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
                 model.config.use_cache = False
