@@ -165,7 +165,7 @@ def run_ours(s: Settings, overrides: list[str]) -> tuple[Measured, dict, list[di
         def on_train_start(self, trainer, pl_module):
             model = pl_module.model
             measured.attention = model.config._attn_implementation
-            measured.flops = count_flops(model, model.config, s.gradient_checkpointing, chunked_loss=True)
+            measured.flops = count_flops(model, model.config, s.gradient_checkpointing)
             start.update({n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad})
             synchronize()
             self.t0 = time.perf_counter()

@@ -682,9 +682,11 @@ def test_override_check_leaves_glob_sweeps_to_hydra():
     ]
 
 
-def test_flop_accounting_matches_what_torch_counts(tmp_path):
+@pytest.mark.parametrize("loss_implementation", ["fused", "chunked"])
+def test_flop_accounting_matches_what_torch_counts(tmp_path, loss_implementation):
     """The hardware FLOPs of training/flops.py against torch's own count of every matmul and attention of one
-    LoRA training step (forward, backward, the chunked loss's recompute), for a padded and a packed batch."""
+    LoRA training step (forward, backward, the chunked loss's recompute of lm_head or the fused loss's single
+    pass), for a padded and a packed batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from telechat_lab.config import AdapterConfig, ModelConfig
@@ -696,6 +698,7 @@ def test_flop_accounting_matches_what_torch_counts(tmp_path):
     model = apply_adapter(
         load_base_model(model_dir(None), ModelConfig(attn_implementation="eager"), AdapterConfig()), AdapterConfig()
     ).train()
+    model.config.loss_implementation = loss_implementation
     counts = count_flops(model, model.config, gradient_checkpointing=False)
     ids = torch.randint(20, 3000, (2, 48))
     batches = [

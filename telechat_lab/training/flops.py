@@ -5,7 +5,8 @@
 - **hardware FLOPs** (what the GPU really computes, `hfu`): per token, 2 x M forward (M the parameters in matrix
   multiplies: all but the embedding table and the norms), 2 x M backward for the activations' gradients, 2 x T
   for the weights' gradients (T the trained parameters in matrix multiplies: for LoRA only the adapters), one
-  more forward of the blocks with gradient checkpointing, one more lm_head pass with the chunked loss; and for
+  more forward of the blocks with gradient checkpointing, one more lm_head pass where the loss recomputes it (the
+  chunked path; the fused one does not: model/modeling_telechat2.py `loss_path`); and for
   attention 4 x hidden x layers FLOPs per (query, key) pair actually attended (causal, within each document of
   a packed row), 3 x that for forward and backward, 4 x with checkpointing.
 """
@@ -34,8 +35,11 @@ class FlopCounts:
         return tokens * self.model_per_token
 
 
-def count_flops(model: torch.nn.Module, config, gradient_checkpointing: bool, chunked_loss: bool = True) -> FlopCounts:
-    """`model` as trained (PEFT-wrapped or not), `config` its Telechat2Config."""
+def count_flops(
+    model: torch.nn.Module, config, gradient_checkpointing: bool, chunked_loss: bool | None = None
+) -> FlopCounts:
+    """`model` as trained (PEFT-wrapped or not), `config` its Telechat2Config. `chunked_loss`: the loss recomputes
+    lm_head in the backward; None: as the model's own training loss does (`recomputes_head`)."""
     from .zero import full_ndim, full_numel
 
     total = matmul = trained = 0
@@ -46,10 +50,21 @@ def count_flops(model: torch.nn.Module, config, gradient_checkpointing: bool, ch
             matmul += n
             trained += n if p.requires_grad else 0
     recompute = 1 if gradient_checkpointing else 0
+    if chunked_loss is None:
+        chunked_loss = recomputes_head(model)
     head = config.vocab_size * config.hidden_size
     per_token = 2 * matmul * (2 + recompute) + 2 * trained + (2 * head if chunked_loss else 0)
     per_pair = 4 * config.hidden_size * config.n_layer * (3 + recompute)
     return FlopCounts(6 * total, per_token, per_pair)
+
+
+def recomputes_head(model: torch.nn.Module) -> bool:
+    """Whether `model`'s training loss computes lm_head twice (the chunked path) rather than once (fused)."""
+    from telechat_lab.model.modeling_telechat2 import loss_path
+
+    head = model.get_output_embeddings()
+    implementation = getattr(model.config, "loss_implementation", "auto")
+    return loss_path(head, implementation, head.weight.device) == "chunked"
 
 
 def batch_tokens_and_pairs(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
