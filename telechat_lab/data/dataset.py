@@ -40,6 +40,10 @@ class EncodedDataset:
     def __len__(self) -> int:
         return len(self.index)
 
+    def stored(self) -> int:
+        """Examples stored (whatever `index` selects)."""
+        return (len(self.offsets) - 1) // self.rows
+
     def _sequence(self, s: int) -> tuple[np.ndarray, np.ndarray]:
         start, end = self.offsets[s], self.offsets[s + 1]
         return self.tokens[start:end], self.labels[start:end]

@@ -78,7 +78,7 @@ def build_datasets(
     for name, (ds, counts) in zip(
         names, encode_datasets([specs[n] for n in names], cfg, tokenizer_path, template_options(cfg))
     ):
-        n = len(ds.offsets) - 1
+        n = ds.stored()
         index = mix_indices(n, float(mix.get(name, 1.0)) if sample else 1.0, rng)
         wanted = specs[name].num_samples if sample else None
         if wanted and len(index):  # LLaMA-Factory's rule: a random subset, or every example plus random extras

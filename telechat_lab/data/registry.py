@@ -54,14 +54,14 @@ SAMPLE_BY = ("line", "paragraph", "document")  # what one document of a .txt fil
 KIND_WORDS = {  # what a dataset of each kind holds, for messages
     "sft": "conversations",
     "pt": "raw text",
-    "pairwise": 'preference pairs ("ranking": true)',
-    "kto": "replies tagged desirable / undesirable (a kto_tag column)",
+    "pairwise": "preference pairs",
+    "kto": "KTO examples",
 }
 KIND_HINTS = {  # how an entry becomes that kind
     "sft": "alpaca / sharegpt / telechat records with replies",
     "pt": 'a .txt file, or columns {"prompt": "text"} (no response column)',
     "pairwise": '"ranking": true with chosen / rejected columns',
-    "kto": 'a kto_tag column ("columns": {"kto_tag": "kto_tag"})',
+    "kto": 'replies tagged desirable or not: a kto_tag column, "columns": {"kto_tag": "kto_tag"}',
 }
 INFO_NAME = "dataset_info.json"
 TEXT_ENCODING = "utf-8-sig"  # UTF-8, with or without a byte-order mark
