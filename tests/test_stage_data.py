@@ -589,3 +589,20 @@ def test_demo_datasets_of_each_stage_build(tmp_path):
 
 def _demo(prefix: str) -> list:
     return [r for p in sorted(DEMO_DATA.glob(f"{prefix}_*.json")) for r in json.loads(p.read_text(encoding="utf-8"))]
+
+
+def test_pairs_encode_alike_in_parallel_and_mix_and_pad_shards_as_whole_pairs(tmp_path):
+    from telechat_lab.training.datamodule import EvenShards
+
+    root = _pairs_root(tmp_path, 80)
+    serial, _, _ = build(root, ["p"], "pairwise", cache_dir=str(tmp_path / "c1"))
+    parallel, _, _ = build(root, ["p"], "pairwise", cache_dir=str(tmp_path / "c2"), preprocessing_num_workers=2)
+    assert len(serial) == len(parallel) == 80
+    assert all(all(np.array_equal(serial[i][k], parallel[i][k]) for k in serial[i]) for i in range(80))
+    mixed, _, report = build(root, ["p"], "pairwise", mix={"p": 1.5})
+    assert len(mixed) == 120 and report["datasets"]["p"]["examples"] == 120
+    shards = EvenShards(serial.subset(np.arange(3)), world=2)
+    assert len(shards) == 4
+    filler = shards[3]
+    assert (filler["chosen_labels"] == IGNORE).all() and (filler["rejected_labels"] == IGNORE).all()
+    assert np.array_equal(filler["chosen_input_ids"], serial[0]["chosen_input_ids"])
