@@ -117,6 +117,7 @@ def test_each_entry_shape_is_its_kind_and_a_stage_of_another_kind_is_refused_bef
             "tagged": (KTO, None),
             "texts": (PT, None),
             "raw": ({"file_name": "raw.txt"}, None),
+            "raw_lf": ({"file_name": "raw.txt", "columns": {"prompt": "text"}}, None),  # LLaMA-Factory's wiki_demo
             "chats": ({}, None),
         },
     )
@@ -129,6 +130,7 @@ def test_each_entry_shape_is_its_kind_and_a_stage_of_another_kind_is_refused_bef
         "tagged": "kto",
         "texts": "pt",
         "raw": "pt",
+        "raw_lf": "pt",
         "chats": "sft",
     }
     info = str(root / "dataset_info.json")
@@ -154,7 +156,9 @@ def test_each_entry_shape_is_its_kind_and_a_stage_of_another_kind_is_refused_bef
         ({"ranking": True, "columns": {"kto_tag": "t"}}, "a ranking dataset has no kto_tag column"),
         ({"sample_by": "line"}, "'sample_by' applies to .txt files only"),
         ({"file_name": "a.txt", "sample_by": "page"}, "sample_by must be one of"),
-        ({"file_name": "a.txt", "columns": {"prompt": "text"}}, "a .txt file is raw text"),
+        ({"file_name": "a.txt", "columns": {"prompt": "body"}}, "a .txt file is raw text"),
+        ({"file_name": "a.txt", "formatting": "sharegpt"}, "a .txt file is raw text"),
+        ({"file_name": "a.txt", "ranking": True}, "a .txt file is raw text"),
     ],
 )
 def test_bad_entries_name_the_dataset_and_what_is_wrong(tmp_path, entry, message):

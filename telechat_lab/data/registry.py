@@ -7,7 +7,8 @@ Each entry holds one KIND of data (`DatasetSpec.kind`), which decides the stages
   user's message and whose `chosen` / `rejected` are messages (`{"from": "gpt", "value": ...}`, tags mapped);
 - "kto": a `kto_tag` column (JSON true / false) on SFT-shaped records (any formatting);
 - "pt": raw text: an alpaca entry whose columns map `prompt` (LLaMA-Factory's `{"prompt": "text"}`) and no
-  `response`, or `.txt` files (a file_name ending .txt, or a folder of them). A .txt file is one document per
+  `response`, or `.txt` files (a file_name ending .txt, or a folder of them; `columns` may say
+  `{"prompt": "text"}`, as LLaMA-Factory's entries do, and nothing else). A .txt file is one document per
   line by default (LLaMA-Factory's reading; blank lines skipped); the entry key `"sample_by"` (the name of the
   `datasets` text loader's option) takes `"paragraph"` (documents separated by blank lines) or `"document"`
   (the whole file is one document);
@@ -246,10 +247,13 @@ def _kind(entry: dict, formatting: str, columns: dict, path: Path, where: str) -
             raise DataError(f"{where}: 'sample_by' applies to .txt files only")
         if entry["sample_by"] not in SAMPLE_BY:
             raise DataError(f"{where}: sample_by must be one of {list(SAMPLE_BY)}, got {entry['sample_by']!r}")
-    if text:
-        extra = sorted({"formatting", "columns", "tags", "ranking"} & set(entry))
-        if extra:
-            raise DataError(f"{where}: {extra}: a .txt file is raw text (stage=pt); it has no columns or format")
+    if text:  # LLaMA-Factory's own entries say columns {"prompt": "text"}: the one column a text file has
+        extra = sorted({"tags", "ranking"} & set(entry))
+        if formatting != "alpaca" or extra or columns not in ({}, {"prompt": "text"}):
+            raise DataError(
+                f'{where}: a .txt file is raw text (stage=pt): its one column is {{"prompt": "text"}}, it has '
+                "no other columns, tags, ranking or formatting"
+            )
         return "pt"
     if ranking:
         if formatting == "telechat":
