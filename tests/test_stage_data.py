@@ -26,6 +26,7 @@ from telechat_lab.data.formats import Conversation, Prompted, to_prompted
 from telechat_lab.data.packing import PAD_ID, Collator, PackedDataset
 from telechat_lab.data.pipeline import DEMO_DATA
 from telechat_lab.data.registry import load_dataset_info
+from telechat_lab.errors import ConfigError
 from telechat_lab.tokenizer import TINY_TOKENIZER_PATH
 from telechat_lab.training.datamodule import TelechatDataModule
 
@@ -561,6 +562,8 @@ def test_config_refuses_packing_and_small_kto_batches_for_preference_stages(tmp_
     assert any("data.padding_free=true with stage=kto" in p for p in problems("stage=kto", "data.padding_free=true"))
     assert any("data.batch_size=1 with stage=kto" in p for p in problems("stage=kto", "data.batch_size=1"))
     assert not [p for p in problems("stage=pt", "data.packing=true") if "stage=" in p]
+    with pytest.raises(ConfigError, match="pairwise data are padded batches"):  # the data module, used directly
+        _datamodule(_pairs_root(tmp_path / "d", 2), "pairwise", packing=True)
 
 
 def test_each_stage_composes_with_its_demo_data_and_the_command_line_wins(tmp_path):

@@ -19,7 +19,7 @@ from telechat_lab.console import print_once_per_sweep
 from telechat_lab.data import build_datasets, format_report
 from telechat_lab.data.fingerprint import fingerprint_changes
 from telechat_lab.data.packing import Collator, PackedDataset
-from telechat_lab.errors import DataError
+from telechat_lab.errors import ConfigError, DataError
 from telechat_lab.tokenizer import IGNORE_INDEX as IGNORE
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ class TelechatDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        if self.kind in PER_EXAMPLE_KINDS and (self.cfg.packing or self.cfg.padding_free):  # the config check says so
+            raise ConfigError(f"data.packing / data.padding_free: {self.kind} data are padded batches; set them false")
         train, val, self.report = build_datasets(self.cfg, self.model_dir, kind=self.kind)
         if self.cfg.packing:
             train = PackedDataset(train, self.cfg.cutoff_len)
