@@ -246,6 +246,8 @@ def test_raw_text_by_line_paragraph_document_and_text_column(tmp_path):
     assert docs("paragraphs")[0] == [ids("first line\nsecond line"), ids("third, after blanks\nfourth")]
     assert docs("whole")[0] == [ids(text)]
     assert docs("column")[0] == [ids("first line"), ids("fourth")] == docs("folder")[0]
+    mixed = ["a <tool_call> b", "plain"]  # a tool tag is its control id in raw text too, as the tokenizer reads it
+    assert enc.encode_texts(mixed) == [([ids(t)], False) for t in mixed] and 9 in ids(mixed[0])
     root = write_datasets(tmp_path / "bad", {"c": ({**PT, "file_name": "c.jsonl"}, [{"text": "a"}, {"text": " "}])})
     with pytest.raises(DataError, match=r"c\.jsonl line 2: empty text"):
         build(root, ["c"], "pt")

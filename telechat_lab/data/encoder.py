@@ -234,8 +234,10 @@ class ChatEncoder:
         """Each raw-text document as its rows of at most cutoff_len tokens (the module docstring), and whether
         it was split."""
         cutoff, out = self.options.cutoff_len, []
-        for text in texts:
-            ids = [*self.encode_text(text), END]
+        plain = [i for i, text in enumerate(texts) if split_tool_tags(text) == [text]]  # one SentencePiece batch
+        pieces = dict(zip(plain, self.sp.encode([texts[i] for i in plain], num_threads=self.num_threads)))
+        for i, text in enumerate(texts):
+            ids = [*(pieces[i] if i in pieces else self.encode_text(text)), END]
             if len(ids) <= cutoff:
                 out.append(([ids], False))
                 continue
