@@ -270,8 +270,8 @@ def test_only_the_entries_used_are_checked(tmp_path):
     assert len(build(root, ["local"])[0]) == 1
     with pytest.raises(DataError, match="dataset 'alpaca_en': 'hf_hub_url' datasets are not supported"):
         build(root, ["local", "alpaca_en"])
-    with pytest.raises(DataError, match="dataset 'dpo_en_demo': ranking"):
-        build(root, ["dpo_en_demo"])
+    with pytest.raises(DataError, match=r"dataset 'dpo_en_demo' \(.*\) holds preference pairs.* fits stage=dpo, not "):
+        build(root, ["dpo_en_demo"])  # refused before its (missing) file is read
     with pytest.raises(DataError, match="dataset 'alpaca_en'"):
         load_dataset_info(root)  # every entry, when asked for all
 

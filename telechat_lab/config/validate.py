@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from telechat_lab.adapter_kinds import ADAPTER_KINDS, contradictions
 from telechat_lab.errors import ConfigError
+from telechat_lab.stages import STAGES
 
 from .schema import ADAPTER_TARGETS, TrainConfig
 
@@ -196,11 +197,26 @@ def _cross_field_problems(values: dict, cuda_available: bool, problems: list[str
         problems.append(f"model.loss_implementation=liger: {why}; fused is the same method in plain torch")
     if data.get("padding_free") and data.get("packing"):
         problems.append("data.padding_free and data.packing: choose one")
+    _stage_data_problems((values.get("stage") or {}).get("name"), data, problems)
     val_size = data.get("val_size")
     if isinstance(val_size, (int, float)) and val_size >= 1 and val_size != int(val_size):
         problems.append(f"data.val_size={val_size}: a fraction below 1 or a whole number of examples")
     if values.get("resume") and values.get("overwrite"):
         problems.append("resume=true and overwrite=true: choose one (continue the run, or clear it and start anew)")
+
+
+def _stage_data_problems(stage: Any, data: dict, problems: list[str]) -> None:
+    """Pairs and KTO examples are padded batches (no packing, no padding-free rows); KTO's KL rows pair each
+    prompt with another example's completion of its batch: two examples a batch at least."""
+    if stage not in STAGES or STAGES[stage].data not in ("pairwise", "kto"):
+        return
+    for key in ("packing", "padding_free"):
+        if data.get(key):
+            problems.append(f"data.{key}=true with stage={stage}: its sequences are padded batches; set it false")
+    if STAGES[stage].data == "kto":
+        for key in ("batch_size", "eval_batch_size"):
+            if isinstance(data.get(key), int) and data[key] < 2:
+                problems.append(f"data.{key}={data[key]} with stage=kto: its KL rows need two examples a batch")
 
 
 def _target_problems(adapter: Any, problems: list[str]) -> None:

@@ -13,6 +13,26 @@ and `<_bot>` of each trained turn (the release's own SFT script).
 Truncation to `cutoff_len` keeps whole turns where it can (the first ones, or with `mask_history`
 the last ones), else cuts the reply of the one turn kept; a prompt is never kept without at least
 one token of its reply: such an example is dropped and counted.
+
+Prompt and replies (`encode_prompted_batch`: the chosen and rejected replies of a preference pair, the completion
+of a KTO example): the prompt (system, tools, the earlier turns and the last user message up to its `<_bot>`) is
+encoded once, then each reply with its `<_end>`; each sequence is exactly what the conversation ending in that
+reply encodes to above. Only the replies are trained (train_on_prompt, mask_history and train_role_tokens are SFT
+options: the earlier replies and every role token stay untrained). Truncation, when the prompt and the longest
+reply exceed `cutoff_len`, treats the replies together, LLaMA-Factory's budget split (infer_seqlen) with the
+prompt cut by whole turns:
+1. the prompt's budget is `infer_seqlen(prompt, longest reply, cutoff_len)`: a longest reply under half of
+   cutoff_len keeps all of it (the prompt gets the rest); else a prompt under half keeps all of it; else the two
+   share cutoff_len in proportion to their lengths;
+2. the prompt's earlier turns are dropped, oldest first, until it fits its budget (or none is left): the system
+   block and the last turn (the user message the replies answer) are always kept;
+3. every reply is cut from its end to what is left (cutoff_len minus the prompt kept: the room step 2 freed goes
+   to the replies); a prompt that leaves no room for one reply token drops the example (counted).
+
+Raw text (`encode_texts`, stage pt): each document is its text (as one segment, no chat template) and `<_end>`,
+every token trained; a document longer than cutoff_len is split into rows of cutoff_len tokens, each row
+starting on the last token of the row before (which predicts nothing there), so that every token of the document
+but its first is predicted exactly once.
 """
 
 from __future__ import annotations
@@ -32,7 +52,7 @@ from telechat_lab.tokenizer import (
     split_tool_tags,
 )
 
-from .formats import Conversation
+from .formats import Conversation, Prompted
 
 SYSTEM, USER, BOT, END, IGNORE = SYSTEM_ID, USER_ID, BOT_ID, EOS_ID, IGNORE_INDEX
 TEMPLATE_VERSION = "telechat2-v3"  # part of the cache key: bump when the encoding changes
@@ -53,6 +73,29 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+
+
+@dataclass
+class EncodedReplies:
+    """A prompt and its replies: `rows[k]` = (input_ids, labels) of the prompt followed by reply k."""
+
+    rows: list[tuple[list[int], list[int]]]
+    prompt_len: int
+    truncated: bool = False
+
+
+def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
+    """(source, target) budgets of a prompt of `source_len` tokens and a reply of `target_len` within
+    `cutoff_len`: the reply whole when it is under half; else the prompt whole when it is under half; else both
+    in proportion to their lengths (LLaMA-Factory's rule)."""
+    if target_len * 2 < cutoff_len:
+        max_target = cutoff_len
+    elif source_len * 2 < cutoff_len:
+        max_target = cutoff_len - source_len
+    else:
+        max_target = int(cutoff_len * (target_len / (source_len + target_len)))
+    target = min(max_target, target_len)
+    return min(max(cutoff_len - target, 0), source_len), target
 
 
 class ChatEncoder:
@@ -104,7 +147,8 @@ class ChatEncoder:
         """None when nothing would be trained (no reply, or no room for any reply token)."""
         return self.encode_batch([conv])[0]
 
-    def encode_batch(self, convs: list[Conversation]) -> list[Encoded | None]:
+    def _encode_turns(self, convs: list[Conversation]) -> list[tuple[list[int], list[tuple[list[int], list[int]]]]]:
+        """(system block, [(<_user> text <_bot>, reply <_end>)]) of each conversation."""
         slots: dict[str, int] = {}  # distinct text segment -> position in the SentencePiece batch
 
         def plan(text: str) -> list[int]:
@@ -143,9 +187,64 @@ class ChatEncoder:
                 prefix = [SYSTEM, *ids(sys_plan)]
                 if len(self._system_memo) < SYSTEM_MEMO_SIZE:
                     self._system_memo[system] = prefix
-            turns = [([USER, *ids(u), BOT], [*ids(a), END]) for u, a in turn_plans]
-            results.append(self._assemble(prefix, turns))
+            results.append((prefix, [([USER, *ids(u), BOT], [*ids(a), END]) for u, a in turn_plans]))
         return results
+
+    def encode_batch(self, convs: list[Conversation]) -> list[Encoded | None]:
+        return [self._assemble(prefix, turns) for prefix, turns in self._encode_turns(convs)]
+
+    def encode_prompted_batch(self, items: list[Prompted]) -> list[EncodedReplies | None]:
+        """Each prompt once, then each of its replies (the module docstring: the sequences, the truncation
+        rule); None where the prompt leaves no room for a reply token within cutoff_len."""
+        convs = [
+            Conversation(it.conv.system, [*it.conv.turns, *((it.query, r) for r in it.replies)], it.conv.tools)
+            for it in items
+        ]
+        results = []
+        for it, (prefix, turns) in zip(items, self._encode_turns(convs)):
+            n = len(it.replies)
+            history, query = turns[:-n], turns[-1][0]
+            results.append(self._assemble_replies(prefix, history, query, [reply for _, reply in turns[-n:]]))
+        return results
+
+    def _assemble_replies(
+        self, prefix: list[int], history: list[tuple[list[int], list[int]]], query: list[int], replies: list[list[int]]
+    ) -> EncodedReplies | None:
+        cutoff, nl = self.options.cutoff_len, len(self.newline)
+        sizes = [len(p) + len(r) + nl for p, r in history]  # a turn and the newline after it
+        longest = max(len(r) for r in replies)
+        prompt_len = len(prefix) + sum(sizes) + len(query)
+        drop, truncated = 0, prompt_len + longest > cutoff
+        if truncated:
+            budget, _ = infer_seqlen(prompt_len, longest, cutoff)
+            while prompt_len > budget and drop < len(history):
+                prompt_len -= sizes[drop]
+                drop += 1
+            if prompt_len >= cutoff:  # not one reply token fits
+                return None
+        prompt = list(prefix)
+        for p, r in history[drop:]:
+            prompt += p + r + self.newline
+        prompt += query
+        room = cutoff - len(prompt)
+        rows = [(prompt + r[:room], [IGNORE] * len(prompt) + r[:room]) for r in replies]
+        return EncodedReplies(rows, len(prompt), truncated)
+
+    def encode_texts(self, texts: list[str]) -> list[tuple[list[list[int]], bool]]:
+        """Each raw-text document as its rows of at most cutoff_len tokens (the module docstring), and whether
+        it was split."""
+        cutoff, out = self.options.cutoff_len, []
+        plain = [i for i, text in enumerate(texts) if split_tool_tags(text) == [text]]  # one SentencePiece batch
+        pieces = dict(zip(plain, self.sp.encode([texts[i] for i in plain], num_threads=self.num_threads)))
+        for i, text in enumerate(texts):
+            ids = [*(pieces[i] if i in pieces else self.encode_text(text)), END]
+            if len(ids) <= cutoff:
+                out.append(([ids], False))
+                continue
+            step = cutoff - 1  # each row starts on the last token of the row before
+            rows = [ids[start : start + cutoff] for start in range(0, len(ids) - 1, step)]
+            out.append((rows, True))
+        return out
 
     def _assemble(self, prefix: list[int], turns: list[tuple[list[int], list[int]]]) -> Encoded | None:
         opts = self.options

@@ -15,7 +15,7 @@ from .dataset import EncodedDataset
 from .encoder import TemplateOptions
 from .fingerprint import data_fingerprint
 from .preprocess import encode_datasets
-from .registry import load_dataset_info
+from .registry import check_kinds, load_dataset_info
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "demo_data"  # the demo datasets shipped with the package
 
@@ -57,14 +57,17 @@ def mix_indices(n: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def build_datasets(
-    cfg: DataConfig, tokenizer_path: str | Path, shuffle_order: bool = True, sample: bool = True
+    cfg: DataConfig, tokenizer_path: str | Path, shuffle_order: bool = True, sample: bool = True, kind: str = "sft"
 ) -> tuple[EncodedDataset, EncodedDataset | None, dict]:
     """(train, validation or None, report). `report` holds per-dataset counts and totals, and the data's
-    fingerprint (data/fingerprint.py).
+    fingerprint (data/fingerprint.py). `kind`: the data the stage reads (stages.py: sft, pt, pairwise, kto); a
+    dataset of another kind is refused before any record is read. A pair is one example: mixing, sampling and
+    the validation split take or leave both of its sequences.
     `sample=False` skips mixing ratios and num_samples: every encoded example once (inspection)."""
     tokenizer_path = Path(tokenizer_path)
     names = dataset_names(cfg)
     specs = load_dataset_info(resolved_dataset_dir(cfg.dataset_dir), names)  # only the entries used are checked
+    check_kinds([specs[n] for n in names], kind)
     mix = dict(cfg.mix or {})
     unknown_mix = set(mix) - set(names)
     if unknown_mix:
@@ -75,14 +78,14 @@ def build_datasets(
     for name, (ds, counts) in zip(
         names, encode_datasets([specs[n] for n in names], cfg, tokenizer_path, template_options(cfg))
     ):
-        n = len(ds.offsets) - 1
+        n = ds.stored()
         index = mix_indices(n, float(mix.get(name, 1.0)) if sample else 1.0, rng)
         wanted = specs[name].num_samples if sample else None
         if wanted and len(index):  # LLaMA-Factory's rule: a random subset, or every example plus random extras
             index = rng.permutation(index)
             extra = rng.choice(index, size=max(0, wanted - len(index)))
             index = np.sort(np.concatenate([index[:wanted], extra]))
-        ds = EncodedDataset(ds.tokens, ds.labels, ds.offsets, index, ds.source, ds.names)
+        ds = ds.with_index(index)
         parts.append(ds)
         report["datasets"][name] = {**counts, **ds.stats()}
     full = EncodedDataset.concat(parts)
@@ -101,8 +104,8 @@ def build_datasets(
     report["train"] = train.stats()
     report["val"] = val.stats() if val is not None else None
     report["fingerprint"] = data_fingerprint(report["datasets"], {n: specs[n].path for n in names}, train, val)
-    for key in ("truncated", "dropped", "skipped"):
-        report[key] = sum(d[key] for d in report["datasets"].values())
+    for key in ("truncated", "dropped", "skipped", "split"):
+        report[key] = sum(d.get(key, 0) for d in report["datasets"].values())
     return train, val, report
 
 
@@ -134,6 +137,11 @@ def format_report(report: dict) -> str:
     if len(datasets) > 1:
         lines.append(f"{'total':<{width}}  " + "  ".join(f"{total[c]:>14,}" for c in REPORT_COLUMNS))
     for name, counts in datasets.items():
+        if counts.get("split"):
+            lines.append(
+                f"{name}: {counts['split']} document(s) longer than data.cutoff_len split into rows of at most "
+                "data.cutoff_len tokens (each an example)"
+            )
         if counts.get("dropped"):
             lines.append(
                 f"{name}: {counts['dropped']} dropped (no trainable reply within data.cutoff_len), e.g. "

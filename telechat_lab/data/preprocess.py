@@ -1,9 +1,10 @@
 """Encoding datasets: records -> conversations -> ids and labels, in `data.preprocessing_num_workers`
 processes sharing one pool over every dataset's records, with a progress bar, and cached on disk as arrays
-keyed by the files' contents (data/content_hash.py), the tokenizer, the template version and the options (a
-second run, or every job of a sweep, re-uses it). A cache file is checked when loaded (its arrays consistent,
-every id inside the vocabulary) and rebuilt when it is not; one that cannot be written is a warning
-(data/cache_files.py)."""
+keyed by the files' contents (data/content_hash.py), the tokenizer, the template version, the kind of data
+(conversations, raw text, preference pairs, KTO examples: registry.py) and the options (a second run, or every job
+of a sweep, re-uses it). A cache file is checked when loaded (its arrays consistent, every id inside the vocabulary,
+the rows of a pair sharing their untrained prompt) and rebuilt when it is not; one that cannot be written is a
+warning (data/cache_files.py)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .cache_files import remove_dead_temporaries, write_cache_file
 from .content_hash import content_hashes
 from .dataset import EncodedDataset
 from .encoder import TEMPLATE_VERSION, ChatEncoder, TemplateOptions
-from .formats import to_conversation
+from .formats import Conversation, to_conversation, to_prompted, to_text
 from .registry import DatasetSpec, index_unit, read_records
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ class EncodedPart(NamedTuple):
     truncated: int
     dropped: list[str]  # where each record without a trainable reply within cutoff_len is
     skipped: list[tuple[str, str]]  # (reason, where) of each bad record skipped
+    fields: dict[str, np.ndarray]  # per example: prompt_len (pairwise, kto), kto_tag (kto)
+    split: int = 0  # raw-text documents split into several rows
+    records: int = 0  # records read (progress)
 
     @staticmethod
     def join(parts: list[tuple[int, EncodedPart]]) -> EncodedPart:
@@ -66,6 +70,9 @@ class EncodedPart(NamedTuple):
             sum(p.truncated for _, p in parts),
             [w for _, p in parts for w in p.dropped],
             [s for _, p in parts for s in p.skipped],
+            {key: np.concatenate([p.fields[key] for _, p in parts]) for key in parts[0][1].fields},
+            sum(p.split for _, p in parts),
+            sum(p.records for _, p in parts),
         )
 
 
@@ -93,39 +100,60 @@ def _encode_job(job: EncodeJob) -> EncodedPart:
     )
 
 
+PARSERS = {"sft": to_conversation, "pt": to_text, "pairwise": to_prompted, "kto": to_prompted}
+FIELDS = {"sft": (), "pt": (), "pairwise": ("prompt_len",), "kto": ("prompt_len", "kto_tag")}
+ROWS = {"sft": 1, "pt": 1, "pairwise": 2, "kto": 1}  # sequences an example stores
+
+
 def encode_records(
     encoder: ChatEncoder, spec: DatasetSpec, records: list, placeholders: dict, skip_bad: bool = False
 ) -> EncodedPart:
+    """The records of one dataset of kind `spec.kind` encoded (registry.py; encoder.py for each kind)."""
     tokens: list[int] = []
     labels: list[int] = []
-    lengths, kept, truncated, dropped, skipped = [], [], 0, [], []
+    lengths, kept, truncated, dropped, skipped, split = [], [], 0, [], [], 0
+    fields: dict[str, list] = {key: [] for key in FIELDS[spec.kind]}
+    parse = PARSERS[spec.kind]
     units: dict = {}  # file -> what its record index counts ("line" or "record")
     for start in range(0, len(records), BATCH):
-        convs, positions, wheres = [], [], []
+        items, positions, wheres = [], [], []
         for pos, (path, index, record) in enumerate(records[start : start + BATCH], start):
             unit = units.get(path) or units.setdefault(path, index_unit(path))
             where = f"dataset '{spec.name}': {path} {unit} {index}"
             try:
-                conv = to_conversation(spec, record, where)
+                item = parse(spec, record, where)
             except BadRecord as bad:
                 if not skip_bad:
                     raise
                 skipped.append((bad.reason, bad.where))
                 continue
-            if placeholders:
-                conv.turns = [(_fill(u, placeholders), _fill(a, placeholders)) for u, a in conv.turns]
-            convs.append(conv)
+            items.append(_filled(item, placeholders) if placeholders else item)
             positions.append(pos)
             wheres.append(where)
-        for pos, where, enc in zip(positions, wheres, encoder.encode_batch(convs)):
+        if spec.kind == "pt":
+            for pos, (rows, was_split) in zip(positions, encoder.encode_texts(items)):
+                split += was_split
+                for row in rows:
+                    tokens += row
+                    labels += row
+                    lengths.append(len(row))
+                    kept.append(pos)
+            continue
+        encode = encoder.encode_batch if spec.kind == "sft" else encoder.encode_prompted_batch
+        for pos, where, item, enc in zip(positions, wheres, items, encode(items)):
             if enc is None:
                 dropped.append(where)
                 continue
             truncated += enc.truncated
-            tokens += enc.input_ids
-            labels += enc.labels
-            lengths.append(len(enc.input_ids))
+            for input_ids, row_labels in [(enc.input_ids, enc.labels)] if spec.kind == "sft" else enc.rows:
+                tokens += input_ids
+                labels += row_labels
+                lengths.append(len(input_ids))
             kept.append(pos)
+            if spec.kind != "sft":
+                fields["prompt_len"].append(enc.prompt_len)
+            if spec.kind == "kto":
+                fields["kto_tag"].append(item.tag)
     return EncodedPart(
         np.frombuffer(array("i", tokens), dtype=np.int32),
         np.frombuffer(array("i", labels), dtype=np.int32),
@@ -134,7 +162,22 @@ def encode_records(
         truncated,
         dropped,
         skipped,
+        {key: np.asarray(values, dtype=bool if key == "kto_tag" else np.int64) for key, values in fields.items()},
+        split,
+        len(records),
     )
+
+
+def _filled(item, placeholders: dict[str, str]):
+    """A parsed record (conversation, text or prompt with replies) with its {{placeholders}} filled."""
+    if isinstance(item, str):
+        return _fill(item, placeholders)
+    conv = item if isinstance(item, Conversation) else item.conv
+    conv.turns = [(_fill(u, placeholders), _fill(a, placeholders)) for u, a in conv.turns]
+    if not isinstance(item, Conversation):
+        item.query = _fill(item.query, placeholders)
+        item.replies = [_fill(r, placeholders) for r in item.replies]
+    return item
 
 
 def _fill(text: str, placeholders: dict[str, str]) -> str:
@@ -172,7 +215,11 @@ def encode_datasets(
             try:
                 dataset, counts = _load_cache(cache_file, spec.name)
                 _check_cached(
-                    dataset, counts, get_encoder(tokenizer_path, options).sp.get_piece_size(), options.cutoff_len
+                    dataset,
+                    counts,
+                    get_encoder(tokenizer_path, options).sp.get_piece_size(),
+                    options.cutoff_len,
+                    spec.kind,
                 )
                 results[i] = (dataset, {**counts, "files": hashes[i]})
                 continue
@@ -198,6 +245,7 @@ def encode_datasets(
         counts = {
             "records": len(job.records) + len(job.unreadable),
             "truncated": int(part.truncated),
+            "split": int(part.split),
             "dropped": len(part.dropped),
             "skipped": len(skipped),
             "skip_reasons": dict(Counter(reason for reason, _ in skipped)),
@@ -213,7 +261,9 @@ def encode_datasets(
         offsets = np.concatenate([[0], np.cumsum(part.lengths)]).astype(np.int64)
         record_index = np.array([job.records[k][1] for k in part.kept], dtype=np.int64)
         source = np.stack([np.zeros_like(record_index), record_index], axis=1)
-        dataset = EncodedDataset(part.tokens, part.labels, offsets, None, source, [job.spec.name])
+        dataset = EncodedDataset(
+            part.tokens, part.labels, offsets, None, source, [job.spec.name], ROWS[job.spec.kind], part.fields
+        )
         _save_cache(job.cache_file, dataset, counts)
         results[job.position] = (dataset, {**counts, "files": hashes[job.position]})
     return results
@@ -233,7 +283,7 @@ def _encode_pending(
                 pieces.append(
                     (start, encode_records(encoder, p.spec, p.records[start : start + BATCH], p.placeholders, skip_bad))
                 )
-                progress.advance(len(pieces[-1][1].lengths) + len(pieces[-1][1].dropped) + len(pieces[-1][1].skipped))
+                progress.advance(pieces[-1][1].records)
             parts.append(EncodedPart.join(pieces))
         progress.close()
         return parts
@@ -252,7 +302,7 @@ def _encode_pending(
         with mp.get_context("fork" if fork else "spawn").Pool(min(workers, len(jobs))) as pool:
             for part in pool.imap(_encode_job, jobs):
                 outputs.append(part)
-                progress.advance(len(part.lengths) + len(part.dropped) + len(part.skipped))
+                progress.advance(part.records)
     finally:
         _SHARED_RECORDS.clear()
         progress.close()
@@ -303,6 +353,8 @@ def _cache_file(
             "files": hashes,
             "tokenizer": tokenizer_hash(tokenizer_path),
             "spec": [spec.formatting, spec.columns, spec.tags],
+            "kind": spec.kind,
+            "sample_by": spec.sample_by if spec.kind == "pt" else None,
             "options": asdict(options),
             "placeholders": placeholders,
             "max_samples": cfg.max_samples,
@@ -323,7 +375,9 @@ def _save_cache(path: Path, ds: EncodedDataset, counts: dict) -> None:
                 labels=ds.labels,
                 offsets=ds.offsets,
                 source=ds.source,
+                rows=np.asarray(ds.rows, dtype=np.int64),
                 counts=np.frombuffer(json.dumps(counts).encode(), dtype=np.uint8),
+                **{f"field_{key}": values for key, values in ds.fields.items()},
             )
 
     write_cache_file(path, write)
@@ -332,28 +386,60 @@ def _save_cache(path: Path, ds: EncodedDataset, counts: dict) -> None:
 def _load_cache(path: Path, name: str) -> tuple[EncodedDataset, dict]:
     with np.load(path) as f:
         counts = json.loads(f["counts"].tobytes().decode())
-        ds = EncodedDataset(f["tokens"], f["labels"], f["offsets"], None, f["source"], [name])
+        rows = int(f["rows"]) if "rows" in f else 1
+        if rows not in (1, 2):
+            raise ValueError(f"its examples have {rows} rows")
+        fields = {key.removeprefix("field_"): f[key] for key in f.files if key.startswith("field_")}
+        ds = EncodedDataset(f["tokens"], f["labels"], f["offsets"], None, f["source"], [name], rows, fields)
     if not isinstance(counts, dict) or not isinstance(counts.get("records"), int):
         raise ValueError("its counts are not a record count")
     counts["cached"] = True
     return ds, counts
 
 
-def _check_cached(ds: EncodedDataset, counts: dict, vocab_size: int, cutoff_len: int) -> None:
-    """ValueError saying what is wrong with a loaded cache's arrays (a truncated or altered file)."""
+def _check_cached(ds: EncodedDataset, counts: dict, vocab_size: int, cutoff_len: int, kind: str = "sft") -> None:
+    """ValueError saying what is wrong with a loaded cache's arrays (a truncated or altered file) for data of
+    `kind`."""
     tokens, labels, offsets, source = ds.tokens, ds.labels, ds.offsets, ds.source
     if tokens.ndim != 1 or labels.shape != tokens.shape or tokens.dtype.kind != "i" or labels.dtype.kind != "i":
         raise ValueError("its tokens and labels are not two integer arrays of one length")
-    n = len(offsets) - 1
-    if offsets.ndim != 1 or n < 1 or offsets[0] != 0 or offsets[-1] != len(tokens):
+    sequences = len(offsets) - 1
+    if offsets.ndim != 1 or sequences < 1 or offsets[0] != 0 or offsets[-1] != len(tokens):
         raise ValueError(f"its offsets do not span its {len(tokens)} tokens")
+    if ds.rows != ROWS[kind] or sequences % ds.rows:
+        raise ValueError(f"its examples are not of {ROWS[kind]} sequence(s) each ({kind} data)")
+    n = sequences // ds.rows
     lengths = np.diff(offsets)
     if lengths.min() < 1 or lengths.max() > cutoff_len:
         raise ValueError(f"an example's length is outside 1..{cutoff_len} (data.cutoff_len)")
     if source.shape != (n, 2):
         raise ValueError(f"its source does not name each of its {n} examples")
+    if sorted(ds.fields) != sorted(FIELDS[kind]) or any(v.shape != (n,) for v in ds.fields.values()):
+        raise ValueError(f"its per-example fields are not {list(FIELDS[kind])} of its {n} examples")
+    if "kto_tag" in ds.fields and ds.fields["kto_tag"].dtype != bool:
+        raise ValueError("its kto tags are not true / false")
+    if "prompt_len" in ds.fields:
+        _check_prompts(ds, lengths.reshape(n, ds.rows))
     if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise ValueError(f"a token id is outside the tokenizer's vocabulary of {vocab_size}")
     trained = labels != IGNORE_INDEX
     if not np.array_equal(labels[trained], tokens[trained]):
         raise ValueError("a label is neither ignored nor its token")
+
+
+def _check_prompts(ds: EncodedDataset, lengths: np.ndarray) -> None:
+    """Each example's prompt is shorter than each of its rows, untrained, and the same in every row."""
+    prompt_len = ds.fields["prompt_len"]
+    if prompt_len.dtype.kind != "i" or (prompt_len < 0).any() or (prompt_len[:, None] >= lengths).any():
+        raise ValueError("a prompt length is outside its example's rows")
+    starts = ds.offsets[:-1].reshape(-1, ds.rows)
+
+    def positions(k: int) -> np.ndarray:  # every prompt token of row k of every example, in example order
+        before = np.cumsum(prompt_len) - prompt_len
+        return np.arange(prompt_len.sum()) - np.repeat(before, prompt_len) + np.repeat(starts[:, k], prompt_len)
+
+    first = positions(0)
+    for k in range(ds.rows):
+        at = positions(k) if k else first
+        if (ds.labels[at] != IGNORE_INDEX).any() or (k and not np.array_equal(ds.tokens[at], ds.tokens[first])):
+            raise ValueError("a prompt is trained or differs between the rows of its example")

@@ -1,5 +1,20 @@
-"""`dataset_info.json` (LLaMA-Factory's schema) and the files it names: json, jsonl, csv, parquet,
+"""`dataset_info.json` (LLaMA-Factory's schema) and the files it names: json, jsonl, csv, parquet, txt,
 or a folder of them. Every error names the dataset, the file and the line or record at fault.
+
+Each entry holds one KIND of data (`DatasetSpec.kind`), which decides the stages it fits (stages.py):
+- "pairwise": `"ranking": true`; alpaca records with `chosen` / `rejected` replies (strings) beside
+  `prompt` / `query` (+ `system`, `history`, `tools`), or sharegpt records whose `conversations` end with the
+  user's message and whose `chosen` / `rejected` are messages (`{"from": "gpt", "value": ...}`, tags mapped);
+- "kto": a `kto_tag` column (JSON true / false) on SFT-shaped records (any formatting);
+- "pt": raw text: an alpaca entry whose columns map `prompt` (LLaMA-Factory's `{"prompt": "text"}`) and no
+  `response`, or `.txt` files (a file_name ending .txt, or a folder of them; `columns` may say
+  `{"prompt": "text"}`, as LLaMA-Factory's entries do, and nothing else). A .txt file is one document per
+  line by default (LLaMA-Factory's reading; blank lines skipped); the entry key `"sample_by"` (the name of the
+  `datasets` text loader's option) takes `"paragraph"` (documents separated by blank lines) or `"document"`
+  (the whole file is one document);
+- "sft": every other entry (conversations).
+A stage given a dataset of another kind is refused before any record is read (`check_kinds`), naming the
+dataset, its dataset_info.json and the stage(s) it fits.
 
 Text is UTF-8 (a leading byte-order mark is accepted); bytes that are not are named by line and byte offset.
 JSON nested too deeply to parse, and a key given twice in one object of dataset_info.json (JSON would keep the
@@ -14,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from telechat_lab.errors import BadRecord, DataError
+from telechat_lab.stages import stages_reading
 
 FORMATS = ("alpaca", "sharegpt", "telechat")
-COLUMN_KEYS = {"prompt", "query", "response", "history", "messages", "system", "tools"}
+COLUMN_KEYS = {"prompt", "query", "response", "history", "messages", "system", "tools", "chosen", "rejected", "kto_tag"}
 TAG_KEYS = {"role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag"}
 ENTRY_KEYS = {
     "file_name",
@@ -32,8 +48,22 @@ ENTRY_KEYS = {
     "hf_hub_url",
     "ms_hub_url",
     "script_url",
+    "sample_by",
 }
-FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+SAMPLE_BY = ("line", "paragraph", "document")  # what one document of a .txt file is
+KIND_WORDS = {  # what a dataset of each kind holds, for messages
+    "sft": "conversations",
+    "pt": "raw text",
+    "pairwise": "preference pairs",
+    "kto": "KTO examples",
+}
+KIND_HINTS = {  # how an entry becomes that kind
+    "sft": "alpaca / sharegpt / telechat records with replies",
+    "pt": 'a .txt file, or columns {"prompt": "text"} (no response column)',
+    "pairwise": '"ranking": true with chosen / rejected columns',
+    "kto": 'replies tagged desirable or not: a kto_tag column, "columns": {"kto_tag": "kto_tag"}',
+}
 INFO_NAME = "dataset_info.json"
 TEXT_ENCODING = "utf-8-sig"  # UTF-8, with or without a byte-order mark
 
@@ -45,8 +75,16 @@ DEFAULT_COLUMNS = {
         "system": "system",
         "history": "history",
         "tools": "tools",
+        "chosen": "chosen",
+        "rejected": "rejected",
     },
-    "sharegpt": {"messages": "conversations", "system": "system", "tools": "tools"},
+    "sharegpt": {
+        "messages": "conversations",
+        "system": "system",
+        "tools": "tools",
+        "chosen": "chosen",
+        "rejected": "rejected",
+    },
     "telechat": {"messages": "dialog", "system": "system", "tools": "tools"},
 }
 DEFAULT_TAGS = {
@@ -68,6 +106,9 @@ class DatasetSpec:
     columns: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     num_samples: int | None = None
+    kind: str = "sft"  # the data it holds: "sft" | "pt" | "pairwise" | "kto" (the module docstring)
+    sample_by: str = "line"  # .txt files: one document per line, paragraph or whole file
+    info_path: Path | None = None  # the dataset_info.json that defines it (for messages)
 
     def column(self, key: str) -> str:
         return self.columns.get(key, DEFAULT_COLUMNS[self.formatting].get(key, key))
@@ -77,9 +118,7 @@ class DatasetSpec:
 
     def files(self) -> list[Path]:
         if self.path.is_dir():
-            found = sorted(
-                p for p in self.path.rglob("*") if p.suffix in FILE_SUFFIXES and p.is_file() and p.name != INFO_NAME
-            )
+            found = data_files(self.path)
             if not found:
                 raise DataError(f"dataset '{self.name}': folder {self.path} holds no {'/'.join(FILE_SUFFIXES)} file")
             return found
@@ -91,6 +130,30 @@ class DatasetSpec:
                 "or a folder of them)"
             )
         return [self.path]
+
+
+def data_files(folder: Path) -> list[Path]:
+    """The data files of a dataset folder, sorted: its .json/.jsonl/.csv/.parquet files (any .txt beside them is
+    not data), or, in a folder of none of those, its .txt files (raw text)."""
+    found = sorted(p for p in folder.rglob("*") if p.suffix in FILE_SUFFIXES and p.is_file() and p.name != INFO_NAME)
+    records = [p for p in found if p.suffix != ".txt"]
+    return records or found
+
+
+def check_kinds(specs: list[DatasetSpec], kind: str) -> None:
+    """DataError, before any record is read, naming each dataset of `specs` whose kind is not `kind` (the data
+    the stage reads), its dataset_info.json and the stage(s) it fits."""
+    problems = []
+    for spec in specs:
+        if spec.kind != kind:
+            fits = " or ".join(f"stage={s}" for s in stages_reading(spec.kind))
+            wanted = " / ".join(f"stage={s}" for s in stages_reading(kind))
+            problems.append(
+                f"dataset '{spec.name}' ({spec.info_path or INFO_NAME}) holds {KIND_WORDS[spec.kind]}: it fits "
+                f"{fits}, not {wanted}, which reads {KIND_WORDS[kind]} ({KIND_HINTS[kind]})"
+            )
+    if problems:
+        raise DataError("\n".join(problems))
 
 
 def load_dataset_info(dataset_dir: str | Path, names: list[str] | None = None) -> dict[str, DatasetSpec]:
@@ -133,8 +196,6 @@ def _spec(name: str, entry: Any, dataset_dir: Path, info_path: Path) -> DatasetS
     formatting = entry.get("formatting", "alpaca")
     if formatting not in FORMATS:
         raise DataError(f"{where}: unknown formatting '{formatting}'; one of {list(FORMATS)}")
-    if entry.get("ranking"):
-        raise DataError(f"{where}: ranking (preference) datasets are not supported for SFT")
     columns = entry.get("columns", {}) or {}
     tags = entry.get("tags", {}) or {}
     if not isinstance(columns, dict) or set(columns) - COLUMN_KEYS:
@@ -153,14 +214,58 @@ def _spec(name: str, entry: Any, dataset_dir: Path, info_path: Path) -> DatasetS
             f"{where}: split '{entry['split']}': a local file is one split (LLaMA-Factory's 'split' picks "
             "one of a hub dataset); give that split's file as file_name"
         )
+    path = (dataset_dir / entry["file_name"]).resolve()
+    kind = _kind(entry, formatting, columns, path, where)
     return DatasetSpec(
         name=name,
-        path=(dataset_dir / entry["file_name"]).resolve(),
+        path=path,
         formatting=formatting,
-        columns=dict(columns),
+        columns={"prompt": "text"} if _is_text(path) else dict(columns),
         tags=dict(tags),
         num_samples=num_samples,
+        kind=kind,
+        sample_by=entry.get("sample_by", "line"),
+        info_path=info_path,
     )
+
+
+def _is_text(path: Path) -> bool:
+    """A .txt file, or a folder whose data files are .txt files."""
+    if path.suffix == ".txt" and not path.is_dir():
+        return True
+    return path.is_dir() and any(p.suffix == ".txt" for p in data_files(path))  # only .txt files there
+
+
+def _kind(entry: dict, formatting: str, columns: dict, path: Path, where: str) -> str:
+    """The kind of data an entry holds (the module docstring), its keys checked against it."""
+    ranking = entry.get("ranking", False)
+    if not isinstance(ranking, bool):
+        raise DataError(f"{where}: ranking must be true or false, got {ranking!r}")
+    text = _is_text(path)
+    if "sample_by" in entry:
+        if not text:
+            raise DataError(f"{where}: 'sample_by' applies to .txt files only")
+        if entry["sample_by"] not in SAMPLE_BY:
+            raise DataError(f"{where}: sample_by must be one of {list(SAMPLE_BY)}, got {entry['sample_by']!r}")
+    if text:  # LLaMA-Factory's own entries say columns {"prompt": "text"}: the one column a text file has
+        extra = sorted({"tags", "ranking"} & set(entry))
+        if formatting != "alpaca" or extra or columns not in ({}, {"prompt": "text"}):
+            raise DataError(
+                f'{where}: a .txt file is raw text (stage=pt): its one column is {{"prompt": "text"}}, it has '
+                "no other columns, tags, ranking or formatting"
+            )
+        return "pt"
+    if ranking:
+        if formatting == "telechat":
+            raise DataError(f"{where}: ranking datasets are alpaca or sharegpt (formatting '{formatting}')")
+        if "kto_tag" in columns:
+            raise DataError(f"{where}: a ranking dataset has no kto_tag column (KTO reads unpaired, tagged replies)")
+        return "pairwise"
+    if "kto_tag" in columns:
+        return "kto"
+    if formatting == "alpaca" and "prompt" in columns and "response" not in columns:
+        return "pt"
+    return "sft"
 
 
 def read_records(spec: DatasetSpec, skip_bad: bool = False) -> tuple[list[tuple[Path, int, dict]], list[BadRecord]]:
@@ -280,6 +385,8 @@ def _read_file(spec: DatasetSpec, path: Path):
                     )
                 yield lineno, rec
                 lineno = reader.line_num + 1
+    elif suffix == ".txt":
+        yield from _text_documents(read_text(path, where), spec.sample_by)
     elif suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -294,9 +401,32 @@ def _read_file(spec: DatasetSpec, path: Path):
         raise DataError(f"{where}: unsupported file type '{suffix}'; use one of {FILE_SUFFIXES}")
 
 
+def _text_documents(text: str, sample_by: str):
+    """(line number, {"text": document}) of a .txt file's text: a document per line, per paragraph (lines up to
+    a blank one, joined with newlines: the number is its first line's) or the whole file; blank ones skipped."""
+    if sample_by == "document":
+        if text.strip():
+            yield 1, {"text": text}
+        return
+    lines = text.splitlines()
+    if sample_by == "line":
+        for lineno, line in enumerate(lines, 1):
+            if line.strip():
+                yield lineno, {"text": line}
+        return
+    start, para = 0, []
+    for lineno, line in enumerate([*lines, ""], 1):
+        if line.strip():
+            start = start or lineno
+            para.append(line)
+        elif para:
+            yield start, {"text": "\n".join(para)}
+            start, para = 0, []
+
+
 def index_unit(path: Path) -> str:
     """What the index `read_records` gives for a record of `path` counts: "line" or "record"."""
-    if path.suffix in (".jsonl", ".csv") or (path.suffix == ".json" and _looks_like_jsonl(path)):
+    if path.suffix in (".jsonl", ".csv", ".txt") or (path.suffix == ".json" and _looks_like_jsonl(path)):
         return "line"
     return "record"
 

@@ -1,6 +1,8 @@
-"""The LightningDataModule: the data pipeline's datasets as seeded, resumable DataLoaders. Its state (in every
-checkpoint) holds the data's fingerprint: a resume on data that changed since is refused, naming what changed,
-unless data.allow_changed_on_resume=true (then a warning says so)."""
+"""The LightningDataModule: the data pipeline's datasets as seeded, resumable DataLoaders, for the data a stage
+reads (`kind`: stages.py; sft and pt batches of token rows, pairwise batches of chosen-then-rejected rows, kto
+batches with their KL rows: data/packing.py). Its state (in every checkpoint) holds the data's fingerprint: a
+resume on data that changed since is refused, naming what changed, unless data.allow_changed_on_resume=true
+(then a warning says so)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from telechat_lab.console import print_once_per_sweep
 from telechat_lab.data import build_datasets, format_report
 from telechat_lab.data.fingerprint import fingerprint_changes
 from telechat_lab.data.packing import Collator, PackedDataset
-from telechat_lab.errors import DataError
+from telechat_lab.errors import ConfigError, DataError
 from telechat_lab.tokenizer import IGNORE_INDEX as IGNORE
 
 log = logging.getLogger(__name__)
@@ -70,14 +72,20 @@ class EvenShards(torch.utils.data.Dataset):
         if i < len(self.dataset):
             return self.dataset[i]
         item = dict(self.dataset[i % len(self.dataset)])
-        item["labels"] = np.full(len(item["labels"]), IGNORE, dtype=np.int64)
+        for key in [k for k in item if k.endswith("labels")]:  # labels, or chosen_labels and rejected_labels
+            item[key] = np.full(len(item[key]), IGNORE, dtype=np.int64)
         return item
 
 
+PER_EXAMPLE_KINDS = ("pairwise", "kto")  # a step's loss is the mean over its examples (step_examples), not tokens
+
+
 class TelechatDataModule(L.LightningDataModule):
-    def __init__(self, data: DataConfig, model_dir: str | Path):
+    """`kind`: the data the stage reads (stages.py: "sft", "pt", "pairwise", "kto")."""
+
+    def __init__(self, data: DataConfig, model_dir: str | Path, kind: str = "sft"):
         super().__init__()
-        self.cfg, self.model_dir = data, Path(model_dir)
+        self.cfg, self.model_dir, self.kind = data, Path(model_dir), kind
         self.train_set = self.val_set = None
         self.report: dict = {}
         self.sampler: ResumableRandomSampler | None = None
@@ -85,12 +93,14 @@ class TelechatDataModule(L.LightningDataModule):
         self._targets: tuple[int, np.ndarray] | None = None  # (epoch, cumulative trained tokens per sample slot)
 
     def prepare_data(self) -> None:
-        build_datasets(self.cfg, self.model_dir)  # fills the on-disk cache once, on rank 0
+        build_datasets(self.cfg, self.model_dir, kind=self.kind)  # fills the on-disk cache once, on rank 0
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train, val, self.report = build_datasets(self.cfg, self.model_dir)
+        if self.kind in PER_EXAMPLE_KINDS and (self.cfg.packing or self.cfg.padding_free):  # the config check says so
+            raise ConfigError(f"data.packing / data.padding_free: {self.kind} data are padded batches; set them false")
+        train, val, self.report = build_datasets(self.cfg, self.model_dir, kind=self.kind)
         if self.cfg.packing:
             train = PackedDataset(train, self.cfg.cutoff_len)
             val = PackedDataset(val, self.cfg.cutoff_len) if val is not None else None
@@ -100,7 +110,7 @@ class TelechatDataModule(L.LightningDataModule):
             print_once_per_sweep(format_report(self.report))
 
     def collator(self) -> Collator:
-        return Collator(padding_free=self.cfg.padding_free)
+        return Collator(padding_free=self.cfg.padding_free, kind=self.kind, cutoff_len=self.cfg.cutoff_len)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
@@ -137,7 +147,9 @@ class TelechatDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """A training batch carries `step_targets`: the tokens its optimizer step trains on (its accumulated
-        batches, over every rank), what the step's loss is divided by (the LightningModule reads it)."""
+        batches, over every rank), what the step's loss is divided by (the LightningModule reads it); for pairs
+        and KTO examples `step_examples` instead: the pairs (examples) of its optimizer step, every rank's and
+        accumulated batch's."""
         trainer = self.trainer
         if trainer is not None and trainer.training and self.sampler is not None:
             batch_idx = trainer.fit_loop.epoch_loop.batch_idx + 1  # this batch's (Lightning counts it next)
@@ -145,16 +157,19 @@ class TelechatDataModule(L.LightningDataModule):
             first = batch_idx - batch_idx % accumulate
             stop = min(first + accumulate, trainer.num_training_batches)
             count = self.targets_in_batches(trainer.current_epoch, first, stop)
-            batch["step_targets"] = torch.tensor(max(count, 1), dtype=torch.float32)
+            key = "step_examples" if self.kind in PER_EXAMPLE_KINDS else "step_targets"
+            batch[key] = torch.tensor(max(count, 1), dtype=torch.float32)
         return batch
 
     def targets_in_batches(self, epoch: int, first: int, stop: int) -> int:
-        """Tokens trained on in batches first..stop-1 of `epoch`, over every rank: the number an optimizer step's
-        loss is divided by, so that it is the mean over the step's tokens however they are split into
-        accumulated batches and ranks. The sampler's order is the same on every rank: nothing is communicated."""
+        """Tokens trained on (pairs or KTO examples: examples) in batches first..stop-1 of `epoch`, over every
+        rank: the number an optimizer step's loss is divided by, so that it is the mean over the step's tokens
+        (examples) however they are split into accumulated batches and ranks. The sampler's order is the same on
+        every rank: nothing is communicated."""
         if self._targets is None or self._targets[0] != epoch:
             order = self.sampler.epoch_order(epoch)
-            per_sample = self.train_set.targets()[order].sum(axis=1)
+            weights = np.ones(len(self.train_set), np.int64) if self.kind in PER_EXAMPLE_KINDS else None
+            per_sample = (self.train_set.targets() if weights is None else weights)[order].sum(axis=1)
             self._targets = (epoch, np.concatenate([[0], np.cumsum(per_sample)]))
         per_rank, size = self.sampler.per_rank, self.cfg.batch_size
         cumulative = self._targets[1]

@@ -313,6 +313,7 @@ def build(run: Run) -> None:
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     from telechat_lab.console import quiet_lightning
+    from telechat_lab.stages import stage_of
 
     from .callbacks import DiscardReplacedRun, LossPlot, SpeedAndMemory, StepsProgressBar
     from .checkpoints import RunCheckpoints
@@ -324,7 +325,7 @@ def build(run: Run) -> None:
     quiet_lightning()
     s = run.settings
     L.seed_everything(s.seed, workers=True, verbose=False)
-    datamodule = TelechatDataModule(s.data, run.model_dir)
+    datamodule = TelechatDataModule(s.data, run.model_dir, kind=stage_of(s.stage.name).data)  # the data it reads
     packed = bool(s.data.packing or s.data.padding_free)
     module = TelechatLitModule(run.model_dir, s.model, s.adapter, s.optim, s.nan_policy, s.nan_max_skips, packed)
     logger_cfgs = [v for v in (s.logger or {}).values() if v is not None]
