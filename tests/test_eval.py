@@ -385,3 +385,33 @@ def test_the_samples_callback_logs_a_wandb_table_to_a_wandb_logger(tmp_path):
     wandb = Recording()
     callback.log_wandb(SimpleNamespace(loggers=[CSVLogger(str(tmp_path)), wandb]))
     assert wandb.tables == [("samples", list(COLUMNS), [[1, "d:0", "p", "r", "a"]])]
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+def test_eval_help_and_completion_show_its_own_keys_without_torch():
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    program = (
+        "import sys; sys.argv[0] = 'telechat-lab'; from telechat_lab.cli import main; main(); "
+        "print('TORCH', 'torch' in sys.modules)"
+    )
+
+    def run(args, line=None):
+        env = {**os.environ, "PYTHONPATH": str(REPO), **({"COMP_LINE": line} if line else {})}
+        proc = subprocess.run([sys.executable, "-c", program, *args], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    shown = run(["eval", "--help"])
+    assert shown.startswith("eval: ") and "run_dir:" in shown and "summary_metric:" in shown
+    assert "Option groups" not in shown and "TORCH False" in shown
+    words = run(["-sc", "query=bash"], "telechat-lab eval ").split()
+    assert {"run_dir=", "sweep_dir=", "eval.", "generation."} <= set(words) and "adapter=" not in words
+    assert "TORCH" in words and words[words.index("TORCH") + 1] == "False"
+    assert "eval" in run(["-sc", "query=bash"], "telechat-lab ").split()
