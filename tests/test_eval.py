@@ -157,6 +157,7 @@ def test_a_runs_validation_split_is_scored_and_an_interrupted_eval_resumes_to_th
 
     from telechat_lab.config import DataConfig
     from telechat_lab.data.pipeline import build_datasets
+    from telechat_lab.errors import Interrupted
     from telechat_lab.eval import predict
     from telechat_lab.eval.run import run_eval
     from telechat_lab.resolve import base_and_adapters
@@ -183,9 +184,11 @@ def test_a_runs_validation_split_is_scored_and_an_interrupted_eval_resumes_to_th
 
     monkeypatch.setattr(predict, "generate_hf", stops_after_two_batches)
     again = settings(run_dir=str(trained), eval=EvalSettings(split="val", batch_size=2), output_dir=str(tmp_path / "b"))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted) as stopped:
         run_eval(again)
     out = tmp_path / "b" / "predictions.jsonl"
+    assert f"4 of 6 predicted in {out}; the same command continues" in str(stopped.value)
+    assert stopped.value.exit_code == 130
     assert len(rows_of(out)) == 4 and not (tmp_path / "b" / "metrics.json").exists()
     with open(out, "a") as f:
         f.write('{"index": 4, "source": "ident')  # a line cut off mid-write
@@ -259,6 +262,7 @@ def test_bad_input_is_one_message_exit_2_and_nothing_written(tiny_dir, trained, 
         "not a run": ([f"run_dir={tmp_path / 'notarun'}", "eval.split=val"], "not a training run's output_dir"),
         "nothing to do": ([model], "nothing to evaluate"),
         "val without a run": ([model, "eval.split=val"], "give run_dir=RUN"),
+        "val and datasets": ([f"run_dir={trained}", "eval.split=val", "data.datasets=[identity]"], "(give one)"),
     }
     for name, (args, said) in cases.items():
         code, err = _eval_cli(args, capsys)
@@ -415,3 +419,62 @@ def test_eval_help_and_completion_show_its_own_keys_without_torch():
     assert {"run_dir=", "sweep_dir=", "eval.", "generation."} <= set(words) and "adapter=" not in words
     assert "TORCH" in words and words[words.index("TORCH") + 1] == "False"
     assert "eval" in run(["-sc", "query=bash"], "telechat-lab ").split()
+
+
+# ------------------------------------------------------------------------------------------------ harness tasks
+
+
+def _fake_harness(monkeypatch, calls: list):
+    """telechat_lab/eval/harness.py (another part of the project) stood in for: its run_tasks records its call."""
+    import sys
+    import types
+
+    from telechat_lab.errors import ConfigError
+
+    def run_tasks(model, tokenizer, tasks, **options):
+        if "nosuch" in tasks:
+            raise ConfigError("eval.tasks: unknown task 'nosuch'")
+        calls.append((model, tokenizer, tasks, options))
+        return {"results": {t: {"acc": 0.25} for t in tasks}, "table": "| task | acc |"}
+
+    module = types.ModuleType("telechat_lab.eval.harness")
+    module.run_tasks = run_tasks
+    monkeypatch.setitem(sys.modules, "telechat_lab.eval.harness", module)
+
+
+def test_harness_tasks_get_the_model_with_its_adapter_and_go_into_metrics(trained, tmp_path, monkeypatch, capsys):
+    from peft import PeftModel
+
+    from telechat_lab.eval.run import run_eval
+
+    calls = []
+    _fake_harness(monkeypatch, calls)
+    tasks = EvalSettings(tasks=["local_mc"], num_fewshot=2, apply_chat_template=True, limit=5)
+    result = run_eval(settings(run_dir=str(trained), eval=tasks, output_dir=str(tmp_path / "t")))
+    ((model, tokenizer, names, options),) = calls
+    assert isinstance(model, PeftModel) and names == ["local_mc"] and tokenizer is not None
+    assert options == {
+        "num_fewshot": 2,
+        "apply_chat_template": True,
+        "system_prompt": None,
+        "batch_size": 8,
+        "limit": 5,
+        "include_path": None,
+    }
+    assert json.loads((tmp_path / "t" / "metrics.json").read_text()) == {"tasks": {"local_mc": {"acc": 0.25}}}
+    assert result["metrics"]["tasks"]["local_mc"]["acc"] == 0.25 and "| task | acc |" in capsys.readouterr().out
+
+
+def test_an_unknown_task_stops_the_eval_before_anything_is_written(trained, tmp_path, monkeypatch):
+    from telechat_lab.errors import ConfigError
+    from telechat_lab.eval.run import run_eval
+
+    _fake_harness(monkeypatch, [])
+    both = settings(
+        run_dir=str(trained),
+        eval=EvalSettings(split="val", tasks=["nosuch"]),
+        output_dir=str(tmp_path / "t"),
+    )
+    with pytest.raises(ConfigError, match="unknown task 'nosuch'"):
+        run_eval(both)
+    assert not (tmp_path / "t").exists()

@@ -128,6 +128,10 @@ def build_examples(settings, target: Target) -> tuple[list[Example], str]:
 
     data = data_settings(settings, target)
     if settings.eval.split == "val":
+        if settings.data.datasets:
+            raise ConfigError(
+                "eval.split=val scores the run's validation split: data.datasets names other examples (give one)"
+            )
         if target.run_dir is None:
             raise ConfigError("eval.split=val scores a run's validation split: give run_dir=RUN")
         _, val, _ = build_datasets(data, target.base)
@@ -142,7 +146,7 @@ def build_examples(settings, target: Target) -> tuple[list[Example], str]:
     try:
         train, _, _ = build_datasets(data, target.base, shuffle_order=False, sample=False)
     except DataError as err:
-        raise DataError(f"eval: data.datasets={names}: {err} (eval scores each example's last reply)") from None
+        raise DataError(f"eval: data.datasets={names}: {err}") from None
     return examples_of(train), "-".join(names)
 
 
@@ -305,7 +309,21 @@ def _predict(settings, engine, examples, out: Path, generation: dict, done: list
         if settings.engine == "vllm"
         else (lambda prompts, gen: generate_hf(engine, prompts, gen))
     )
-    rows = predict(generate, engine.tokenizer, examples, out / PREDICTIONS, settings.eval.batch_size, generation, done)
+    try:
+        rows = predict(
+            generate, engine.tokenizer, examples, out / PREDICTIONS, settings.eval.batch_size, generation, done
+        )
+    except KeyboardInterrupt:
+        import signal
+
+        from telechat_lab.errors import Interrupted
+
+        kept = sum(1 for _ in open(out / PREDICTIONS, "rb"))
+        raise Interrupted(
+            f"eval: interrupted (Ctrl+C): {kept} of {len(examples)} predicted in {out / PREDICTIONS}; the same "
+            "command continues from there",
+            signal.SIGINT,
+        ) from None
     return score(rows)
 
 
