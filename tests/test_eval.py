@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import lightning as L
 import pytest
 from conftest import shared_path
 from helpers import make_adapter, run_train, tree_snapshot
@@ -142,35 +143,47 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_dir):
 # ------------------------------------------------------------------------------------------------ a run
 
 
+class RecordValSplit(L.Callback):
+    """Writes the validation examples training holds (each as dataset:record, in order) to `path`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        val = trainer.datamodule.val_set
+        sources = [f"{val.names[val.source[j, 0]]}:{val.source[j, 1]}" for j in val.index]
+        Path(self.path).write_text(json.dumps(sources))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A one-step tiny run on 24 identity examples, 6 held out."""
+    """A one-step tiny run on 24 identity examples, 6 held out (which ones: val_split.json beside the run)."""
     out = tmp_path_factory.mktemp("eval-run") / "run"
-    run_train(out, "trainer.max_steps=1", "data.max_samples=24", "data.val_size=6")
+    record = out.parent / "val_split.json"
+    run_train(
+        out,
+        "trainer.max_steps=1",
+        "data.max_samples=24",
+        "data.val_size=6",
+        "+callbacks.val._target_=test_eval.RecordValSplit",
+        f"+callbacks.val.path={record}",
+    )
     return out
 
 
 def test_a_runs_validation_split_is_scored_and_an_interrupted_eval_resumes_to_the_same_metrics(
     trained, tmp_path, monkeypatch
 ):
-    from omegaconf import OmegaConf
-
-    from telechat_lab.config import DataConfig
-    from telechat_lab.data.pipeline import build_datasets
     from telechat_lab.errors import Interrupted
     from telechat_lab.eval import predict
     from telechat_lab.eval.run import run_eval
-    from telechat_lab.resolve import base_and_adapters
 
     whole = run_eval(
         settings(run_dir=str(trained), eval=EvalSettings(split="val", batch_size=2), output_dir=str(tmp_path / "a"))
     )
     rows = rows_of(tmp_path / "a" / "predictions.jsonl")
-    # the run's own validation split, rebuilt from its config.yaml
-    recorded = OmegaConf.to_container(OmegaConf.load(trained / "config.yaml").data)
-    data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), recorded))
-    _, val, _ = build_datasets(data, base_and_adapters(None, str(trained))[0])
-    assert [r["source"] for r in rows] == [f"identity:{val.source[j, 1]}" for j in val.index]
+    # the examples training validated on, in its order
+    assert [r["source"] for r in rows] == json.loads((trained.parent / "val_split.json").read_text())
     assert len(rows) == 6 and whole["metrics"]["examples"] == 6
     assert json.loads((tmp_path / "a" / "metrics.json").read_text()) == whole["metrics"]
 
