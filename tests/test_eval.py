@@ -491,3 +491,46 @@ def test_an_unknown_task_stops_the_eval_before_anything_is_written(trained, tmp_
     with pytest.raises(ConfigError, match="unknown task 'nosuch'"):
         run_eval(both)
     assert not (tmp_path / "t").exists()
+
+
+def test_api_evaluate_is_the_command(trained, tmp_path):
+    from telechat_lab import api
+
+    out = tmp_path / "api"
+    result = api.evaluate([f"run_dir={trained}", "eval.split=val", "generation.max_new_tokens=2", f"output_dir={out}"])
+    assert result["metrics"] == json.loads((out / "metrics.json").read_text()) and result["metrics"]["examples"] == 6
+    assert {r["generated_tokens"] for r in rows_of(out / "predictions.jsonl")} <= {1, 2}
+
+
+def test_the_vllm_path_hands_the_batch_to_vllm_and_reads_its_tokens(monkeypatch):
+    """engine=vllm cannot run here (no vLLM on CPU): its glue, against a stand-in vllm package."""
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    from telechat_lab.eval.predict import generate_vllm
+
+    made = {}
+
+    class LLM:
+        def generate(self, prompts, params, lora_request=None):
+            made.update(prompts=prompts, params=params, lora=lora_request)
+            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[7, 8, 2])]) for _ in prompts]
+
+    modules = {
+        "vllm": types.ModuleType("vllm"),
+        "vllm.inputs": types.ModuleType("vllm.inputs"),
+        "vllm.lora": types.ModuleType("vllm.lora"),
+        "vllm.lora.request": types.ModuleType("vllm.lora.request"),
+    }
+    modules["vllm"].SamplingParams = lambda **kw: kw
+    modules["vllm.inputs"].TokensPrompt = lambda prompt_token_ids: {"ids": prompt_token_ids}
+    modules["vllm.lora.request"].LoRARequest = lambda name, n, path: (name, n, path)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    engine = SimpleNamespace(llm=LLM(), adapters=["/a/converted"])
+    out = generate_vllm(engine, [[1, 2], [3]], {"max_new_tokens": 5, "do_sample": False, "repetition_penalty": 1.0})
+    assert out == [[7, 8, 2], [7, 8, 2]]
+    assert made["prompts"] == [{"ids": [1, 2]}, {"ids": [3]}] and made["lora"] == ("adapter", 1, "/a/converted")
+    assert made["params"]["max_tokens"] == 5 and made["params"]["temperature"] == 0.0
+    assert made["params"]["stop_token_ids"] == [2]
