@@ -534,3 +534,26 @@ def test_the_vllm_path_hands_the_batch_to_vllm_and_reads_its_tokens(monkeypatch)
     assert made["prompts"] == [{"ids": [1, 2]}, {"ids": [3]}] and made["lora"] == ("adapter", 1, "/a/converted")
     assert made["params"]["max_tokens"] == 5 and made["params"]["temperature"] == 0.0
     assert made["params"]["stop_token_ids"] == [2]
+
+
+def test_prompts_longer_than_the_model_takes_are_left_out_and_counted(tiny_dir, tmp_path, capsys):
+    from telechat_lab.errors import ConfigError
+    from telechat_lab.eval.run import build_examples, resolve_target, run_eval
+
+    data = EvalDataConfig(datasets=["identity"], max_samples=4, cache_dir=str(tmp_path / "c"))
+    config = settings(model=ChatModelConfig(path=str(tiny_dir)), data=data, output_dir=str(tmp_path / "o"))
+    lengths = sorted({len(ex.prompt_ids) for ex in build_examples(config, resolve_target(config))[0]})
+    assert len(lengths) >= 2 and json.loads((tiny_dir / "config.json").read_text())["training_seqlen"] == 256
+    room = lengths[0]  # only the shortest prompts fit
+    long = GenerationConfig(max_new_tokens=256 - room, do_sample=False, repetition_penalty=1.0)
+    result = run_eval(settings(model=config.model, data=data, output_dir=str(tmp_path / "o"), generation=long))
+    rows = rows_of(tmp_path / "o" / "predictions.jsonl")
+    assert (
+        rows and all(r["prompt_tokens"] == room for r in rows) and [r["index"] for r in rows] == list(range(len(rows)))
+    )
+    assert result["metrics"]["left_out_too_long"] == 4 - len(rows)
+    assert f"{4 - len(rows)} of 4 prompts are longer than the {room} tokens" in capsys.readouterr().err
+    too_long = GenerationConfig(max_new_tokens=256 - room + 1, do_sample=False, repetition_penalty=1.0)
+    with pytest.raises(ConfigError, match="every prompt is too long"):
+        run_eval(settings(model=config.model, data=data, output_dir=str(tmp_path / "p"), generation=too_long))
+    assert not (tmp_path / "p").exists()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 
 SIMILARITY = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
-REPORTED = (*SIMILARITY, "exact_match", "gen_len", "tokens_per_second", "examples")
+REPORTED = (*SIMILARITY, "exact_match", "gen_len", "tokens_per_second", "examples", "left_out_too_long")
 
 
 def _libraries():

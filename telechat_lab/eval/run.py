@@ -241,11 +241,14 @@ def run_eval(settings) -> dict:
         examples, what = build_examples(settings, target)
         if not examples:
             raise ConfigError(f"eval: {what} holds no example to score")
+        examples, left_out = fitting(examples, model_length(settings, target) - settings.generation.max_new_tokens)
     elif not settings.eval.tasks:
         raise ConfigError(
             "eval: nothing to evaluate: name data.datasets=[...], or eval.split=val with run_dir=RUN, "
             "or eval.tasks=[...]"
         )
+    else:
+        left_out = 0
     from .predict import fingerprint
 
     generation = dataclasses.asdict(settings.generation)
@@ -276,11 +279,37 @@ def run_eval(settings) -> dict:
     else:
         print(f"eval: all {len(examples)} examples are predicted in {out / PREDICTIONS}: scoring them", flush=True)
         metrics.update(score(done))
+    if left_out:
+        metrics["left_out_too_long"] = left_out
     from telechat_lab.files import write_json
 
     write_json(out / METRICS_FILE, metrics)
     _report(metrics, out)
     return {"output_dir": str(out), "metrics": metrics, "overrides": target.overrides, "run_dir": target.run_dir}
+
+
+def model_length(settings, target: Target) -> int:
+    """The longest sequence the model takes (prompt and reply): vllm.max_model_len, else its training_seqlen."""
+    if settings.engine == "vllm" and settings.vllm.max_model_len:
+        return settings.vllm.max_model_len
+    config = json.loads((target.base / "config.json").read_text())
+    return int(config.get("training_seqlen") or 8192)
+
+
+def fitting(examples: list[Example], room: int) -> tuple[list[Example], int]:
+    """The examples whose prompt leaves generation.max_new_tokens within the model's length (numbered again), and
+    how many are left out (said, with the first of them)."""
+    kept = [ex for ex in examples if len(ex.prompt_ids) <= room]
+    if len(kept) < len(examples):
+        first = next(ex for ex in examples if len(ex.prompt_ids) > room)
+        said = (
+            f"{len(examples) - len(kept)} of {len(examples)} prompts are longer than the {room} tokens the model "
+            f"takes before generation.max_new_tokens (the first: {first.source}, {len(first.prompt_ids)} tokens)"
+        )
+        if not kept:
+            raise ConfigError(f"eval: every prompt is too long: {said}")
+        print(f"eval: {said}: left out", file=sys.stderr, flush=True)
+    return [dataclasses.replace(ex, index=i) for i, ex in enumerate(kept)], len(examples) - len(kept)
 
 
 def _run_tasks(settings, engine) -> dict:
