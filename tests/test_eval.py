@@ -557,3 +557,11 @@ def test_prompts_longer_than_the_model_takes_are_left_out_and_counted(tiny_dir, 
     with pytest.raises(ConfigError, match="every prompt is too long"):
         run_eval(settings(model=config.model, data=data, output_dir=str(tmp_path / "p"), generation=too_long))
     assert not (tmp_path / "p").exists()
+
+
+def test_bad_samples_settings_are_a_config_error_and_nothing_is_kept(tmp_path):
+    from telechat_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"callbacks.samples.every_n_val=0: must be at least 1"):
+        run_train(tmp_path / "run", "trainer.max_steps=1", "callbacks=samples", "callbacks.samples.every_n_val=0")
+    assert not (tmp_path / "run").exists()

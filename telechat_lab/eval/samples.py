@@ -30,13 +30,6 @@ class SampleReplies(L.Callback):
         every_n_val: int = 1,
         max_new_tokens: int = 64,
     ):
-        if num_prompts < 1 or every_n_val < 1 or max_new_tokens < 1:
-            from telechat_lab.errors import ConfigError
-
-            raise ConfigError(
-                "callbacks.samples: num_prompts, every_n_val and max_new_tokens must each be at least 1 "
-                f"(got {num_prompts}, {every_n_val}, {max_new_tokens})"
-            )
         self.output_dir = Path(output_dir)
         self.tokenizer_path = tokenizer
         self.num_prompts, self.every_n_val, self.max_new_tokens = num_prompts, every_n_val, max_new_tokens
@@ -45,6 +38,22 @@ class SampleReplies(L.Callback):
         self._examples = None
         self._tokenizer = None
         self._said = False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """The settings checked here, not in __init__ (Hydra's instantiate would wrap the error in its own)."""
+        bad = [
+            f"callbacks.samples.{name}={value}: must be at least 1"
+            for name, value in (
+                ("num_prompts", self.num_prompts),
+                ("every_n_val", self.every_n_val),
+                ("max_new_tokens", self.max_new_tokens),
+            )
+            if value < 1
+        ]
+        if bad:
+            from telechat_lab.errors import ConfigError
+
+            raise ConfigError(bad)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
