@@ -106,6 +106,7 @@ def evaluate(cfg: DictConfig) -> None:
             result = run_eval(OmegaConf.to_object(cfg))
     except UserError:
         if _basic_sweep():  # its message is printed; the summary lists the job as failed, the sweep goes on
+            record_job(None)
             return
         raise
     if _multirun():

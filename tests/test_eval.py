@@ -252,6 +252,19 @@ def test_an_adapter_a_merged_export_and_a_base_model_all_evaluate(tiny_dir, tmp_
 # ------------------------------------------------------------------------------------------------ bad input
 
 
+@pytest.fixture
+def own_logging():
+    """The root logger as it was: an in-process command's Hydra sets its handlers on this test's captured stderr,
+    which later tests would log into after it is closed."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 def _eval_cli(args: list[str], capsys) -> tuple[int, str]:
     from telechat_lab.cli import main
 
@@ -260,7 +273,9 @@ def _eval_cli(args: list[str], capsys) -> tuple[int, str]:
     return ended.value.code, capsys.readouterr().err
 
 
-def test_bad_input_is_one_message_exit_2_and_nothing_written(tiny_dir, trained, tmp_path, capsys, monkeypatch):
+def test_bad_input_is_one_message_exit_2_and_nothing_written(
+    tiny_dir, trained, tmp_path, capsys, monkeypatch, own_logging
+):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "noreply.json").write_text(json.dumps([{"instruction": "hi", "output": ""}]))
@@ -329,7 +344,7 @@ def test_sweep_dir_evaluates_every_job_into_one_table(trained, tmp_path):
     assert (sweep / "0" / "eval" / "val" / "metrics.json").is_file() and result["summary"].endswith(".md")
 
 
-def test_eval_multirun_writes_one_summary_row_per_run(trained, tmp_path, capsys, monkeypatch):
+def test_eval_multirun_writes_one_summary_row_per_run(trained, tmp_path, capsys, monkeypatch, own_logging):
     from telechat_lab.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -565,3 +580,18 @@ def test_bad_samples_settings_are_a_config_error_and_nothing_is_kept(tmp_path):
     with pytest.raises(ConfigError, match=r"callbacks.samples.every_n_val=0: must be at least 1"):
         run_train(tmp_path / "run", "trainer.max_steps=1", "callbacks=samples", "callbacks.samples.every_n_val=0")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_eval_sweep_with_a_failing_job_goes_on_and_exits_1(trained, tmp_path):
+    from helpers import run_script
+
+    (tmp_path / "notarun").mkdir()
+    out = tmp_path / "eval_sweep"
+    args = [f"run_dir={trained},{tmp_path / 'notarun'}", "eval.split=val", "generation.max_new_tokens=2"]
+    proc = run_script("eval.py", ["-m", *args, f"output_dir={tmp_path / 'o'}", f"hydra.sweep.dir={out}"], tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "not a training run's output_dir" in proc.stderr and "1 of 2 jobs failed: 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [(r["job"], r["status"], r["best"]) for r in rows] == [("0", "completed", "*"), ("1", "failed", "")]
+    assert [r["run_dir"] for r in rows] == [str(trained), str(tmp_path / "notarun")]

@@ -435,19 +435,22 @@ def job_row(job: str, result: dict, extra_overrides: dict | None = None) -> dict
 JOB_RECORD = "eval_job.json"  # a job of `eval -m`: its row of the sweep's summary, in its Hydra job directory
 
 
-def record_job(result: dict) -> None:
-    """In a job of `eval -m`: its row (the run's overrides with this job's own, but run_dir) where the sweep's
-    summary finds it."""
+def record_job(result: dict | None) -> None:
+    """In a job of `eval -m`: its row (the run's overrides with this job's own, but run_dir, which has a column of
+    its own) where the sweep's summary finds it; `result` None: the job failed."""
     from hydra.core.hydra_config import HydraConfig
 
     from telechat_lab.files import write_json
 
     hc = HydraConfig.get()
     own = dict(o.lstrip("+~").split("=", 1) for o in hc.overrides.task if "=" in o)
-    run_dir = own.pop("run_dir", None)
-    job = Path(run_dir).name if run_dir else str(hc.job.num)
-    row = job_row(job, result, own)
-    row["run_dir"] = str(result["run_dir"]) if result.get("run_dir") else ""
+    run_dir = own.pop("run_dir", "")
+    job = str(hc.job.num)
+    if result is None:
+        row = {"job": job, "overrides": own, "status": "failed"}
+    else:
+        row = job_row(job, result, own)
+    row["run_dir"] = str(Path(run_dir).expanduser().resolve()) if run_dir else ""
     write_json(Path(hc.runtime.output_dir) / JOB_RECORD, row)
 
 
