@@ -595,3 +595,17 @@ def test_an_eval_sweep_with_a_failing_job_goes_on_and_exits_1(trained, tmp_path)
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert [(r["job"], r["status"], r["best"]) for r in rows] == [("0", "completed", "*"), ("1", "failed", "")]
     assert [r["run_dir"] for r in rows] == [str(trained), str(tmp_path / "notarun")]
+
+
+def test_harness_prompts_take_the_runs_system_prompt_unless_given(monkeypatch):
+    from types import SimpleNamespace
+
+    from telechat_lab.eval.run import Target, _run_tasks
+
+    calls = []
+    _fake_harness(monkeypatch, calls)
+    engine = SimpleNamespace(model="model", tokenizer="tokenizer")
+    target = Target(Path("base"), [], default_system="You are X.")
+    _run_tasks(settings(eval=EvalSettings(tasks=["t"], apply_chat_template=True)), engine, target)
+    _run_tasks(settings(eval=EvalSettings(tasks=["t"], system_prompt="You are Y.")), engine, target)
+    assert [options["system_prompt"] for *_, options in calls] == ["You are X.", "You are Y."]

@@ -331,7 +331,7 @@ class EvalSettings:
     tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness task names (the `eval` extra)
     num_fewshot: int | None = setting(None, min=0)  # harness tasks: null: each task's own
     apply_chat_template: bool = False  # harness tasks: prompts in TeleChat2's chat template
-    system_prompt: str | None = None  # harness tasks with apply_chat_template
+    system_prompt: str | None = None  # harness tasks with apply_chat_template; null: the run's default system prompt
     limit: int | None = setting(None, min=1)  # harness tasks: the first N documents of each
     include_path: str | None = None  # harness tasks: a folder of more task YAML files
     summary_metric: str = "rouge-l"  # a sweep's summary: the metric the best job is chosen by (the highest)

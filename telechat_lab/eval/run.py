@@ -272,7 +272,7 @@ def run_eval(settings) -> dict:
     if settings.eval.tasks or len(done) < len(examples):
         engine = make_engine(settings, target)
         if settings.eval.tasks:  # first: an unknown task stops the eval before anything is written
-            metrics["tasks"] = _run_tasks(settings, engine)
+            metrics["tasks"] = _run_tasks(settings, engine, target)
         _start(out, record, resuming)
         if examples:
             metrics.update(_predict(settings, engine, examples, out, generation, done))
@@ -312,8 +312,11 @@ def fitting(examples: list[Example], room: int) -> tuple[list[Example], int]:
     return [dataclasses.replace(ex, index=i) for i, ex in enumerate(kept)], len(examples) - len(kept)
 
 
-def _run_tasks(settings, engine) -> dict:
+def _run_tasks(settings, engine, target: Target) -> dict:
     from .harness import run_tasks
+
+    # the chat template's system prompt: eval.system_prompt, else the one the run trained with (None: TeleChat's)
+    system = settings.eval.system_prompt if settings.eval.system_prompt is not None else target.default_system
 
     found = run_tasks(
         engine.model,
@@ -321,7 +324,7 @@ def _run_tasks(settings, engine) -> dict:
         list(settings.eval.tasks),
         num_fewshot=settings.eval.num_fewshot,
         apply_chat_template=settings.eval.apply_chat_template,
-        system_prompt=settings.eval.system_prompt,
+        system_prompt=system,
         batch_size=settings.eval.batch_size,
         limit=settings.eval.limit,
         include_path=settings.eval.include_path,
