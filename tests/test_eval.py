@@ -580,6 +580,9 @@ def test_bad_samples_settings_are_a_config_error_and_nothing_is_kept(tmp_path):
     with pytest.raises(ConfigError, match=r"callbacks.samples.every_n_val=0: must be at least 1"):
         run_train(tmp_path / "run", "trainer.max_steps=1", "callbacks=samples", "callbacks.samples.every_n_val=0")
     assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"callbacks=samples replies to validation prompts: set data.val_size"):
+        run_train(tmp_path / "run", "trainer.max_steps=1", "callbacks=samples")  # QUICK: data.val_size=0
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_eval_sweep_with_a_failing_job_goes_on_and_exits_1(trained, tmp_path):

@@ -50,6 +50,11 @@ class SampleReplies(L.Callback):
             )
             if value < 1
         ]
+        datamodule = trainer.datamodule
+        if stage == "fit" and datamodule is not None and getattr(datamodule, "val_set", False) is None:
+            bad.append(
+                "callbacks=samples replies to validation prompts: set data.val_size (there is no validation split)"
+            )
         if bad:
             from telechat_lab.errors import ConfigError
 
