@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from telechat_lab.errors import ConfigError, DataError
+from telechat_lab.errors import DataError
 from telechat_lab.tokenizer import BOT_ID, EOS_ID, PAD_ID, visible_ids
 
 PREDICTIONS = "predictions.jsonl"
@@ -191,7 +191,3 @@ def predict(
 def _batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def no_examples(what: str) -> ConfigError:
-    return ConfigError(f"eval: {what} holds no example to score")
