@@ -206,14 +206,23 @@ def _one_search_path_per_query() -> Iterator[None]:
 def _complete_own_groups(command: str, main_of) -> None:
     """Hydra's completion lists every group of the config directory, which the commands share: only the
     command's own groups (and keys, and Hydra's) are offered."""
+    import dataclasses
     import io
     import re
 
+    from telechat_lab.config.schema import SCHEMAS
+
     answer, foreign = io.StringIO(), foreign_groups(command)
+    own_keys = {f.name for f in dataclasses.fields(SCHEMAS[command])} if command in SCHEMAS else set()
     with contextlib.redirect_stdout(answer), _one_search_path_per_query():
         main_of()
     words = answer.getvalue().split()
-    kept = [w for w in words if re.split(r"[=./]", w.lstrip("+~"), maxsplit=1)[0] not in foreign]
+
+    def own(word: str) -> bool:  # a foreign group's name may be one of the command's keys (eval's data.)
+        head, sep = re.match(r"([^=./]*)([=./]?)", word.lstrip("+~")).groups()
+        return head not in foreign or (head in own_keys and sep == ".")
+
+    kept = [w for w in words if own(w)]
     print(("\n" if "\n" in answer.getvalue().strip() else " ").join(kept))
 
 

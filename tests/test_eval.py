@@ -444,7 +444,8 @@ def test_eval_help_and_completion_show_its_own_keys_without_torch():
     assert shown.startswith("eval: ") and "run_dir:" in shown and "summary_metric:" in shown
     assert "Option groups" not in shown and "TORCH False" in shown
     words = run(["-sc", "query=bash"], "telechat-lab eval ").split()
-    assert {"run_dir=", "sweep_dir=", "eval.", "generation."} <= set(words) and "adapter=" not in words
+    assert {"run_dir=", "sweep_dir=", "eval.", "generation.", "data.", "model."} <= set(words)
+    assert not {"adapter=", "trainer.", "data=", "model="} & set(words)
     assert "TORCH" in words and words[words.index("TORCH") + 1] == "False"
     assert "eval" in run(["-sc", "query=bash"], "telechat-lab ").split()
 
