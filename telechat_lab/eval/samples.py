@@ -76,7 +76,8 @@ class SampleReplies(L.Callback):
                 print("callbacks.samples: no samples under DeepSpeed ZeRO-3", file=sys.stderr, flush=True)
                 self._said = True
             return
-        rows = self.sample(pl_module, val_set, trainer.global_step)
+        with trainer.strategy.precision_plugin.forward_context():  # the dtypes of the validation's forward
+            rows = self.sample(pl_module, val_set, trainer.global_step)
         self.write(rows)
         self.rows += rows
         self.log_wandb(trainer)
