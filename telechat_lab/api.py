@@ -7,6 +7,7 @@
     session = api.chat(["model.path=runs/nb-merged", "generation.do_sample=false"])
     print("".join(session.reply("Who are you?")))                                        # a conversation
     report = api.inspect(["data.datasets=[identity]"])                                    # the data report (a dict)
+    result = api.evaluate(["run_dir=runs/nb", "eval.split=val"])                          # metrics, output_dir
 
 Each composes its config as the command line does (`api.compose`), checks every setting at once, and raises
 (ConfigError, DataError, CheckpointError, ...) instead of exiting.
@@ -69,3 +70,10 @@ def inspect(overrides: list[str] | tuple = ()) -> dict:
     from telechat_lab.data.inspect import run
 
     return run(compose("inspect", overrides))
+
+
+def evaluate(overrides: list[str] | tuple = ()) -> dict:
+    """`telechat-lab eval`: {"metrics", "output_dir", ...} (a sweep_dir: {"summary", "table"})."""
+    from telechat_lab.eval.run import run_eval
+
+    return run_eval(OmegaConf.to_object(compose("eval", overrides)))

@@ -1,5 +1,6 @@
-"""The commands: `telechat-lab train|merge|chat|inspect|serve|tiny [overrides ...]`, and the same as
-`python train.py`, `python merge.py`, `python chat.py`, `python -m telechat_lab.data.inspect` in a checkout.
+"""The commands: `telechat-lab train|merge|chat|inspect|serve|eval|tiny [overrides ...]`, and the same as
+`python train.py`, `python merge.py`, `python chat.py`, `python eval.py`, `python -m telechat_lab.data.inspect` in a
+checkout.
 
 Each Hydra command first checks its whole command line (every problem at once, before Hydra writes
 anything), then runs with its config from the package's own `conf/` (so an installed package works from any
@@ -27,6 +28,7 @@ COMMANDS = {
     "chat": "chat, or answer a file of prompts (conf/chat.yaml)",
     "inspect": "see the encoded data and what is trained (conf/inspect.yaml)",
     "serve": "an OpenAI-compatible HTTP server, adapters chosen by model name (conf/serve.yaml)",
+    "eval": "generation metrics on a dataset or a run's validation split, harness tasks, sweeps (conf/eval.yaml)",
     "tiny": "write a tiny random TeleChat2 checkpoint: telechat-lab tiny DIR",
 }
 
@@ -94,6 +96,23 @@ def serve(cfg: DictConfig) -> None:
         run_serve(OmegaConf.to_object(cfg))
 
 
+@hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
+def evaluate(cfg: DictConfig) -> None:
+    from telechat_lab.errors import UserError
+    from telechat_lab.eval.run import record_job, run_eval
+
+    try:
+        with reported(multirun=_multirun()):
+            result = run_eval(OmegaConf.to_object(cfg))
+    except UserError:
+        if _basic_sweep():  # its message is printed; the summary lists the job as failed, the sweep goes on
+            record_job(None)
+            return
+        raise
+    if _multirun():
+        record_job(result)
+
+
 @hydra.main(config_path=CONF_DIR, config_name="inspect", version_base="1.3")
 def inspect(cfg: DictConfig) -> None:
     from telechat_lab.data.inspect import run
@@ -135,7 +154,9 @@ def run(command: str, argv: list[str] | None = None) -> None:
     start_again = Path(__file__).resolve().parent / "commands" / "run_train.py"
     completing = bool({"-sc", "--shell-completion"} & set(args))
     sys.argv = [str(start_again) if command == "train" and not completing else sys.argv[0], *args]
-    main_of = {"train": train, "merge": merge, "chat": chat, "inspect": inspect, "serve": serve}[command]
+    main_of = {"train": train, "merge": merge, "chat": chat, "inspect": inspect, "serve": serve, "eval": evaluate}[
+        command
+    ]
     if {"-h", "--help"} & set(args):
         print_help(command, args)
     elif completing and any(a.startswith("query") for a in args):
@@ -185,14 +206,23 @@ def _one_search_path_per_query() -> Iterator[None]:
 def _complete_own_groups(command: str, main_of) -> None:
     """Hydra's completion lists every group of the config directory, which the commands share: only the
     command's own groups (and keys, and Hydra's) are offered."""
+    import dataclasses
     import io
     import re
 
+    from telechat_lab.config.schema import SCHEMAS
+
     answer, foreign = io.StringIO(), foreign_groups(command)
+    own_keys = {f.name for f in dataclasses.fields(SCHEMAS[command])} if command in SCHEMAS else set()
     with contextlib.redirect_stdout(answer), _one_search_path_per_query():
         main_of()
     words = answer.getvalue().split()
-    kept = [w for w in words if re.split(r"[=./]", w.lstrip("+~"), maxsplit=1)[0] not in foreign]
+
+    def own(word: str) -> bool:  # a foreign group's name may be one of the command's keys (eval's data.)
+        head, sep = re.match(r"([^=./]*)([=./]?)", word.lstrip("+~")).groups()
+        return head not in foreign or (head in own_keys and sep == ".")
+
+    kept = [w for w in words if own(w)]
     print(("\n" if "\n" in answer.getvalue().strip() else " ").join(kept))
 
 

@@ -47,7 +47,9 @@ FEATURES = (
     Feature("QLoRA's 4-bit base", ("bitsandbytes",), "qlora", setting=("adapter.type", "qlora")),
     Feature("flash-attn", ("flash_attn",), "flash", setting=("model.attn_implementation", "flash_attention_2")),
     Feature("vLLM", ("vllm",), "vllm", setting=("infer_backend", "vllm")),
+    Feature("vLLM", ("vllm",), "vllm", setting=("engine", "vllm")),  # eval's
     Feature("the HTTP server", ("fastapi", "uvicorn", "sse_starlette"), "serve", commands=("serve",)),
+    Feature("BLEU / ROUGE scoring", ("jieba", "rouge_chinese", "nltk"), "eval", commands=("eval",)),
 )
 
 

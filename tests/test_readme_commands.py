@@ -26,6 +26,7 @@ ENTRY_POINTS = {  # how a documented command starts -> telechat-lab's arguments 
     "python train.py": ["train"],
     "python merge.py": ["merge"],
     "python chat.py": ["chat"],
+    "python eval.py": ["eval"],
     "python -m telechat_lab.data.inspect": ["inspect"],
     "telechat-lab": [],
 }
@@ -130,6 +131,22 @@ RUNS: dict[str, Run | Check | Skip] = {
     "--tool-call-parser hermes": Skip("vLLM's own server: the vllm extra on a CUDA machine"),
     "vllm serve BASE_OR_EXPORT --trust-remote-code --enable-lora --max-lora-rank 8 "
     "--lora-modules demo=runs/demo-vllm": Skip("vLLM's own server: the vllm extra on a CUDA machine"),
+    "telechat-lab eval run_dir=runs/demo eval.split=val": Run(["generation.max_new_tokens=4"], expect="rouge-l"),
+    "telechat-lab eval run_dir=runs/demo data.datasets=[alpaca_en_demo] data.max_samples=100": Run(
+        ["data.max_samples=2", "generation.max_new_tokens=4"], expect="predictions:"
+    ),
+    "telechat-lab eval model.path=runs/merged data.datasets=[alpaca_en_demo]": Run(
+        ["data.max_samples=2", "generation.max_new_tokens=4"], expect="predictions:"
+    ),
+    # DATE: a training sweep's; here two runs of this README stand for its jobs
+    "telechat-lab eval -m run_dir=multirun/train/DATE/0,multirun/train/DATE/1 eval.split=val": Run(
+        instead=["eval", "-m", "run_dir=runs/demo,runs/first", "eval.split=val", "generation.max_new_tokens=4"],
+        expect="sweep summary (2 jobs)",
+    ),
+    "telechat-lab eval sweep_dir=multirun/train/DATE eval.split=val": Skip(
+        "DATE is a training sweep's directory; tests/test_eval.py evaluates a sweep_dir"
+    ),
+    "python train.py callbacks=samples data.val_size=0.1": Run([*CHEAP, "callbacks.samples.max_new_tokens=4"]),
     "python train.py model=telechat2_7b model.path=/path/to/TeleChat2-7B": Check(("model.path=/path/to/TeleChat2-7B",)),
     **{
         f".venv/bin/python bench/{name}": Skip("a benchmark (bench/): tests/test_bench.py runs its smoke version")

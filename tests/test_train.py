@@ -852,7 +852,7 @@ def test_shell_completion_of_the_telechat_lab_command(tmp_path):
         return proc.stdout
 
     assert complete(["train", "-sc", "install=bash"]).rstrip().endswith("hydra_bash_completion telechat-lab")
-    commands = ["train", "merge", "chat", "inspect", "serve", "tiny"]
+    commands = ["train", "merge", "chat", "inspect", "serve", "eval", "tiny"]
     assert complete(["-sc", "query=bash"], "telechat-lab ").split() == commands
     assert complete(["-sc", "query=bash"], "telechat-lab me").split() == ["merge"]
     assert "adapter=lora" in complete(["-sc", "query=bash"], "telechat-lab train adapter=").split()

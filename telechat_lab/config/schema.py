@@ -317,12 +317,61 @@ class InspectConfig:
     seed: int = setting(42, min=0, max=MAX_SEED)
 
 
+@dataclass
+class EvalDataConfig:
+    """eval's `data`: which datasets to score (their template settings are the run's, from its config.yaml)."""
+
+    dataset_dir: str = "data"  # holds dataset_info.json; relative: the working dir, else the bundled demo data
+    datasets: Any = setting(None, types=(list, str))  # a list, or "a,b"; null: the run's validation split only
+    max_samples: int | None = setting(None, min=1, hint="null takes every record")  # per dataset: its first N
+    cache_dir: str | None = None  # encoded datasets; default $TELECHAT_LAB_CACHE
+
+
+@dataclass
+class EvalSettings:
+    """eval's `eval` group of settings: what is scored and how."""
+
+    split: str = setting("all", choices=("all", "val"))  # all: every example of data.datasets; val: run_dir's split
+    batch_size: int = setting(8, min=1)  # prompts generated together (left-padded)
+    tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness task names (the `eval` extra)
+    num_fewshot: int | None = setting(None, min=0)  # harness tasks: null: each task's own
+    apply_chat_template: bool = False  # harness tasks: prompts in TeleChat2's chat template
+    system_prompt: str | None = None  # harness tasks with apply_chat_template; null: the run's default system prompt
+    limit: int | None = setting(None, min=1)  # harness tasks: the first N documents of each
+    include_path: str | None = None  # harness tasks: a folder of more task YAML files
+    summary_metric: str = "rouge-l"  # a sweep's summary: the metric the best job is chosen by (the highest)
+
+
+@dataclass
+class EvalConfig:
+    """`telechat-lab eval` (conf/eval.yaml): generation metrics on a dataset or a run's validation split, and
+    lm-evaluation-harness tasks."""
+
+    run_dir: str | None = None  # a training run: its adapter (or model), its data and prompt settings
+    sweep_dir: str | None = None  # a training sweep's directory: every job in it, and one summary table
+    model: ChatModelConfig = field(default_factory=ChatModelConfig)  # a base or merged model; null: the run's base
+    adapter_path: Any = setting(None, types=(str, list))  # adapters applied without merging (not with run_dir)
+    engine: str = setting("huggingface", choices=("huggingface", "vllm"))
+    default_system: str | None = None  # null: what the run / adapter trained with, else TeleChat's default
+    device: str = "auto"
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    # greedy by default (do_sample=false); max_new_tokens: the longest reply generated
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(max_new_tokens=256, do_sample=False, repetition_penalty=1.0)
+    )
+    output_dir: str | None = None  # null: RUN/eval/<what> with run_dir, else outputs/eval/<what>
+    overwrite: bool = False  # replace an output_dir that holds another eval (else: refused); a same one resumes
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+
 SCHEMAS: dict[str, type] = {
     "train": TrainConfig,
     "chat": ChatConfig,
     "merge": MergeConfig,
     "inspect": InspectConfig,
     "serve": ServeConfig,
+    "eval": EvalConfig,
 }
 
 

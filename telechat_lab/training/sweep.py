@@ -9,6 +9,7 @@ import io
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -54,21 +55,34 @@ def write_summary(sweep_dir: Path, metric: str = "val_loss", direction: str = "m
     rows = collect(sweep_dir)
     if not rows:
         return rows
+    table, swept, text = write_table(sweep_dir, rows, metric, direction, METRICS)
+    plot = plot_sweep(sweep_dir, rows, swept)
+    print(text)
+    print(f"loss plot: {plot}")
+    return table
+
+
+def write_table(
+    directory: Path, rows: list[dict], metric: str, direction: str, metrics: Sequence[str], name: str = "summary"
+) -> tuple[list[dict], list[str], str]:
+    """NAME.csv and NAME.md in `directory`: one row per job ({"job", "overrides", metric: value, ...}; `rows` is
+    sorted in place, best first), a column per swept override and per metric, the best marked. (the table, the
+    swept keys, the text to print)."""
     keys = list(dict.fromkeys(k for row in rows for k in row["overrides"]))
     swept = [k for k in keys if len({row["overrides"].get(k) for row in rows}) > 1]
     rows.sort(key=lambda row: _sort_key(row, metric, direction))
     best = rows[0] if _sort_key(rows[0], metric, direction)[0] == 0 else None
-    columns = ["best", "job", *swept, *METRICS]
+    columns = ["best", "job", *swept, *metrics]
     table = [
         {
             "best": "*" if row is best else "",
             "job": row["job"],
             **{k: row["overrides"].get(k, "") for k in swept},
-            **{m: row.get(m) for m in METRICS},
+            **{m: row.get(m) for m in metrics},
         }
         for row in rows
     ]
-    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+    with open(directory / f"{name}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(table)
@@ -79,11 +93,9 @@ def write_summary(sweep_dir: Path, metric: str = "val_loss", direction: str = "m
     head = f"sorted by {metric} ({direction}); the same in every job: " + (
         " ".join(f"{k}={v}" for k, v in fixed.items()) or "nothing else"
     )
-    (sweep_dir / "summary.md").write_text(head + "\n\n" + "\n".join(lines) + "\n")
-    plot = plot_sweep(sweep_dir, rows, swept)
-    print(f"\nsweep summary ({len(rows)} jobs): {sweep_dir / 'summary.md'}\n{head}\n" + "\n".join(lines))
-    print(f"loss plot: {plot}")
-    return table
+    (directory / f"{name}.md").write_text(head + "\n\n" + "\n".join(lines) + "\n")
+    text = f"\nsweep summary ({len(rows)} jobs): {directory / f'{name}.md'}\n{head}\n" + "\n".join(lines)
+    return table, swept, text
 
 
 def plot_sweep(sweep_dir: Path, rows: list[dict], swept: list[str]) -> Path:
