@@ -21,7 +21,7 @@ from telechat_lab.data.encoder import ChatEncoder, TemplateOptions  # noqa: E402
 from telechat_lab.data.formats import Conversation  # noqa: E402
 from telechat_lab.errors import ConfigError, reported  # noqa: E402
 from telechat_lab.eval.harness import BUNDLED_TASKS, bundled_tasks, check_tasks, run_tasks  # noqa: E402
-from telechat_lab.tokenizer import DEFAULT_SYSTEM_PROMPT, EOS_ID, load_tokenizer  # noqa: E402
+from telechat_lab.tokenizer import DEFAULT_SYSTEM_PROMPT, EOS_ID, PAD_ID, load_tokenizer  # noqa: E402
 
 # float32 on the CPU: the harness scores a batch (right-padded, several sequences at once), we score each sequence
 # alone; the two differ by rounding only (about 1e-6 here)
@@ -209,22 +209,64 @@ def test_the_system_prompt_is_the_one_given(base, tokenizer, tiny_dir, scored, s
     assert all((context[0] == 6) == bool(system_prompt) for context, _, _ in scored.values())  # <_system>
 
 
-def test_a_task_of_ones_own_in_include_path(base, tokenizer, tmp_path):
-    """include_path adds a folder of the user's task YAMLs (data files named by absolute path, as lm-eval reads
-    them); the bundled tasks stay available beside it."""
-    data = tmp_path / "mine.jsonl"
-    data.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs("test")[:3]), encoding="utf-8")
-    yaml_text = (BUNDLED_TASKS / "telechat_mc.yaml").read_text(encoding="utf-8")
-    yaml_text = yaml_text.replace("task: telechat_mc\n", "task: my_quiz\n")
-    yaml_text = yaml_text.replace("test: telechat_mc_test.jsonl", f"test: {data}").replace(
-        "dev: telechat_mc_dev.jsonl", f"dev: {data}"
-    )
+GENERATION_TASK = """task: quiz_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{choices[answer]}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_a_generation_task_of_ones_own_in_include_path(base, tokenizer, tiny_dir, tmp_path):
+    """include_path adds a folder of the user's task YAMLs (data files by absolute path, as lm-eval reads them),
+    the bundled tasks still beside it. A generation task (as gsm8k is) with the chat template: each answer is the
+    model's greedy reply to ChatEncoder's prompt ids, cut at the task's stop sequence; exact match from them."""
     tasks_dir = tmp_path / "tasks"
     tasks_dir.mkdir()
-    (tasks_dir / "my_quiz.yaml").write_text(yaml_text, encoding="utf-8")
-    result = run_tasks(base, tokenizer, ["my_quiz", "telechat_mc"], include_path=str(tasks_dir), limit=2)
-    assert result["num_docs"] == {"my_quiz": 2, "telechat_mc": 2}
-    assert result["results"]["my_quiz"]["acc"] == result["results"]["telechat_mc"]["acc"]  # the same 2 questions
+    (tasks_dir / "quiz_gen.yaml").write_text(GENERATION_TASK.format(data=BUNDLED_TASKS / "telechat_mc_test.jsonl"))
+    limit = 3
+    result = run_tasks(
+        base,
+        tokenizer,
+        ["quiz_gen", "telechat_mc"],
+        apply_chat_template=True,
+        limit=limit,
+        include_path=str(tasks_dir),
+        log_samples=True,
+    )
+    assert result["num_docs"] == {"quiz_gen": limit, "telechat_mc": limit}
+    encoder = ChatEncoder(tiny_dir, TemplateOptions(default_system=None))
+    samples = sorted(result["samples"]["quiz_gen"], key=lambda s: s["doc_id"])
+    replies, targets = [], []
+    for doc, sample in zip(docs("test")[:limit], samples, strict=True):
+        prompt = torch.tensor([encoder.prompt_ids(Conversation(system=None, turns=[(doc["question"], None)]))])
+        with torch.no_grad():
+            out = base.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=EOS_ID,
+                pad_token_id=PAD_ID,
+            )
+        reply = encoder.sp.decode(out[0, prompt.shape[1] :].tolist()).split("\n")[0]  # control pieces: no text
+        assert sample["filtered_resps"] == [reply]
+        replies.append(reply)
+        targets.append(doc["choices"][doc["answer"]])
+    exact = sum(r == t for r, t in zip(replies, targets)) / limit
+    assert result["results"]["quiz_gen"]["exact_match"] == pytest.approx(exact, abs=1e-12)
 
 
 def test_an_unknown_task_is_one_clear_message(base, tokenizer, capsys):
@@ -265,3 +307,16 @@ def test_the_bundled_tasks_are_package_data():
     assert [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)] == []
     assert len(docs("test")) == 36 and len(docs("dev")) == 4
     assert {d["lang"] for d in docs("test")} == {"zh", "en"}
+
+
+def test_a_bf16_model_is_scored_in_float32(tiny_dir, tokenizer, scored):
+    """The softmax runs in float32 on a bf16 model's logits: the log-likelihoods equal ours (float64 on the same
+    logits) as closely as a float32 model's do, not rounded to bf16."""
+    from telechat_lab.model import Telechat2ForCausalLM
+
+    model = Telechat2ForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
+    run_tasks(model, tokenizer, ["telechat_mc_text"], limit=2)
+    lls = [ll for _, _, ll in scored.values()]
+    ours = [our_loglikelihood(model, context, continuation) for context, continuation, _ in scored.values()]
+    assert not all(ll == float(torch.tensor(ll).bfloat16()) for ll in lls)
+    assert max(abs(a - b) for a, b in zip(lls, ours)) < TOLERANCE  # bf16's softmax would be ~1e-2 off

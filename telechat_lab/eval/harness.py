@@ -117,6 +117,7 @@ def check_tasks(tasks: list[str], include_path: str | None = None) -> list[Any]:
 
 
 def _telechat_lm_class():
+    import torch
     from lm_eval.models.huggingface import HFLM
 
     class TelechatLM(HFLM):
@@ -130,6 +131,9 @@ def _telechat_lm_class():
                 backend="causal",
                 batch_size=batch_size,
                 max_length=getattr(config, "training_seqlen", None),
+                # the log-likelihoods in float32 whatever the model computes in (bf16's 8 bits of precision would
+                # round each token's log-probability to about 0.03 and tie close choices)
+                softmax_dtype=torch.float32,
             )
 
         def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
