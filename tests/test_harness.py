@@ -134,9 +134,18 @@ def check_accuracy(result: dict, task: str, ours: list[list[float]], answers: li
 
 def test_plain_prompts_score_as_our_own_computation(base, tokenizer, tiny_dir, scored):
     """No chat template, zero-shot: the harness's prompt and the answer after a space, as lm-eval writes them for
-    a base model; the answer's tokens are the whole text's tokens after the prompt's (SentencePiece's own)."""
+    a base model (no system prompt: a plain prompt has no system turn); the answer's tokens are the whole text's
+    tokens after the prompt's (SentencePiece's own)."""
     limit = 8
-    result = run_tasks(base, tokenizer, list(TASKS), limit=limit, batch_size=4, log_samples=True)
+    result = run_tasks(
+        base,
+        tokenizer,
+        list(TASKS),
+        limit=limit,
+        batch_size=4,
+        log_samples=True,
+        system_prompt="Not in a plain prompt.",
+    )
     sp = ChatEncoder(tiny_dir)
     for task, (prompt, choices_of, _) in TASKS.items():
         ours, answers, choices = [], [], []

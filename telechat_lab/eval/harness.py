@@ -218,10 +218,11 @@ def run_tasks(
     harness's per-document records (its arguments and responses), by task.
 
     `num_fewshot`: None keeps each task's own count (0 where it has none); a task that fixes 0 keeps 0.
-    `system_prompt` applies with the chat template (None: TeleChat's default; "": no system block); without
-    it, a system prompt given is put before the prompt as plain text (the harness's system instruction).
-    A task's description (mmlu's "The following are multiple choice questions...") follows the system prompt,
-    in the system message. `limit`: the first N documents of each task (for a quick look; not a score)."""
+    `system_prompt` is the chat template's system turn (None: TeleChat's default; "": no system block); a plain
+    prompt (no chat template) has no system turn, so it is not used there (a command can pass the run's own
+    system prompt either way). With the chat template a task's description (mmlu's "The following are multiple
+    choice questions...") follows the system prompt in the system message, as lm-eval places it.
+    `limit`: the first N documents of each task (for a quick look; not a score)."""
     if num_fewshot is not None and num_fewshot < 0:
         raise ConfigError([f"eval.num_fewshot: {num_fewshot} is negative (None keeps each task's own)"])
     if batch_size < 1:
@@ -233,10 +234,8 @@ def run_tasks(
     from lm_eval import simple_evaluate
     from lm_eval.utils import make_table
 
-    if apply_chat_template:
-        instruction = DEFAULT_SYSTEM_PROMPT if system_prompt is None else (system_prompt or None)
-    else:
-        instruction = system_prompt or None
+    # the system turn of the chat template; a plain prompt has none (lm-eval would glue the text to the question)
+    instruction = (DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt) if apply_chat_template else ""
     manager = _task_manager(str(Path(include_path).resolve()) if include_path else None)
     with _quiet_lm_eval():
         lm = telechat_lm(model, tokenizer, batch_size=batch_size)
@@ -248,7 +247,7 @@ def run_tasks(
             limit=limit,
             apply_chat_template=apply_chat_template,
             fewshot_as_multiturn=apply_chat_template,
-            system_instruction=instruction,
+            system_instruction=instruction or None,
             task_manager=manager,
             log_samples=log_samples,
         )
