@@ -170,18 +170,15 @@ def test_plain_prompts_score_as_our_own_computation(base, tokenizer, tiny_dir, s
     assert "telechat_mc_text" in result["table"] and "acc_norm" in result["table"]
 
 
-def test_the_chat_template_scores_the_conversation_training_encodes(with_adapter, base, tokenizer, tiny_dir, scored):
-    """Chat template, two-shot, an adapter applied: the prompt's ids are ChatEncoder's for the conversation (the
-    default system prompt, the dev split's first two questions answered as earlier turns, then the question), the
-    answer is scored as the reply (training's ids for it, <_end> after it being all that follows)."""
-    limit, shots = 4, 2
-    result = run_tasks(
-        with_adapter, tokenizer, list(TASKS), num_fewshot=shots, apply_chat_template=True, limit=limit, batch_size=2
-    )
-    encoder = ChatEncoder(tiny_dir, TemplateOptions(default_system=None))
+def check_chat_scores(model, model_dir, result, scored, limit, shots, base=None) -> bool:
+    """Each context's ids are ChatEncoder's for the conversation (TeleChat's default system prompt, the dev split's
+    first `shots` questions answered as earlier turns, then the question), each answer is scored as the reply
+    (training's ids for it; only <_end> follows it in training), with the log-likelihood we compute with `model`;
+    the accuracies follow from ours. Returns whether any score differs from `base`'s (where given)."""
+    encoder = ChatEncoder(model_dir, TemplateOptions(default_system=None))
     by_ids = {(tuple(c), tuple(r)): ll for c, r, ll in scored.values()}
     assert len(by_ids) == len(scored) == sum(limit * 4 for _ in TASKS)
-    adapter_changes_scores = False
+    differs = False
     for task, (prompt, choices_of, answer_of) in TASKS.items():
         ours, answers, choices = [], [], []
         examples = [(prompt(d), answer_of(d)) for d in docs("dev")[:shots]]
@@ -193,17 +190,45 @@ def test_the_chat_template_scores_the_conversation_training_encodes(with_adapter
                 trained = encoder.encode(Conversation(system=None, turns=[*examples, (prompt(doc), choice)]))
                 assert trained.input_ids == context_ids + reply_ids + [EOS_ID]
                 ll = by_ids[(tuple(context_ids), tuple(reply_ids))]
-                mine = our_loglikelihood(with_adapter, context_ids, reply_ids)
+                mine = our_loglikelihood(model, context_ids, reply_ids)
                 assert abs(ll - mine) < TOLERANCE, (task, doc["id"], choice, ll, mine)
-                adapter_changes_scores |= abs(mine - our_loglikelihood(base, context_ids, reply_ids)) > 1e-3
+                if base is not None:
+                    differs |= abs(mine - our_loglikelihood(base, context_ids, reply_ids)) > 1e-3
                 lls.append(mine)
             ours.append(lls)
             answers.append(doc["answer"])
             choices.append(choices_of(doc))
         check_accuracy(result, task, ours, answers, choices)
-    assert adapter_changes_scores  # the harness scored the adapter, not the base under it
     assert all(context.startswith("<_system>" + DEFAULT_SYSTEM_PROMPT + "\n<_user>") for context, _ in scored)
+    return differs
+
+
+def test_the_chat_template_scores_the_conversation_training_encodes(with_adapter, base, tokenizer, tiny_dir, scored):
+    """Chat template, two-shot, an adapter applied: see check_chat_scores."""
+    limit, shots = 4, 2
+    result = run_tasks(
+        with_adapter, tokenizer, list(TASKS), num_fewshot=shots, apply_chat_template=True, limit=limit, batch_size=2
+    )
+    assert check_chat_scores(with_adapter, tiny_dir, result, scored, limit, shots, base=base)  # the adapter's
     assert "|     2|" in result["table"]  # the n-shot column
+
+
+def test_the_chat_template_with_the_real_vocabulary(tiny_real_vocab_dir, scored):
+    """The same with TeleChat2's own 131072-piece tokenizer (a tiny model on it; skips without ../shared)."""
+    from telechat_lab.model import Telechat2ForCausalLM
+
+    model = Telechat2ForCausalLM.from_pretrained(tiny_real_vocab_dir).eval()
+    limit, shots = 2, 1
+    result = run_tasks(
+        model,
+        load_tokenizer(tiny_real_vocab_dir),
+        list(TASKS),
+        num_fewshot=shots,
+        apply_chat_template=True,
+        limit=limit,
+        batch_size=4,
+    )
+    check_chat_scores(model, tiny_real_vocab_dir, result, scored, limit, shots)
 
 
 @pytest.mark.parametrize("system_prompt", ["", "You answer quiz questions with one letter."])

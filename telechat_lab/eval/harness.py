@@ -3,8 +3,9 @@
 The model goes to the harness as it is loaded (a TeleChat2 `PreTrainedModel`, or a peft model with its adapters
 applied) through the harness's own `HFLM`, which accepts a model instance and a tokenizer: it works as it is with
 transformers 5 and our tokenizer (a fast tokenizer), so it is subclassed only where our model needs something else
-(`TelechatLM`): the chat template is rendered with the system prompt that training used, the context is limited
-to the model's `training_seqlen`, and the model's description asks no hub for a commit hash (the network).
+(`TelechatLM`): the chat template gets no system prompt of its own (run_tasks passes the one asked for), the
+context is limited to the model's `training_seqlen`, log-likelihoods are computed in float32 on a bf16 model too,
+and describing the model asks no hub for a commit hash (the network).
 
 With `apply_chat_template=True` every prompt is the conversation a TeleChat2 chat model was trained on: the
 system prompt (`system_prompt`; None: TeleChat's default, as the data encoder means it; "": none), the few-shot
@@ -84,8 +85,8 @@ def _bundled_config(name: str) -> dict:
 
 def check_tasks(tasks: list[str], include_path: str | None = None) -> list[Any]:
     """What the harness loads for `tasks` (names of its tasks, groups or tags, ours, or task YAML files), or a
-    ConfigError naming every task it does not know and how to list the known ones. Cheap next to loading a
-    model: a command can call it first."""
+    ConfigError naming every task it does not know and how to list the known ones. It reads lm-eval's index of
+    tasks (seconds), not a model: a command can call it before loading one."""
     _require_lm_eval()
     problems = []
     if include_path is not None and not Path(include_path).is_dir():
