@@ -317,6 +317,17 @@ def test_an_unknown_task_is_one_clear_message(base, tokenizer, capsys):
     assert "no_such_benchmark" in stderr and "Traceback" not in stderr
 
 
+def test_a_hub_task_without_its_data_says_how_to_download_it(base, tokenizer, capsys):
+    """Offline, a hub task whose data is not cached: one message naming the dataset and how to fetch it, no
+    traceback, and no connection attempted (the offline fixture refuses and records any)."""
+    with pytest.raises(SystemExit) as stopped, reported():
+        run_tasks(base, tokenizer, ["telechat_mc", "gsm8k"], limit=1)
+    assert stopped.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "openai/gsm8k" in stderr and "lm-eval run --model dummy --tasks gsm8k --limit 1" in stderr, stderr
+    assert "HF_DATASETS_OFFLINE=1" in stderr and "Traceback" not in stderr
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ConfigError, match="eval.include_path: /no/such/folder is not a directory"):
         check_tasks(["telechat_mc"], include_path="/no/such/folder")

@@ -28,7 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from telechat_lab.errors import ConfigError
+from telechat_lab.errors import ConfigError, UserError
 from telechat_lab.tokenizer import DEFAULT_SYSTEM_PROMPT
 
 #: The folder of this project's own task YAMLs and their data (package data).
@@ -240,18 +240,27 @@ def run_tasks(
     manager = _task_manager(str(Path(include_path).resolve()) if include_path else None)
     with _quiet_lm_eval():
         lm = telechat_lm(model, tokenizer, batch_size=batch_size)
-        out = simple_evaluate(
-            model=lm,
-            tasks=specs,
-            num_fewshot=num_fewshot,
-            batch_size=batch_size,
-            limit=limit,
-            apply_chat_template=apply_chat_template,
-            fewshot_as_multiturn=apply_chat_template,
-            system_instruction=instruction or None,
-            task_manager=manager,
-            log_samples=log_samples,
-        )
+        try:
+            out = simple_evaluate(
+                model=lm,
+                tasks=specs,
+                num_fewshot=num_fewshot,
+                batch_size=batch_size,
+                limit=limit,
+                apply_chat_template=apply_chat_template,
+                fewshot_as_multiturn=apply_chat_template,
+                system_instruction=instruction or None,
+                task_manager=manager,
+                log_samples=log_samples,
+            )
+        except ConnectionError as err:  # datasets': a hub dataset neither cached nor reachable (tasks load first)
+            raise UserError(
+                f"eval.tasks: {err}: a task's data is not in the Hugging Face cache and cannot be downloaded here. "
+                "On a machine with network access, `lm-eval run --model dummy --tasks "
+                f"{' '.join(t for t in tasks if t not in bundled_tasks())} --limit 1` downloads it (the dummy "
+                "model needs no weights); copy the cache (~/.cache/huggingface, or $HF_HOME) here and set "
+                "HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1"
+            ) from err
     table = make_table(out)
     if out.get("groups"):
         table += "\n" + make_table(out, "groups")
