@@ -270,6 +270,7 @@ def test_a_generation_task_of_ones_own_in_include_path(base, tokenizer, tiny_dir
     tasks_dir = tmp_path / "tasks"
     tasks_dir.mkdir()
     (tasks_dir / "quiz_gen.yaml").write_text(GENERATION_TASK.format(data=BUNDLED_TASKS / "telechat_mc_test.jsonl"))
+    (tasks_dir / "quiz_group.yaml").write_text("group: quiz_group\ntask:\n  - quiz_gen\n")
     limit = 3
     result = run_tasks(
         base,
@@ -301,9 +302,11 @@ def test_a_generation_task_of_ones_own_in_include_path(base, tokenizer, tiny_dir
         targets.append(doc["choices"][doc["answer"]])
     exact = sum(r == t for r, t in zip(replies, targets)) / limit
     assert result["results"]["quiz_gen"]["exact_match"] == pytest.approx(exact, abs=1e-12)
+    with pytest.raises(ConfigError, match="eval.tasks: Duplicate task 'quiz_gen'.*: name either the group or its task"):
+        run_tasks(base, tokenizer, ["quiz_group", "quiz_gen"], limit=1, include_path=str(tasks_dir))
 
 
-def test_an_unknown_task_is_one_clear_message(base, tokenizer, capsys):
+def test_an_unknown_task_is_one_clear_message(base, tokenizer, capsys, tmp_path):
     with pytest.raises(ConfigError) as err:
         run_tasks(base, tokenizer, ["telechat_mc", "telechat_mcq", "no_such_benchmark"])
     text = str(err.value)
@@ -315,6 +318,11 @@ def test_an_unknown_task_is_one_clear_message(base, tokenizer, capsys):
     assert stopped.value.code == 2
     stderr = capsys.readouterr().err
     assert "no_such_benchmark" in stderr and "Traceback" not in stderr
+    task_file = tmp_path / "a_task.yaml"
+    task_file.write_text("task: a_task\n")
+    assert check_tasks([str(task_file)]) == [str(task_file)]  # a task YAML by its path, as lm-eval takes it
+    with pytest.raises(ConfigError, match="unknown task"):
+        check_tasks([str(tmp_path / "missing.yaml")])
 
 
 def test_a_hub_task_without_its_data_says_how_to_download_it(base, tokenizer, capsys):

@@ -253,6 +253,10 @@ def run_tasks(
                 task_manager=manager,
                 log_samples=log_samples,
             )
+        except ValueError as err:  # lm-eval's own refusal of a task named twice (a group and one of its tasks)
+            if str(err).startswith("Duplicate task "):
+                raise ConfigError([f"eval.tasks: {err}: name either the group or its task"]) from err
+            raise
         except ConnectionError as err:  # datasets': a hub dataset neither cached nor reachable (tasks load first)
             raise UserError(
                 f"eval.tasks: {err}: a task's data is not in the Hugging Face cache and cannot be downloaded here. "
