@@ -45,10 +45,29 @@ def text_prompt(doc: dict) -> str:
     return ("问题：" if zh else "Question: ") + doc["question"] + "\n" + ("答案：" if zh else "Answer:")
 
 
-TASKS = {  # task -> (its prompt, its choices, the answer of a few-shot example)
-    "telechat_mc": (letter_prompt, lambda doc: LETTERS, lambda doc: LETTERS[doc["answer"]]),
-    "telechat_mc_text": (text_prompt, lambda doc: doc["choices"], lambda doc: doc["choices"][doc["answer"]]),
+def description(doc: dict) -> str:
+    """telechat_mc's description, put before its questions (ceval-valid, cmmlu and mmlu have one too)."""
+    zh = "以下是单项选择题，请选出正确答案。"
+    return (
+        zh if doc["lang"] == "zh" else "The following is a multiple choice question. Choose the correct answer."
+    ) + "\n\n"
+
+
+TASKS = {  # task -> (its description, its prompt, its choices, the answer of a few-shot example)
+    "telechat_mc": (description, letter_prompt, lambda doc: LETTERS, lambda doc: LETTERS[doc["answer"]]),
+    "telechat_mc_text": (
+        lambda doc: "",
+        text_prompt,
+        lambda doc: doc["choices"],
+        lambda doc: doc["choices"][doc["answer"]],
+    ),
 }
+
+
+def system_turn(system: str, described: str) -> str:
+    """The system message lm-eval writes with the chat template: the system prompt, then the task's description
+    (after a blank line)."""
+    return system + "\n\n" + described if system and described else system or described
 
 
 @pytest.fixture(autouse=True)
@@ -147,11 +166,11 @@ def test_plain_prompts_score_as_our_own_computation(base, tokenizer, tiny_dir, s
         system_prompt="Not in a plain prompt.",
     )
     sp = ChatEncoder(tiny_dir)
-    for task, (prompt, choices_of, _) in TASKS.items():
+    for task, (described, prompt, choices_of, _) in TASKS.items():
         ours, answers, choices = [], [], []
         samples = sorted(result["samples"][task], key=lambda s: s["doc_id"])
         for doc, sample in zip(docs("test")[:limit], samples, strict=True):
-            context = prompt(doc)
+            context = described(doc) + prompt(doc)  # a plain prompt: the description, then the question
             lls = []
             for choice, (ll, _greedy) in zip(choices_of(doc), sample["filtered_resps"], strict=True):
                 context_ids = sp.encode_text(context)
@@ -171,23 +190,25 @@ def test_plain_prompts_score_as_our_own_computation(base, tokenizer, tiny_dir, s
 
 
 def check_chat_scores(model, model_dir, result, scored, limit, shots, base=None) -> bool:
-    """Each context's ids are ChatEncoder's for the conversation (TeleChat's default system prompt, the dev split's
-    first `shots` questions answered as earlier turns, then the question), each answer is scored as the reply
+    """Each context's ids are ChatEncoder's for the conversation (TeleChat's default system prompt and the task's
+    description, the dev split's first `shots` questions answered as earlier turns, then the question), each
+    answer is scored as the reply
     (training's ids for it; only <_end> follows it in training), with the log-likelihood we compute with `model`;
     the accuracies follow from ours. Returns whether any score differs from `base`'s (where given)."""
     encoder = ChatEncoder(model_dir, TemplateOptions(default_system=None))
     by_ids = {(tuple(c), tuple(r)): ll for c, r, ll in scored.values()}
     assert len(by_ids) == len(scored) == sum(limit * 4 for _ in TASKS)
     differs = False
-    for task, (prompt, choices_of, answer_of) in TASKS.items():
+    for task, (described, prompt, choices_of, answer_of) in TASKS.items():
         ours, answers, choices = [], [], []
         examples = [(prompt(d), answer_of(d)) for d in docs("dev")[:shots]]
         for doc in docs("test")[:limit]:
-            context_ids = encoder.prompt_ids(Conversation(system=None, turns=[*examples, (prompt(doc), None)]))
+            system = system_turn(DEFAULT_SYSTEM_PROMPT, described(doc))
+            context_ids = encoder.prompt_ids(Conversation(system=system, turns=[*examples, (prompt(doc), None)]))
             lls = []
             for choice in choices_of(doc):
                 reply_ids = encoder.encode_text(choice)
-                trained = encoder.encode(Conversation(system=None, turns=[*examples, (prompt(doc), choice)]))
+                trained = encoder.encode(Conversation(system=system, turns=[*examples, (prompt(doc), choice)]))
                 assert trained.input_ids == context_ids + reply_ids + [EOS_ID]
                 ll = by_ids[(tuple(context_ids), tuple(reply_ids))]
                 mine = our_loglikelihood(model, context_ids, reply_ids)
@@ -199,18 +220,19 @@ def check_chat_scores(model, model_dir, result, scored, limit, shots, base=None)
             answers.append(doc["answer"])
             choices.append(choices_of(doc))
         check_accuracy(result, task, ours, answers, choices)
-    assert all(context.startswith("<_system>" + DEFAULT_SYSTEM_PROMPT + "\n<_user>") for context, _ in scored)
+    assert all(context.startswith("<_system>" + DEFAULT_SYSTEM_PROMPT + "\n") for context, _ in scored)
     return differs
 
 
 def test_the_chat_template_scores_the_conversation_training_encodes(with_adapter, base, tokenizer, tiny_dir, scored):
-    """Chat template, two-shot, an adapter applied: see check_chat_scores."""
-    limit, shots = 4, 2
+    """Chat template, one-shot (two would pass the tiny model's 256 tokens), an adapter applied: see
+    check_chat_scores."""
+    limit, shots = 4, 1
     result = run_tasks(
         with_adapter, tokenizer, list(TASKS), num_fewshot=shots, apply_chat_template=True, limit=limit, batch_size=2
     )
     assert check_chat_scores(with_adapter, tiny_dir, result, scored, limit, shots, base=base)  # the adapter's
-    assert "|     2|" in result["table"]  # the n-shot column
+    assert "|     1|" in result["table"]  # the n-shot column
 
 
 def test_the_chat_template_with_the_real_vocabulary(tiny_real_vocab_dir, scored):
@@ -231,16 +253,26 @@ def test_the_chat_template_with_the_real_vocabulary(tiny_real_vocab_dir, scored)
     check_chat_scores(model, tiny_real_vocab_dir, result, scored, limit, shots)
 
 
-@pytest.mark.parametrize("system_prompt", ["", "You answer quiz questions with one letter."])
+@pytest.mark.parametrize("system_prompt", ["", "You answer quiz questions."])
 def test_the_system_prompt_is_the_one_given(base, tokenizer, tiny_dir, scored, system_prompt):
-    """system_prompt "" gives no system block (as data.default_system "" does), another its own block."""
-    run_tasks(base, tokenizer, ["telechat_mc"], apply_chat_template=True, system_prompt=system_prompt, limit=2)
-    encoder = ChatEncoder(tiny_dir, TemplateOptions(default_system=system_prompt))
+    """system_prompt "" gives no system block (as data.default_system "" does) where the task has no description,
+    the description alone where it has one; another system prompt is the system turn, the description after it."""
+    run_tasks(base, tokenizer, list(TASKS), apply_chat_template=True, system_prompt=system_prompt, limit=2)
+    encoder = ChatEncoder(tiny_dir, TemplateOptions(default_system=""))
     expected = {
-        tuple(encoder.prompt_ids(Conversation(system=None, turns=[(letter_prompt(d), None)]))) for d in docs("test")[:2]
+        tuple(
+            encoder.prompt_ids(Conversation(system=system_turn(system_prompt, described(d)), turns=[(prompt(d), None)]))
+        )
+        for described, prompt, _, _ in TASKS.values()
+        for d in docs("test")[:2]
     }
     assert {tuple(context) for context, _, _ in scored.values()} == expected
-    assert all((context[0] == 6) == bool(system_prompt) for context, _, _ in scored.values())  # <_system>
+    plain = [
+        context
+        for (text, _), (context, _, _) in scored.items()
+        if "Choose the correct" not in text and "选出" not in text
+    ]
+    assert len(plain) == 8 and all((context[0] == 6) == bool(system_prompt) for context in plain)  # <_system>
 
 
 GENERATION_TASK = """task: quiz_gen
