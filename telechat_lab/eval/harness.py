@@ -219,11 +219,12 @@ def run_tasks(
     harness's per-document records (its arguments and responses), by task.
 
     `num_fewshot`: None keeps each task's own count (0 where it has none); a task that fixes 0 keeps 0.
-    `system_prompt` is the chat template's system turn (None: TeleChat's default; "": no system block); a plain
+    `system_prompt` is the chat template's system turn (None: TeleChat's default; "": none of its own); a plain
     prompt (no chat template) has no system turn, so it is not used there (a command can pass the run's own
-    system prompt either way). With the chat template a task's description (mmlu's "The following are multiple
-    choice questions...") follows the system prompt in the system message, as lm-eval places it.
-    `limit`: the first N documents of each task (for a quick look; not a score)."""
+    system prompt either way). A task's description (mmlu's "The following are multiple choice questions...")
+    goes where lm-eval puts it: before a plain prompt, and with the chat template into the system turn, after the
+    system prompt (so with "" a task with a description still has a system block: the description).
+    `limit`: the first N documents of each task (for a quick look; not a score). The model is left in eval mode."""
     if num_fewshot is not None and num_fewshot < 0:
         raise ConfigError([f"eval.num_fewshot: {num_fewshot} is negative (None keeps each task's own)"])
     if batch_size < 1:
