@@ -350,6 +350,9 @@ def test_an_unknown_task_is_one_clear_message(base, tokenizer, capsys, tmp_path)
     assert stopped.value.code == 2
     stderr = capsys.readouterr().err
     assert "no_such_benchmark" in stderr and "Traceback" not in stderr
+    assert [c["task"] for c in check_tasks(["telechat_mc*", "telechat_mc"])] == ["telechat_mc", "telechat_mc_text"]
+    with pytest.raises(ConfigError, match="unknown task 'telechat_xy[*]'"):  # a pattern that matches nothing
+        check_tasks(["telechat_xy*"])
     task_file = tmp_path / "a_task.yaml"
     task_file.write_text("task: a_task\n")
     assert check_tasks([str(task_file)]) == [str(task_file)]  # a task YAML by its path, as lm-eval takes it

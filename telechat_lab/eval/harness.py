@@ -84,9 +84,10 @@ def _bundled_config(name: str) -> dict:
 
 
 def check_tasks(tasks: list[str], include_path: str | None = None) -> list[Any]:
-    """What the harness loads for `tasks` (names of its tasks, groups or tags, ours, or task YAML files), or a
-    ConfigError naming every task it does not know and how to list the known ones. It reads lm-eval's index of
-    tasks (seconds), not a model: a command can call it before loading one."""
+    """What the harness loads for `tasks` (names of its tasks, groups or tags, ours, task YAML files, or patterns
+    such as `mmlu_*` that stand for the names they match), or a ConfigError naming every task it does not know
+    and how to list the known ones. It reads lm-eval's index of tasks (seconds), not a model: a command can call
+    it before loading one."""
     _require_lm_eval()
     problems = []
     if include_path is not None and not Path(include_path).is_dir():
@@ -98,8 +99,12 @@ def check_tasks(tasks: list[str], include_path: str | None = None) -> list[Any]:
     manager = _task_manager(str(Path(include_path).resolve()) if include_path else None)
     known = set(manager.all_tasks)
     ours = bundled_tasks()
+    names = []
+    for name in tasks:  # a pattern (`mmlu_*`) stands for the tasks it matches, as on lm-eval's command line
+        matched = manager.match_tasks([name]) if any(c in name for c in "*?[") else []
+        names += matched or [name]
     specs: list[Any] = []
-    for name in tasks:
+    for name in dict.fromkeys(names):  # each once, in order
         if name in ours:
             specs.append(_bundled_config(name))
         elif name in known or (name.endswith((".yaml", ".yml")) and Path(name).is_file()):
