@@ -23,6 +23,8 @@ class Feature:
     commands: tuple[str, ...] = ()  # commands that always use it
 
 
+NAMED = object()  # a Feature.setting value: any value but null or empty
+
 FEATURES = (
     Feature("the Optuna sweeper", ("optuna",), "sweep", targets=("optuna.", "hydra_plugins.telechat_lab_sweepers.")),
     Feature(
@@ -50,6 +52,7 @@ FEATURES = (
     Feature("vLLM", ("vllm",), "vllm", setting=("engine", "vllm")),  # eval's
     Feature("the HTTP server", ("fastapi", "uvicorn", "sse_starlette"), "serve", commands=("serve",)),
     Feature("BLEU / ROUGE scoring", ("jieba", "rouge_chinese", "nltk"), "eval", commands=("eval",)),
+    Feature("lm-evaluation-harness tasks", ("lm_eval",), "eval", setting=("eval.tasks", NAMED)),
 )
 
 
@@ -101,8 +104,9 @@ def missing_for_config(cfg: DictConfig, command: str = "") -> list[str]:
             where = command
         if feature.setting is not None:
             key, value = feature.setting
-            if OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False) == value:
-                where = f"{key}={value}"
+            found = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+            if (found == value) if value is not NAMED else bool(found):
+                where = f"{key}={value}" if value is not NAMED else key
         if where is not None and (message := _message(feature, where)):
             problems.append(message)
     return list(dict.fromkeys(problems))

@@ -186,6 +186,11 @@ def test_a_command_that_needs_an_extra_names_it(monkeypatch):
         'serve: the HTTP server needs uvicorn, which is not installed: pip install "telechat-lab[serve]"'
     ]
     assert missing_for_config(OmegaConf.create({}), "merge") == []
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    assert missing_for_config(OmegaConf.create({"eval": {"tasks": []}}), "eval") == []
+    assert missing_for_config(OmegaConf.create({"eval": {"tasks": ["mmlu"]}}), "eval") == [
+        'eval.tasks: lm-evaluation-harness tasks needs lm_eval, which is not installed: pip install "telechat-lab[eval]"'
+    ]
 
 
 @pytest.mark.parametrize("target", ["[q_proj]", "'query,q_proj'", "[query,k_proj,v_proj]"])

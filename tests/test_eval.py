@@ -466,8 +466,12 @@ def _fake_harness(monkeypatch, calls: list):
         calls.append((model, tokenizer, tasks, options))
         return {"results": {t: {"acc": 0.25} for t in tasks}, "table": "| task | acc |"}
 
+    def check_tasks(tasks, include_path=None):
+        if "nosuch" in tasks:
+            raise ConfigError("eval.tasks: unknown task 'nosuch'")
+
     module = types.ModuleType("telechat_lab.eval.harness")
-    module.run_tasks = run_tasks
+    module.run_tasks, module.check_tasks = run_tasks, check_tasks
     monkeypatch.setitem(sys.modules, "telechat_lab.eval.harness", module)
 
 
@@ -506,6 +510,28 @@ def test_an_unknown_task_stops_the_eval_before_anything_is_written(trained, tmp_
     )
     with pytest.raises(ConfigError, match="unknown task 'nosuch'"):
         run_eval(both)
+    assert not (tmp_path / "t").exists()
+
+
+def test_the_bundled_harness_task_runs_through_the_eval_command(trained, tmp_path, monkeypatch):
+    """The real harness (no stand-in): the run's adapter scores the bundled multiple-choice task, offline."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from telechat_lab.eval.run import run_eval
+
+    tasks = EvalSettings(tasks=["telechat_mc"], limit=4, batch_size=4)
+    result = run_eval(settings(run_dir=str(trained), eval=tasks, output_dir=str(tmp_path / "t")))
+    acc = result["metrics"]["tasks"]["telechat_mc"]["acc"]
+    assert acc in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 questions
+    assert json.loads((tmp_path / "t" / "metrics.json").read_text())["tasks"]["telechat_mc"]["acc"] == acc
+
+
+def test_harness_tasks_with_vllm_are_refused_before_loading(tmp_path):
+    from telechat_lab.errors import ConfigError
+    from telechat_lab.eval.run import run_eval
+
+    with pytest.raises(ConfigError, match="eval.tasks with engine=vllm"):
+        run_eval(settings(engine="vllm", eval=EvalSettings(tasks=["telechat_mc"]), output_dir=str(tmp_path / "t")))
     assert not (tmp_path / "t").exists()
 
 

@@ -146,6 +146,9 @@ RUNS: dict[str, Run | Check | Skip] = {
     "telechat-lab eval sweep_dir=multirun/train/DATE eval.split=val": Skip(
         "DATE is a training sweep's directory; tests/test_eval.py evaluates a sweep_dir"
     ),
+    "telechat-lab eval run_dir=runs/demo eval.tasks=[telechat_mc] eval.apply_chat_template=true": Run(
+        ["eval.limit=2"], expect="telechat_mc"
+    ),
     "python train.py callbacks=samples data.val_size=0.1": Run([*CHEAP, "callbacks.samples.max_new_tokens=4"]),
     "python train.py model=telechat2_7b model.path=/path/to/TeleChat2-7B": Check(("model.path=/path/to/TeleChat2-7B",)),
     **{

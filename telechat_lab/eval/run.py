@@ -235,6 +235,15 @@ def run_eval(settings) -> dict:
     """Evaluate; {"output_dir", "metrics", "overrides"} (a sweep_dir: every job's, and the summary table)."""
     if settings.sweep_dir:
         return evaluate_sweep(settings)
+    if settings.eval.tasks:  # before any model or data is loaded: an unknown task, engine=vllm
+        if settings.engine == "vllm":
+            raise ConfigError(
+                "eval.tasks with engine=vllm: lm-evaluation-harness tasks score with the HF model "
+                "(engine=huggingface); run the generation metrics with vllm in a separate eval"
+            )
+        from .harness import check_tasks
+
+        check_tasks(list(settings.eval.tasks), settings.eval.include_path)
     target = resolve_target(settings)
     examples, what = [], "tasks"
     if settings.data.datasets or settings.eval.split == "val":
