@@ -16,6 +16,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from telechat_lab.adapter_kinds import ADAPTER_KINDS, contradictions
 from telechat_lab.errors import ConfigError
+from telechat_lab.stages import LOSSES, STAGES
+from telechat_lab.stages import contradictions as stage_contradictions
 
 from .schema import ADAPTER_TARGETS, TrainConfig
 
@@ -195,8 +197,47 @@ def _cross_field_problems(values: dict, cuda_available: bool, problems: list[str
     val_size = data.get("val_size")
     if isinstance(val_size, (int, float)) and val_size >= 1 and val_size != int(val_size):
         problems.append(f"data.val_size={val_size}: a fraction below 1 or a whole number of examples")
+    _stage_problems(values.get("stage") or {}, kind, hardware, problems)
     if values.get("resume") and values.get("overwrite"):
         problems.append("resume=true and overwrite=true: choose one (continue the run, or clear it and start anew)")
+
+
+def _stage_problems(stage: dict, kind: Any, hardware: dict, problems: list[str]) -> None:
+    """stage.* settings against the stage, its loss, the adapter and the hardware."""
+    from telechat_lab.stages import settings
+
+    row = STAGES.get(stage.get("name")) if isinstance(stage, dict) else None
+    if row is None:
+        return
+    problems += stage_contradictions(stage)
+    # data.packing / padding_free and KTO's data.batch_size >= 2 are the data side's checks (H2's, the contract)
+    reference = stage.get("reference")
+    if isinstance(reference, str) and reference:
+        directory = Path(reference).expanduser()
+        if not ((directory / "adapter_config.json").is_file() or (directory / "config.json").is_file()):
+            problems.append(
+                f"stage.reference={reference}: neither an adapter (adapter_config.json) nor a model (config.json) "
+                "is there (an SFT run's output_dir is expected)"
+            )
+    try:
+        resolved = settings(stage)
+    except (KeyError, TypeError):
+        return
+    loss = resolved.get("loss")
+    referenced = row.preference and (row.name == "kto" or (loss in LOSSES and LOSSES[loss].uses_reference))
+    ds = hardware.get("deepspeed") if isinstance(hardware.get("deepspeed"), dict) else {}
+    if (
+        referenced
+        and kind is not None
+        and not kind.uses_peft
+        and not resolved.get("precompute_reference")
+        and hardware.get("strategy") == "deepspeed"
+        and ds.get("stage") == 3
+    ):
+        problems.append(
+            f"stage={row.name} with adapter={kind.name} under ZeRO-3: the frozen reference copy would not be "
+            "partitioned; set stage.precompute_reference=true (one pass before training, then one model in memory)"
+        )
 
 
 def _target_problems(adapter: Any, problems: list[str]) -> None:

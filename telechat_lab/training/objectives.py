@@ -1,0 +1,180 @@
+"""What the training step computes for each preference stage (stages.py: dpo, kto), as one small object the one
+LightningModule holds (sft and pt are the module's own language-model loss). Each `summed(batch)` returns the
+batch's loss SUMMED over its pairs (or KTO examples), which the module divides by the optimizer step's count
+(`step_examples`), and the metrics' sums and counts under TRL's names (rewards/chosen, ...).
+
+The reference policy (`Reference`): precomputed log-probabilities when stage.precompute_reference is set; with a
+PEFT adapter the same weights with the adapters disabled (after stage.reference's SFT adapter was merged into the
+base, that is the SFT policy); for full / freeze fine-tuning a frozen copy of the starting weights."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+from .preference import SequenceLogps, chosen_nll, kto_kl, kto_losses, pair_losses, token_logps
+
+Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric -> (sum, count)
+
+
+def core_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Telechat2ForCausalLM inside a PEFT model (whose injected layers it holds), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def sequence_logps(model: torch.nn.Module, input_ids, attention_mask, labels) -> SequenceLogps:
+    """The rows' reply log-probabilities: the backbone's hidden states, then the LM head by chunks
+    (config.loss_chunk_size tokens at a time), never the [tokens, vocab] logits of the whole batch."""
+    core = core_model(model)
+    hidden = core.transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    per_token = token_logps(core.lm_head, hidden, labels, core.config.loss_chunk_size)
+    return SequenceLogps.of(per_token, labels)
+
+
+def row_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor) -> list[str]:
+    """A content key per row (its tokens and labels without the padding): where a precomputed reference
+    log-probability is found, whatever the batch order or padding length."""
+    ids, lab = input_ids.cpu(), labels.cpu()
+    lengths = attention_mask.cpu().sum(-1) if attention_mask is not None else torch.full((ids.shape[0],), ids.shape[1])
+    keys = []
+    for row in range(ids.shape[0]):
+        n = int(lengths[row])
+        digest = hashlib.sha1(ids[row, :n].numpy().tobytes())
+        digest.update(lab[row, :n].numpy().tobytes())
+        keys.append(digest.hexdigest())
+    return keys
+
+
+class Reference:
+    """The reference policy's summed reply log-probabilities of a batch's rows."""
+
+    def __init__(self, module: Any):
+        self.module = module
+        self.table: dict[str, float] | None = None  # precomputed: row key -> summed log-probability
+        self.copy: torch.nn.Module | None = None  # full / freeze fine-tuning: the frozen starting weights
+
+    def logps(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        if self.table is not None:
+            keys = row_keys(input_ids, attention_mask, labels)
+            missing = [k for k in keys if k not in self.table]
+            if missing:
+                raise RuntimeError(
+                    f"{len(missing)} sequences of this batch have no precomputed reference log-probability "
+                    "(the data changed after the precomputing pass?)"
+                )
+            return torch.tensor([self.table[k] for k in keys], dtype=torch.float32, device=input_ids.device)
+        return self.compute(input_ids, attention_mask, labels)
+
+    @torch.no_grad()
+    def compute(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        model = self.module.model
+        if self.copy is not None:
+            if next(self.copy.parameters()).device != input_ids.device:
+                self.copy.to(input_ids.device)
+            return sequence_logps(self.copy, input_ids, attention_mask, labels).total.float()
+        if not hasattr(model, "disable_adapter"):
+            raise RuntimeError("no reference policy: neither adapters to disable nor a frozen copy")
+        with model.disable_adapter():
+            return sequence_logps(model, input_ids, attention_mask, labels).total.float()
+
+
+def _stat(total: torch.Tensor, count: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return total.detach().float().sum(), torch.as_tensor(count, dtype=torch.float32, device=total.device)
+
+
+class PairedPreference:
+    """stage=dpo: chosen and rejected rows [2B, L] in one forward; stage.loss per pair (preference.pair_losses),
+    plus stage.sft_weight * the chosen reply's mean NLL."""
+
+    metrics = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+    metrics += ("logps/chosen", "logps/rejected")
+
+    def __init__(self, module: Any, settings: dict, reference: Reference | None):
+        self.module, self.settings, self.reference = module, settings, reference
+
+    def examples(self, batch) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def summed(self, batch) -> tuple[torch.Tensor, Stats]:
+        s = self.settings
+        ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+        chosen, rejected = sequence_logps(self.module.model, ids, mask, labels).halves()
+        ref_chosen = ref_rejected = None
+        if self.reference is not None:
+            ref_chosen, ref_rejected = self.reference.logps(ids, mask, labels).chunk(2)
+        out = pair_losses(
+            s["loss"],
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=s["beta"],
+            label_smoothing=s["label_smoothing"],
+            simpo_gamma=s["simpo_gamma"],
+        )
+        losses = out.loss
+        if s.get("sft_weight"):
+            losses = losses + s["sft_weight"] * chosen_nll(chosen)
+        n = losses.shape[0]
+        stats = {
+            "rewards/chosen": _stat(out.chosen_rewards, n),
+            "rewards/rejected": _stat(out.rejected_rewards, n),
+            "rewards/accuracies": _stat((out.chosen_rewards > out.rejected_rewards).float(), n),
+            "rewards/margins": _stat(out.chosen_rewards - out.rejected_rewards, n),
+            "logps/chosen": _stat(out.chosen_logps, n),
+            "logps/rejected": _stat(out.rejected_logps, n),
+        }
+        return losses.sum(), stats
+
+
+class Kto:
+    """stage=kto: the examples [B, L] and their mismatched KL rows (kl_input_ids, ...), KTO's loss per example
+    (preference.kto_losses), the KL estimate averaged over the ranks as TRL's gather does."""
+
+    metrics = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl")
+
+    def __init__(self, module: Any, settings: dict, reference: Reference):
+        self.module, self.settings, self.reference = module, settings, reference
+
+    def examples(self, batch) -> int:
+        return batch["input_ids"].shape[0]
+
+    def summed(self, batch) -> tuple[torch.Tensor, Stats]:
+        s, model = self.settings, self.module.model
+        kl_rows = (batch["kl_input_ids"], batch.get("kl_attention_mask"), batch["kl_labels"])
+        with torch.no_grad():
+            kl_policy = sequence_logps(model, *kl_rows).total.float()
+        kl = kto_kl(kl_policy, self.reference.logps(*kl_rows))
+        trainer = getattr(self.module, "_trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            kl = trainer.strategy.reduce(kl, reduce_op="mean")
+        ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+        policy = sequence_logps(model, ids, mask, labels).total
+        out = kto_losses(
+            policy,
+            self.reference.logps(ids, mask, labels),
+            batch["kto_desirable"],
+            kl,
+            beta=s["beta"],
+            desirable_weight=s["desirable_weight"],
+            undesirable_weight=s["undesirable_weight"],
+        )
+        good = batch["kto_desirable"].to(policy.device).bool()
+        n_good, n_bad = int(good.sum()), int((~good).sum())
+        stats = {
+            "rewards/chosen": _stat(out.rewards[good], n_good),
+            "rewards/rejected": _stat(out.rewards[~good], n_bad),
+            "logps/chosen": _stat(out.logps[good], n_good),
+            "logps/rejected": _stat(out.logps[~good], n_bad),
+            "kl": _stat(out.kl, 1),
+        }
+        return out.loss.sum(), stats
+
+
+def margins(values: dict[str, float]) -> dict[str, float]:
+    """KTO's rewards/margins as TRL logs it: the mean desirable reward minus the mean undesirable one."""
+    if "rewards/chosen" in values and "rewards/rejected" in values and "rewards/accuracies" not in values:
+        values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
+    return values
