@@ -47,7 +47,7 @@ LOSSES: dict[str, Loss] = {
 _REFERENCE = {"reference": None, "precompute_reference": False}
 # TRL's defaults: DPOConfig / KTOConfig beta 0.1, CPOConfig simpo_gamma 0.5, KTOConfig weights 1.0
 _DPO = {"loss": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "simpo_gamma": 0.5, "sft_weight": 0.0, **_REFERENCE}
-_KTO = {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0, **_REFERENCE}
+_KTO = {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0, **_REFERENCE}  # precompute: refused
 
 STAGES: dict[str, Stage] = {
     stage.name: stage
@@ -117,6 +117,11 @@ def contradictions(stage: dict) -> list[str]:
                 f"stage.precompute_reference=true: stage.loss={loss.name} is reference-free (there are no reference "
                 "log-probabilities to precompute)"
             )
+    if row.name == "kto" and _given(stage.get("precompute_reference")):
+        problems.append(
+            "stage.precompute_reference=true: stage=kto's KL rows pair each prompt with another example's completion "
+            "of the same batch, which changes every epoch, so their reference cannot be computed beforehand"
+        )
     smoothing = stage.get("label_smoothing")
     if isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool) and smoothing >= 0.5:
         problems.append(

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import compose_train, make_adapter, run_train
+from helpers import QUICK, compose_train, make_adapter, run_train
 from test_preference import kto_batch, pairs_batch
 
 from telechat_lab.config import AdapterConfig, ModelConfig, OptimConfig
@@ -23,6 +23,7 @@ from telechat_lab.stages import settings
 from telechat_lab.training.module import TelechatLitModule
 from telechat_lab.training.objectives import sequence_logps
 from telechat_lab.training.preference import IGNORE
+from telechat_lab.training.run import train
 
 # ------------------------------------------------------------------------------------------------ the settings
 
@@ -162,6 +163,21 @@ def test_reference_free_losses_build_no_reference(tiny_dir):
 # ------------------------------------------------------------------------------------------------ end to end
 
 
+class ResumedOrder(torch.utils.data.Sampler):
+    """The batches in order, a resumed epoch continuing after those done (its length the whole epoch's, as
+    Lightning counts a resumed epoch's batches from its progress)."""
+
+    def __init__(self, n: int):
+        self.n, self.skip = n, 0
+
+    def __iter__(self):
+        start, self.skip = self.skip, 0
+        return iter(range(start, self.n))
+
+    def __len__(self):
+        return self.n
+
+
 class SyntheticStageData(L.LightningDataModule):
     """Batches of the data contract's shape for stage=dpo / kto, in place of the stage data module: pairs whose
     chosen reply is always the same few tokens and whose rejected one is random (a preference a few steps learn),
@@ -174,6 +190,7 @@ class SyntheticStageData(L.LightningDataModule):
         self.val_set = True if data.val_size else None
         g = torch.Generator().manual_seed(0)
         self.batches = [self._batch(g) for _ in range(6)]
+        self.sampler = ResumedOrder(len(self.batches))
         self.val_batches = [self._batch(g) for _ in range(2)]
 
     def _batch(self, g):
@@ -191,7 +208,7 @@ class SyntheticStageData(L.LightningDataModule):
         return batch
 
     def train_dataloader(self):
-        return torch.utils.data.DataLoader(self.batches, batch_size=None)
+        return torch.utils.data.DataLoader(self.batches, batch_size=None, sampler=self.sampler)
 
     def val_dataloader(self):
         return torch.utils.data.DataLoader(self.val_batches, batch_size=None) if self.val_set else []
@@ -205,13 +222,17 @@ class SyntheticStageData(L.LightningDataModule):
         return batch
 
     def state_dict(self):
-        return {}
+        return {"done": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state):
+        self.sampler.skip = int(state["done"])
 
 
-def metrics_rows(out: Path) -> list[dict]:
-    files = sorted(out.glob("logs/**/metrics.csv"))
+def metrics_rows(out: Path, newest: bool = False) -> list[dict]:
+    """The run's CSV metrics (`newest`: those its last resume wrote, in logs/resumed-*)."""
+    files = sorted(out.glob("logs/**/metrics.csv"), key=lambda f: f.stat().st_mtime)
     assert files, list(out.rglob("*"))
-    with open(files[0]) as f:
+    with open(files[-1] if newest else files[0]) as f:
         return list(csv.DictReader(f))
 
 
@@ -221,12 +242,7 @@ def column(rows, name) -> list[float]:
 
 @pytest.mark.parametrize("stage", ["dpo", "kto"])
 def test_a_short_preference_run_logs_trls_metrics_and_saves_its_adapter(tmp_path, monkeypatch, stage):
-    import telechat_lab.training.datamodule as datamodule
-
-    kind = "pairwise" if stage == "dpo" else "kto"
-    monkeypatch.setattr(
-        datamodule, "TelechatDataModule", lambda data, model_dir, **_: SyntheticStageData(data, model_dir, kind)
-    )
+    synthetic(monkeypatch, "pairwise" if stage == "dpo" else "kto")
     out = tmp_path / "run"
     metrics = run_train(
         out, f"stage={stage}", "stage.beta=0.5", "trainer.max_steps=6", "data.val_size=2", "optim.lr=5e-3"
@@ -272,3 +288,68 @@ def test_step_loss_is_the_mean_over_the_steps_pairs_however_accumulated(tiny_dir
     for n, p in module.model.named_parameters():
         if n in expected:
             torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-7)
+
+
+def synthetic(monkeypatch, kind: str = "pairwise") -> None:
+    import telechat_lab.training.datamodule as datamodule
+
+    monkeypatch.setattr(
+        datamodule, "TelechatDataModule", lambda data, model_dir, **_: SyntheticStageData(data, model_dir, kind)
+    )
+
+
+def test_precomputed_reference_trains_as_the_frozen_copy_does_and_is_cached(tmp_path, monkeypatch, capsys):
+    """Full-parameter DPO: precomputing the reference gives the losses of the frozen reference copy, with one model
+    in memory; a second run on the same model and data reads the cache."""
+    synthetic(monkeypatch)
+    common = ["stage=dpo", "adapter=full", "trainer.max_steps=3", "data.val_size=2", "optim.lr=1e-3"]
+    run_train(tmp_path / "copy", *common)
+    run_train(tmp_path / "pre", *common, "stage.precompute_reference=true")
+    copy_rows, pre_rows = metrics_rows(tmp_path / "copy"), metrics_rows(tmp_path / "pre")
+    for name in ("train/loss", "train/rewards/margins", "val/loss"):
+        assert column(pre_rows, name) == pytest.approx(column(copy_rows, name), rel=1e-5, abs=1e-6), name
+    cached = list((tmp_path / "pre" / "cache" / "reference_logps").glob("*.pt"))
+    assert len(cached) == 1
+    rows = (6 + 2) * 4 * 2  # (train + val batches) * 4 pairs * (chosen, rejected), all different
+    assert f"precomputing the reference log-probabilities of {rows} sequences" in capsys.readouterr().out
+    again = tmp_path / "again"
+    overrides = [*QUICK, *common, "stage.precompute_reference=true", f"output_dir={again}"]
+    overrides.append(f"data.cache_dir={tmp_path / 'pre' / 'cache'}")  # the first run's cache
+    train(compose_train(overrides), overrides)
+    out = capsys.readouterr().out
+    assert "precomputing" not in out
+    assert f"reference log-probabilities of {rows} sequences: {cached[0]}" in out
+
+
+def test_kto_refuses_precomputing_its_reference():
+    found = problems("stage=kto", "stage.precompute_reference=true")
+    assert len(found) == 1 and "changes every epoch" in found[0]
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_a_preference_run_resumes_exactly(tmp_path, monkeypatch, stage):
+    """Interrupted after 3 steps and resumed, a run ends as the uninterrupted one (as SFT's test, 6 batches an
+    epoch: the resumed part crosses into the second epoch)."""
+    from helpers import adapter_weights, losses
+
+    synthetic(monkeypatch, "pairwise" if stage == "dpo" else "kto")
+    common = [f"stage={stage}", "stage.beta=0.5", "data.val_size=0", "optim.lr=5e-3", "save_steps=1"]
+    common.append("trainer.max_steps=8")
+    run_train(tmp_path / "whole", *common)
+    stop = ["+callbacks.stop._target_=helpers.StopAfter", "+callbacks.stop.step=3"]
+    run_train(tmp_path / "split", *common, *stop)
+    assert len(losses(tmp_path / "split")) == 3
+    run_train(tmp_path / "split", *common, "resume=true", "+callbacks.stop=null")
+    assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "whole"), abs=1e-6)
+    whole, split = adapter_weights(tmp_path / "whole"), adapter_weights(tmp_path / "split")
+    assert whole.keys() == split.keys() and whole
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-6, atol=1e-7)
+    resumed = column(metrics_rows(tmp_path / "split", newest=True), "train/rewards/margins")
+    assert resumed == pytest.approx(column(metrics_rows(tmp_path / "whole"), "train/rewards/margins")[3:], abs=1e-5)
+
+
+def test_precomputing_keeps_one_model(tiny_dir):
+    module = module_for(tiny_dir, StageConfig(name="dpo", precompute_reference=True), AdapterConfig(type="full"))
+    assert module.reference is not None and module.reference.copy is None
+    assert sum(storages(module).values()) < 1.5 * sum(p.numel() * 4 for p in module.model.parameters())

@@ -189,9 +189,9 @@ class StageConfig:
     # start: a LoRA adapter is merged in memory into the base, and a fresh adapter is trained on top (so the
     # reference, "adapters disabled", is the SFT policy, never the bare base); null: model.path is the reference
     reference: str | None = None
-    # dpo/kto: the reference log-probabilities of every training and validation sequence computed in one pass
-    # before training and cached on disk beside the data cache, so no reference model stays in memory (full
-    # fine-tuning otherwise keeps a frozen copy)
+    # dpo (not kto: its KL rows change every epoch): the reference log-probabilities of every training and
+    # validation sequence computed in one pass before training and cached on disk beside the data cache
+    # (data.cache_dir), so no reference model stays in memory (full fine-tuning otherwise keeps a frozen copy)
     precompute_reference: bool = False
     # stage=kto (KTO, Ethayarajh et al. 2024, arXiv:2402.01306, Eq. 7, as TRL's KTOTrainer): z = max(0, the batch
     # mean of h over mismatched prompt/completion pairs), detached; desirable: w_d (1 - sigma(beta (h(y) - z))),

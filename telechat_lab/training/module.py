@@ -59,6 +59,7 @@ class TelechatLitModule(L.LightningModule):
         super().__init__()
         self.stage = settings(stage if stage is not None else StageConfig())  # with the stage's defaults
         self.objective = None  # dpo / kto: built in configure_model; sft / pt: the language-model loss
+        self.reference = None  # their reference policy (objectives.Reference), None where reference-free
         self.step_stats: dict = {}  # the preference metrics' (sum, count) over the optimizer step so far
         self.packed = packed  # rows hold several documents (data.packing or data.padding_free)
         self.model_dir = Path(model_dir)
@@ -146,6 +147,7 @@ class TelechatLitModule(L.LightningModule):
         if not row.preference:
             return
         reference = Reference(self) if self._uses_reference() else None
+        self.reference = reference
         if reference is not None and not self.stage["precompute_reference"] and not hasattr(self.model, "peft_config"):
             import copy
 
@@ -197,6 +199,24 @@ class TelechatLitModule(L.LightningModule):
         count = int((batch["labels"][..., 1:] != IGNORE).sum())
         count *= self.trainer.accumulate_grad_batches * self.trainer.world_size
         return torch.tensor(max(count, 1), dtype=torch.float32, device=self.device)
+
+    def on_fit_start(self):
+        """stage.precompute_reference: the reference log-probabilities of the data, before the first step."""
+        if self.objective is None or self.reference is None or not self.stage["precompute_reference"]:
+            return
+        from telechat_lab import cache_root
+
+        from .objectives import precompute_reference
+
+        datamodule = self.trainer.datamodule
+        loaders = [datamodule.train_dataloader()]
+        if self.trainer.limit_val_batches != 0:
+            val = datamodule.val_dataloader()
+            loaders += [val] if not isinstance(val, list) else val
+        data_cfg = getattr(datamodule, "cfg", None)
+        root = Path(data_cfg.cache_dir).expanduser() if getattr(data_cfg, "cache_dir", None) else cache_root()
+        resumed = self.trainer.ckpt_path is not None
+        self.reference.table = precompute_reference(self, loaders, root, resumed)
 
     def _step_examples(self, batch) -> torch.Tensor:
         """Pairs (dpo) or examples (kto) of this batch's optimizer step over every rank (`step_examples` of the

@@ -10,6 +10,8 @@ base, that is the SFT policy); for full / freeze fine-tuning a frozen copy of th
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +56,7 @@ class Reference:
         self.module = module
         self.table: dict[str, float] | None = None  # precomputed: row key -> summed log-probability
         self.copy: torch.nn.Module | None = None  # full / freeze fine-tuning: the frozen starting weights
+        self.precomputing = False  # the pass before training: the untrained policy is the reference
 
     def logps(self, input_ids, attention_mask, labels) -> torch.Tensor:
         if self.table is not None:
@@ -75,6 +78,8 @@ class Reference:
                 self.copy.to(input_ids.device)
             return sequence_logps(self.copy, input_ids, attention_mask, labels).total.float()
         if not hasattr(model, "disable_adapter"):
+            if self.precomputing:
+                return sequence_logps(model, input_ids, attention_mask, labels).total.float()
             raise RuntimeError("no reference policy: neither adapters to disable nor a frozen copy")
         with model.disable_adapter():
             return sequence_logps(model, input_ids, attention_mask, labels).total.float()
@@ -96,6 +101,11 @@ class PairedPreference:
 
     def examples(self, batch) -> int:
         return batch["input_ids"].shape[0] // 2
+
+    @staticmethod
+    def reference_rows(batch) -> list[tuple]:
+        """The rows whose reference log-probabilities the loss reads."""
+        return [(batch["input_ids"], batch.get("attention_mask"), batch["labels"])]
 
     def summed(self, batch) -> tuple[torch.Tensor, Stats]:
         s = self.settings
@@ -141,6 +151,13 @@ class Kto:
     def examples(self, batch) -> int:
         return batch["input_ids"].shape[0]
 
+    @staticmethod
+    def reference_rows(batch) -> list[tuple]:
+        return [
+            (batch["input_ids"], batch.get("attention_mask"), batch["labels"]),
+            (batch["kl_input_ids"], batch.get("kl_attention_mask"), batch["kl_labels"]),
+        ]
+
     def summed(self, batch) -> tuple[torch.Tensor, Stats]:
         s, model = self.settings, self.module.model
         kl_rows = (batch["kl_input_ids"], batch.get("kl_attention_mask"), batch["kl_labels"])
@@ -178,3 +195,85 @@ def margins(values: dict[str, float]) -> dict[str, float]:
     if "rewards/chosen" in values and "rewards/rejected" in values and "rewards/accuracies" not in values:
         values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
     return values
+
+
+def _file_stats(directory: Path) -> list:
+    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in directory.glob("*.safetensors"))
+
+
+def reference_cache_file(cache_root: Path, model_dir: Path, reference: Path | None, precision: str, keys: set) -> Path:
+    """Where precomputed reference log-probabilities are cached, keyed by the model (its weight files), the
+    stage's reference (an SFT adapter's files), the precision and the data (every row's content key)."""
+    digest = hashlib.sha256()
+    identity = {"model": str(model_dir.resolve()), "weights": _file_stats(model_dir), "precision": precision}
+    if reference is not None:
+        identity["reference"] = [str(reference), _file_stats(reference)]
+    digest.update(json.dumps(identity, sort_keys=True).encode())
+    for key in sorted(keys):
+        digest.update(key.encode())
+    return cache_root / "reference_logps" / f"{digest.hexdigest()[:32]}.pt"
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _gathered(values: Any) -> list:
+    """Every rank's `values` (one item per rank; just this one outside a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [values]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, values)
+    return out
+
+
+def precompute_reference(module: Any, loaders: list, cache_root: Path, resumed: bool) -> dict[str, float]:
+    """stage.precompute_reference: the reference log-probability of every training and validation row, computed
+    in one pass before training (or read from the cache of an earlier run on the same model and data), so that no
+    reference model is needed during training. A resumed run must find them cached (its policy is not the
+    reference any more), unless the reference is the base under the adapters."""
+    from telechat_lab.data.cache_files import write_cache_file
+
+    objective, reference = module.objective, module.reference
+    keys: set[str] = set()
+    for loader in loaders:
+        for batch in loader:
+            for rows in objective.reference_rows(batch):
+                keys.update(row_keys(*rows))
+    keys = set().union(*_gathered(keys))
+    path = reference_cache_file(
+        cache_root, module._start_dir(), module._reference_dir(), str(module.trainer.precision), keys
+    )
+    if path.is_file():
+        table = torch.load(path, weights_only=True)
+        if keys <= table.keys():
+            module.print(f"reference log-probabilities of {len(keys):,} sequences: {path}")
+            return table
+    if resumed and not hasattr(module.model, "disable_adapter"):
+        raise RuntimeError(
+            f"stage.precompute_reference: the reference log-probabilities of this run are not in {path.parent} any "
+            "more, and the resumed policy is no longer the reference: restore the cache, or start the run anew"
+        )
+    module.print(f"precomputing the reference log-probabilities of {len(keys):,} sequences (one pass)")
+    table: dict[str, float] = {}
+    was_training = module.model.training
+    module.model.eval()
+    reference.precomputing = True
+    try:
+        for loader in loaders:
+            for batch in loader:
+                batch = _to(batch, module.device)
+                for rows in objective.reference_rows(batch):
+                    values = reference.compute(*rows).tolist()
+                    table.update(zip(row_keys(*rows), values))
+    finally:
+        reference.precomputing = False
+        module.model.train(was_training)
+    for part in _gathered(table):
+        table.update(part)
+    if module.trainer.is_global_zero:
+        write_cache_file(path, lambda tmp: torch.save(table, tmp))
+        module.print(f"cached: {path}")
+    return table
