@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from helpers import QUICK, compose_train, make_adapter, run_train
 from test_preference import kto_batch, pairs_batch
 
@@ -353,3 +354,42 @@ def test_precomputing_keeps_one_model(tiny_dir):
     module = module_for(tiny_dir, StageConfig(name="dpo", precompute_reference=True), AdapterConfig(type="full"))
     assert module.reference is not None and module.reference.copy is None
     assert sum(storages(module).values()) < 1.5 * sum(p.numel() * 4 for p in module.model.parameters())
+
+
+def test_chain_sft_then_dpo_from_its_adapter_then_merge_and_chat(tmp_path, monkeypatch):
+    """sft -> dpo with stage.reference=the SFT run -> merge -> chat. The DPO run starts at the SFT policy (its
+    first loss ln 2), and the adapter it saves, stacked onto the SFT one, is on its own the trained policy: base +
+    that adapter (and the merged export) score as the training module's final policy does."""
+    from peft import PeftModel
+
+    from telechat_lab import api
+    from telechat_lab.model.loading import load_model
+    from telechat_lab.resolve import model_dir
+    from telechat_lab.training.run import settings_of
+
+    sft = tmp_path / "sft"
+    api.train([*QUICK, "trainer.max_steps=2", "optim.lr=1e-2", f"output_dir={sft}", f"data.cache_dir={tmp_path}/c"])
+    synthetic(monkeypatch)
+    dpo = tmp_path / "dpo"
+    run_train(dpo, "stage=dpo", f"stage.reference={sft}", "trainer.max_steps=2", "optim.lr=1e-2", "data.val_size=0")
+    assert column(metrics_rows(dpo), "train/loss")[0] == pytest.approx(math.log(2), abs=1e-6)
+
+    base = model_dir(None)
+    recorded = settings_of(yaml.safe_load((dpo / "config.yaml").read_text()))  # the run's own settings
+    trained = TelechatLitModule(base, recorded.model, recorded.adapter, recorded.optim, stage=recorded.stage)
+    trained.configure_model()
+    state = torch.load(sorted((dpo / "checkpoints").glob("step-*.ckpt"))[-1], weights_only=True)["state_dict"]
+    trained.load_state_dict(state, strict=False)
+    batch = pairs_batch(seed=21)
+    expected = batch_logps(trained.model, batch)
+    assert not torch.allclose(expected, trained.reference.compute(**_rows(batch)), atol=1e-3)  # DPO moved it
+    config = (dpo / "adapter_config.json").read_text()
+    rank = 2 * recorded.adapter.rank  # stacked: the SFT run's rank + this run's (the same preset)
+    assert f'"base_model_name_or_path": "{base}"' in config and f'"r": {rank}' in config
+    stacked = PeftModel.from_pretrained(load_model(base, torch.float32), str(dpo))
+    torch.testing.assert_close(batch_logps(stacked, batch), expected, rtol=1e-5, atol=1e-4)
+
+    export = api.merge([f"adapter_path={dpo}", f"export_dir={tmp_path / 'merged'}", "dtype=float32"])
+    torch.testing.assert_close(batch_logps(load_model(export, torch.float32), batch), expected, rtol=1e-5, atol=1e-4)
+    session = api.chat([f"model.path={export}", "generation.do_sample=false", "generation.max_new_tokens=4"])
+    assert isinstance("".join(session.reply("Who are you?")), str) and len(session.turns) == 1

@@ -135,6 +135,15 @@ class TelechatLitModule(L.LightningModule):
         check_adapter_weights(reference, self.model_dir)
         return PeftModel.from_pretrained(model, str(reference)).merge_and_unload()
 
+    def finish_export(self, directory: Path) -> None:
+        """Called after the adapter is saved (checkpoints.save_pretrained): with stage.reference, the saved
+        adapter made a whole policy on its own (objectives.stack_onto_reference)."""
+        reference = self._reference_dir()
+        if reference is not None and hasattr(self.model, "peft_config"):
+            from .objectives import stack_onto_reference
+
+            stack_onto_reference(Path(directory), reference)
+
     def _uses_reference(self) -> bool:
         if not stage_of(self.stage["name"]).preference:
             return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -277,3 +278,54 @@ def precompute_reference(module: Any, loaders: list, cache_root: Path, resumed: 
         write_cache_file(path, lambda tmp: torch.save(table, tmp))
         module.print(f"cached: {path}")
     return table
+
+
+def _lora_scale(config: dict) -> float:
+    rank, alpha = config["r"], config["lora_alpha"]
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (directory / "adapter_model.safetensors").is_file():
+        return load_file(directory / "adapter_model.safetensors")
+    return torch.load(directory / "adapter_model.bin", weights_only=True, map_location="cpu")
+
+
+def stack_onto_reference(directory: Path, reference: Path) -> None:
+    """Make the adapter just saved in `directory`, trained on top of stage.reference, a whole policy again:
+    - a reference that is a full model: the adapter's base is that model (not model.path);
+    - a reference that is an SFT LoRA adapter (merged into the base in memory for training): the two adapters
+      stacked into one LoRA of rank r1 + r2 on the original base, A = [A1; A2], B = [s1 B1, s2 B2] with scale 1,
+      so that base + the saved adapter is exactly the trained policy (merge.py, chat.py and vLLM take it as any
+      adapter). The validator refuses the cases this cannot represent (DoRA, modules_to_save, rank patterns)."""
+    from safetensors.torch import save_file
+
+    config_file = directory / "adapter_config.json"
+    trained = json.loads(config_file.read_text())
+    if not (reference / "adapter_config.json").is_file():
+        trained["base_model_name_or_path"] = str(reference)
+        config_file.write_text(json.dumps(trained, indent=2, sort_keys=True))
+        return
+    sft = json.loads((reference / "adapter_config.json").read_text())
+    first, second = _adapter_tensors(reference), _adapter_tensors(directory)
+    r1, r2, s1, s2 = sft["r"], trained["r"], _lora_scale(sft), _lora_scale(trained)
+    modules = sorted({k.split(".lora_A.")[0] for k in [*first, *second] if ".lora_A." in k})
+    stacked: dict[str, torch.Tensor] = {}
+    for module in modules:
+        a1, b1 = first.get(f"{module}.lora_A.weight"), first.get(f"{module}.lora_B.weight")
+        a2, b2 = second.get(f"{module}.lora_A.weight"), second.get(f"{module}.lora_B.weight")
+        like_a, like_b = (a1, b1) if a1 is not None else (a2, b2)
+        if a1 is None:
+            a1, b1 = like_a.new_zeros(r1, like_a.shape[1]), like_b.new_zeros(like_b.shape[0], r1)
+        if a2 is None:
+            a2, b2 = like_a.new_zeros(r2, like_a.shape[1]), like_b.new_zeros(like_b.shape[0], r2)
+        stacked[f"{module}.lora_A.weight"] = torch.cat([a1, a2.to(a1.dtype)]).contiguous()
+        stacked[f"{module}.lora_B.weight"] = torch.cat([b1.float() * s1, b2.float() * s2], dim=1).to(b1.dtype)
+    targets = sorted(set(sft.get("target_modules") or []) | set(trained.get("target_modules") or []))
+    trained.update(r=r1 + r2, lora_alpha=r1 + r2, use_rslora=False, target_modules=targets)
+    trained["base_model_name_or_path"] = sft.get("base_model_name_or_path") or trained.get("base_model_name_or_path")
+    save_file(stacked, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (directory / "adapter_model.bin").unlink(missing_ok=True)
+    config_file.write_text(json.dumps(trained, indent=2, sort_keys=True))
