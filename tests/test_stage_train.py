@@ -393,3 +393,21 @@ def test_chain_sft_then_dpo_from_its_adapter_then_merge_and_chat(tmp_path, monke
     torch.testing.assert_close(batch_logps(load_model(export, torch.float32), batch), expected, rtol=1e-5, atol=1e-4)
     session = api.chat([f"model.path={export}", "generation.do_sample=false", "generation.max_new_tokens=4"])
     assert isinstance("".join(session.reply("Who are you?")), str) and len(session.turns) == 1
+
+
+def test_a_precomputed_table_is_read_and_with_adapters_completed_where_it_lacks_a_row(tiny_dir):
+    from telechat_lab.training.objectives import row_keys
+
+    batch = pairs_batch(seed=22)
+    lora = module_for(tiny_dir, StageConfig(name="dpo", precompute_reference=True))
+    expected = lora.reference.compute(**_rows(batch))
+    keys = row_keys(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    lora.reference.table = {keys[0]: -1.5}
+    got = lora.reference.logps(**_rows(batch))
+    assert float(got[0]) == -1.5  # read from the table
+    torch.testing.assert_close(got[1:], expected[1:])  # computed with the adapters disabled, and kept
+    assert set(keys) <= lora.reference.table.keys()
+    full = module_for(tiny_dir, StageConfig(name="dpo", precompute_reference=True), AdapterConfig(type="full"))
+    full.reference.table = {keys[0]: -1.5}
+    with pytest.raises(RuntimeError, match="no precomputed reference log-probability"):
+        full.reference.logps(**_rows(batch))

@@ -63,7 +63,10 @@ class Reference:
         if self.table is not None:
             keys = row_keys(input_ids, attention_mask, labels)
             missing = [k for k in keys if k not in self.table]
-            if missing:
+            if missing and hasattr(self.module.model, "disable_adapter"):  # the base under the adapters is here
+                computed = self.compute(input_ids, attention_mask, labels).tolist()
+                self.table.update((k, v) for k, v in zip(keys, computed) if k not in self.table)
+            elif missing:
                 raise RuntimeError(
                     f"{len(missing)} sequences of this batch have no precomputed reference log-probability "
                     "(the data changed after the precomputing pass?)"
