@@ -156,7 +156,6 @@ class TelechatLitModule(L.LightningModule):
         if not row.preference:
             return
         reference = Reference(self) if self._uses_reference() else None
-        self.reference = reference
         if reference is not None and not self.stage["precompute_reference"] and not hasattr(self.model, "peft_config"):
             import copy
 
@@ -181,9 +180,10 @@ class TelechatLitModule(L.LightningModule):
             divisor = self._step_examples(batch)
             total, stats = self.objective.summed(batch)
             share = total / divisor
-            self.step_stats = _add_stats(self.step_stats, stats)
         if not self._finite_everywhere(share):
             return self._non_finite("loss", share)
+        if self.objective is not None:
+            self.step_stats = _add_stats(self.step_stats, stats)
         self.step_loss = self.step_loss + share.detach()
         if batch_idx + 1 == stop:  # the step's last batch: its loss is complete on this rank
             loss = trainer.strategy.reduce(self.step_loss, reduce_op="sum") if world > 1 else self.step_loss
