@@ -186,7 +186,7 @@ class SyntheticStageData(L.LightningDataModule):
 
     def __init__(self, data, model_dir, kind: str = "pairwise"):
         super().__init__()
-        self.cfg, self.kind = data, kind
+        self.cfg, self.kind = data, kind  # `kind`: the stage data module's attribute (contract_stages.md)
         self.report = {"train": {"examples": 24}, "fingerprint": {}}
         self.val_set = True if data.val_size else None
         g = torch.Generator().manual_seed(0)
@@ -411,3 +411,12 @@ def test_a_precomputed_table_is_read_and_with_adapters_completed_where_it_lacks_
     full.reference.table = {keys[0]: -1.5}
     with pytest.raises(RuntimeError, match="no precomputed reference log-probability"):
         full.reference.logps(**_rows(batch))
+
+
+def test_a_preference_stage_refuses_a_data_module_of_another_kind(tmp_path):
+    """Until the data side yields preference batches (or when it yields SFT ones), stage=dpo stops with one
+    message instead of reading conversation rows as chosen / rejected halves."""
+    from telechat_lab.errors import DataError
+
+    with pytest.raises(DataError, match="stage=dpo trains on pairwise data, but the data module yields sft batches"):
+        run_train(tmp_path, "stage=dpo", "trainer.max_steps=1")

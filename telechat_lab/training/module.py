@@ -210,7 +210,17 @@ class TelechatLitModule(L.LightningModule):
         return torch.tensor(max(count, 1), dtype=torch.float32, device=self.device)
 
     def on_fit_start(self):
-        """stage.precompute_reference: the reference log-probabilities of the data, before the first step."""
+        """The data module yields the stage's kind of batches; stage.precompute_reference: the reference
+        log-probabilities of the data, before the first step."""
+        row = stage_of(self.stage["name"])
+        kind = getattr(self.trainer.datamodule, "kind", "sft")  # the stage data module's (contract_stages)
+        if kind != row.data and {kind, row.data} != {"sft", "pt"}:  # pt batches have sft's shape
+            from telechat_lab.errors import DataError
+
+            raise DataError(
+                f"stage={row.name} trains on {row.data} data, but the data module yields {kind} batches "
+                "(this build reads no preference data yet)"
+            )
         if self.objective is None or self.reference is None or not self.stage["precompute_reference"]:
             return
         from telechat_lab import cache_root
