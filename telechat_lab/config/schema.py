@@ -170,7 +170,7 @@ class StageConfig:
 
     name: str = setting("sft", choices=tuple(STAGES))
     # stage=dpo, the preference loss:
-    #   sigmoid (DPO, Rafailov et al. 2023, arXiv:2305.18290): -log sigma(beta * (h(y_w) - h(y_l))); with
+    #   sigmoid (DPO, Rafailov et al. 2023, arXiv:2305.18290): -log sigma(beta d), d = h(y_w) - h(y_l); with
     #     label_smoothing e (cDPO, Mitchell 2023): -(1 - e) log sigma(beta d) - e log sigma(-beta d)
     #   ipo (IPO, Azar et al. 2023, arXiv:2310.12036, Eq. 17): (d / n - 1 / (2 beta))^2, each log-ratio divided by
     #     its reply's token count, as TRL (and the IPO authors) do
@@ -183,11 +183,13 @@ class StageConfig:
     beta: float | None = setting(None, gt=0)
     label_smoothing: float | None = setting(None, min=0)  # below 0.5; sigmoid/simpo: pairs' flip chance; null: 0
     simpo_gamma: float | None = setting(None, min=0)  # simpo: the target reward margin; null: 0.5 (TRL's)
-    # + sft_weight * the mean token NLL of the chosen replies (LLaMA-Factory's pref_ftx, RPO); null: 0
+    # sigmoid/ipo/simpo: + sft_weight * the chosen reply's mean token NLL (LLaMA-Factory's pref_ftx; RPO, Pang et
+    # al. 2024); null: 0
     sft_weight: float | None = setting(None, min=0)
     # an SFT run's directory (its adapter, or its full model) that is both the reference policy and the policy's
     # start: a LoRA adapter is merged in memory into the base, and a fresh adapter is trained on top (so the
-    # reference, "adapters disabled", is the SFT policy, never the bare base); null: model.path is the reference
+    # reference, "adapters disabled", is the SFT policy, never the bare base), saved stacked onto the SFT adapter
+    # (one adapter on the original base: merge.py / chat.py take it alone); null: model.path is the reference
     reference: str | None = None
     # dpo (not kto: its KL rows change every epoch): the reference log-probabilities of every training and
     # validation sequence computed in one pass before training and cached on disk beside the data cache
