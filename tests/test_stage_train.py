@@ -420,3 +420,37 @@ def test_a_preference_stage_refuses_a_data_module_of_another_kind(tmp_path):
 
     with pytest.raises(DataError, match="stage=dpo trains on pairwise data, but the data module yields sft batches"):
         run_train(tmp_path, "stage=dpo", "trainer.max_steps=1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_two_ranks_train_and_log_as_one_process_with_the_same_global_batch(tiny_dir, tmp_path, stage):
+    """Each of 2 gloo ranks gets half of every global batch (kto: one rank only desirable examples, the other only
+    undesirable ones): the step's loss (the mean over its pairs, step_examples), the metrics reduced over ranks
+    and the trained weights equal one process's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": f"{Path(__file__).parent}:{Path(__file__).parents[1]}", "OMP_NUM_THREADS": "1"}
+    results = {}
+    for world in (1, 2):
+        out = str(tmp_path / f"world{world}")
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).parent / "preference_ddp.py"), str(tiny_dir), out, str(world), stage],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[world] = (json.loads(Path(out + ".json").read_text()), torch.load(out + ".pt", weights_only=True))
+    (one, one_weights), (two, two_weights) = results[1], results[2]
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys() and "train/rewards/chosen" in a
+        for name in a:
+            assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-5), name
+    for name, weight in one_weights.items():
+        torch.testing.assert_close(two_weights[name], weight, rtol=1e-4, atol=1e-6)
