@@ -454,3 +454,21 @@ def test_two_ranks_train_and_log_as_one_process_with_the_same_global_batch(tiny_
             assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-5), name
     for name, weight in one_weights.items():
         torch.testing.assert_close(two_weights[name], weight, rtol=1e-4, atol=1e-6)
+
+
+def test_the_run_says_which_settings_and_which_reference_it_trains_with(tiny_dir, tmp_path, capsys):
+    module_for(tiny_dir, StageConfig(name="dpo"))
+    said = capsys.readouterr().out
+    assert (
+        "stage=dpo: loss sigmoid, beta 0.1, label_smoothing 0.0, simpo_gamma 0.5, sft_weight 0.0; "
+        "reference: the base with the adapters disabled" in said
+    )
+    sft = make_adapter(tiny_dir, tmp_path / "sft")
+    module_for(tiny_dir, StageConfig(name="kto", reference=str(sft)))
+    assert f"reference: the SFT policy of {sft} (the base with the adapters disabled)" in capsys.readouterr().out
+    module_for(tiny_dir, StageConfig(name="dpo", loss="simpo"), AdapterConfig(type="full"))
+    assert "reference: none (reference-free)" in capsys.readouterr().out
+    module_for(tiny_dir, StageConfig(name="dpo", precompute_reference=True), AdapterConfig(type="full"))
+    assert "reference: the starting weights, precomputed before training" in capsys.readouterr().out
+    module_for(tiny_dir, StageConfig(name="sft"))
+    assert "stage=" not in capsys.readouterr().out

@@ -103,6 +103,8 @@ class TelechatLitModule(L.LightningModule):
                 + (", compiled blocks" if self.model_cfg.compile else ""),
                 flush=True,
             )
+            if self.objective is not None:
+                print(self._describe_stage(), flush=True)
 
     def forward(self, **batch):
         return self.model(**batch)
@@ -143,6 +145,25 @@ class TelechatLitModule(L.LightningModule):
             from .objectives import stack_onto_reference
 
             stack_onto_reference(Path(directory), reference)
+
+    def _describe_stage(self) -> str:
+        """One line: the stage's settings in effect (its defaults filled in) and where its reference comes from."""
+        shown = {k: v for k, v in self.stage.items() if k not in ("name", "reference", "precompute_reference")}
+        settings_text = ", ".join(f"{k} {v}" for k, v in shown.items())
+        reference = self._reference_dir()
+        if self.reference is None:
+            where = "none (reference-free)"
+        elif self.reference.copy is not None:
+            where = "a frozen copy of the starting weights"
+        elif hasattr(self.model, "peft_config"):
+            where = "the base with the adapters disabled"
+        else:
+            where = "the starting weights"
+        if self.reference is not None and reference is not None:
+            where = f"the SFT policy of {reference} ({where})"
+        if self.reference is not None and self.stage["precompute_reference"]:
+            where += ", precomputed before training"
+        return f"stage={self.stage['name']}: {settings_text}; reference: {where}"
 
     def _uses_reference(self) -> bool:
         if not stage_of(self.stage["name"]).preference:
