@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from telechat_lab.adapter_kinds import ADAPTER_KINDS
-from telechat_lab.stages import STAGES
+from telechat_lab.stages import LOSSES, STAGES
 
 
 def setting(
@@ -161,9 +161,50 @@ class OptimConfig:
 
 @dataclass
 class StageConfig:
-    """The `stage` group (conf/stage/): what the training step computes; what each stage implies: stages.py."""
+    """The `stage` group (conf/stage/): what the training step computes; what each stage implies: stages.py.
+
+    One schema for every stage (not one dataclass per option): Hydra then composes `stage=dpo stage.beta=0.1`,
+    sweeps and resume checks as for any group, and a setting given to a stage that has no use for it (stage.beta
+    with stage=sft, stage.simpo_gamma with stage.loss=sigmoid) is refused by the validator in one clear message
+    (stages.contradictions) instead of Hydra's "key not in struct". A null setting takes the stage's default
+    (stages.py: TRL's defaults); `stages.settings()` gives them filled in.
+
+    Notation: for a prompt x with chosen reply y_w and rejected y_l, log pi(y|x) is summed over the reply's tokens
+    (mean over them where said); the log-ratio h(y) = log pi(y|x) - log pi_ref(y|x); sigma the logistic function;
+    the step's loss is the mean over its pairs (or KTO examples)."""
 
     name: str = setting("sft", choices=tuple(STAGES))
+    # stage=dpo, the preference loss:
+    #   sigmoid (DPO, Rafailov et al. 2023, arXiv:2305.18290): -log sigma(beta d), d = h(y_w) - h(y_l); with
+    #     label_smoothing e (cDPO, Mitchell 2023): -(1 - e) log sigma(beta d) - e log sigma(-beta d)
+    #   ipo (IPO, Azar et al. 2023, arXiv:2310.12036, Eq. 17): (d / n - 1 / (2 beta))^2, each log-ratio divided by
+    #     its reply's token count, as TRL (and the IPO authors) do
+    #   orpo (ORPO, Hong et al. 2024, arXiv:2403.07691, reference-free): NLL(y_w) - beta log sigma(log odds(y_w) -
+    #     log odds(y_l)), odds(y) = p / (1 - p), p = exp(mean token log-prob); beta is the paper's lambda
+    #   simpo (SimPO, Meng et al. 2024, arXiv:2405.14734, reference-free): -log sigma(beta (mean log pi(y_w) -
+    #     mean log pi(y_l)) - simpo_gamma), label_smoothing as for sigmoid
+    loss: str | None = setting(None, choices=tuple(LOSSES))  # null: sigmoid
+    # the inverse temperature of the reward beta * h(y) (KTO too); null: 0.1 (TRL's default)
+    beta: float | None = setting(None, gt=0)
+    label_smoothing: float | None = setting(None, min=0)  # below 0.5; sigmoid/simpo: pairs' flip chance; null: 0
+    simpo_gamma: float | None = setting(None, min=0)  # simpo: the target reward margin; null: 0.5 (TRL's)
+    # sigmoid/ipo/simpo: + sft_weight * the chosen reply's mean token NLL (LLaMA-Factory's pref_ftx; RPO, Pang et
+    # al. 2024); null: 0
+    sft_weight: float | None = setting(None, min=0)
+    # an SFT run's directory (its adapter, or its full model) that is both the reference policy and the policy's
+    # start: a LoRA adapter is merged in memory into the base, and a fresh adapter is trained on top (so the
+    # reference, "adapters disabled", is the SFT policy, never the bare base), saved stacked onto the SFT adapter
+    # (one adapter on the original base: merge.py / chat.py take it alone); null: model.path is the reference
+    reference: str | None = None
+    # dpo (not kto: its KL rows change every epoch): the reference log-probabilities of every training and
+    # validation sequence computed in one pass before training and cached on disk beside the data cache
+    # (data.cache_dir), so no reference model stays in memory (full fine-tuning otherwise keeps a frozen copy)
+    precompute_reference: bool = False
+    # stage=kto (KTO, Ethayarajh et al. 2024, arXiv:2402.01306, Eq. 7, as TRL's KTOTrainer): z = max(0, the batch
+    # mean of h over mismatched prompt/completion pairs), detached; desirable: w_d (1 - sigma(beta (h(y) - z))),
+    # undesirable: w_u (1 - sigma(beta (z - h(y)))); null: 1
+    desirable_weight: float | None = setting(None, gt=0)
+    undesirable_weight: float | None = setting(None, gt=0)
 
 
 @dataclass

@@ -17,7 +17,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from telechat_lab.adapter_kinds import ADAPTER_KINDS, contradictions
 from telechat_lab.errors import ConfigError
-from telechat_lab.stages import STAGES
+from telechat_lab.stages import LOSSES, STAGES
+from telechat_lab.stages import contradictions as stage_contradictions
 
 from .schema import ADAPTER_TARGETS, TrainConfig
 
@@ -201,6 +202,7 @@ def _cross_field_problems(values: dict, cuda_available: bool, problems: list[str
     val_size = data.get("val_size")
     if isinstance(val_size, (int, float)) and val_size >= 1 and val_size != int(val_size):
         problems.append(f"data.val_size={val_size}: a fraction below 1 or a whole number of examples")
+    _stage_problems(values.get("stage") or {}, kind, adapter, hardware, problems)
     if values.get("resume") and values.get("overwrite"):
         problems.append("resume=true and overwrite=true: choose one (continue the run, or clear it and start anew)")
 
@@ -217,6 +219,79 @@ def _stage_data_problems(stage: Any, data: dict, problems: list[str]) -> None:
         for key in ("batch_size", "eval_batch_size"):
             if isinstance(data.get(key), int) and data[key] < 2:
                 problems.append(f"data.{key}={data[key]} with stage=kto: its KL rows need two examples a batch")
+
+
+def _reference_adapter_problems(
+    directory: Path, given: str, kind: Any, adapter: dict, hardware: dict, problems: list[str]
+) -> None:
+    """stage.reference is an SFT adapter: merged into the base in memory, and the trained adapter saved stacked
+    onto it (training/objectives.stack_onto_reference): what that cannot do is refused."""
+    import json
+
+    where = f"stage.reference={given}"
+    fix = (
+        "merge it first (python merge.py adapter_path=... export_dir=...) and give the merged model as stage.reference"
+    )
+    try:
+        sft = json.loads((directory / "adapter_config.json").read_text())
+    except (OSError, ValueError) as err:
+        problems.append(f"{where}: adapter_config.json is not readable JSON ({err})")
+        return
+    if sft.get("peft_type", "LORA") != "LORA":
+        problems.append(f"{where}: a {sft.get('peft_type')} adapter; only LoRA / DoRA adapters can be a reference")
+        return
+    if hardware.get("strategy") == "deepspeed" and (hardware.get("deepspeed") or {}).get("stage") == 3:
+        problems.append(f"{where}: an adapter cannot be merged into ZeRO-3's partitioned weights; {fix}")
+    if kind is not None and kind.uses_peft:
+        reasons = []
+        if sft.get("use_dora") or kind.dora or adapter.get("use_dora"):
+            reasons.append("DoRA adapters cannot be stacked into one")
+        if sft.get("modules_to_save") or adapter.get("modules_to_save"):
+            reasons.append("modules_to_save cannot be stacked")
+        if sft.get("rank_pattern") or sft.get("alpha_pattern"):
+            reasons.append("its rank_pattern / alpha_pattern cannot be stacked")
+        if reasons:
+            problems.append(f"{where} with adapter={kind.name}: {'; '.join(reasons)}; {fix}")
+
+
+def _stage_problems(stage: dict, kind: Any, adapter: dict, hardware: dict, problems: list[str]) -> None:
+    """stage.* settings against the stage, its loss, the adapter and the hardware."""
+    from telechat_lab.stages import settings
+
+    row = STAGES.get(stage.get("name")) if isinstance(stage, dict) else None
+    if row is None:
+        return
+    problems += stage_contradictions(stage)
+    # data.packing / padding_free and KTO's data.batch_size >= 2 are the data side's checks (H2's, the contract)
+    reference = stage.get("reference")
+    if isinstance(reference, str) and reference:
+        directory = Path(reference).expanduser()
+        if not ((directory / "adapter_config.json").is_file() or (directory / "config.json").is_file()):
+            problems.append(
+                f"stage.reference={reference}: neither an adapter (adapter_config.json) nor a model (config.json) "
+                "is there (an SFT run's output_dir is expected)"
+            )
+        elif (directory / "adapter_config.json").is_file():
+            _reference_adapter_problems(directory, reference, kind, adapter, hardware, problems)
+    try:
+        resolved = settings(stage)
+    except (KeyError, TypeError):
+        return
+    loss = resolved.get("loss")
+    referenced = row.preference and (row.name == "kto" or (loss in LOSSES and LOSSES[loss].uses_reference))
+    ds = hardware.get("deepspeed") if isinstance(hardware.get("deepspeed"), dict) else {}
+    if (
+        referenced
+        and kind is not None
+        and not kind.uses_peft
+        and not resolved.get("precompute_reference")
+        and hardware.get("strategy") == "deepspeed"
+        and ds.get("stage") == 3
+    ):
+        problems.append(
+            f"stage={row.name} with adapter={kind.name} under ZeRO-3: the frozen reference copy would not be "
+            "partitioned; set stage.precompute_reference=true (one pass before training, then one model in memory)"
+        )
 
 
 def _target_problems(adapter: Any, problems: list[str]) -> None:

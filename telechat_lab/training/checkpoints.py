@@ -199,6 +199,7 @@ class RunCheckpoints(L.Callback):
 
         with without_transformers_bars():  # the training bar is on the screen
             save_model(pl_module.model, directory, self.base_dir, state)
+            getattr(pl_module, "finish_export", lambda _: None)(directory)  # a stage's adapter on its reference
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.base_dir)
         save_tokenizer(self._tokenizer, directory)

@@ -1,6 +1,7 @@
 """The LightningModule: TeleChat2 built in `configure_model` (so strategies can shard it), the adapter applied
 there, AdamW with warmup and a cosine / linear / constant schedule, and the guard against NaN / infinite losses
-and gradients (`nan_policy`)."""
+and gradients (`nan_policy`). One module for every stage (stages.py): sft and pt train the language-model loss,
+dpo and kto a preference objective (objectives.py) with its reference policy."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import torch
 
 from telechat_lab.adapter_kinds import adapter_kind
 from telechat_lab.config import AdapterConfig, ModelConfig, OptimConfig
+from telechat_lab.config.schema import StageConfig
 from telechat_lab.errors import NonFiniteLoss
 from telechat_lab.model.loading import upcast_trained
 from telechat_lab.private_apis import attn_implementation, set_last_lr
+from telechat_lab.stages import LOSSES, settings, stage_of
 from telechat_lab.tokenizer import IGNORE_INDEX as IGNORE
 
 from .adapters import apply_adapter, count_parameters, describe, quantization_config, weight_dtypes
@@ -51,8 +54,13 @@ class TelechatLitModule(L.LightningModule):
         nan_policy: str = "stop",
         nan_max_skips: int = 10,
         packed: bool = False,
+        stage: StageConfig | None = None,
     ):
         super().__init__()
+        self.stage = settings(stage if stage is not None else StageConfig())  # with the stage's defaults
+        self.objective = None  # dpo / kto: built in configure_model; sft / pt: the language-model loss
+        self.reference = None  # their reference policy (objectives.Reference), None where reference-free
+        self.step_stats: dict = {}  # the preference metrics' (sum, count) over the optimizer step so far
         self.packed = packed  # rows hold several documents (data.packing or data.padding_free)
         self.model_dir = Path(model_dir)
         self.model_cfg, self.adapter_cfg, self.optim_cfg = model, adapter, optim
@@ -71,7 +79,8 @@ class TelechatLitModule(L.LightningModule):
         checkpointing = self.model_cfg.gradient_checkpointing
         zero3 = zero3_config(self._trainer)
         with partitioned_loading(zero3):  # under ZeRO-3 straight into each rank's slices
-            model = load_base_model(self.model_dir, self.model_cfg, self.adapter_cfg, precision, self.packed)
+            model = load_base_model(self._start_dir(), self.model_cfg, self.adapter_cfg, precision, self.packed)
+            model = self._merged_reference_adapter(model)
             model.config.loss_implementation = self.model_cfg.loss_implementation
             if checkpointing:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -85,6 +94,7 @@ class TelechatLitModule(L.LightningModule):
                 block.compile()  # in place: parameter names, checkpoints and PEFT's saving are unchanged
         if checkpointing and adapter_kind(self.adapter_cfg.type).uses_peft:
             self.model.enable_input_require_grads()
+        self._build_objective()
         self.n_trainable, self.n_params = count_parameters(self.model)
         if self._trainer is None or self.trainer.is_global_zero:
             print(
@@ -94,9 +104,88 @@ class TelechatLitModule(L.LightningModule):
                 + (", compiled blocks" if self.model_cfg.compile else ""),
                 flush=True,
             )
+            if self.objective is not None:
+                print(self._describe_stage(), flush=True)
 
     def forward(self, **batch):
         return self.model(**batch)
+
+    # ------------------------------------------------------------------------------------ the stage's objective
+
+    def _reference_dir(self) -> Path | None:
+        reference = self.stage.get("reference")
+        return Path(reference).expanduser().resolve() if reference else None
+
+    def _start_dir(self) -> Path:
+        """Where the base weights come from: stage.reference when it is a whole (full fine-tuned) model."""
+        reference = self._reference_dir()
+        if reference is not None and not (reference / "adapter_config.json").is_file():
+            return reference
+        return self.model_dir
+
+    def _merged_reference_adapter(self, model):
+        """stage.reference's SFT adapter merged in memory into the base: both the policy's start and, with the
+        fresh adapter trained on top disabled, the reference (LoRA on LoRA; never the bare base)."""
+        reference = self._reference_dir()
+        if reference is None or not (reference / "adapter_config.json").is_file():
+            return model
+        from peft import PeftModel
+
+        from telechat_lab.model.checks import check_adapter_weights
+        from telechat_lab.resolve import check_adapter
+
+        check_adapter(reference)
+        check_adapter_weights(reference, self.model_dir)
+        return PeftModel.from_pretrained(model, str(reference)).merge_and_unload()
+
+    def finish_export(self, directory: Path) -> None:
+        """Called after the adapter is saved (checkpoints.save_pretrained): with stage.reference, the saved
+        adapter made a whole policy on its own (objectives.stack_onto_reference)."""
+        reference = self._reference_dir()
+        if reference is not None and hasattr(self.model, "peft_config"):
+            from .objectives import stack_onto_reference
+
+            stack_onto_reference(Path(directory), reference)
+
+    def _describe_stage(self) -> str:
+        """One line: the stage's settings in effect (its defaults filled in) and where its reference comes from."""
+        shown = {k: v for k, v in self.stage.items() if k not in ("name", "reference", "precompute_reference")}
+        settings_text = ", ".join(f"{k} {v}" for k, v in shown.items())
+        reference = self._reference_dir()
+        if self.reference is None:
+            where = "none (reference-free)"
+        elif self.reference.copy is not None:
+            where = "a frozen copy of the starting weights"
+        elif hasattr(self.model, "peft_config"):
+            where = "the base with the adapters disabled"
+        else:
+            where = "the starting weights"
+        if self.reference is not None and reference is not None:
+            where = f"the SFT policy of {reference} ({where})"
+        if self.reference is not None and self.stage["precompute_reference"]:
+            where += ", precomputed before training"
+        return f"stage={self.stage['name']}: {settings_text}; reference: {where}"
+
+    def _uses_reference(self) -> bool:
+        if not stage_of(self.stage["name"]).preference:
+            return False
+        return self.stage["name"] == "kto" or LOSSES[self.stage["loss"]].uses_reference
+
+    def _build_objective(self) -> None:
+        from .objectives import Kto, PairedPreference, Reference
+
+        row = stage_of(self.stage["name"])
+        if not row.preference:
+            return
+        reference = Reference(self) if self._uses_reference() else None
+        if reference is not None and not self.stage["precompute_reference"] and not hasattr(self.model, "peft_config"):
+            import copy
+
+            # full / freeze fine-tuning: a frozen copy of the starting weights, held outside the module's
+            # parameters (not trained, not checkpointed, not in the optimizer)
+            reference.copy = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.reference = reference
+        self.objective = (PairedPreference if row.paired else Kto)(self, self.stage, reference)
 
     def training_step(self, batch, batch_idx):
         """The loss of an optimizer step is the mean over all the tokens it trains on, however they are split into
@@ -107,9 +196,16 @@ class TelechatLitModule(L.LightningModule):
         accumulate, world = trainer.accumulate_grad_batches, trainer.world_size
         first = batch_idx - batch_idx % accumulate
         stop = min(first + accumulate, trainer.num_training_batches)
-        share = self.model(**batch, num_items_in_batch=self._step_targets(batch)).loss
+        if self.objective is None:
+            share = self.model(**batch, num_items_in_batch=self._step_targets(batch)).loss
+        else:  # the batch's summed preference loss over the step's pairs (or KTO examples)
+            divisor = self._step_examples(batch)
+            total, stats = self.objective.summed(batch)
+            share = total / divisor
         if not self._finite_everywhere(share):
             return self._non_finite("loss", share)
+        if self.objective is not None:
+            self.step_stats = _add_stats(self.step_stats, stats)
         self.step_loss = self.step_loss + share.detach()
         if batch_idx + 1 == stop:  # the step's last batch: its loss is complete on this rank
             loss = trainer.strategy.reduce(self.step_loss, reduce_op="sum") if world > 1 else self.step_loss
@@ -120,6 +216,9 @@ class TelechatLitModule(L.LightningModule):
             self.log("epoch", self.epoch_position, on_step=True, batch_size=1)  # fractional (Lightning's is whole)
             self.log("step", float(trainer.global_step + 1), on_step=True, batch_size=1)  # 1-based, as checkpoints
             self.loss_logged_at = trainer.global_step + 1  # the step this loss belongs to
+            if self.objective is not None:
+                self._log_stats("train", self.step_stats, on_step=True)
+                self.step_stats = {}
         twice = accumulate if trainer.strategy.handles_gradient_accumulation else 1  # DeepSpeed divides again
         return share * (accumulate * twice * world)
 
@@ -132,11 +231,71 @@ class TelechatLitModule(L.LightningModule):
         count *= self.trainer.accumulate_grad_batches * self.trainer.world_size
         return torch.tensor(max(count, 1), dtype=torch.float32, device=self.device)
 
+    def on_fit_start(self):
+        """The data module yields the stage's kind of batches; stage.precompute_reference: the reference
+        log-probabilities of the data, before the first step."""
+        row = stage_of(self.stage["name"])
+        kind = getattr(self.trainer.datamodule, "kind", "sft")  # the stage data module's (contract_stages)
+        if kind != row.data and {kind, row.data} != {"sft", "pt"}:  # pt batches have sft's shape
+            from telechat_lab.errors import DataError
+
+            raise DataError(
+                f"stage={row.name} trains on {row.data} data, but the data module yields {kind} batches "
+                "(this build reads no preference data yet)"
+            )
+        if self.objective is None or self.reference is None or not self.stage["precompute_reference"]:
+            return
+        from telechat_lab import cache_root
+
+        from .objectives import precompute_reference
+
+        datamodule = self.trainer.datamodule
+        loaders = [datamodule.train_dataloader()]
+        if self.trainer.limit_val_batches != 0:
+            val = datamodule.val_dataloader()
+            loaders += [val] if not isinstance(val, list) else val
+        data_cfg = getattr(datamodule, "cfg", None)
+        root = Path(data_cfg.cache_dir).expanduser() if getattr(data_cfg, "cache_dir", None) else cache_root()
+        resumed = self.trainer.ckpt_path is not None
+        self.reference.table = precompute_reference(self, loaders, root, resumed)
+
+    def _step_examples(self, batch) -> torch.Tensor:
+        """Pairs (dpo) or examples (kto) of this batch's optimizer step over every rank (`step_examples` of the
+        data module's batch; without it, this batch's as if each batch were a step)."""
+        batch.pop("step_targets", None)
+        if "step_examples" in batch:
+            return batch.pop("step_examples").to(self.device).float()
+        count = self.objective.examples(batch) * self.trainer.accumulate_grad_batches * self.trainer.world_size
+        return torch.tensor(float(max(count, 1)), device=self.device)
+
+    def _log_stats(self, split: str, stats: dict, on_step: bool) -> None:
+        """The preference metrics, each its sum over the step (or validation) and every rank / its count."""
+        from .objectives import margins
+
+        if not stats:
+            return
+        names = sorted(stats)
+        packed = torch.stack([torch.stack([stats[n][0], stats[n][1]]) for n in names]).to(self.device)
+        if self.trainer.world_size > 1:
+            packed = self.trainer.strategy.reduce(packed, reduce_op="sum")
+        values = {n: float(packed[i, 0] / packed[i, 1]) for i, n in enumerate(names) if float(packed[i, 1]) > 0}
+        for name, value in margins(values).items():
+            self.log(f"{split}/{name}", value, on_step=on_step, on_epoch=not on_step, batch_size=1, sync_dist=False)
+
     def on_validation_epoch_start(self):
         self.val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.val_count = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.val_stats = {}
 
     def validation_step(self, batch, batch_idx):
+        if self.objective is not None:  # val/loss: the preference loss, the mean over the validation pairs
+            batch.pop("step_examples", None)
+            batch.pop("step_targets", None)
+            total, stats = self.objective.summed(batch)
+            self.val_sum += total.detach().double()
+            self.val_count += self.objective.examples(batch)
+            self.val_stats = _add_stats(self.val_stats, stats)
+            return
         # summed, with the chunked loss (no [tokens, vocab] logits); val/loss is the mean over all tokens
         total = self.model(**batch, return_logits=False, num_items_in_batch=1).loss
         self.val_sum += total.detach().double()
@@ -148,6 +307,8 @@ class TelechatLitModule(L.LightningModule):
             total = self.trainer.strategy.reduce(total, reduce_op="sum")
             count = self.trainer.strategy.reduce(count, reduce_op="sum")
         self.log("val/loss", (total / count.clamp(min=1)).float(), prog_bar=True)
+        if self.objective is not None:
+            self._log_stats("val", self.val_stats, on_step=False)
         # the epoch of the weights being validated (also for the validation after the last step)
         self.log("epoch", float(self.epoch_position))
         self.log("step", float(self.trainer.global_step))
@@ -235,3 +396,14 @@ class TelechatLitModule(L.LightningModule):
         for group, rate in zip(scheduler.optimizer.param_groups, rates):
             group["lr"] = rate
         set_last_lr(scheduler, rates)  # what get_last_lr() (train/lr) reports
+
+
+def _add_stats(into: dict, stats: dict) -> dict:
+    """Metric sums and counts added up over batches."""
+    out = dict(into)
+    for name, (total, count) in stats.items():
+        if name in out:
+            out[name] = (out[name][0] + total, out[name][1] + count)
+        else:
+            out[name] = (total, count)
+    return out

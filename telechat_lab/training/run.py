@@ -327,7 +327,9 @@ def build(run: Run) -> None:
     L.seed_everything(s.seed, workers=True, verbose=False)
     datamodule = TelechatDataModule(s.data, run.model_dir, kind=stage_of(s.stage.name).data)  # the data it reads
     packed = bool(s.data.packing or s.data.padding_free)
-    module = TelechatLitModule(run.model_dir, s.model, s.adapter, s.optim, s.nan_policy, s.nan_max_skips, packed)
+    module = TelechatLitModule(
+        run.model_dir, s.model, s.adapter, s.optim, s.nan_policy, s.nan_max_skips, packed, stage=s.stage
+    )
     logger_cfgs = [v for v in (s.logger or {}).values() if v is not None]
     if run.checkpoint is not None:  # keep the interrupted run's CSV logs: the resumed part goes to logs/resumed-*
         logger_cfgs = [{**v, "version": _resumed_version(v)} if targets(v, CSVLogger) else v for v in logger_cfgs]
