@@ -189,7 +189,8 @@ def test_a_command_that_needs_an_extra_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     assert missing_for_config(OmegaConf.create({"eval": {"tasks": []}}), "eval") == []
     assert missing_for_config(OmegaConf.create({"eval": {"tasks": ["mmlu"]}}), "eval") == [
-        'eval.tasks: lm-evaluation-harness tasks needs lm_eval, which is not installed: pip install "telechat-lab[eval]"'
+        "eval.tasks: lm-evaluation-harness tasks needs lm_eval, which is not installed: "
+        'pip install "telechat-lab[eval]"'
     ]
 
 
