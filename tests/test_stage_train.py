@@ -460,7 +460,7 @@ def test_the_run_says_which_settings_and_which_reference_it_trains_with(tiny_dir
     module_for(tiny_dir, StageConfig(name="dpo"))
     said = capsys.readouterr().out
     assert (
-        "stage=dpo: loss sigmoid, beta 0.1, label_smoothing 0.0, simpo_gamma 0.5, sft_weight 0.0; "
+        "stage=dpo: loss sigmoid, beta 0.1, label_smoothing 0.0, sft_weight 0.0; "
         "reference: the base with the adapters disabled" in said
     )
     sft = make_adapter(tiny_dir, tmp_path / "sft")

@@ -580,13 +580,13 @@ def test_a_default_run_is_quiet_says_where_everything_is_and_counts_to_max_steps
         assert line in proc.stdout
     # the bar ends where max_steps ends the run, in the epoch it ends in (not at the epoch's 56 batches of 10 epochs)
     bar = next(line for line in proc.stdout.splitlines() if line.startswith("Epoch"))
-    assert bar.startswith("Epoch 0/0") and " 3/3 " in bar, bar
+    assert bar.startswith("Epoch 1/1") and " 3/3 " in bar, bar
     assert (out / "training_loss.png").exists() and (out / "adapter_model.safetensors").exists()
     # resumed mid-epoch, the bar goes on from the batches already done to the new max_steps
     proc = train_cli([f"output_dir={out}", "resume=true", "trainer.max_steps=5"], tmp_path, env=first_time)
     assert_quiet(proc.stdout + proc.stderr)  # no "dataloader is not resumable": the data module resumes it
     bar = next(line for line in proc.stdout.splitlines() if line.startswith("Epoch"))
-    assert bar.startswith("Epoch 0/0") and " 5/5 " in bar, bar
+    assert bar.startswith("Epoch 1/1") and " 5/5 " in bar, bar
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path, capsys):

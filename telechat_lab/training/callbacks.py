@@ -156,7 +156,7 @@ class LossPlot(L.Callback):
 class StepsProgressBar(RichProgressBar):
     """Lightning's progress bar, except where trainer.max_steps ends the run before the epochs do: Lightning's bar
     counts the whole epoch (and its ETA with it) and names the last epoch of max_epochs; this one ends where the
-    run will stop and names the epoch max_steps reaches."""
+    run will stop and names the epoch max_steps reaches; epochs are counted from 1 ("Epoch 2/2": the last of two)."""
 
     def _mark_start(self, trainer) -> None:
         self._steps_at_start = trainer.global_step
@@ -192,7 +192,8 @@ class StepsProgressBar(RichProgressBar):
             beyond = left - (per_epoch - self._done_at_start)
             reached = current_epoch + max(0, math.ceil(beyond / per_epoch))
             last = reached if last is None else min(last, reached)
-        description = f"Epoch {current_epoch}" + (f"/{last}" if last is not None else "")
+        # counted from 1, as a user counts (Lightning's bar says "Epoch 1/1" in the second of two epochs)
+        description = f"Epoch {current_epoch + 1}" + (f"/{last + 1}" if last is not None else "")
         return f"{description:{len(self.validation_description)}}"
 
     def get_metrics(self, trainer, pl_module) -> dict:

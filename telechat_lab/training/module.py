@@ -17,7 +17,7 @@ from telechat_lab.config.schema import StageConfig
 from telechat_lab.errors import NonFiniteLoss
 from telechat_lab.model.loading import upcast_trained
 from telechat_lab.private_apis import attn_implementation, set_last_lr
-from telechat_lab.stages import LOSSES, settings, stage_of
+from telechat_lab.stages import LOSSES, STAGE_SETTINGS, settings, stage_of
 from telechat_lab.tokenizer import IGNORE_INDEX as IGNORE
 
 from .adapters import apply_adapter, count_parameters, describe, quantization_config, weight_dtypes
@@ -149,7 +149,9 @@ class TelechatLitModule(L.LightningModule):
 
     def _describe_stage(self) -> str:
         """One line: the stage's settings in effect (its defaults filled in) and where its reference comes from."""
-        shown = {k: v for k, v in self.stage.items() if k not in ("name", "reference", "precompute_reference")}
+        loss = LOSSES.get(self.stage.get("loss"))
+        unused = set(STAGE_SETTINGS) - {"beta", "loss", *loss.settings} if loss is not None else set()
+        shown = {k: v for k, v in self.stage.items() if k not in {"name", "reference", "precompute_reference", *unused}}
         settings_text = ", ".join(f"{k} {v}" for k, v in shown.items())
         reference = self._reference_dir()
         if self.reference is None:
