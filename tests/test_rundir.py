@@ -53,7 +53,8 @@ def train_in(out: Path, *overrides: str) -> dict:
     """run_train for any path (quoted for Hydra)."""
     from helpers import compose_train
 
-    from telechat_lab.training.run import override_value, train
+    from telechat_lab.training.process import override_value
+    from telechat_lab.training.run import train
 
     overrides = [*QUICK, *overrides, f"output_dir={override_value(str(out))}", f"data.cache_dir={out.parent}/cache"]
     return train(compose_train(overrides), overrides)
@@ -115,7 +116,8 @@ def test_a_second_command_on_a_run_directory_in_use_is_refused_and_deletes_nothi
 def test_a_launched_ddp_worker_does_not_take_the_lock_its_parent_holds(tmp_path, monkeypatch):
     from helpers import compose_train
 
-    from telechat_lab.training.run import OUTPUT_ENV, prepare
+    from telechat_lab.training.process import OUTPUT_ENV
+    from telechat_lab.training.run import prepare
     from telechat_lab.training.runlock import held
 
     out = tmp_path / "run"
