@@ -121,9 +121,9 @@ def run(command: str, argv: list[str] | None = None) -> None:
         quiet_libraries()
         cfg = check_command_line(args, CONF_DIR, command)
         if command == "train":
-            from telechat_lab.training.run_dir_owner import claim_for_command_line
+            from telechat_lab.training.run import before_hydra
 
-            claim_for_command_line(cfg, args)
+            before_hydra(cfg, args)
             _checked["train"] = cfg is not None
     # what @hydra.main reads; and what a DDP launcher starts again for each rank: a file that runs this command
     # (not for shell completion: Hydra names the program to complete after sys.argv[0])

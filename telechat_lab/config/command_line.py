@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from telechat_lab.errors import ConfigError
 from telechat_lab.extras import missing_for_config, missing_for_options
+from telechat_lab.private_apis import apply_overrides
 
 from .schema import SCHEMAS
 from .suggest import near_names
@@ -64,8 +65,9 @@ def _has_key(cfg: DictConfig, dotted: str) -> bool:
 def command_line_config(
     argv: list[str], conf_dir: str, config_name: str = "train"
 ) -> tuple[list[str], DictConfig | None]:
-    """(every problem, the composed config) of a command line: unknown override keys (Hydra itself stops at the
-    first) and everything `config_problems` finds. A sweep stands for its first choice; what Hydra must report
+    """(every problem, the composed config) of a command line, composed once: unknown override keys (Hydra itself
+    stops at the first) and everything `config_problems` finds (for train's resume=true, left to where the run's own
+    settings are known: training.run). A sweep stands for its first choice; what Hydra must report
     itself (a syntax error, a missing group option) is left to it (no problems, no config)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -106,15 +108,14 @@ def command_line_config(
             missing = _missing_options([*hydra_groups, *groups], config_name, hydra_args)
             if missing:  # an optional group (experiment) would skip a misspelt option silently
                 return missing, None
+            # composed once, untyped (every problem is found below, not Hydra's first), without the key=value
+            # overrides: those of unknown keys are reported, the others applied as Hydra applies them
             lenient = [f"schema={config_name}_unchecked", *hydra_args, *(t for _, t, _ in groups)]
-            plain = compose(config_name, overrides=lenient)
-            unknown = [
-                k
-                for k, _, o in keys
-                if not (o.is_add() or o.is_force_add() or o.is_delete()) and not _has_key(plain, k)
-            ]
-            known = [t for k, t, _ in keys if k not in unknown]
-            cfg = compose(config_name, overrides=[*lenient, *known], return_hydra_config=True)
+            cfg = compose(config_name, overrides=lenient, return_hydra_config=True)
+        unknown = [
+            k for k, _, o in keys if not (o.is_add() or o.is_force_add() or o.is_delete()) and not _has_key(cfg, k)
+        ]
+        apply_overrides(OverridesParser.create().parse_overrides([t for k, t, _ in keys if k not in unknown]), cfg)
         not_installed = missing_for_config(cfg, config_name)  # Hydra's own node too: its sweeper, launcher, sampler
         with open_dict(cfg):
             del cfg["hydra"]
@@ -126,8 +127,9 @@ def command_line_config(
             return [f"{group}={name}: no such option; choose one of {', '.join(options)}"], None
         return [], None
     schema = SCHEMAS.get(config_name)
-    problems = [_unknown_key(k, plain, schema) for k in unknown] + not_installed
-    if schema is not None:
+    problems = [_unknown_key(k, cfg, schema) for k in unknown] + not_installed
+    resuming = config_name == "train" and cfg.get("resume") is True  # runs the run's own settings: checked there
+    if schema is not None and not resuming:
         try:
             problems += config_problems(cfg, schema)
         except ConfigError as err:  # a value that does not resolve

@@ -66,9 +66,10 @@ def _resolved_group(cfg: DictConfig | dict, key: str) -> Any:
         raise ConfigError([f"{key}: does not resolve ({err})"]) from err
 
 
-def _run_values(cfg: DictConfig | dict) -> tuple[dict, Path, Path, Path]:
+def _run_values(cfg: DictConfig | dict, groups: bool = True) -> tuple[dict, Path, Path, Path]:
     """(values, output_dir, model_dir, data_dir): the settings as plain values, with the run's own directory and
-    the model's and dataset's absolute (recorded so, a resume from another directory finds the same files)."""
+    the model's and dataset's absolute (recorded so, a resume from another directory finds the same files); the
+    logger and callbacks groups resolved (`groups`: under Hydra, whose job they may name)."""
     from telechat_lab.data.pipeline import resolved_dataset_dir
     from telechat_lab.resolve import model_dir as resolve_model_dir
 
@@ -77,7 +78,7 @@ def _run_values(cfg: DictConfig | dict) -> tuple[dict, Path, Path, Path]:
     if isinstance(cfg, DictConfig):  # loggers write under the run's own directory (a sweep job's, ...)
         cfg = cfg.copy()
         OmegaConf.update(cfg, "output_dir", str(output_dir), force_add=True)
-    for key in ("logger", "callbacks"):
+    for key in ("logger", "callbacks") if groups else ():
         values[key] = _resolved_group(cfg, key)
     model_dir = resolve_model_dir(values["model"]["path"])
     if values["model"]["path"]:
@@ -89,14 +90,17 @@ def _run_values(cfg: DictConfig | dict) -> tuple[dict, Path, Path, Path]:
 
 
 def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None, validated: bool = False) -> Run:
-    """Validate (unless the caller did: `validated`, by the command-line check or the API's compose); claim the
-    output directory (nothing the user has is overwritten; checked once: a claim this process holds is reused);
-    for resume=true, the run's own settings and its newest valid checkpoint; write config.yaml and run.json."""
+    """Validate (once: unless the caller did, `validated`; for resume=true the run's own settings with this
+    command's changes, unless the command line's step did, `before_hydra`); claim the output directory (nothing
+    the user has is overwritten; checked once: a claim this process holds is reused); for resume=true, the run's
+    own settings and its newest valid checkpoint; write config.yaml and run.json."""
+    from telechat_lab.resolve import model_dir as resolve_model_dir
+
     from .checkpoints import newest_checkpoint
     from .rundir import CONFIG_FILE, recorded_values, resolved_values, resumed_settings, run_id, write_run_record
 
     overrides = hydra_overrides() if overrides is None else list(overrides)
-    if not validated:
+    if not validated and cfg.get("resume") is not True:  # a resume runs the run's own settings: validated below
         validate(cfg)  # every problem at once, before anything is loaded or written
     values, output_dir, model_dir, data_dir = _run_values(cfg)
     owner = None
@@ -110,10 +114,11 @@ def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None, validate
     resume = bool(values["resume"])
     recorded = recorded_values(values, _unresolved(cfg))
     if resume:
-        recorded = resumed_settings(output_dir, recorded, overrides)
+        checked = owner is not None and owner.settings_checked
+        recorded = resumed_settings(output_dir, recorded, overrides, None if checked else _validate_resumed(output_dir))
         values = resolved_values(recorded, output_dir / CONFIG_FILE)
         values["resume"] = True
-        validate(values)  # the run's own settings with this command's changes: a config of its own
+        model_dir = resolve_model_dir(values["model"]["path"])  # the run's own model, not the command's default
     run = Run(
         settings_of(values), values, output_dir, model_dir, run_id(values), None, overrides, recorded, owner=owner
     )
@@ -134,6 +139,43 @@ def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None, validate
             write_run_record(output_dir, values, overrides)
     os.environ[OUTPUT_ENV] = str(output_dir)
     return run
+
+
+def _validate_resumed(output_dir: Path):
+    """The check of a resumed run's settings (the run's own, with every change the command asks for): all their
+    problems at once, as a config of its own."""
+    from .rundir import CONFIG_FILE, resolved_values
+
+    def check(settings: dict) -> None:
+        validate(resolved_values(settings, output_dir / CONFIG_FILE))
+
+    return check
+
+
+def before_hydra(cfg: DictConfig | None, argv: list[str]) -> None:
+    """`train`'s step after the command line's config check, before Hydra starts (and writes `.hydra/` and
+    `train.log` into the output directory): claim the run directory (run_dir_owner), and for resume=true validate
+    the run's own settings with this command's changes (the config check leaves them: a resume runs those, not the
+    command's config), so that prepare() checks neither again. A problem is printed and exits 2."""
+    from telechat_lab.config.command_line import config_source
+    from telechat_lab.errors import reported
+
+    from .run_dir_owner import claim_for_command_line
+    from .rundir import recorded_values, resumed_settings
+
+    owner = claim_for_command_line(cfg, argv)
+    if owner is None or not owner.resume:
+        return
+    try:
+        with reported():
+            values, output_dir, _, _ = _run_values(cfg, groups=False)
+            given = recorded_values(values, _unresolved(cfg))
+            resumed_settings(output_dir, given, config_source(argv, "", "train")[2], _validate_resumed(output_dir))
+    except BaseException:  # refused (reported() exits): the directory as it was, not even the lock's record changed
+        owner.undo()
+        owner.release()
+        raise
+    owner.settings_checked = True
 
 
 def _unresolved(cfg: DictConfig | dict) -> dict:

@@ -39,6 +39,7 @@ class RunDir:
     lock: Claim
     resume: bool
     overwrite: bool
+    settings_checked: bool = False  # resume: the run's settings with the command's changes validated (before Hydra)
 
     @classmethod
     def claim(
@@ -113,7 +114,7 @@ def resolve_output_dir(output_dir: str) -> Path:
 
     if os.environ.get(OUTPUT_ENV) and launched_worker():
         return Path(os.environ[OUTPUT_ENV])
-    return job_dir() or Path(output_dir).expanduser().resolve()
+    return job_dir() or Path(str(output_dir)).expanduser().resolve()  # str: a resume's is validated later
 
 
 def protected_dirs(values: dict) -> dict[str, Path]:
@@ -132,14 +133,14 @@ def claim_sweep_dir(path: Path) -> Claim:
     return claim(Path(path).resolve(), "hydra.sweep.dir")
 
 
-def claim_for_command_line(cfg: DictConfig | None, argv: list[str]) -> None:
-    """`train`'s step after the command-line check, before Hydra starts (and writes into the output directory):
-    claim the run directory, held until the process ends; for a sweep, only where its directory (given) lies is
-    checked and it is locked (each job claims its own). A refusal is printed and exits 2."""
+def claim_for_command_line(cfg: DictConfig | None, argv: list[str]) -> RunDir | None:
+    """Before Hydra starts (and writes into the output directory): claim the run directory, held until the process
+    ends; for a sweep, only where its directory (given) lies is checked and it is locked (each job claims its own).
+    A refusal is printed and exits 2. The claim (None: none was taken here)."""
     from telechat_lab.config import config_values
 
     if cfg is None or launched_worker():
-        return
+        return None
     values = config_values(cfg)
     with reported():
         protected = protected_dirs(values)
@@ -148,9 +149,10 @@ def claim_for_command_line(cfg: DictConfig | None, argv: list[str]) -> None:
             if given and "${" not in given[-1]:
                 rundir.check_outside(resolve_output_dir(given[-1]), protected)
                 claim_sweep_dir(resolve_output_dir(given[-1]))
-            return
+            return None
         if requeued_by_slurm() and not values["resume"]:
-            return  # prepare() resumes the run when it is this command's own (its id needs the resolved paths)
+            return None  # prepare() resumes the run when it is this command's own (its id needs the resolved paths)
         directory = resolve_output_dir(values["output_dir"])
-        RunDir.claim(directory, protected, resume=bool(values["resume"]), overwrite=bool(values["overwrite"]))
+        owner = RunDir.claim(directory, protected, resume=values["resume"] is True, overwrite=bool(values["overwrite"]))
     sys.stdout.flush()
+    return owner
