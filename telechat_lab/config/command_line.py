@@ -77,27 +77,10 @@ def command_line_config(
         overrides = OverridesParser.create().parse_overrides(args)
     except Exception:  # a syntax error: Hydra reports it
         return [], None
-    hydra_args, hydra_groups, groups, keys, not_here = [], [], [], [], []
-    own_groups = option_groups(conf_dir, config_name)
-    for override, arg in zip(overrides, args):
-        key = override.key_or_group
-        if _is_hydras(key):  # hydra.launcher.n_jobs=2, hydra/launcher=joblib: Hydra's own config
-            hydra_args.append(arg)
-            if "/" in key:
-                hydra_groups.append((key, arg, override))
-            continue
-        try:  # a sweep stands for its first choice; a glob(...) needs Hydra's loader: give up
-            value = next(iter(override.sweep_string_iterator())) if override.is_sweep_override() else None
-        except Exception:
-            return [], None
-        text = arg if value is None else f"{arg.split('=', 1)[0]}={value}"
-        if (Path(conf_dir) / key).is_dir() and key not in own_groups and key != "schema":
-            not_here.append(
-                f"{text}: {config_name} has no '{key}' option group; set its keys instead (--cfg job lists them)"
-            )
-            continue
-        is_group = "/" in key or key in own_groups or key == "schema"
-        (groups if is_group else keys).append((key, text, override))
+    sorted_ = _sorted_overrides(overrides, args, conf_dir, config_name)
+    if sorted_ is None:  # a glob(...) sweep needs Hydra's loader: left to Hydra
+        return [], None
+    hydra_args, hydra_groups, groups, keys, not_here = sorted_
     if not_here:
         return not_here, None
     not_installed = missing_for_options([f"{k}={v}" for k, _, o in [*hydra_groups, *groups] for v in _choices(o)])
@@ -137,6 +120,34 @@ def command_line_config(
     if config_name == "train":
         problems += _sweep_problems(args, cfg)
     return problems, cfg
+
+
+def _sorted_overrides(overrides: list, args: list[str], conf_dir: str, config_name: str) -> tuple | None:
+    """The command line's overrides by kind: (Hydra's own as typed, Hydra's group overrides, the command's group
+    overrides, its key=value overrides, a problem for each group of another command); each (key, text, override)
+    with a sweep's text standing for its first choice. None: a sweep that needs Hydra's loader (a glob)."""
+    hydra_args, hydra_groups, groups, keys, not_here = [], [], [], [], []
+    own_groups = option_groups(conf_dir, config_name)
+    for override, arg in zip(overrides, args):
+        key = override.key_or_group
+        if _is_hydras(key):  # hydra.launcher.n_jobs=2, hydra/launcher=joblib: Hydra's own config
+            hydra_args.append(arg)
+            if "/" in key:
+                hydra_groups.append((key, arg, override))
+            continue
+        try:
+            value = next(iter(override.sweep_string_iterator())) if override.is_sweep_override() else None
+        except Exception:
+            return None
+        text = arg if value is None else f"{arg.split('=', 1)[0]}={value}"
+        if (Path(conf_dir) / key).is_dir() and key not in own_groups and key != "schema":
+            not_here.append(
+                f"{text}: {config_name} has no '{key}' option group; set its keys instead (--cfg job lists them)"
+            )
+            continue
+        is_group = "/" in key or key in own_groups or key == "schema"
+        (groups if is_group else keys).append((key, text, override))
+    return hydra_args, hydra_groups, groups, keys, not_here
 
 
 def _sweep_problems(args: list[str], cfg: DictConfig) -> list[str]:
