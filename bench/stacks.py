@@ -184,12 +184,12 @@ def run_ours(s: Settings, overrides: list[str]) -> tuple[Measured, dict, list[di
 
     release_memory()
     run = prepare(api.compose("train", overrides), overrides)
-    build(run)
-    trainer = run.parts["trainer"]
+    built = build(run)
+    trainer = built.trainer
     trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, RunCheckpoints)] + [Probe()]
-    trainer.fit(run.parts["module"], datamodule=run.parts["datamodule"])
+    trainer.fit(built.module, datamodule=built.datamodule)
     measured.peak_mem_gib = peak_memory_gib()
-    del run, trainer
+    del run, built, trainer
     release_memory()
     return measured, start, batches
 

@@ -24,7 +24,8 @@ from telechat_lab.cli import CONF_DIR
 
 def compose(command: str = "train", overrides: list[str] | tuple = ()) -> DictConfig:
     """The config of `command` (train, merge, chat, inspect) with these overrides, validated (once: by the
-    command-line check, which composes the same overrides)."""
+    command-line check, which composes the same overrides; for train's resume=true, the run's own settings with
+    these changes are validated when the run is prepared)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

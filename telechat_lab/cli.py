@@ -36,22 +36,16 @@ COMMANDS = {
 _checked: dict[str, bool] = {}  # command -> its config was validated before Hydra started (one run, this process)
 
 
-def _multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 def _basic_sweep() -> bool:
     """A job of Hydra's own sweeper, which re-raises a failed job's error after the last job (a traceback, and no
     sweep summary); an Optuna sweep records a failed trial from its error."""
     from hydra.core.hydra_config import HydraConfig
 
+    from telechat_lab.hydra_runtime import is_multirun
     from telechat_lab.private_apis import hydra_basic_sweeper
     from telechat_lab.targets import targets
 
-    return _multirun() and targets(HydraConfig.get().sweeper, hydra_basic_sweeper())
+    return is_multirun() and targets(HydraConfig.get().sweeper, hydra_basic_sweeper())
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
@@ -60,11 +54,12 @@ def train(cfg: DictConfig) -> float | None:
 
     quiet_libraries()  # again in a launcher's worker process (joblib, submitit), which starts here, before imports
     from telechat_lab.errors import UserError
+    from telechat_lab.hydra_runtime import is_multirun
     from telechat_lab.training.run import train as run_training
 
     try:
-        with reported(multirun=_multirun()):
-            metrics = run_training(cfg, validated=_checked.get("train", False) and not _multirun())
+        with reported(multirun=is_multirun()):
+            metrics = run_training(cfg, validated=_checked.get("train", False) and not is_multirun())
     except UserError:
         if _basic_sweep():  # its message is printed; the summary lists the job as failed, the sweep goes on
             return None
@@ -100,16 +95,17 @@ def serve(cfg: DictConfig) -> None:
 def evaluate(cfg: DictConfig) -> None:
     from telechat_lab.errors import UserError
     from telechat_lab.eval.run import record_job, run_eval
+    from telechat_lab.hydra_runtime import is_multirun
 
     try:
-        with reported(multirun=_multirun()):
+        with reported(multirun=is_multirun()):
             result = run_eval(OmegaConf.to_object(cfg))
     except UserError:
         if _basic_sweep():  # its message is printed; the summary lists the job as failed, the sweep goes on
             record_job(None)
             return
         raise
-    if _multirun():
+    if is_multirun():
         record_job(result)
 
 
@@ -124,11 +120,12 @@ def inspect(cfg: DictConfig) -> None:
 def run(command: str, argv: list[str] | None = None) -> None:
     """Run one Hydra command with `argv` (default: the process's own arguments)."""
     from telechat_lab.config.command_line import skips_check
+    from telechat_lab.training.process import COMMAND_ENV
 
     args = sys.argv[1:] if argv is None else list(argv)
-    if "TELECHAT_LAB_COMMAND" not in os.environ:  # the first process (not a DDP rank): how the user started it
+    if COMMAND_ENV not in os.environ:  # the first process (not a DDP rank): how the user started it
         started = Path(sys.argv[0]).name
-        os.environ["TELECHAT_LAB_COMMAND"] = (
+        os.environ[COMMAND_ENV] = (
             f"telechat-lab {command}"
             if started == "telechat-lab"
             else f"python {started}"
@@ -137,18 +134,17 @@ def run(command: str, argv: list[str] | None = None) -> None:
         )
     if skips_check(args):  # --help, completion, --cfg: Hydra alone, and nothing that imports torch
         import telechat_lab.config.schema  # noqa: F401  (registers the schemas the configs are typed against)
-    elif command == "train":
-        from telechat_lab.console import quiet_libraries
-        from telechat_lab.training.run import check_command_line
-
-        quiet_libraries()
-        _checked["train"] = check_command_line(args, CONF_DIR) is not None
-    else:
+    else:  # every problem of the config at once, then (train) the run directory's claim: before Hydra writes
         from telechat_lab.config import check_command_line
         from telechat_lab.console import quiet_libraries
 
         quiet_libraries()
-        check_command_line(args, CONF_DIR, command)
+        cfg = check_command_line(args, CONF_DIR, command)
+        if command == "train":
+            from telechat_lab.training.run import before_hydra
+
+            before_hydra(cfg, args)
+            _checked["train"] = cfg is not None
     # what @hydra.main reads; and what a DDP launcher starts again for each rank: a file that runs this command
     # (not for shell completion: Hydra names the program to complete after sys.argv[0])
     start_again = Path(__file__).resolve().parent / "commands" / "run_train.py"

@@ -44,6 +44,15 @@ def hydra_basic_sweeper() -> type:
     return BasicSweeper
 
 
+def apply_overrides(overrides: list, cfg) -> None:
+    """Apply parsed key=value overrides (+key, ++key, ~key) to a composed config as Hydra's compose applies them
+    after the defaults list (Hydra has no public call for it; the config check composes once, then applies those
+    of known keys)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    ConfigLoaderImpl._apply_overrides_to_config(overrides, cfg)
+
+
 def compute_dtype(precision_plugin) -> Any:
     """The dtype a Lightning precision plugin computes in (what ThroughputMonitor looks its peak FLOPs up by)."""
     from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype

@@ -137,7 +137,7 @@ def test_a_resumes_csv_logs_never_go_into_a_folder_that_exists(tmp_path):
     files it finds in its folder: the earlier resume's metrics were lost."""
     from datetime import datetime, timedelta
 
-    from telechat_lab.training.run import _resumed_version
+    from telechat_lab.training.loggers import _resumed_version
 
     logs = tmp_path / "logs"
     now = datetime.now()

@@ -82,3 +82,26 @@ def test_targets_compare_classes_not_names():
     assert not targets({"_target_": "my.own.CSVLoggerLike"}, CSVLogger)  # the name alone no longer matches
     assert targets({"_target_": "lightning.pytorch.loggers.WandbLogger"}, WandbLogger)
     assert not targets({"name": "no target"}, WandbLogger)
+
+
+def test_hydra_override_application_is_what_compose_does():
+    """The config check composes once and applies the key=value overrides itself, through Hydra's own step."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    import telechat_lab.config.schema  # noqa: F401  (registers the schemas train.yaml is typed against)
+
+    overrides = [
+        "optim.lr=0.5",
+        "+trainer.max_time=00:00:01:00",
+        "~trainer.max_epochs",
+        "++seed=3",
+        "data.datasets=[a,b]",
+    ]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        expected = compose("train", overrides=["schema=train_unchecked", *overrides])
+        applied = compose("train", overrides=["schema=train_unchecked"])
+    private_apis.apply_overrides(OverridesParser.create().parse_overrides(overrides), applied)
+    assert OmegaConf.to_container(applied) == OmegaConf.to_container(expected)
+    assert applied.optim.lr == 0.5 and applied.seed == 3 and "max_epochs" not in applied.trainer

@@ -53,7 +53,8 @@ def train_in(out: Path, *overrides: str) -> dict:
     """run_train for any path (quoted for Hydra)."""
     from helpers import compose_train
 
-    from telechat_lab.training.run import override_value, train
+    from telechat_lab.training.process import override_value
+    from telechat_lab.training.run import train
 
     overrides = [*QUICK, *overrides, f"output_dir={override_value(str(out))}", f"data.cache_dir={out.parent}/cache"]
     return train(compose_train(overrides), overrides)
@@ -115,7 +116,8 @@ def test_a_second_command_on_a_run_directory_in_use_is_refused_and_deletes_nothi
 def test_a_launched_ddp_worker_does_not_take_the_lock_its_parent_holds(tmp_path, monkeypatch):
     from helpers import compose_train
 
-    from telechat_lab.training.run import OUTPUT_ENV, prepare
+    from telechat_lab.training.process import OUTPUT_ENV
+    from telechat_lab.training.run import prepare
     from telechat_lab.training.runlock import held
 
     out = tmp_path / "run"
@@ -314,3 +316,95 @@ def test_a_read_only_location_is_one_message_and_changes_nothing(tmp_path, monke
     with pytest.raises(OutputDirError, match=rf"output_dir={tmp_path} is not writable"):
         claim(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------ checked once, by one owner
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Calls of the output directory's rules, of validation (command-line check and run) and of Hydra's compose
+    in the command-line check; the claims this process takes are let go after the test."""
+    import hydra
+
+    from telechat_lab.config import command_line
+    from telechat_lab.training import run, run_dir_owner
+
+    calls = {"rules": 0, "validate": 0, "compose": 0}
+
+    def counting(name, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(rundir, "check_output_dir", counting("rules", rundir.check_output_dir))
+    monkeypatch.setattr(run, "validate", counting("validate", run.validate))
+    monkeypatch.setattr(command_line, "config_problems", counting("validate", command_line.config_problems))
+    monkeypatch.setattr(hydra, "compose", counting("compose", hydra.compose))
+    yield calls
+    for owner in run_dir_owner.owned():
+        owner.release()
+
+
+def _command(argv: list[str]):
+    """What `telechat-lab train ARGV` does before and inside Hydra: the config check and the claim (cli.run), then
+    prepare() with the config Hydra composes (as cli.train passes it: validated)."""
+    from helpers import CONF, compose_train
+
+    from telechat_lab.config import check_command_line
+    from telechat_lab.training.run import before_hydra, prepare
+
+    cfg = check_command_line(argv, CONF, "train")
+    before_hydra(cfg, argv)
+    return prepare(compose_train(argv), argv, validated=cfg is not None)
+
+
+def test_a_command_composes_validates_and_checks_the_directory_once(tmp_path, counted):
+    out = tmp_path / "run"
+    argv = [*QUICK, f"data.cache_dir={tmp_path}/cache", f"output_dir={out}", "trainer.max_steps=1"]
+    run = _command(argv)
+    assert run.output_dir == out and run.owner is not None and (out / "run.json").is_file()
+    assert counted == {"rules": 1, "validate": 1, "compose": 1}
+
+
+def test_the_python_api_path_checks_the_directory_in_prepare(tmp_path, counted):
+    from helpers import compose_train
+
+    from telechat_lab.training.run import prepare
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    argv = [*QUICK, f"data.cache_dir={tmp_path}/cache", f"output_dir={tmp_path / 'run'}"]
+    with pytest.raises(OutputDirError, match="already holds a run"):
+        prepare(compose_train(argv), argv)
+    assert counted["rules"] == 1 and counted["validate"] == 1
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["notes.txt"]  # not even a lock file
+
+
+def test_a_resume_validates_the_runs_own_settings_once_and_builds_its_own_model(tmp_path, counted, capsys):
+    from helpers import CONF
+
+    from telechat_lab.config import check_command_line
+    from telechat_lab.resolve import model_dir
+    from telechat_lab.training.run import before_hydra
+
+    base, out = tmp_path / "base", tmp_path / "run"
+    shutil.copytree(model_dir(None), base)
+    run_train(out, f"model.path={base}", "trainer.max_steps=1")
+    before = tree_snapshot(out)
+    resume = [*QUICK, f"data.cache_dir={out}/cache", f"output_dir={out}", "resume=true", "trainer.max_steps=2"]
+
+    bad = [*resume, "optim.lr=-1", "save_steps=0"]  # a value out of range, and a change that makes another run
+    with pytest.raises(SystemExit) as exit_:
+        before_hydra(check_command_line(bad, CONF, "train"), bad)
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "optim.lr=-1: must be" in error and "save_steps=0: must be" in error, error
+    assert tree_snapshot(out) == before  # refused before Hydra: the directory as it was, the lock's record too
+
+    counted.update(rules=0, validate=0)
+    run = _command(resume)
+    assert counted["rules"] == 1 and counted["validate"] == 1  # the run's own settings with the changes, once
+    assert run.model_dir == base  # the run's own model, not the command's default (the tiny one)
+    assert run.values["trainer"]["max_steps"] == 2 and run.checkpoint is not None

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from telechat_lab.errors import ConfigError
 from telechat_lab.extras import missing_for_config, missing_for_options
+from telechat_lab.private_apis import apply_overrides
 
 from .schema import SCHEMAS
 from .suggest import near_names
@@ -64,8 +65,9 @@ def _has_key(cfg: DictConfig, dotted: str) -> bool:
 def command_line_config(
     argv: list[str], conf_dir: str, config_name: str = "train"
 ) -> tuple[list[str], DictConfig | None]:
-    """(every problem, the composed config) of a command line: unknown override keys (Hydra itself stops at the
-    first) and everything `config_problems` finds. A sweep stands for its first choice; what Hydra must report
+    """(every problem, the composed config) of a command line, composed once: unknown override keys (Hydra itself
+    stops at the first) and everything `config_problems` finds (for train's resume=true, left to where the run's own
+    settings are known: training.run). A sweep stands for its first choice; what Hydra must report
     itself (a syntax error, a missing group option) is left to it (no problems, no config)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -75,27 +77,10 @@ def command_line_config(
         overrides = OverridesParser.create().parse_overrides(args)
     except Exception:  # a syntax error: Hydra reports it
         return [], None
-    hydra_args, hydra_groups, groups, keys, not_here = [], [], [], [], []
-    own_groups = option_groups(conf_dir, config_name)
-    for override, arg in zip(overrides, args):
-        key = override.key_or_group
-        if _is_hydras(key):  # hydra.launcher.n_jobs=2, hydra/launcher=joblib: Hydra's own config
-            hydra_args.append(arg)
-            if "/" in key:
-                hydra_groups.append((key, arg, override))
-            continue
-        try:  # a sweep stands for its first choice; a glob(...) needs Hydra's loader: give up
-            value = next(iter(override.sweep_string_iterator())) if override.is_sweep_override() else None
-        except Exception:
-            return [], None
-        text = arg if value is None else f"{arg.split('=', 1)[0]}={value}"
-        if (Path(conf_dir) / key).is_dir() and key not in own_groups and key != "schema":
-            not_here.append(
-                f"{text}: {config_name} has no '{key}' option group; set its keys instead (--cfg job lists them)"
-            )
-            continue
-        is_group = "/" in key or key in own_groups or key == "schema"
-        (groups if is_group else keys).append((key, text, override))
+    sorted_ = _sorted_overrides(overrides, args, conf_dir, config_name)
+    if sorted_ is None:  # a glob(...) sweep needs Hydra's loader: left to Hydra
+        return [], None
+    hydra_args, hydra_groups, groups, keys, not_here = sorted_
     if not_here:
         return not_here, None
     not_installed = missing_for_options([f"{k}={v}" for k, _, o in [*hydra_groups, *groups] for v in _choices(o)])
@@ -106,15 +91,14 @@ def command_line_config(
             missing = _missing_options([*hydra_groups, *groups], config_name, hydra_args)
             if missing:  # an optional group (experiment) would skip a misspelt option silently
                 return missing, None
+            # composed once, untyped (every problem is found below, not Hydra's first), without the key=value
+            # overrides: those of unknown keys are reported, the others applied as Hydra applies them
             lenient = [f"schema={config_name}_unchecked", *hydra_args, *(t for _, t, _ in groups)]
-            plain = compose(config_name, overrides=lenient)
-            unknown = [
-                k
-                for k, _, o in keys
-                if not (o.is_add() or o.is_force_add() or o.is_delete()) and not _has_key(plain, k)
-            ]
-            known = [t for k, t, _ in keys if k not in unknown]
-            cfg = compose(config_name, overrides=[*lenient, *known], return_hydra_config=True)
+            cfg = compose(config_name, overrides=lenient, return_hydra_config=True)
+        unknown = [
+            k for k, _, o in keys if not (o.is_add() or o.is_force_add() or o.is_delete()) and not _has_key(cfg, k)
+        ]
+        apply_overrides(OverridesParser.create().parse_overrides([t for k, t, _ in keys if k not in unknown]), cfg)
         not_installed = missing_for_config(cfg, config_name)  # Hydra's own node too: its sweeper, launcher, sampler
         with open_dict(cfg):
             del cfg["hydra"]
@@ -126,8 +110,9 @@ def command_line_config(
             return [f"{group}={name}: no such option; choose one of {', '.join(options)}"], None
         return [], None
     schema = SCHEMAS.get(config_name)
-    problems = [_unknown_key(k, plain, schema) for k in unknown] + not_installed
-    if schema is not None:
+    problems = [_unknown_key(k, cfg, schema) for k in unknown] + not_installed
+    resuming = config_name == "train" and cfg.get("resume") is True  # runs the run's own settings: checked there
+    if schema is not None and not resuming:
         try:
             problems += config_problems(cfg, schema)
         except ConfigError as err:  # a value that does not resolve
@@ -135,6 +120,34 @@ def command_line_config(
     if config_name == "train":
         problems += _sweep_problems(args, cfg)
     return problems, cfg
+
+
+def _sorted_overrides(overrides: list, args: list[str], conf_dir: str, config_name: str) -> tuple | None:
+    """The command line's overrides by kind: (Hydra's own as typed, Hydra's group overrides, the command's group
+    overrides, its key=value overrides, a problem for each group of another command); each (key, text, override)
+    with a sweep's text standing for its first choice. None: a sweep that needs Hydra's loader (a glob)."""
+    hydra_args, hydra_groups, groups, keys, not_here = [], [], [], [], []
+    own_groups = option_groups(conf_dir, config_name)
+    for override, arg in zip(overrides, args):
+        key = override.key_or_group
+        if _is_hydras(key):  # hydra.launcher.n_jobs=2, hydra/launcher=joblib: Hydra's own config
+            hydra_args.append(arg)
+            if "/" in key:
+                hydra_groups.append((key, arg, override))
+            continue
+        try:
+            value = next(iter(override.sweep_string_iterator())) if override.is_sweep_override() else None
+        except Exception:
+            return None
+        text = arg if value is None else f"{arg.split('=', 1)[0]}={value}"
+        if (Path(conf_dir) / key).is_dir() and key not in own_groups and key != "schema":
+            not_here.append(
+                f"{text}: {config_name} has no '{key}' option group; set its keys instead (--cfg job lists them)"
+            )
+            continue
+        is_group = "/" in key or key in own_groups or key == "schema"
+        (groups if is_group else keys).append((key, text, override))
+    return hydra_args, hydra_groups, groups, keys, not_here
 
 
 def _sweep_problems(args: list[str], cfg: DictConfig) -> list[str]:

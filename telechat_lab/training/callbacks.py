@@ -14,7 +14,8 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
 from telechat_lab.files import atomic_write_text
-from telechat_lab.training.rundir import discard_replaced_run, has_checkpoint
+from telechat_lab.training.run_dir_owner import RunDir
+from telechat_lab.training.rundir import has_checkpoint
 
 
 class SpeedAndMemory(L.Callback):
@@ -204,8 +205,9 @@ class StepsProgressBar(RichProgressBar):
 
 
 class DiscardReplacedRun(L.Callback):
-    """overwrite=true: the earlier run, set aside, is deleted once the new run has trained a step and written a
-    resumable checkpoint (until then an interruption puts the earlier run back), at the latest when training ends."""
+    """overwrite=true: the earlier run, set aside, is deleted (`RunDir.commit`) once the new run has trained a step
+    and written a resumable checkpoint (until then an interruption puts the earlier run back), at the latest when
+    training ends."""
 
     def __init__(self, output_dir: Path):
         self.output_dir, self.done = output_dir, False
@@ -220,5 +222,5 @@ class DiscardReplacedRun(L.Callback):
 
     def _discard(self, trainer) -> None:
         if trainer.is_global_zero:
-            discard_replaced_run(self.output_dir)
+            RunDir.commit(self.output_dir)
         self.done = True

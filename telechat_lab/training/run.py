@@ -1,14 +1,12 @@
-"""One training run from a composed config, in four steps: prepare (validate, the output directory's rules,
-what a resume continues), build (data, model, trainer), fit, report (the final metrics, written once, here)."""
+"""One training run from a composed config, in four steps: prepare (validate, claim the output directory, what a
+resume continues), build (data, model, loggers, callbacks, trainer), fit, report (the final metrics, written
+once, here); `train` runs them. Who owns the output directory: run_dir_owner; the loggers: loggers; who this
+process is (a launched rank, a SLURM requeue): process; what Hydra's runtime says: telechat_lab.hydra_runtime."""
 
 from __future__ import annotations
 
-import logging
 import os
-import re
-import shlex
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,87 +15,44 @@ from omegaconf import DictConfig, OmegaConf
 from telechat_lab.adapter_kinds import adapter_kind
 from telechat_lab.config import TrainConfig, config_values, validate
 from telechat_lab.errors import ConfigError, Interrupted, OutputDirError
-from telechat_lab.hydra_runtime import sweep_dir
-from telechat_lab.private_apis import experiment_started, wandb_init_settings
-from telechat_lab.targets import targets
+from telechat_lab.hydra_runtime import hydra_overrides
 
-log = logging.getLogger(__name__)
-OUTPUT_ENV = "TELECHAT_LAB_OUTPUT_DIR"  # pins output_dir for the processes a DDP launcher starts
-COMMAND_ENV = "TELECHAT_LAB_COMMAND"  # how the command was started (set by telechat_lab.cli)
+from .process import OUTPUT_ENV, launched_worker, requeued_by_slurm, resume_command
+from .run_dir_owner import RunDir, owned, resolve_output_dir, undo_unstarted
 
 
 @dataclass
 class Run:
-    """A prepared run: its settings and where everything is."""
+    """A prepared run: its settings and where everything is. The settings come three ways, each for its readers:
+    `settings` typed (the code that builds the run), `values` plain and resolved (the run's identity, the
+    checkpoints' trainer limits), `recorded` as written to config.yaml and logged (a setting from the environment
+    left unresolved, so that no secret is copied into the run's files)."""
 
     settings: TrainConfig
-    values: dict  # the same settings as plain values (what config.yaml holds)
+    values: dict
     output_dir: Path
     model_dir: Path
     run_id: str
     checkpoint: Path | None = None  # what a resume continues from
     overrides: list[str] = field(default_factory=list)  # the command line's, for names (wandb, sweeps)
-    parts: dict = field(default_factory=dict)
-    recorded: dict | None = None  # `values` as written and logged: settings from the environment unresolved
+    recorded: dict | None = None  # default: `values`
     finished: dict | None = None  # resume=true of a run with nothing left to train: its final metrics
+    owner: RunDir | None = None  # the output directory's claim (None in a launched rank)
 
     def __post_init__(self):
         self.recorded = self.values if self.recorded is None else self.recorded
 
 
-def launched_worker() -> bool:
-    """A process a launcher started for another rank of this run (it reads the run's files, never writes them)."""
-    return any(os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+@dataclass
+class Built:
+    """What `build` makes of a run: the parts `fit` trains and `report` reads."""
 
-
-def train_command() -> str:
-    """How this run was started ("python train.py" or "telechat-lab train"), for the commands it prints."""
-    return os.environ.get(COMMAND_ENV, "python train.py")
-
-
-def resume_command(output_dir: Path) -> str:
-    """The command that continues the run in `output_dir`, quoted to paste back into a shell (and for Hydra)."""
-    return f"{train_command()} {shlex.quote(f'output_dir={override_value(str(output_dir))}')} resume=true"
-
-
-def override_value(text: str) -> str:
-    """`text` as the value of a Hydra override: as it is where Hydra reads it so, else quoted."""
-    if re.fullmatch(r"[\w/.+%@~-]+", text):
-        return text
-    # Hydra reads a backslash as itself, but before a quote (or the closing one) as an escape
-    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
-    return "'" + escaped.replace("'", "\\'").replace("${", "\\${") + "'"
-
-
-def requeued_by_slurm() -> bool:
-    """SLURM started this job again (after `scontrol requeue`): the same command continues its own run."""
-    return os.environ.get("SLURM_RESTART_COUNT", "0") != "0"
-
-
-def hydra_overrides() -> list[str]:
-    """The command line's overrides when running under @hydra.main (else none)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:
-        return []
-
-
-def resolve_output_dir(output_dir: str) -> Path:
-    """The run's directory: output_dir, or in a Hydra multirun the job's own directory."""
-    if os.environ.get(OUTPUT_ENV) and launched_worker():
-        return Path(os.environ[OUTPUT_ENV])
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hc = HydraConfig.get()
-        if hc.mode == RunMode.MULTIRUN:
-            return Path(hc.runtime.output_dir).resolve()
-    except ValueError:  # not under @hydra.main (the Python API)
-        pass
-    return Path(output_dir).expanduser().resolve()
+    datamodule: Any  # TelechatDataModule
+    module: Any  # TelechatLitModule
+    trainer: Any  # lightning.Trainer
+    loggers: list
+    checkpoints: Any  # RunCheckpoints
+    plot: Any  # LossPlot
 
 
 def _resolved_group(cfg: DictConfig | dict, key: str) -> Any:
@@ -111,126 +66,122 @@ def _resolved_group(cfg: DictConfig | dict, key: str) -> Any:
         raise ConfigError([f"{key}: does not resolve ({err})"]) from err
 
 
-def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None, validated: bool = False) -> Run:
-    """Validate (unless the caller did: `validated`, by the command-line check or the API's compose); apply the
-    output directory's rules (nothing the user has is overwritten); for resume=true, the run's own settings and its
-    newest valid checkpoint; write config.yaml and run.json."""
+def _run_values(cfg: DictConfig | dict, groups: bool = True) -> tuple[dict, Path, Path, Path]:
+    """(values, output_dir, model_dir, data_dir): the settings as plain values, with the run's own directory and
+    the model's and dataset's absolute (recorded so, a resume from another directory finds the same files); the
+    logger and callbacks groups resolved (`groups`: under Hydra, whose job they may name)."""
     from telechat_lab.data.pipeline import resolved_dataset_dir
     from telechat_lab.resolve import model_dir as resolve_model_dir
 
-    from .checkpoints import newest_checkpoint
-    from .rundir import (
-        CONFIG_FILE,
-        check_output_dir,
-        check_outside,
-        read_run_record,
-        recorded_values,
-        resolved_values,
-        resumed_settings,
-        run_files,
-        run_id,
-        set_aside_run,
-        write_run_record,
-    )
-
-    overrides = hydra_overrides() if overrides is None else list(overrides)
-    if not validated:
-        validate(cfg)  # every problem at once, before anything is loaded or written
     values = config_values(cfg)
-    raw = _unresolved(cfg)
     output_dir = resolve_output_dir(values["output_dir"])
     if isinstance(cfg, DictConfig):  # loggers write under the run's own directory (a sweep job's, ...)
         cfg = cfg.copy()
         OmegaConf.update(cfg, "output_dir", str(output_dir), force_add=True)
-    for key in ("logger", "callbacks"):
+    for key in ("logger", "callbacks") if groups else ():
         values[key] = _resolved_group(cfg, key)
     model_dir = resolve_model_dir(values["model"]["path"])
-    if values["model"]["path"]:  # recorded absolute: a resume from another directory finds the same files
+    if values["model"]["path"]:
         values["model"]["path"] = str(model_dir)
     data_dir = resolved_dataset_dir(values["data"]["dataset_dir"])
     values["data"]["dataset_dir"] = str(data_dir)
     values["output_dir"] = str(output_dir)
+    return values, output_dir, model_dir, data_dir
 
-    worker = launched_worker()
-    protected = {"model.path": model_dir, "data.dataset_dir": data_dir}
-    if not worker:  # from here on the directory is this process's (see runlock)
-        check_outside(output_dir, protected)
-        claim_output_dir(output_dir)
+
+def prepare(cfg: DictConfig | dict, overrides: list[str] | None = None, validated: bool = False) -> Run:
+    """Validate (once: unless the caller did, `validated`; for resume=true the run's own settings with this
+    command's changes, unless the command line's step did, `before_hydra`); claim the output directory (nothing
+    the user has is overwritten; checked once: a claim this process holds is reused); for resume=true, the run's
+    own settings and its newest valid checkpoint; write config.yaml and run.json."""
+    from telechat_lab.resolve import model_dir as resolve_model_dir
+
+    from .checkpoints import newest_checkpoint
+    from .rundir import CONFIG_FILE, recorded_values, resolved_values, resumed_settings, run_id, write_run_record
+
+    overrides = hydra_overrides() if overrides is None else list(overrides)
+    if not validated and cfg.get("resume") is not True:  # a resume runs the run's own settings: validated below
+        validate(cfg)  # every problem at once, before anything is loaded or written
+    values, output_dir, model_dir, data_dir = _run_values(cfg)
+    owner = None
+    if not launched_worker():  # from here on the directory is this process's (a launched rank only reads it)
+        protected = {"model.path": model_dir, "data.dataset_dir": data_dir}
+        requeued = run_id(values) if requeued_by_slurm() else None
+        owner = RunDir.claim(
+            output_dir, protected, resume=values["resume"], overwrite=values["overwrite"], run_id=requeued
+        )
+        values["resume"] = owner.resume
     resume = bool(values["resume"])
-    if (
-        not resume
-        and requeued_by_slurm()
-        and not worker
-        and read_run_record(output_dir).get("run_id") == run_id(values)
-    ):
-        log.warning("SLURM requeued this job: resuming the run in %s", output_dir)
-        resume = values["resume"] = True
-    if not worker:  # under the lock: what is there now is what it was checked against
-        check_output_dir(output_dir, resume=resume, overwrite=bool(values["overwrite"]), protected={})
-    recorded = recorded_values(values, raw)
+    recorded = recorded_values(values, _unresolved(cfg))
     if resume:
-        recorded = resumed_settings(output_dir, recorded, overrides)
+        checked = owner is not None and owner.settings_checked
+        recorded = resumed_settings(output_dir, recorded, overrides, None if checked else _validate_resumed(output_dir))
         values = resolved_values(recorded, output_dir / CONFIG_FILE)
         values["resume"] = True
-        validate(values)  # the run's own settings with this command's changes: a config of its own
-    identity = run_id(values)
-    checkpoint = None
+        model_dir = resolve_model_dir(values["model"]["path"])  # the run's own model, not the command's default
+    run = Run(
+        settings_of(values), values, output_dir, model_dir, run_id(values), None, overrides, recorded, owner=owner
+    )
     if resume:
-        checkpoint = newest_checkpoint(output_dir / "checkpoints", identity)
-        if checkpoint is None:
+        run.checkpoint = newest_checkpoint(output_dir / "checkpoints", run.run_id)
+        if run.checkpoint is None:
             raise OutputDirError(
                 f"resume=true: no readable checkpoint in {output_dir / 'checkpoints'} (the run "
                 "stopped before its first one); start it again with overwrite=true"
             )
-        finished = finished_metrics(output_dir, values, checkpoint)
-        if finished is not None:  # nothing to train: nothing is loaded or written
-            settings = settings_of(values)
-            return Run(
-                settings,
-                values,
-                output_dir,
-                model_dir,
-                identity,
-                checkpoint,
-                overrides,
-                finished=finished,
-                recorded=recorded,
-            )
-    if not worker:
-        if values["overwrite"] and run_files(output_dir):
-            set_aside_run(output_dir)
+        run.finished = finished_metrics(output_dir, values, run.checkpoint)
+        if run.finished is not None:  # nothing to train: nothing is loaded or written
+            return run
+    if owner is not None:
+        owner.set_aside()
         _write_settings(output_dir, recorded)
         if not resume:
             write_run_record(output_dir, values, overrides)
     os.environ[OUTPUT_ENV] = str(output_dir)
-    return Run(settings_of(values), values, output_dir, model_dir, identity, checkpoint, overrides, recorded=recorded)
+    return run
+
+
+def _validate_resumed(output_dir: Path):
+    """The check of a resumed run's settings (the run's own, with every change the command asks for): all their
+    problems at once, as a config of its own."""
+    from .rundir import CONFIG_FILE, resolved_values
+
+    def check(settings: dict) -> None:
+        validate(resolved_values(settings, output_dir / CONFIG_FILE))
+
+    return check
+
+
+def before_hydra(cfg: DictConfig | None, argv: list[str]) -> None:
+    """`train`'s step after the command line's config check, before Hydra starts (and writes `.hydra/` and
+    `train.log` into the output directory): claim the run directory (run_dir_owner), and for resume=true validate
+    the run's own settings with this command's changes (the config check leaves them: a resume runs those, not the
+    command's config), so that prepare() checks neither again. A problem is printed and exits 2."""
+    from telechat_lab.config.command_line import config_source
+    from telechat_lab.errors import reported
+
+    from .run_dir_owner import claim_for_command_line
+    from .rundir import recorded_values, resumed_settings
+
+    owner = claim_for_command_line(cfg, argv)
+    if owner is None or not owner.resume:
+        return
+    try:
+        with reported():
+            values, output_dir, _, _ = _run_values(cfg, groups=False)
+            given = recorded_values(values, _unresolved(cfg))
+            resumed_settings(output_dir, given, config_source(argv, "", "train")[2], _validate_resumed(output_dir))
+    except BaseException:  # refused (reported() exits): the directory as it was, not even the lock's record changed
+        owner.undo()
+        owner.release()
+        raise
+    owner.settings_checked = True
 
 
 def _unresolved(cfg: DictConfig | dict) -> dict:
     if isinstance(cfg, dict):
         return cfg
     return {key: value for key, value in OmegaConf.to_container(cfg, resolve=False).items() if key != "hydra"}
-
-
-def claim_output_dir(directory: Path, check=None) -> None:
-    """Take the run directory for this process (runlock) and finish an overwrite=true that was interrupted there;
-    then `check()` (the output directory's rules, under the lock). On a refusal what the claim made goes again."""
-    import sys
-
-    from .rundir import recover_interrupted_overwrite
-    from .runlock import claim
-
-    owner = claim(directory)
-    try:
-        note = recover_interrupted_overwrite(directory)
-        if note:
-            print(f"note: {note}", file=sys.stderr, flush=True)
-        if check is not None:
-            check()
-    except BaseException:
-        owner.undo()
-        owner.release()
-        raise
 
 
 def settings_of(values: dict) -> TrainConfig:
@@ -258,59 +209,10 @@ def _write_settings(output_dir: Path, values: dict) -> None:
     atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(values)))
 
 
-NOT_IN_NAMES = ("hydra", "output_dir", "resume", "overwrite", "logger", "data.cache_dir", "trainer.enable_progress_bar")
-
-
-def wandb_settings(config: dict, run: Run) -> dict:
-    """A WandbLogger's settings for this job: a short name (the job's own overrides), the sweep as its group, and
-    the run's wandb id (kept in run.json: resume=true continues the same wandb run)."""
-    from .rundir import read_run_record, write_json_record
-
-    config = dict(config)
-    if not config.get("name"):
-        own = [o.lstrip("+~") for o in run.overrides if not o.lstrip("+~").startswith(NOT_IN_NAMES)]
-        swept = swept_keys()
-        if swept:  # a sweep's job: what it sweeps is what tells it from its siblings
-            own = [o for o in own if o.split("=", 1)[0] in swept]
-        config["name"] = " ".join(own) or run.settings.task_name
-    if not config.get("group"):
-        sweep = sweep_dir()
-        config["group"] = f"{run.settings.task_name}-{sweep.name}" if sweep else None
-    record = read_run_record(run.output_dir)
-    if not record.get("wandb_id"):
-        import uuid
-
-        record["wandb_id"] = uuid.uuid4().hex[:12]  # any [a-z0-9] string is a valid wandb run id
-        if not launched_worker():
-            write_json_record(run.output_dir, record)
-    config.update(id=record["wandb_id"], resume="allow")
-    return config
-
-
-def swept_keys() -> set[str]:
-    """The settings a sweep varies: its sweeper's params, and the command line's sweep overrides (a,b / choice(..)
-    / range(..) / interval(..)) where the job runs in the sweep's own process."""
-    import sys
-
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    if sweep_dir() is None:
-        return set()
-    from hydra.core.hydra_config import HydraConfig
-
-    keys = set((HydraConfig.get().sweeper.get("params") or {}).keys())
-    try:
-        overrides = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if "=" in a])
-    except Exception:
-        return keys
-    return keys | {o.key_or_group for o in overrides if o.is_sweep_override()}
-
-
-def build(run: Run) -> None:
+def build(run: Run) -> Built:
     """The data module, the LightningModule, the loggers, callbacks and the Trainer."""
     import hydra
     import lightning as L
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     from telechat_lab.console import quiet_lightning
     from telechat_lab.stages import stage_of
@@ -318,6 +220,7 @@ def build(run: Run) -> None:
     from .callbacks import DiscardReplacedRun, LossPlot, SpeedAndMemory, StepsProgressBar
     from .checkpoints import RunCheckpoints
     from .datamodule import TelechatDataModule
+    from .loggers import make_loggers
     from .module import TelechatLitModule
     from .rundir import REPLACED
     from .strategy import trainer_arguments
@@ -330,12 +233,13 @@ def build(run: Run) -> None:
     module = TelechatLitModule(
         run.model_dir, s.model, s.adapter, s.optim, s.nan_policy, s.nan_max_skips, packed, stage=s.stage
     )
-    logger_cfgs = [v for v in (s.logger or {}).values() if v is not None]
-    if run.checkpoint is not None:  # keep the interrupted run's CSV logs: the resumed part goes to logs/resumed-*
-        logger_cfgs = [{**v, "version": _resumed_version(v)} if targets(v, CSVLogger) else v for v in logger_cfgs]
-    loggers = [hydra.utils.instantiate(wandb_settings(v, run) if targets(v, WandbLogger) else v) for v in logger_cfgs]
-    for logger in loggers:  # Lightning passes wandb an `anonymous` setting that wandb >= 0.19 warns has no effect
-        wandb_init_settings(logger).pop("anonymous", None)
+    loggers = make_loggers(
+        [v for v in (s.logger or {}).values() if v is not None],
+        resumed=run.checkpoint is not None,
+        overrides=run.overrides,
+        task_name=s.task_name,
+        output_dir=run.output_dir,
+    )
     for logger in loggers:
         logger.log_hyperparams(run.recorded)
     checkpoints = RunCheckpoints(
@@ -372,40 +276,20 @@ def build(run: Run) -> None:
         enable_checkpointing=False,  # RunCheckpoints writes them (atomically, pruned)
         use_distributed_sampler=False,
     )  # the data module shards (resumably) itself
-    run.parts = {
-        "datamodule": datamodule,
-        "module": module,
-        "trainer": trainer,
-        "loggers": loggers,
-        "checkpoints": checkpoints,
-        "plot": plot,
-    }
+    return Built(datamodule, module, trainer, loggers, checkpoints, plot)
 
 
-def _resumed_version(csv: dict) -> str:
-    """A new folder for a resumed run's CSV logs, never one that exists (Lightning's CSVLogger deletes what it finds
-    there): `resumed-<time>`, or with `-2`, `-3`, ... for resumes within one second."""
-    stamp = datetime.now().strftime("resumed-%Y%m%d-%H%M%S")
-    parent = Path(str(csv.get("save_dir", "."))) / str(csv.get("name") or "")
-    version, n = stamp, 1
-    while (parent / version).exists():
-        n += 1
-        version = f"{stamp}-{n}"
-    return version
-
-
-def fit(run: Run) -> None:
+def fit(run: Run, built: Built) -> None:
     """Train; then, for a completed run whose last validation is older than its last step, validate once more."""
-    trainer, module, datamodule = run.parts["trainer"], run.parts["module"], run.parts["datamodule"]
-    plot = run.parts["plot"]
-    checkpoint = str(run.checkpoint) if run.checkpoint else None
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    trainer, module, datamodule, plot = built.trainer, built.module, built.datamodule, built.plot
+    checkpoint = str(run.checkpoint) if run.checkpoint else None
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)  # never runs code in it
     except MisconfigurationException as err:  # Lightning's word on the trainer settings: the user's to fix
         raise ConfigError([f"trainer: {err}"]) from err
-    if run.parts["checkpoints"].stop_signal is not None:
+    if built.checkpoints.stop_signal is not None:
         return
     if checkpoint is None and trainer.global_step == 0:  # what it wrote goes again (train's undo)
         limits = {key: run.settings.trainer.get(key) for key in ("max_epochs", "max_steps", "limit_train_batches")}
@@ -414,21 +298,21 @@ def fit(run: Run) -> None:
             f"no training step ran ({given}; data.batch_size={run.settings.data.batch_size}): these settings give "
             "nothing to train on; nothing was kept"
         )
-    run.parts["checkpoints"].save_final(trainer, module)
+    built.checkpoints.save_final(trainer, module)
     validating = datamodule.val_set is not None and trainer.limit_val_batches != 0
     if validating and (not plot.val or plot.val[-1][0] != trainer.global_step):
         trainer.validate(module, datamodule=datamodule, verbose=False)  # LossPlot records it
 
 
-def report(run: Run) -> dict:
+def report(run: Run, built: Built) -> dict:
     """The final metrics (final_metrics.json, written here only), the loss history and plots, and where
     everything is."""
     from telechat_lab.files import write_json
 
     from .callbacks import csv_log_dir
 
-    trainer, plot, module = run.parts["trainer"], run.parts["plot"], run.parts["module"]
-    stopped = run.parts["checkpoints"].stop_signal
+    trainer, plot, module = built.trainer, built.plot, built.module
+    stopped = built.checkpoints.stop_signal
     metrics = {
         "train_loss": plot.train[-1][1] if plot.train else None,
         "val_loss": plot.val[-1][1] if plot.val else None,
@@ -442,8 +326,8 @@ def report(run: Run) -> dict:
     plot.write()
     if stopped is None:
         write_json(run.output_dir / "final_metrics.json", {k: v for k, v in metrics.items() if k != "output_dir"})
-    report = run.parts["datamodule"].report
-    csv_dir = csv_log_dir(run.parts["loggers"])
+    report = built.datamodule.report
+    csv_dir = csv_log_dir(built.loggers)
     adapter = adapter_kind(run.settings.adapter.type).uses_peft
     lines = [
         f"trained {module.n_trainable:,} of {module.n_params:,} parameters for {trainer.global_step} steps "
@@ -461,77 +345,20 @@ def report(run: Run) -> dict:
     return metrics
 
 
-def finish_loggers(run: Run) -> None:
-    """Close the job's wandb run: the next job of a sweep (in this same process) starts a run of its own."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in run.parts.get("loggers", []):
-        if isinstance(logger, WandbLogger) and experiment_started(logger):
-            logger.experiment.finish()
-
-
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def check_command_line(argv: list[str], conf_dir: str) -> DictConfig | None:
-    """train.py, before Hydra starts (and writes into the output directory): every config problem at once, then
-    the output directory's rules; a problem is printed and exits 2. Returns the validated config (None where the
-    check was left to Hydra)."""
-    import sys
-    from functools import partial
-
-    from telechat_lab.config import check_command_line as check_config
-    from telechat_lab.data.pipeline import resolved_dataset_dir
-    from telechat_lab.errors import reported
-    from telechat_lab.resolve import model_dir
-
-    from .rundir import check_output_dir, check_outside, interrupted_overwrite
-    from .runlock import check_free, claim
-
-    cfg = check_config(argv, conf_dir, "train")
-    if cfg is None or launched_worker():
-        return cfg
-    values = config_values(cfg)
-    with reported():
-        protected = {
-            "model.path": model_dir(values["model"]["path"]),  # the demo's tiny model too
-            "data.dataset_dir": resolved_dataset_dir(values["data"]["dataset_dir"]),
-        }
-    if {"-m", "--multirun"} & set(argv):  # each job checks its own directory; the sweep's, given, is checked here
-        given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.sweep.dir=")]
-        if given and "${" not in given[-1]:
-            with reported():  # a sweep's directory holds its jobs' own: only where it lies is checked
-                check_outside(resolve_output_dir(given[-1]), protected)
-                claim(resolve_output_dir(given[-1]), "hydra.sweep.dir").undoable = False  # one sweep at a time
-        return cfg
-    if requeued_by_slurm() and not values["resume"]:
-        return cfg  # prepare() resumes the run when it is this command's own, and refuses otherwise
-    with reported():
-        directory = resolve_output_dir(values["output_dir"])
-        rules = partial(check_output_dir, directory, resume=values["resume"], overwrite=values["overwrite"])
-        check_outside(directory, protected)
-        check_free(directory)
-        if not interrupted_overwrite(directory):
-            rules(protected={})  # a command refused here writes nothing, not even the lock file
-        claim_output_dir(directory, partial(rules, protected={}))  # held until the process ends
-    sys.stdout.flush()
-    return cfg
-
-
-def undo_unstarted_run() -> None:
-    """A run that failed before its first step (a bad dataset, a model that does not load) leaves its output
-    directory as it found it, so that the corrected command can use it: a run it was replacing (overwrite=true)
-    is put back, and what this process created there is removed (the whole directory when it made it)."""
-    from .rundir import restore_replaced_run
-    from .runlock import held
-
-    if launched_worker():
-        return
-    for owner in held():
-        if owner.undoable:
-            restore_replaced_run(owner.directory)
-            owner.undo()
+def _nothing_to_resume(run: Run) -> dict:
+    """resume=true of a completed run: said, and nothing is changed (not even the lock file's record)."""
+    if run.owner is not None:
+        run.owner.leave_unchanged()
+    print(
+        f"{run.output_dir} is a completed run ({run.finished['steps']} steps): nothing to resume. To train "
+        "it further, raise trainer.max_steps or trainer.max_epochs with resume=true",
+        flush=True,
+    )
+    return {**run.finished, "output_dir": str(run.output_dir)}
 
 
 def train(cfg: DictConfig | dict, overrides: list[str] | None = None, validated: bool = False) -> dict:
@@ -540,37 +367,28 @@ def train(cfg: DictConfig | dict, overrides: list[str] | None = None, validated:
     resume=true they say which settings were given explicitly. `validated`: `cfg` was validated already."""
     import signal
 
-    from .runlock import held
+    from .loggers import finish_loggers
 
-    run, claimed = None, held()
+    built, claimed = None, owned()
     try:
         run = prepare(cfg, overrides, validated)
         if run.finished is not None:
-            for owner in held():  # nothing is changed, not even the lock file's record
-                if owner.directory == run.output_dir:
-                    owner.restore_record()
-            print(
-                f"{run.output_dir} is a completed run ({run.finished['steps']} steps): nothing to resume. To train "
-                "it further, raise trainer.max_steps or trainer.max_epochs with resume=true",
-                flush=True,
-            )
-            return {**run.finished, "output_dir": str(run.output_dir)}
-        build(run)
+            return _nothing_to_resume(run)
+        built = build(run)
         try:
-            fit(run)
-            metrics = report(run)
+            fit(run, built)
+            metrics = report(run, built)
         finally:
-            finish_loggers(run)
+            finish_loggers(built.loggers)
     except BaseException:
-        trainer = run.parts.get("trainer") if run is not None else None
-        if trainer is None or trainer.global_step == 0:  # it never trained (the data are set up in fit)
-            undo_unstarted_run()
+        if built is None or built.trainer.global_step == 0:  # it never trained (the data are set up in fit)
+            undo_unstarted()
         raise
     finally:  # a claim prepare() took (the Python API, a sweep's job) ends with the run; the CLI's with the process
-        for owner in held():
+        for owner in owned():
             if owner not in claimed:
                 owner.release()
-    stopped = run.parts["checkpoints"].stop_signal
+    stopped = built.checkpoints.stop_signal
     if stopped is not None:
         raise Interrupted(
             f"stopped by {signal.Signals(stopped).name} after step {metrics['steps']}: a resumable "

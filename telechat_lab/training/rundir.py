@@ -91,10 +91,10 @@ def _get(values: dict, path: str) -> Any:
     return node
 
 
-def resume_changes(saved: dict, given: dict, explicit: list[str]) -> tuple[dict, list[str]]:
+def resume_changes(saved: dict, given: dict, explicit: list[str], every: bool = False) -> tuple[dict, list[str]]:
     """Apply to the run's `saved` settings each explicitly given key (`explicit`: dotted paths or groups) whose
     value in `given` differs (a key absent from `given` is removed); returns (settings, refused), `refused`
-    listing each change that would make it another run."""
+    listing each change that would make it another run (applied too when `every`: the settings asked for)."""
     merged = json.loads(json.dumps(saved, default=str))
     refused: list[str] = []
     for key in explicit:
@@ -113,9 +113,10 @@ def resume_changes(saved: dict, given: dict, explicit: list[str]) -> tuple[dict,
                 wrong.append(f"{path}: {before} -> {after}")
             elif rule == "grow" and not _grows(before, after):
                 wrong.append(f"{path}: {before} -> {after} (may only grow when resuming)")
-        if wrong:
-            refused += wrong
-        elif new is _ABSENT:
+        refused += wrong
+        if wrong and not every:
+            continue
+        if new is _ABSENT:
             _delete(merged, key)
         else:
             _set(merged, key, new)
@@ -354,16 +355,23 @@ def explicit_keys(overrides: list[str]) -> list[str]:
     return keys
 
 
-def resumed_settings(directory: Path, given: dict, overrides: list[str]) -> dict:
+def resumed_settings(directory: Path, given: dict, overrides: list[str], check=None) -> dict:
     """The settings a resumed run continues with (the saved ones, plus the allowed changes); ConfigError listing
-    the changes that would make it another run."""
-    saved = saved_settings(directory)
-    merged, refused = resume_changes(saved, given, explicit_keys(overrides))
+    the changes that would make it another run. `check(settings)`: called first with the settings the command asks
+    for (every change applied), to report all their problems (validation) before the refused changes."""
+    saved, explicit = saved_settings(directory), explicit_keys(overrides)
+    if check is not None:
+        check(_resumed_in(resume_changes(saved, given, explicit, every=True)[0], directory))
+    merged, refused = resume_changes(saved, given, explicit)
     if refused:
         raise ConfigError(
             "resume=true continues the run as it was set up; these settings would change it:\n  - "
             + "\n  - ".join(refused)
             + "\nstart a new run (another output_dir) to change them"
         )
-    merged["output_dir"], merged["resume"], merged["overwrite"] = str(directory), True, False
-    return merged
+    return _resumed_in(merged, directory)
+
+
+def _resumed_in(settings: dict, directory: Path) -> dict:
+    settings["output_dir"], settings["resume"], settings["overwrite"] = str(directory), True, False
+    return settings

@@ -38,7 +38,6 @@ class Claim:
     fd: int
     made: list[Path]  # directories this claim created, innermost first
     found: set[str] = field(default_factory=set)  # its entries when the lock was taken
-    undoable: bool = True  # a run directory (a sweep's is never undone)
     previous: bytes = b""  # the lock file's record of its earlier holder
 
     def undo(self) -> None:

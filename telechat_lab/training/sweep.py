@@ -126,10 +126,10 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         """The sweep's directory is this sweep's until it ends: a second sweep into it is refused (runlock)."""
         from telechat_lab.errors import reported
-        from telechat_lab.training.runlock import claim
+        from telechat_lab.training.run_dir_owner import claim_sweep_dir
 
         with reported():
-            claim(Path(config.hydra.sweep.dir).resolve(), "hydra.sweep.dir").undoable = False
+            claim_sweep_dir(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweeper = config.hydra.get("sweeper") or {}
