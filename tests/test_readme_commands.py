@@ -38,6 +38,7 @@ CHEAP = [
     "plot_loss=false",
 ]
 TRIALS = [*CHEAP, "hydra.sweeper.n_trials=1"]
+STAGE_CHEAP = [c for c in CHEAP if not c.startswith("data.datasets=")]  # a stage's own demo data, cut short
 SAY = ["generation.max_new_tokens=4", "generation.do_sample=false"]
 
 
@@ -106,6 +107,17 @@ RUNS: dict[str, Run | Check | Skip] = {
     "python -m telechat_lab.data.inspect data.datasets=[alpaca_en_demo] output=encoded.jsonl": Run(
         ["data.max_samples=2"]
     ),
+    "python train.py stage=pt": Run(STAGE_CHEAP),
+    "python train.py stage=dpo stage.beta=0.1": Run(STAGE_CHEAP),
+    "python train.py stage=dpo stage.loss=simpo stage.beta=2.0 stage.simpo_gamma=0.5": Run(STAGE_CHEAP),
+    "python train.py stage=kto": Run(STAGE_CHEAP),
+    "python train.py -m stage=dpo stage.beta=0.05,0.1,0.3": Run(
+        [*STAGE_CHEAP, "stage.beta=0.05,0.1"], expect="summary"
+    ),
+    "python train.py output_dir=runs/sft": Run(CHEAP),
+    "python train.py stage=dpo stage.reference=runs/sft output_dir=runs/dpo": Run(STAGE_CHEAP),
+    "python merge.py adapter_path=runs/dpo export_dir=runs/dpo-merged": Run(),
+    "python chat.py model.path=runs/dpo-merged": Run(SAY),
     "python train.py output_dir=runs/demo": Run(CHEAP),
     "python merge.py adapter_path=runs/demo export_dir=runs/merged": Run(),
     "python chat.py model.path=runs/merged": Run(SAY),
