@@ -58,7 +58,10 @@ def main() -> None:
     from telechat_lab.data import DataConfig, build_datasets
     from telechat_lab.tokenizer import DEFAULT_SYSTEM_PROMPT, load_tokenizer, split_tool_tags
 
-    files = sorted(args.data.glob("*.jsonl"))
+    # the telechat format's files only (the bundled data also hold a raw-text corpus as JSON lines)
+    files = [
+        f for f in sorted(args.data.glob("*.jsonl")) if "dialog" in json.loads(f.open(encoding="utf-8").readline())
+    ]
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
     if args.scale > 1:  # K copies of each file, each copy's texts made distinct (no free de-duplication)
         scaled = []

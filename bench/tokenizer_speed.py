@@ -47,6 +47,8 @@ def load_segments(data_dir: Path) -> list[str]:
         with open(path, encoding="utf-8") as f:
             for line in f:
                 record = json.loads(line)
+                if "dialog" not in record:  # the telechat format's files only (not a raw-text corpus)
+                    break
                 segments.append(record.get("system") or "")
                 segments += [turn["content"] for turn in record["dialog"]]
     return [s for s in segments if s]

@@ -27,6 +27,10 @@ def shared_path(*parts: str) -> Path:
 def _quiet_hf(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
+    # how the command was started: telechat_lab.cli records it for the process (and its DDP ranks); a test that
+    # runs the command line in pytest's own process must not leave "python __main__.py" to the tests after it
+    monkeypatch.setenv("TELECHAT_LAB_COMMAND", "")
+    monkeypatch.delenv("TELECHAT_LAB_COMMAND")
 
 
 @pytest.fixture(scope="session")

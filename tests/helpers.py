@@ -223,9 +223,9 @@ class PoisonLoss(L.Callback):
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
-        if trainer.global_step + 1 in self.steps:
-            head = pl_module.model.get_output_embeddings()
-            self.handle = head.register_forward_hook(lambda module, args, output: output * float("nan"))
+        if trainer.global_step + 1 in self.steps:  # the final norm's output: the fused loss never calls lm_head
+            norm = next(m for name, m in pl_module.model.named_modules() if name.endswith("ln_f"))
+            self.handle = norm.register_forward_hook(lambda module, args, output: output * float("nan"))
 
 
 class PoisonWeights(L.Callback):

@@ -413,11 +413,19 @@ def test_a_precomputed_table_is_read_and_with_adapters_completed_where_it_lacks_
         full.reference.logps(**_rows(batch))
 
 
-def test_a_preference_stage_refuses_a_data_module_of_another_kind(tmp_path):
-    """Until the data side yields preference batches (or when it yields SFT ones), stage=dpo stops with one
-    message instead of reading conversation rows as chosen / rejected halves."""
+def test_a_preference_stage_refuses_a_data_module_of_another_kind(tmp_path, monkeypatch):
+    """A data module that yields SFT batches to stage=dpo (one of the Python API's own making): one message instead
+    of reading conversation rows as chosen / rejected halves. (The stage's own data module refuses SFT datasets
+    before loading them: tests/test_stage_data.py.)"""
     from telechat_lab.errors import DataError
+    from telechat_lab.training import datamodule
 
+    real = datamodule.TelechatDataModule.__init__
+
+    def sft_batches(self, data, model_dir, kind="sft"):
+        real(self, data, model_dir, kind="sft")
+
+    monkeypatch.setattr(datamodule.TelechatDataModule, "__init__", sft_batches)
     with pytest.raises(DataError, match="stage=dpo trains on pairwise data, but the data module yields sft batches"):
         run_train(tmp_path, "stage=dpo", "trainer.max_steps=1")
 

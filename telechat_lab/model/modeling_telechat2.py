@@ -25,6 +25,8 @@ were rotated when computed and new tokens use the parameters of the current leng
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
 import math
 from collections.abc import Callable
@@ -409,11 +411,7 @@ LOSS_IMPLEMENTATIONS = ("auto", "fused", "chunked", "liger")
 def _liger_available(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
-    try:
-        import liger_kernel.transformers.functional  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def loss_path(lm_head: nn.Module, implementation: str, device: torch.device) -> str:
@@ -459,9 +457,10 @@ def chunked_causal_lm_loss(
     targets = shift_labels.reshape(-1).to(hidden.device)
     path = loss_path(lm_head, implementation, hidden.device)
     if path == "liger":
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-        total = liger_fused_linear_cross_entropy(
+        # imported by name: transformers' check of an exported checkpoint's remote code reads its import statements
+        # and would require liger-kernel of everyone who loads the export
+        liger = importlib.import_module("liger_kernel.transformers.functional")
+        total = liger.liger_fused_linear_cross_entropy(
             hidden, lm_head.weight, targets, lm_head.bias, ignore_index=ignore_index, reduction="sum"
         ).float()
     elif path == "fused":
