@@ -29,8 +29,11 @@ def _quiet_hf(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
     # how the command was started: telechat_lab.cli records it for the process (and its DDP ranks); a test that
     # runs the command line in pytest's own process must not leave "python __main__.py" to the tests after it
-    monkeypatch.setenv("TELECHAT_LAB_COMMAND", "")
-    monkeypatch.delenv("TELECHAT_LAB_COMMAND")
+    # and Lightning's seed_everything leaves PL_GLOBAL_SEED in the process's environment: a later test's DDP
+    # subprocess (ddp_spawn) would re-seed its ranks from it and initialise adapters unlike its one-process twin
+    for name in ("TELECHAT_LAB_COMMAND", "PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")
