@@ -110,3 +110,43 @@ def test_dpo_on_the_demo_pairs_learns_to_prefer_the_chosen_replies(tmp_path):
     per_epoch = math.ceil(60 / 8)
     assert accuracies[0] == 0.0 and len(accuracies) == 4 * per_epoch
     assert sum(accuracies[-per_epoch:]) / per_epoch > 0.5, accuracies
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto", "pt"])
+def test_eval_scores_a_preference_runs_validation_split_on_its_wanted_replies(tmp_path, stage):
+    """eval.split=val of a dpo run scores each held-out pair's chosen reply, of a kto run its desirable replies; a
+    pt run's split is raw text, with no reply: one clear message."""
+    from telechat_lab.config.schema import EvalConfig, EvalSettings, GenerationConfig
+    from telechat_lab.errors import ConfigError
+    from telechat_lab.eval.run import run_eval
+
+    run = tmp_path / "run"
+    run_stage(run, f"stage={stage}", "data.max_samples=12", "data.val_size=6", "trainer.max_steps=1")
+    settings = EvalConfig(
+        run_dir=str(run),
+        eval=EvalSettings(split="val"),
+        generation=GenerationConfig(max_new_tokens=2, do_sample=False, repetition_penalty=1.0),
+        output_dir=str(tmp_path / "eval"),
+    )
+    if stage == "pt":
+        with pytest.raises(ConfigError, match="is a stage=pt run: its validation split is raw text"):
+            run_eval(settings)
+        return
+    result = run_eval(settings)
+    predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    from telechat_lab.data.pipeline import resolved_dataset_dir
+
+    demo = resolved_dataset_dir("data")  # the bundled demo data the stage's run trained on
+    records = {name: json.loads((demo / f"{name}.json").read_text()) for name in ("dpo_demo", "dpo_sharegpt_demo")}
+    records["kto_demo"] = json.loads((demo / "kto_demo.json").read_text())
+    assert predictions and result["metrics"]["examples"] == len(predictions)
+    for row in predictions:
+        name, number = row["source"].rsplit(":", 1)
+        record = records[name][int(number)]
+        if stage == "dpo":
+            chosen = record["chosen"] if isinstance(record["chosen"], str) else record["chosen"]["value"]
+            assert row["reference"] == chosen
+        else:
+            assert record["kto_tag"] is True and row["reference"] == record["conversations"][-1]["value"]
+    if stage == "dpo":
+        assert len(predictions) == 6  # every held-out pair
