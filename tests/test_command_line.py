@@ -226,7 +226,7 @@ def test_an_optimising_sweep_without_a_validation_split_is_a_config_problem():
     """The rule lived in training/run.py, after the config check; it is one of the config's problems now."""
     said = problems("-m", "hparams_search=lora_optuna", "data.val_size=0", "data.batch_size=0")
     assert "data.batch_size=0: must be at least 1" in said
-    assert any(p.startswith("the sweep minimises optimized_metric=val_loss, but data.val_size=0") for p in said)
+    assert any(p.startswith("the sweep optimises optimized_metric=val_loss, but data.val_size=0") for p in said)
     assert problems("-m", "hparams_search=lora_optuna", "data.val_size=4") == []
 
 

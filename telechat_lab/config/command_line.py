@@ -156,7 +156,7 @@ def _sweep_problems(args: list[str], cfg: DictConfig) -> list[str]:
     metric, val_size = cfg.get("optimized_metric"), OmegaConf.select(cfg, "data.val_size", default=None)
     if optimizing and isinstance(metric, str) and metric.startswith("val") and not val_size:
         return [
-            f"the sweep minimises optimized_metric={metric}, but data.val_size=0 holds no validation split: set "
+            f"the sweep optimises optimized_metric={metric}, but data.val_size=0 holds no validation split: set "
             "data.val_size (a fraction, or a number of examples), or optimized_metric=train_loss"
         ]
     return []

@@ -222,7 +222,10 @@ class TrainConfig:
     plot_loss: bool = setting(True, on_resume=FREE)
     nan_policy: str = setting("stop", choices=("stop", "skip"), on_resume=FREE)  # on a NaN/inf loss or grad norm
     nan_max_skips: int = setting(10, min=1, on_resume=FREE)  # nan_policy=skip: stop after this many skipped steps
-    optimized_metric: str = setting("val_loss", choices=("val_loss", "train_loss"), on_resume=FREE)  # a sweep's
+    # a sweep's objective (the Optuna sweeper's value, the summary's order): val_loss, train_loss, or any logged
+    # validation metric by its name (val/rewards/accuracies, val/rewards/margins, ... of a preference stage)
+    optimized_metric: str = setting("val_loss", on_resume=FREE)
+    optimized_direction: str = setting("minimize", choices=("minimize", "maximize"), on_resume=FREE)
     stage: StageConfig = field(default_factory=StageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

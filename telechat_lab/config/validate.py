@@ -203,6 +203,12 @@ def _cross_field_problems(values: dict, cuda_available: bool, problems: list[str
     if isinstance(val_size, (int, float)) and val_size >= 1 and val_size != int(val_size):
         problems.append(f"data.val_size={val_size}: a fraction below 1 or a whole number of examples")
     _stage_problems(values.get("stage") or {}, kind, adapter, hardware, problems)
+    metric = values.get("optimized_metric")
+    if isinstance(metric, str) and metric not in ("val_loss", "train_loss") and not metric.startswith("val/"):
+        problems.append(
+            f"optimized_metric={metric}: val_loss, train_loss or a logged validation metric (val/..., e.g. "
+            "val/rewards/accuracies)"
+        )
     if values.get("resume") and values.get("overwrite"):
         problems.append("resume=true and overwrite=true: choose one (continue the run, or clear it and start anew)")
 

@@ -37,17 +37,21 @@ class Example:
 
 
 def examples_of(dataset) -> list[Example]:
-    """Every example of an EncodedDataset, in its order."""
+    """Every example of an EncodedDataset, in its order: a conversation's last reply, a preference pair's chosen
+    reply, a KTO example's reply where it is desirable (an undesirable one is no reference: left out)."""
     found = []
     for i in range(len(dataset)):
-        ids = dataset[i]["input_ids"].tolist()
+        item = dataset[i]
+        if "kto_tag" in item and not bool(item["kto_tag"]):
+            continue
+        ids = (item["input_ids"] if "input_ids" in item else item["chosen_input_ids"]).tolist()
         last_bot = len(ids) - 1 - ids[::-1].index(BOT_ID)
         reply = ids[last_bot + 1 :]
         if reply and reply[-1] == EOS_ID:
             reply = reply[:-1]
         j = dataset.index[i]
         name = dataset.names[dataset.source[j, 0]] if dataset.names else "?"
-        found.append(Example(i, f"{name}:{int(dataset.source[j, 1])}", ids[: last_bot + 1], reply))
+        found.append(Example(len(found), f"{name}:{int(dataset.source[j, 1])}", ids[: last_bot + 1], reply))
     return found
 
 

@@ -134,7 +134,8 @@ def build_examples(settings, target: Target) -> tuple[list[Example], str]:
             )
         if target.run_dir is None:
             raise ConfigError("eval.split=val scores a run's validation split: give run_dir=RUN")
-        _, val, _ = build_datasets(data, target.base)
+        kind = _run_data_kind(target)
+        _, val, _ = build_datasets(data, target.base, kind=kind)
         if val is None:
             raise ConfigError(
                 f"run_dir={target.run_dir}: the run has no validation split (data.val_size="
@@ -148,6 +149,21 @@ def build_examples(settings, target: Target) -> tuple[list[Example], str]:
     except DataError as err:
         raise DataError(f"eval: data.datasets={names}: {err}") from None
     return examples_of(train), "-".join(names)
+
+
+def _run_data_kind(target: Target) -> str:
+    """The kind of data the run trained on (its stage's): its validation split is scored against the replies of
+    conversations (sft), the chosen replies of pairs (dpo) or the desirable replies (kto); raw text has none."""
+    from telechat_lab.stages import stage_of
+
+    name = OmegaConf.select(target.run_config, "stage.name", default="sft") or "sft"
+    kind = stage_of(name).data
+    if kind == "pt":
+        raise ConfigError(
+            f"eval.split=val: run_dir={target.run_dir} is a stage=pt run: its validation split is raw text, with no "
+            "reply to score; score data.datasets=[...] (conversations) instead"
+        )
+    return kind
 
 
 def _warn_training_data(target: Target, data, names: list[str]) -> None:

@@ -319,6 +319,7 @@ def report(run: Run, built: Built) -> dict:
         "steps": trainer.global_step,
         "skipped_steps": module.skipped_steps,
         "status": "completed" if stopped is None else "stopped",
+        **(validation_metrics(trainer) if plot.val else {}),
         "output_dir": str(run.output_dir),
     }
     if not trainer.is_global_zero:
@@ -343,6 +344,15 @@ def report(run: Run, built: Built) -> dict:
         lines.append(f"resume:     {resume_command(run.output_dir)}")
     print("\n" + "\n".join(lines), flush=True)
     return metrics
+
+
+def validation_metrics(trainer) -> dict[str, float]:
+    """Every metric the last validation logged (val/rewards/accuracies, ...) but val/loss (that is val_loss)."""
+    return {
+        name: float(value)
+        for name, value in sorted(trainer.callback_metrics.items())
+        if name.startswith("val/") and name != "val/loss"
+    }
 
 
 def _fmt(value: float | None) -> str:

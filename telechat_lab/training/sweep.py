@@ -55,10 +55,12 @@ def write_summary(sweep_dir: Path, metric: str = "val_loss", direction: str = "m
     rows = collect(sweep_dir)
     if not rows:
         return rows
-    table, swept, text = write_table(sweep_dir, rows, metric, direction, METRICS)
+    columns = METRICS if metric in METRICS else (*METRICS, metric)  # a validation metric of a stage's: its column
+    table, swept, text = write_table(sweep_dir, rows, metric, direction, columns)
     plot = plot_sweep(sweep_dir, rows, swept)
     print(text)
-    print(f"loss plot: {plot}")
+    if plot is not None:
+        print(f"loss plot: {plot}")
     return table
 
 
@@ -98,8 +100,9 @@ def write_table(
     return table, swept, text
 
 
-def plot_sweep(sweep_dir: Path, rows: list[dict], swept: list[str]) -> Path:
-    """sweep_loss.png: every job's training and validation losses (telechat_lab/training/plots.py)."""
+def plot_sweep(sweep_dir: Path, rows: list[dict], swept: list[str]) -> Path | None:
+    """sweep_loss.png: every job's training and validation losses (telechat_lab/training/plots.py); None where no
+    job has a loss history (every job failed before its first step, or plot_loss=false)."""
     from .plots import plot_sweep as draw
     from .plots import short_value
 
@@ -117,6 +120,8 @@ def plot_sweep(sweep_dir: Path, rows: list[dict], swept: list[str]) -> Path:
                 [(int(p["step"]), float(p["loss"])) for p in points if p["split"] == "val"],
             )
         )
+    if not curves:
+        return None
     path = sweep_dir / "sweep_loss.png"
     draw(path, f"{sweep_dir.name}: each job's loss", curves)
     return path
@@ -133,7 +138,9 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweeper = config.hydra.get("sweeper") or {}
-        direction = sweeper.get("direction", "minimize") if hasattr(sweeper, "get") else "minimize"
+        direction = config.get("optimized_direction", "minimize")
+        if hasattr(sweeper, "get") and sweeper.get("direction"):  # an optimising sweeper's own (by default the same)
+            direction = sweeper.get("direction")
         rows = write_summary(Path(config.hydra.sweep.dir), config.get("optimized_metric", "val_loss"), direction)
         failed = [row["job"] for row in rows if row.get("status") == "failed"]
         if failed:  # the sweep's exit code says so (each job's error was printed where it failed)
