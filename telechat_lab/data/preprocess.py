@@ -20,6 +20,7 @@ import sys
 from array import array
 from collections import Counter, deque
 from dataclasses import asdict
+from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
 
@@ -257,7 +258,7 @@ class _Encoders:
         second = next(shards, None) if self.workers > 1 else None
         if self.workers == 1 or (second is None and len(first) < 32 * self.workers):  # a few records: here
             encoder = get_encoder(Path(self.tokenizer_path), self.options)
-            for shard in (first, *([second] if second is not None else []), *shards):
+            for shard in chain([first], [second] if second is not None else [], shards):
                 yield encode_records(encoder, spec, shard, placeholders, self.skip_bad), shard
             return
         size = JOB_RECORDS if second is not None else min(JOB_RECORDS, -(-len(first) // (2 * self.workers)))
@@ -265,7 +266,7 @@ class _Encoders:
             context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
             self.pool = context.Pool(self.workers)
         flight: deque = deque()
-        for shard in (first, *([second] if second is not None else []), *shards):  # read as the window frees
+        for shard in chain([first], [second] if second is not None else [], shards):  # read as the window frees
             for start in range(0, len(shard), size):
                 records = shard[start : start + size]
                 job = EncodeJob(self.tokenizer_path, self.options, spec, records, placeholders, self.skip_bad)
