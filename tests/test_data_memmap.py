@@ -203,3 +203,19 @@ def test_a_dead_writers_temporary_directory_is_removed(tmp_path):
     (left / "tokens.bin").write_bytes(b"x" * 100)
     build(root, ["d"])
     assert not left.exists() and len(_cache_files(root)) == 1
+
+
+def test_the_scale_bench_runs_cold_then_warm_in_their_own_processes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "data_scale.py"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--smoke", "--work", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = [line for line in done.stdout.splitlines() if line.startswith("| 300 |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 7 and all(cells[k].endswith("GB") for k in (2, 5)), row
+    assert list(tmp_path.glob("alpaca_300_0/synthetic.jsonl")) and not list(tmp_path.glob("cache_*"))
