@@ -40,7 +40,7 @@ from .registry import DatasetSpec, index_unit, iter_records
 
 log = logging.getLogger(__name__)
 BATCH = 4096  # records per SentencePiece batch call
-SHARD_RECORDS = 16384  # records read and encoded before their arrays are written out (bounds the memory)
+SHARD_RECORDS = 1024  # records read and encoded before their arrays are written out (bounds the memory)
 JOB_RECORDS = 2048  # records a worker encodes at a time (data.preprocessing_num_workers > 1)
 CHECK_TOKENS = 1 << 23  # tokens a loaded cache's check reads at a time
 EXAMPLES_SHOWN = 3  # of the dropped / skipped records, how many the report names
@@ -97,8 +97,8 @@ def encode_records(
     encoder: ChatEncoder, spec: DatasetSpec, records: list, placeholders: dict, skip_bad: bool = False
 ) -> EncodedPart:
     """The records of one dataset of kind `spec.kind` encoded (registry.py; encoder.py for each kind)."""
-    tokens: list[int] = []
-    labels: list[int] = []
+    tokens = array("i")  # 4 bytes a token (a list of ints: 8 and an object each)
+    labels = array("i")
     lengths, kept, truncated, dropped, skipped, split = [], [], 0, [], [], 0
     fields: dict[str, list] = {key: [] for key in FIELDS[spec.kind]}
     parse = PARSERS[spec.kind]
@@ -122,8 +122,8 @@ def encode_records(
             for pos, (rows, was_split) in zip(positions, encoder.encode_texts(items)):
                 split += was_split
                 for row in rows:
-                    tokens += row
-                    labels += row
+                    tokens.extend(row)
+                    labels.extend(row)
                     lengths.append(len(row))
                     kept.append(pos)
             continue
@@ -134,16 +134,16 @@ def encode_records(
                 continue
             truncated += enc.truncated
             for input_ids, row_labels in [(enc.input_ids, enc.labels)] if spec.kind == "sft" else enc.rows:
-                tokens += input_ids
-                labels += row_labels
+                tokens.extend(input_ids)
+                labels.extend(row_labels)
                 lengths.append(len(input_ids))
             kept.append(pos)
             if spec.kind != "sft":
                 fields["prompt_len"].append(enc.prompt_len)
             if spec.kind == "kto":
                 fields["kto_tag"].append(item.tag)
-    token_array = np.frombuffer(array("i", tokens), dtype=np.int32)
-    label_array = np.frombuffer(array("i", labels), dtype=np.int32)
+    token_array = np.frombuffer(tokens, dtype=np.int32)
+    label_array = np.frombuffer(labels, dtype=np.int32)
     length_array = np.asarray(lengths, dtype=np.int64)
     return EncodedPart(
         token_array,
