@@ -219,3 +219,23 @@ def test_the_scale_bench_runs_cold_then_warm_in_their_own_processes(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 7 and all(cells[k].endswith("GB") for k in (2, 5)), row
     assert list(tmp_path.glob("alpaca_300_0/synthetic.jsonl")) and not list(tmp_path.glob("cache_*"))
+
+
+def test_parquet_is_read_a_row_group_at_a_time(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from telechat_lab.data.registry import iter_records, load_dataset_info
+
+    records = [{k: v for k, v in alpaca(i).items() if k != "history"} for i in range(7)]
+    root = write_datasets(tmp_path, {"pq": ({"file_name": "d.parquet"}, None), "js": ({}, records)})
+    pq.write_table(pa.Table.from_pylist(records), root / "d.parquet", row_group_size=2)
+    read_groups = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(
+        pq.ParquetFile, "read_row_group", lambda self, i, *a, **k: read_groups.append(i) or real(self, i)
+    )
+    spec = load_dataset_info(root, ["pq"])["pq"]
+    got = iter_records(spec)
+    assert next(got)[1:] == (0, records[0]) and read_groups == [0]  # one group read for the first record
+    assert [(index, rec) for _, index, rec in got] == list(enumerate(records))[1:] and read_groups == [0, 1, 2, 3]
+    assert examples(build(root, ["pq"])[0]) == examples(build(root, ["js"])[0])
