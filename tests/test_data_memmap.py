@@ -239,3 +239,18 @@ def test_parquet_is_read_a_row_group_at_a_time(tmp_path, monkeypatch):
     assert next(got)[1:] == (0, records[0]) and read_groups == [0]  # one group read for the first record
     assert [(index, rec) for _, index, rec in got] == list(enumerate(records))[1:] and read_groups == [0, 1, 2, 3]
     assert examples(build(root, ["pq"])[0]) == examples(build(root, ["js"])[0])
+
+
+def test_dataloader_workers_read_the_same_batches_from_the_maps(tmp_path):
+    torch = pytest.importorskip("torch")
+    from telechat_lab.data.packing import Collator
+
+    train, _, _ = build(_root(tmp_path, n=9), ["d"])
+
+    def batches(**workers):
+        loader = torch.utils.data.DataLoader(train, batch_size=4, collate_fn=Collator(), **workers)
+        return [{k: v.tolist() for k, v in batch.items()} for batch in loader]
+
+    here = batches()
+    assert batches(num_workers=1, multiprocessing_context="spawn") == here  # the dataset pickled: its maps by file
+    assert batches(num_workers=2, multiprocessing_context="fork") == here
