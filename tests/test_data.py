@@ -838,14 +838,14 @@ def test_parallel_tokenization_gives_identical_arrays(tmp_path, monkeypatch):
 def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     root = write_datasets(tmp_path, {"d": ({"file_name": "d.jsonl"}, [alpaca(i, history=1) for i in range(8)])})
     reads = []
-    real_read = preprocess_mod.read_records
+    real_read = preprocess_mod.iter_records
     monkeypatch.setattr(
-        preprocess_mod, "read_records", lambda spec, skip: reads.append(spec.name) or real_read(spec, skip)
+        preprocess_mod, "iter_records", lambda spec, skip: reads.append(spec.name) or real_read(spec, skip)
     )
 
     first, _, report = build(root, ["d"], cutoff_len=200)
     assert reads == ["d"] and not report["datasets"]["d"].get("cached")
-    assert list((tmp_path / "cache" / "datasets").glob("d-*.npz"))
+    assert [p for p in (tmp_path / "cache" / "datasets").glob("d-*") if (p / "meta.json").is_file()]
     second, _, report2 = build(root, ["d"], cutoff_len=200)
     assert reads == ["d"] and report2["datasets"]["d"]["cached"] is True  # nothing re-read
     assert examples(second) == examples(first) and report2["train"] == report["train"]
@@ -868,7 +868,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
 def test_cache_is_invalidated_by_another_tokenizer(tmp_path, monkeypatch, real_model_file):
     root = write_datasets(tmp_path, {"d": ({}, [alpaca(i) for i in range(3)])})
     tiny_train, _, _ = build(root, ["d"])
-    monkeypatch.setattr(preprocess_mod, "read_records", lambda spec, skip: pytest.fail("cache not used"))
+    monkeypatch.setattr(preprocess_mod, "iter_records", lambda spec, skip: pytest.fail("cache not used"))
     assert build(root, ["d"])[2]["datasets"]["d"]["cached"] is True
     monkeypatch.undo()
     real_train, _, report = build(root, ["d"], tokenizer=real_model_file)

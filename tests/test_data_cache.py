@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +17,27 @@ import pytest
 from test_data import alpaca, build, examples, write_datasets
 
 from telechat_lab.data import content_hash
-from telechat_lab.data.cache_files import temporary_name
+from telechat_lab.data import preprocess as preprocess_mod
+from telechat_lab.data.cache_files import META, TEMP_MARK, read_arrays, temporary_name
 
 
 def _cache_files(root: Path) -> list[Path]:
-    return sorted((root / "cache" / "datasets").glob("d-*.npz"))
+    return sorted(p for p in (root / "cache" / "datasets").glob("d-*") if TEMP_MARK not in p.name)
+
+
+def cache_arrays(path: Path) -> dict[str, np.ndarray]:
+    """A cache entry's arrays, read into memory."""
+    return {name: np.array(values) for name, values in read_arrays(path, mapped=())[0].items()}
+
+
+def rewrite_cache(path: Path, **changes: np.ndarray) -> None:
+    """Replace arrays of a cache entry, its meta.json saying their new shapes (a consistent but altered entry)."""
+    meta = json.loads((path / META).read_text())
+    for name, values in changes.items():
+        values = np.ascontiguousarray(values)
+        (path / f"{name}.bin").write_bytes(values.tobytes())
+        meta["arrays"][name] = [values.dtype.str, list(values.shape)]
+    (path / META).write_text(json.dumps(meta))
 
 
 def _edit_keeping_size_and_mtime(path: Path, old: str, new: str) -> None:
@@ -72,23 +88,22 @@ def test_hashing_much_data_is_announced(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-def _rewrite_npz(path: Path, **changes) -> None:
-    with np.load(path) as f:
-        arrays = {k: f[k] for k in f.files}
-    arrays.update(changes)
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
 CORRUPTIONS = {
-    "id_outside_the_vocabulary": lambda p, a: _rewrite_npz(
+    "id_outside_the_vocabulary": lambda p, a: rewrite_cache(
         p, tokens=np.where(np.arange(len(a["tokens"])) == 1, 10**6, a["tokens"]).astype(np.int32)
     ),
-    "labels_of_another_length": lambda p, a: _rewrite_npz(p, labels=a["labels"][:-3]),
-    "offsets_past_the_tokens": lambda p, a: _rewrite_npz(p, offsets=a["offsets"] + 5),
-    "a_label_not_its_token": lambda p, a: _rewrite_npz(p, labels=np.where(a["labels"] >= 0, 7, a["labels"])),
-    "truncated_file": lambda p, a: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
-    "counts_not_json": lambda p, a: _rewrite_npz(p, counts=np.frombuffer(b"{nope", dtype=np.uint8)),
+    "labels_of_another_length": lambda p, a: rewrite_cache(p, labels=a["labels"][:-3]),
+    "offsets_past_the_tokens": lambda p, a: rewrite_cache(p, offsets=a["offsets"] + 5),
+    "a_label_not_its_token": lambda p, a: rewrite_cache(p, labels=np.where(a["labels"] >= 0, 7, a["labels"])),
+    "counts_not_the_labels": lambda p, a: rewrite_cache(p, counts=a["counts"] + 1),
+    "truncated_file": lambda p, a: (p / "tokens.bin").write_bytes((p / "tokens.bin").read_bytes()[:-6]),
+    "a_longer_file": lambda p, a: (p / "labels.bin").write_bytes((p / "labels.bin").read_bytes() + b"\0" * 8),
+    "missing_file": lambda p, a: (p / "offsets.bin").unlink(),
+    "meta_not_json": lambda p, a: (p / META).write_text("{nope"),
+    "counts_not_a_record_count": lambda p, a: (p / META).write_text(
+        json.dumps({**json.loads((p / META).read_text()), "counts": [1]})
+    ),
+    "a_file_not_a_directory": lambda p, a: (shutil.rmtree(p), p.write_bytes(b"PK\x03\x04 an old npz")),
 }
 
 
@@ -97,15 +112,14 @@ def test_a_corrupt_cache_is_rebuilt_with_a_warning_naming_it(tmp_path, case, cap
     root = write_datasets(tmp_path, {"d": ({}, [alpaca(i, history=1) for i in range(5)])})
     first = examples(build(root, ["d"])[0])
     (cache,) = _cache_files(root)
-    with np.load(cache) as f:
-        arrays = {k: f[k] for k in f.files}
-    CORRUPTIONS[case](cache, arrays)
+    CORRUPTIONS[case](cache, cache_arrays(cache))
     with caplog.at_level(logging.WARNING, logger="telechat_lab"):
         again, _, report = build(root, ["d"])
     assert not report["datasets"]["d"].get("cached") and examples(again) == first
     assert [r for r in caplog.records if str(cache) in r.getMessage() and "rebuilding" in r.getMessage()]
     assert build(root, ["d"])[2]["datasets"]["d"]["cached"] is True  # written again, whole
-    zipfile.ZipFile(cache).testzip()
+    assert _cache_files(root) == [cache] and (cache / META).is_file()
+    assert not [p for p in cache.parent.iterdir() if TEMP_MARK in p.name]  # the replaced entry is gone
 
 
 # ------------------------------------------------------------------------ 10. a failed cache write is a warning
@@ -129,11 +143,11 @@ def test_a_cache_that_cannot_be_written_is_a_warning_and_encoding_goes_on(tmp_pa
 def test_a_failing_write_leaves_no_temporary(tmp_path, monkeypatch, caplog):
     root = write_datasets(tmp_path, {"d": ({}, [alpaca(i) for i in range(3)])})
 
-    def full_disk(file, **arrays):
-        file.write(b"partial")
+    def full_disk(self, meta):
+        (self.tmp / "tokens.bin").write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np, "savez", full_disk)
+    monkeypatch.setattr(preprocess_mod.ArrayWriter, "commit", full_disk)
     with caplog.at_level(logging.WARNING, logger="telechat_lab"):
         assert len(build(root, ["d"])[0]) == 3
     assert "No space left on device" in caplog.text

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import compose_train
+from test_data_cache import cache_arrays, rewrite_cache
 
 from telechat_lab.config import config_problems
 from telechat_lab.data import DataConfig, DataError, build_datasets, format_report
@@ -504,18 +505,16 @@ def test_cache_keyed_by_kind_and_checked_for_pairs(tmp_path, caplog):
     assert build(root, ["d"], "pt")[2]["datasets"]["d"].get("cached")
 
     proot = _pairs_root(tmp_path / "pairs", 3)
-    first, _, _ = build(proot, ["p"], "pairwise")
-    (cache,) = (proot / "cache" / "datasets").glob("p-*.npz")
-    with np.load(cache) as f:
-        arrays = {k: f[k] for k in f.files}
+    first = build(proot, ["p"], "pairwise")[0][0]  # read now: the cache's files are altered in place below
+    (cache,) = (proot / "cache" / "datasets").glob("p-*")
+    arrays = cache_arrays(cache)
     starts = arrays["offsets"][:-1]
     arrays["tokens"][starts[1]] = (arrays["tokens"][starts[1]] + 1) % 100  # the rejected row's prompt differs
-    with open(cache, "wb") as f:
-        np.savez(f, **arrays)
+    rewrite_cache(cache, tokens=arrays["tokens"])
     with caplog.at_level(logging.WARNING):
         again, _, report = build(proot, ["p"], "pairwise")
     assert "prompt is trained or differs between the rows" in caplog.text and not report["datasets"]["p"].get("cached")
-    assert all(np.array_equal(again[0][k], first[0][k]) for k in first[0])
+    assert all(np.array_equal(again[0][k], first[k]) for k in first)
 
 
 # ------------------------------------------------------------------------------------- inspect and config

@@ -2,20 +2,25 @@
 processes sharing one pool over every dataset's records, with a progress bar, and cached on disk as arrays
 keyed by the files' contents (data/content_hash.py), the tokenizer, the template version, the kind of data
 (conversations, raw text, preference pairs, KTO examples: registry.py) and the options (a second run, or every job
-of a sweep, re-uses it). A cache file is checked when loaded (its arrays consistent, every id inside the vocabulary,
-the rows of a pair sharing their untrained prompt) and rebuilt when it is not; one that cannot be written is a
-warning (data/cache_files.py)."""
+of a sweep, re-uses it). Records are read streaming (registry.iter_records) and encoded a shard of
+SHARD_RECORDS at a time, each shard's arrays appended to the cache's files as it is done (cache_files.py), so that
+memory does not grow with the records; the dataset returned maps the files (no token is read until used). A cache
+entry is checked when loaded (its files the size its meta.json says, its arrays consistent, every id inside the
+vocabulary, the rows of a pair sharing their untrained prompt: read a chunk at a time) and rebuilt when it is not;
+one that cannot be written is a warning, and the data are then kept in memory (data/cache_files.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import mmap
 import multiprocessing as mp
 import sys
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict
+from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,15 +31,18 @@ from telechat_lab.config import DataConfig
 from telechat_lab.errors import BadRecord, DataError
 from telechat_lab.tokenizer import IGNORE_INDEX, tokenizer_hash
 
-from .cache_files import remove_dead_temporaries, write_cache_file
+from .cache_files import ArrayWriter, read_arrays, remove_dead_temporaries, warn_unwritable
 from .content_hash import content_hashes
-from .dataset import EncodedDataset
+from .dataset import EncodedDataset, sequence_counts
 from .encoder import TEMPLATE_VERSION, ChatEncoder, TemplateOptions
 from .formats import Conversation, to_conversation, to_prompted, to_text
-from .registry import DatasetSpec, index_unit, read_records
+from .registry import DatasetSpec, index_unit, iter_records
 
 log = logging.getLogger(__name__)
 BATCH = 4096  # records per SentencePiece batch call
+SHARD_RECORDS = 1024  # records read and encoded before their arrays are written out (bounds the memory)
+JOB_RECORDS = 2048  # records a worker encodes at a time (data.preprocessing_num_workers > 1)
+CHECK_TOKENS = 1 << 23  # tokens a loaded cache's check reads at a time
 EXAMPLES_SHOWN = 3  # of the dropped / skipped records, how many the report names
 
 
@@ -42,7 +50,7 @@ class EncodeJob(NamedTuple):
     tokenizer_path: str
     options: TemplateOptions
     spec: DatasetSpec
-    records: list | tuple  # (file, index, record) triples, or (dataset, start, end) into the parent's records
+    records: list  # (file, index, record) triples
     placeholders: dict
     skip_bad: bool
 
@@ -60,20 +68,7 @@ class EncodedPart(NamedTuple):
     fields: dict[str, np.ndarray]  # per example: prompt_len (pairwise, kto), kto_tag (kto)
     split: int = 0  # raw-text documents split into several rows
     records: int = 0  # records read (progress)
-
-    @staticmethod
-    def join(parts: list[tuple[int, EncodedPart]]) -> EncodedPart:
-        """Parts of one dataset, each with the position of its first record."""
-        return EncodedPart(
-            *(np.concatenate([getattr(p, k) for _, p in parts]) for k in ("tokens", "labels", "lengths")),
-            np.concatenate([p.kept + start for start, p in parts]),
-            sum(p.truncated for _, p in parts),
-            [w for _, p in parts for w in p.dropped],
-            [s for _, p in parts for s in p.skipped],
-            {key: np.concatenate([p.fields[key] for _, p in parts]) for key in parts[0][1].fields},
-            sum(p.split for _, p in parts),
-            sum(p.records for _, p in parts),
-        )
+    counts: np.ndarray | None = None  # per sequence: trained labels, first label trained (dataset.sequence_counts)
 
 
 _ENCODERS: dict[tuple, ChatEncoder] = {}
@@ -87,16 +82,9 @@ def get_encoder(tokenizer_path: Path, options: TemplateOptions, num_threads: int
     return _ENCODERS[key]
 
 
-_SHARED_RECORDS: list = []  # the records being encoded, inherited by forked workers
-
-
 def _encode_job(job: EncodeJob) -> EncodedPart:
-    records = job.records
-    if isinstance(records, tuple):
-        n, start, end = records
-        records = _SHARED_RECORDS[n][start:end]
     return encode_records(
-        get_encoder(Path(job.tokenizer_path), job.options), job.spec, records, job.placeholders, job.skip_bad
+        get_encoder(Path(job.tokenizer_path), job.options), job.spec, job.records, job.placeholders, job.skip_bad
     )
 
 
@@ -109,8 +97,8 @@ def encode_records(
     encoder: ChatEncoder, spec: DatasetSpec, records: list, placeholders: dict, skip_bad: bool = False
 ) -> EncodedPart:
     """The records of one dataset of kind `spec.kind` encoded (registry.py; encoder.py for each kind)."""
-    tokens: list[int] = []
-    labels: list[int] = []
+    tokens = array("i")  # 4 bytes a token (a list of ints: 8 and an object each)
+    labels = array("i")
     lengths, kept, truncated, dropped, skipped, split = [], [], 0, [], [], 0
     fields: dict[str, list] = {key: [] for key in FIELDS[spec.kind]}
     parse = PARSERS[spec.kind]
@@ -134,8 +122,8 @@ def encode_records(
             for pos, (rows, was_split) in zip(positions, encoder.encode_texts(items)):
                 split += was_split
                 for row in rows:
-                    tokens += row
-                    labels += row
+                    tokens.extend(row)
+                    labels.extend(row)
                     lengths.append(len(row))
                     kept.append(pos)
             continue
@@ -146,18 +134,21 @@ def encode_records(
                 continue
             truncated += enc.truncated
             for input_ids, row_labels in [(enc.input_ids, enc.labels)] if spec.kind == "sft" else enc.rows:
-                tokens += input_ids
-                labels += row_labels
+                tokens.extend(input_ids)
+                labels.extend(row_labels)
                 lengths.append(len(input_ids))
             kept.append(pos)
             if spec.kind != "sft":
                 fields["prompt_len"].append(enc.prompt_len)
             if spec.kind == "kto":
                 fields["kto_tag"].append(item.tag)
+    token_array = np.frombuffer(tokens, dtype=np.int32)
+    label_array = np.frombuffer(labels, dtype=np.int32)
+    length_array = np.asarray(lengths, dtype=np.int64)
     return EncodedPart(
-        np.frombuffer(array("i", tokens), dtype=np.int32),
-        np.frombuffer(array("i", labels), dtype=np.int32),
-        np.asarray(lengths, dtype=np.int64),
+        token_array,
+        label_array,
+        length_array,
         np.asarray(kept, dtype=np.int64),
         truncated,
         dropped,
@@ -165,6 +156,7 @@ def encode_records(
         {key: np.asarray(values, dtype=bool if key == "kto_tag" else np.int64) for key, values in fields.items()},
         split,
         len(records),
+        sequence_counts(label_array, np.concatenate([[0], np.cumsum(length_array)]).astype(np.int64)),
     )
 
 
@@ -186,13 +178,183 @@ def _fill(text: str, placeholders: dict[str, str]) -> str:
     return text
 
 
-class _Pending(NamedTuple):
-    position: int  # in the specs asked for
-    spec: DatasetSpec
-    records: list
-    unreadable: list[BadRecord]  # lines that are no record at all (skipped)
-    placeholders: dict
-    cache_file: Path
+class _Tally:
+    """What became of a dataset's records, counted as its shards are encoded (only the first few places kept)."""
+
+    def __init__(self):
+        self.records = self.unreadable = self.truncated = self.split = self.dropped = self.examples = 0
+        self.reasons: Counter = Counter()
+        self.dropped_at: list[str] = []
+        self.unreadable_at: list[str] = []
+        self.skipped_at: list[str] = []
+        self.parse_skipped = 0
+
+    def bad_line(self, bad: BadRecord) -> None:
+        self.unreadable += 1
+        self.reasons[bad.reason] += 1
+        if len(self.unreadable_at) < EXAMPLES_SHOWN:
+            self.unreadable_at.append(bad.where)
+
+    def add(self, part: EncodedPart) -> None:
+        self.truncated += int(part.truncated)
+        self.split += int(part.split)
+        self.dropped += len(part.dropped)
+        self.examples += len(part.kept)
+        self.dropped_at += part.dropped[: EXAMPLES_SHOWN - len(self.dropped_at)]
+        self.parse_skipped += len(part.skipped)
+        for reason, where in part.skipped:
+            self.reasons[reason] += 1
+            if len(self.skipped_at) < EXAMPLES_SHOWN:
+                self.skipped_at.append(where)
+
+    def counts(self) -> dict:
+        return {
+            "records": self.records + self.unreadable,
+            "truncated": self.truncated,
+            "split": self.split,
+            "dropped": self.dropped,
+            "skipped": self.unreadable + self.parse_skipped,
+            "skip_reasons": dict(self.reasons),
+            "dropped_at": self.dropped_at[:EXAMPLES_SHOWN],
+            "skipped_at": (self.unreadable_at + self.skipped_at)[:EXAMPLES_SHOWN],
+        }
+
+
+def _shards(spec: DatasetSpec, skip_bad: bool, max_samples: int | None, size: int, tally: _Tally):
+    """The records of `spec` in lists of `size`, read streaming; at most `max_samples` records."""
+    shard: list = []
+    for item in iter_records(spec, skip_bad):
+        if isinstance(item, BadRecord):
+            tally.bad_line(item)
+            continue
+        if max_samples and tally.records >= max_samples:
+            break
+        shard.append(item)
+        tally.records += 1
+        if len(shard) == size:
+            yield shard
+            shard = []
+    if shard:
+        yield shard
+
+
+class _Encoders:
+    """Encodes shards of records: in this process, or in a pool of `workers` processes shared by every dataset of
+    the run (started at the first dataset with more than one shard), at most two shards a worker in flight, in
+    order."""
+
+    def __init__(self, tokenizer_path: str, options: TemplateOptions, skip_bad: bool, workers: int):
+        self.tokenizer_path, self.options, self.skip_bad, self.workers = tokenizer_path, options, skip_bad, workers
+        self.pool = None
+
+    def encode(self, spec: DatasetSpec, shards, placeholders: dict):
+        """(encoded part, its records) of each run of records, in order: a shard at a time here, or each shard
+        cut into jobs of JOB_RECORDS (of fewer, two a worker at least, for a dataset of one shard) for the
+        pool."""
+        shards = iter(shards)
+        first = next(shards, None)
+        if first is None:
+            return
+        second = next(shards, None) if self.workers > 1 else None
+        if self.workers == 1 or (second is None and len(first) < 32 * self.workers):  # a few records: here
+            encoder = get_encoder(Path(self.tokenizer_path), self.options)
+            for shard in chain([first], [second] if second is not None else [], shards):
+                yield encode_records(encoder, spec, shard, placeholders, self.skip_bad), shard
+            return
+        size = JOB_RECORDS if second is not None else min(JOB_RECORDS, -(-len(first) // (2 * self.workers)))
+        if self.pool is None:
+            context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+            self.pool = context.Pool(self.workers)
+        flight: deque = deque()
+        for shard in chain([first], [second] if second is not None else [], shards):  # read as the window frees
+            for start in range(0, len(shard), size):
+                records = shard[start : start + size]
+                job = EncodeJob(self.tokenizer_path, self.options, spec, records, placeholders, self.skip_bad)
+                flight.append((self.pool.apply_async(_encode_job, (job,)), records))
+                while len(flight) >= 2 * self.workers:
+                    done, records = flight.popleft()
+                    yield done.get(), records
+        while flight:
+            done, records = flight.popleft()
+            yield done.get(), records
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
+def _dtypes(kind: str) -> tuple[dict[str, str], dict[str, tuple]]:
+    dtypes = {"tokens": "<i4", "labels": "<i4", "offsets": "<i8", "source": "<i8", "counts": "<i4"}
+    dtypes.update({f"field_{key}": "|b1" if key == "kto_tag" else "<i8" for key in FIELDS[kind]})
+    return dtypes, {"source": (2,), "counts": (2,)}
+
+
+class _Output:
+    """A dataset's arrays, appended shard by shard to its cache entry (cache_files.ArrayWriter); held in memory
+    instead, with a warning naming the entry, when it cannot be written."""
+
+    def __init__(self, path: Path, kind: str):
+        self.path, self.kind, self.end, self.writer = path, kind, 0, None
+        self.memory: dict[str, list] = {}
+        dtypes, tails = _dtypes(kind)
+        try:
+            self.writer = ArrayWriter(path, dtypes, tails)
+            self.writer.append(offsets=np.zeros(1, dtype=np.int64))
+        except OSError as err:
+            self._to_memory(err, {"offsets": np.zeros(1, dtype=np.int64)})
+
+    def _to_memory(self, err: OSError, so_far: dict) -> None:
+        warn_unwritable(self.path, err)
+        if self.writer is not None:
+            try:
+                so_far = self.writer.read_back()
+            except OSError:
+                pass
+            self.writer.abort()
+            self.writer = None
+        self.memory = {name: [values] for name, values in so_far.items()}
+
+    def append(self, part: EncodedPart, records: list) -> None:
+        record_index = np.array([records[k][1] for k in part.kept], dtype=np.int64)
+        arrays = {
+            "tokens": part.tokens,
+            "labels": part.labels,
+            "offsets": self.end + np.cumsum(part.lengths, dtype=np.int64),
+            "source": np.stack([np.zeros_like(record_index), record_index], axis=1),
+            "counts": part.counts,
+            **{f"field_{key}": values for key, values in part.fields.items()},
+        }
+        self.end += int(part.lengths.sum())
+        if self.writer is not None:
+            try:
+                self.writer.append(**arrays)
+                return
+            except OSError as err:
+                self._to_memory(err, {})
+        for name, values in arrays.items():
+            self.memory.setdefault(name, []).append(values)
+
+    def finish(self, counts: dict, name: str) -> EncodedDataset:
+        if self.writer is not None:
+            try:
+                self.writer.commit({"counts": counts, "rows": ROWS[self.kind], "kind": self.kind})
+                self.writer = None
+                return _load_cache(self.path, name)[0]
+            except OSError as err:
+                self._to_memory(err, {})
+        dtypes, tails = _dtypes(self.kind)
+        arrays = {
+            key: np.concatenate(self.memory[key]) if self.memory.get(key) else np.zeros((0, *tails.get(key, ())), t)
+            for key, t in dtypes.items()
+        }
+        return _dataset(arrays, name, ROWS[self.kind])
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
 
 
 def encode_datasets(
@@ -201,7 +363,7 @@ def encode_datasets(
     """[(dataset, counts)] for `specs`: cached ones loaded, the others encoded, with
     data.preprocessing_num_workers processes sharing one pool over all their records."""
     results: list = [None] * len(specs)
-    pending: list[_Pending] = []
+    todo = []
     skip_bad = cfg.on_bad_record == "skip"
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
     remove_dead_temporaries(root)
@@ -211,7 +373,7 @@ def encode_datasets(
         placeholders = dict(cfg.placeholders) if spec.name in set(cfg.fill_placeholders) else {}
         hashes[i] = content_hashes(spec.files(), f"dataset '{spec.name}'", root, cfg.trust_file_stat)
         cache_file = _cache_file(root, spec, cfg, tokenizer_path, options, placeholders, hashes[i])
-        if cache_file.is_file() and not cfg.overwrite_cache:
+        if cache_file.exists() and not cfg.overwrite_cache:
             try:
                 dataset, counts = _load_cache(cache_file, spec.name)
                 _check_cached(
@@ -225,117 +387,86 @@ def encode_datasets(
                 continue
             except Exception as err:  # a corrupt cache is rebuilt, never trusted
                 log.warning("rebuilding the data cache %s: %s", cache_file, err)
-        records, unreadable = read_records(spec, skip_bad)
-        if not records:
-            raise DataError(
-                f"dataset '{spec.name}': {spec.path} holds no records"
-                + (f" ({len(unreadable)} unreadable lines skipped)" if unreadable else "")
-            )
-        if cfg.max_samples:
-            records = records[: cfg.max_samples]
-        pending.append(_Pending(i, spec, records, unreadable, placeholders, cache_file))
-    if not pending:
+        todo.append((i, spec, placeholders, cache_file))
+    if not todo:
         return results
-
-    encoded = _encode_pending(
-        pending, str(tokenizer_path), options, skip_bad, max(1, int(cfg.preprocessing_num_workers or 1))
-    )
-    for job, part in zip(pending, encoded):
-        skipped = [(bad.reason, bad.where) for bad in job.unreadable] + part.skipped
-        counts = {
-            "records": len(job.records) + len(job.unreadable),
-            "truncated": int(part.truncated),
-            "split": int(part.split),
-            "dropped": len(part.dropped),
-            "skipped": len(skipped),
-            "skip_reasons": dict(Counter(reason for reason, _ in skipped)),
-            "dropped_at": part.dropped[:EXAMPLES_SHOWN],
-            "skipped_at": [w for _, w in skipped[:EXAMPLES_SHOWN]],
-        }
-        if not len(part.kept):
-            raise DataError(
-                f"dataset '{job.spec.name}': none of its {counts['records']} records is left to train on "
-                f"({counts['dropped']} without a trainable reply within data.cutoff_len={cfg.cutoff_len}"
-                f", {counts['skipped']} skipped as bad records)"
-            )
-        offsets = np.concatenate([[0], np.cumsum(part.lengths)]).astype(np.int64)
-        record_index = np.array([job.records[k][1] for k in part.kept], dtype=np.int64)
-        source = np.stack([np.zeros_like(record_index), record_index], axis=1)
-        dataset = EncodedDataset(
-            part.tokens, part.labels, offsets, None, source, [job.spec.name], ROWS[job.spec.kind], part.fields
-        )
-        _save_cache(job.cache_file, dataset, counts)
-        results[job.position] = (dataset, {**counts, "files": hashes[job.position]})
+    encoders = _Encoders(str(tokenizer_path), options, skip_bad, max(1, int(cfg.preprocessing_num_workers or 1)))
+    try:
+        for i, spec, placeholders, cache_file in todo:
+            dataset, counts = _encode_dataset(spec, cfg, encoders, placeholders, cache_file)
+            results[i] = (dataset, {**counts, "files": hashes[i]})
+    finally:
+        encoders.close()
     return results
 
 
-def _encode_pending(
-    pending: list[_Pending], tokenizer_path: str, options: TemplateOptions, skip_bad: bool, workers: int
-) -> list[EncodedPart]:
-    total = sum(len(p.records) for p in pending)
-    progress = _Progress(total, f"encoding {', '.join(p.spec.name for p in pending)}")
-    if workers == 1 or total < 32 * workers:
-        encoder = get_encoder(Path(tokenizer_path), options)
-        parts = []
-        for p in pending:
-            pieces = []
-            for start in range(0, len(p.records), BATCH):
-                pieces.append(
-                    (start, encode_records(encoder, p.spec, p.records[start : start + BATCH], p.placeholders, skip_bad))
-                )
-                progress.advance(pieces[-1][1].records)
-            parts.append(EncodedPart.join(pieces))
-        progress.close()
-        return parts
-    chunk = min(BATCH, -(-total // (2 * workers)))  # two shares a worker at least, evening out uneven records
-    fork = sys.platform == "linux"
-    jobs, owners = [], []
-    for n, p in enumerate(pending):
-        for start in range(0, len(p.records), chunk):
-            # forked workers read the records from the parent's memory: only (dataset, range) travels
-            share = (n, start, start + chunk) if fork else p.records[start : start + chunk]
-            jobs.append(EncodeJob(tokenizer_path, options, p.spec, share, p.placeholders, skip_bad))
-            owners.append((n, start))
-    _SHARED_RECORDS[:] = [p.records for p in pending] if fork else []
-    outputs = []
+def _encode_dataset(
+    spec: DatasetSpec, cfg: DataConfig, encoders: _Encoders, placeholders: dict, cache_file: Path
+) -> tuple[EncodedDataset, dict]:
+    """One dataset read, encoded and written a shard at a time (never all its records or arrays at once)."""
+    tally = _Tally()
+    output = _Output(cache_file, spec.kind)
+    progress = _Progress(f"encoding {spec.name}")
     try:
-        with mp.get_context("fork" if fork else "spawn").Pool(min(workers, len(jobs))) as pool:
-            for part in pool.imap(_encode_job, jobs):
-                outputs.append(part)
-                progress.advance(part.records)
+        shards = _shards(spec, cfg.on_bad_record == "skip", cfg.max_samples, SHARD_RECORDS, tally)
+        for part, records in encoders.encode(spec, shards, placeholders):
+            output.append(part, records)
+            tally.add(part)
+            progress.advance(part.records)
+        if not tally.records:
+            raise DataError(
+                f"dataset '{spec.name}': {spec.path} holds no records"
+                + (f" ({tally.unreadable} unreadable lines skipped)" if tally.unreadable else "")
+            )
+        counts = tally.counts()
+        if not tally.examples:
+            raise DataError(
+                f"dataset '{spec.name}': none of its {counts['records']} records is left to train on "
+                f"({counts['dropped']} without a trainable reply within data.cutoff_len={cfg.cutoff_len}"
+                f", {counts['skipped']} skipped as bad records)"
+            )
+        dataset = output.finish(counts, spec.name)
+    except BaseException:
+        output.abort()
+        raise
     finally:
-        _SHARED_RECORDS.clear()
         progress.close()
-    by_dataset: list[list] = [[] for _ in pending]
-    for (n, start), part in zip(owners, outputs):
-        by_dataset[n].append((start, part))
-    return [EncodedPart.join(parts) for parts in by_dataset]
+    return dataset, counts
 
 
 class _Progress:
-    """A progress bar on a terminal; on a log (no terminal), a line at the start and at the end."""
+    """Records encoded: a progress bar on a terminal; on a log (no terminal), a line when the work is longer than a
+    second and one at its end. The records are read streaming: their number is not known before."""
 
-    def __init__(self, total: int, description: str):
-        self.total, self.done, self.bar = total, 0, None
-        if total < 2 * BATCH:  # a second's work: nothing to show
-            return
-        if sys.stderr.isatty():
-            from rich.progress import Progress
-
-            self.bar = Progress(transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task(description, total=total)
-        else:
-            print(f"{description}: {total:,} records ...", file=sys.stderr, flush=True)
+    def __init__(self, description: str):
+        self.description, self.done, self.bar, self.shown = description, 0, None, False
 
     def advance(self, n: int) -> None:
         self.done += n
+        if not self.shown and self.done >= 2 * BATCH:  # more than a second's work: shown from here
+            self.shown = True
+            if sys.stderr.isatty():
+                from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+                self.bar = Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    TextColumn("{task.completed:,} records"),
+                    TimeElapsedColumn(),
+                    transient=True,
+                )
+                self.bar.start()
+                self.task = self.bar.add_task(self.description, total=None)
+            else:
+                print(f"{self.description} ...", file=sys.stderr, flush=True)
         if self.bar is not None:
             self.bar.update(self.task, completed=self.done)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+        elif self.shown:
+            print(f"{self.description}: {self.done:,} records", file=sys.stderr, flush=True)
 
 
 def _cache_file(
@@ -363,43 +494,48 @@ def _cache_file(
         sort_keys=True,
         default=str,
     )
-    return root / "datasets" / f"{spec.name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
+    return (
+        root / "datasets" / f"{spec.name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
+    )  # a directory of arrays (cache_files.py)
 
 
-def _save_cache(path: Path, ds: EncodedDataset, counts: dict) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(
-                f,
-                tokens=ds.tokens,
-                labels=ds.labels,
-                offsets=ds.offsets,
-                source=ds.source,
-                rows=np.asarray(ds.rows, dtype=np.int64),
-                counts=np.frombuffer(json.dumps(counts).encode(), dtype=np.uint8),
-                **{f"field_{key}": values for key, values in ds.fields.items()},
-            )
-
-    write_cache_file(path, write)
+def _dataset(arrays: dict[str, np.ndarray], name: str, rows: int) -> EncodedDataset:
+    fields = {key.removeprefix("field_"): values for key, values in arrays.items() if key.startswith("field_")}
+    return EncodedDataset(
+        arrays["tokens"],
+        arrays["labels"],
+        arrays["offsets"],
+        None,
+        arrays["source"],
+        [name],
+        rows,
+        fields,
+        arrays["counts"],
+    )
 
 
 def _load_cache(path: Path, name: str) -> tuple[EncodedDataset, dict]:
-    with np.load(path) as f:
-        counts = json.loads(f["counts"].tobytes().decode())
-        rows = int(f["rows"]) if "rows" in f else 1
-        if rows not in (1, 2):
-            raise ValueError(f"its examples have {rows} rows")
-        fields = {key.removeprefix("field_"): f[key] for key in f.files if key.startswith("field_")}
-        ds = EncodedDataset(f["tokens"], f["labels"], f["offsets"], None, f["source"], [name], rows, fields)
+    """A cache entry's dataset (its tokens and labels mapped, not read) and counts; ValueError saying what is
+    wrong with an entry that is not whole."""
+    if not path.is_dir():
+        raise ValueError("it is not a directory of arrays")
+    arrays, meta = read_arrays(path)
+    counts, rows = meta.get("counts"), meta.get("rows")
+    if rows not in (1, 2):
+        raise ValueError(f"its examples have {rows} rows")
+    missing = sorted({"tokens", "labels", "offsets", "source", "counts"} - set(arrays))
+    if missing:
+        raise ValueError(f"it has no {', '.join(missing)}")
     if not isinstance(counts, dict) or not isinstance(counts.get("records"), int):
         raise ValueError("its counts are not a record count")
     counts["cached"] = True
-    return ds, counts
+    return _dataset(arrays, name, rows), counts
 
 
 def _check_cached(ds: EncodedDataset, counts: dict, vocab_size: int, cutoff_len: int, kind: str = "sft") -> None:
     """ValueError saying what is wrong with a loaded cache's arrays (a truncated or altered file) for data of
-    `kind`."""
+    `kind`. The tokens and labels are read CHECK_TOKENS at a time, each chunk's pages given back to the page cache
+    once checked (the check does not grow the process by the dataset's size)."""
     tokens, labels, offsets, source = ds.tokens, ds.labels, ds.offsets, ds.source
     if tokens.ndim != 1 or labels.shape != tokens.shape or tokens.dtype.kind != "i" or labels.dtype.kind != "i":
         raise ValueError("its tokens and labels are not two integer arrays of one length")
@@ -414,32 +550,64 @@ def _check_cached(ds: EncodedDataset, counts: dict, vocab_size: int, cutoff_len:
         raise ValueError(f"an example's length is outside 1..{cutoff_len} (data.cutoff_len)")
     if source.shape != (n, 2):
         raise ValueError(f"its source does not name each of its {n} examples")
+    if ds.counts.shape != (sequences, 2):
+        raise ValueError(f"its trained-label counts are not of its {sequences} sequences")
     if sorted(ds.fields) != sorted(FIELDS[kind]) or any(v.shape != (n,) for v in ds.fields.values()):
         raise ValueError(f"its per-example fields are not {list(FIELDS[kind])} of its {n} examples")
     if "kto_tag" in ds.fields and ds.fields["kto_tag"].dtype != bool:
         raise ValueError("its kto tags are not true / false")
-    if "prompt_len" in ds.fields:
-        _check_prompts(ds, lengths.reshape(n, ds.rows))
-    if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab_size):
-        raise ValueError(f"a token id is outside the tokenizer's vocabulary of {vocab_size}")
-    trained = labels != IGNORE_INDEX
-    if not np.array_equal(labels[trained], tokens[trained]):
-        raise ValueError("a label is neither ignored nor its token")
-
-
-def _check_prompts(ds: EncodedDataset, lengths: np.ndarray) -> None:
-    """Each example's prompt is shorter than each of its rows, untrained, and the same in every row."""
-    prompt_len = ds.fields["prompt_len"]
-    if prompt_len.dtype.kind != "i" or (prompt_len < 0).any() or (prompt_len[:, None] >= lengths).any():
+    prompt_len = ds.fields.get("prompt_len")
+    if prompt_len is not None and (
+        prompt_len.dtype.kind != "i"
+        or (prompt_len < 0).any()
+        or (prompt_len[:, None] >= lengths.reshape(n, ds.rows)).any()
+    ):
         raise ValueError("a prompt length is outside its example's rows")
-    starts = ds.offsets[:-1].reshape(-1, ds.rows)
+    first = 0  # the first example of the chunk
+    while first < n:
+        last = int(np.searchsorted(offsets, offsets[first * ds.rows] + CHECK_TOKENS, "right")) - 1
+        last = min(n, max(first + 1, last // ds.rows))
+        start, end = int(offsets[first * ds.rows]), int(offsets[last * ds.rows])
+        chunk_tokens, chunk_labels = np.asarray(tokens[start:end]), np.asarray(labels[start:end])
+        local = offsets[first * ds.rows : last * ds.rows] - start
+        try:
+            if chunk_tokens.min() < 0 or chunk_tokens.max() >= vocab_size:
+                raise ValueError(f"a token id is outside the tokenizer's vocabulary of {vocab_size}")
+            trained = chunk_labels != IGNORE_INDEX
+            if not np.array_equal(chunk_labels[trained], chunk_tokens[trained]):
+                raise ValueError("a label is neither ignored nor its token")
+            expected = np.stack([np.add.reduceat(trained, local), trained[local]], axis=1)
+            if not np.array_equal(expected, ds.counts[first * ds.rows : last * ds.rows]):
+                raise ValueError("its trained-label counts are not its labels'")
+            if prompt_len is not None:
+                _check_prompts(chunk_tokens, chunk_labels, local.reshape(-1, ds.rows), prompt_len[first:last])
+        finally:
+            del chunk_tokens, chunk_labels
+            _release(tokens, labels)
+        first = last
+
+
+def _release(*arrays: np.ndarray) -> None:
+    """Give a memory map's pages back to the page cache (they stay cached; this process no longer counts them)."""
+    for values in arrays:
+        mapping = getattr(values, "_mmap", None)
+        if mapping is not None and hasattr(mapping, "madvise"):
+            try:
+                mapping.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
+
+
+def _check_prompts(tokens: np.ndarray, labels: np.ndarray, starts: np.ndarray, prompt_len: np.ndarray) -> None:
+    """Each example's prompt is untrained and the same in every row (`starts`: each example's rows' first token,
+    [examples, rows], into `tokens`)."""
+    before = np.cumsum(prompt_len) - prompt_len
 
     def positions(k: int) -> np.ndarray:  # every prompt token of row k of every example, in example order
-        before = np.cumsum(prompt_len) - prompt_len
         return np.arange(prompt_len.sum()) - np.repeat(before, prompt_len) + np.repeat(starts[:, k], prompt_len)
 
     first = positions(0)
-    for k in range(ds.rows):
+    for k in range(starts.shape[1]):
         at = positions(k) if k else first
-        if (ds.labels[at] != IGNORE_INDEX).any() or (k and not np.array_equal(ds.tokens[at], ds.tokens[first])):
+        if (labels[at] != IGNORE_INDEX).any() or (k and not np.array_equal(tokens[at], tokens[first])):
             raise ValueError("a prompt is trained or differs between the rows of its example")

@@ -271,9 +271,19 @@ def _kind(entry: dict, formatting: str, columns: dict, path: Path, where: str) -
 def read_records(spec: DatasetSpec, skip_bad: bool = False) -> tuple[list[tuple[Path, int, dict]], list[BadRecord]]:
     """(records, bad): every record of a dataset as (file, index, record), `index` the line number (1-based)
     for jsonl/csv and the record index (0-based) for json/parquet. A line that is no record (malformed JSON, a
-    CSV row with too few or too many fields) raises BadRecord, or with `skip_bad` is returned in `bad`."""
+    CSV row with too few or too many fields) raises BadRecord, or with `skip_bad` is returned in `bad`. Holds
+    them all: encoding reads them through `iter_records`, a shard at a time."""
     records: list[tuple[Path, int, dict]] = []
     bad: list[BadRecord] = []
+    for item in iter_records(spec, skip_bad):
+        (bad if isinstance(item, BadRecord) else records).append(item)
+    return records, bad
+
+
+def iter_records(spec: DatasetSpec, skip_bad: bool = False):
+    """`read_records`' records one at a time, (file, index, record), each bad one (with `skip_bad`) as its
+    BadRecord where it is. Streamed where the format allows: JSONL and CSV line by line, Parquet by row group;
+    a JSON array is parsed whole by json, and a .txt file is read whole (its documents may span lines)."""
     for path in spec.files():
         where = f"dataset '{spec.name}': {path}"
         try:
@@ -281,14 +291,13 @@ def read_records(spec: DatasetSpec, skip_bad: bool = False) -> tuple[list[tuple[
                 if isinstance(rec, BadRecord):
                     if not skip_bad:
                         raise rec
-                    bad.append(rec)
+                    yield rec
                 else:
-                    records.append((path, index, rec))
+                    yield path, index, rec
         except UnicodeDecodeError:
             raise _not_utf8(path, where) from None
         except OSError as err:
             raise DataError(f"{where}: cannot read it ({err.strerror or err})") from err
-    return records, bad
 
 
 def read_text(path: Path, where: str) -> str:
@@ -393,10 +402,19 @@ def _read_file(spec: DatasetSpec, path: Path):
         except ImportError as err:
             raise DataError(f"{where}: reading parquet needs pyarrow (pip install pyarrow)") from err
         try:
-            rows = pq.read_table(path).to_pylist()
+            groups = pq.ParquetFile(path)
+            count = groups.num_row_groups
         except Exception as err:  # pyarrow's own errors name neither the dataset nor the file
             raise DataError(f"{where}: unreadable parquet file ({err})") from err
-        yield from enumerate(rows)
+        index = 0
+        for group in range(count):  # a row group at a time: a large file is never held whole
+            try:
+                rows = groups.read_row_group(group).to_pylist()
+            except Exception as err:
+                raise DataError(f"{where}: unreadable parquet file ({err})") from err
+            for rec in rows:
+                yield index, rec
+                index += 1
     else:
         raise DataError(f"{where}: unsupported file type '{suffix}'; use one of {FILE_SUFFIXES}")
 

@@ -1,0 +1,256 @@
+"""Encoded data in constant memory: the cache's tokens and labels are memory maps that concat, subset, mixing,
+stats and the validation split never read or copy; records are read and encoded a shard at a time, and shards
+smaller than the data give the same arrays as one; a cache that cannot be written mid-way keeps the data in
+memory. Structural checks on tiny data (the sizes are measured by bench/data_scale.py, never here)."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+
+import numpy as np
+import pytest
+from test_data import alpaca, build, examples, write_datasets
+from test_data_cache import _cache_files, cache_arrays
+
+from telechat_lab.data import preprocess as preprocess_mod
+from telechat_lab.data.cache_files import TEMP_MARK, ArrayWriter
+from telechat_lab.data.dataset import EncodedDataset
+from telechat_lab.data.fingerprint import data_fingerprint
+
+
+class Untouchable:
+    """Stands for a token array that must not be read: only its length may be asked."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key):
+        pytest.fail("the tokens were read")
+
+    def __array__(self, *args, **kwargs):
+        pytest.fail("the tokens were copied")
+
+
+def _root(tmp_path, n=12, name="d"):
+    return write_datasets(
+        tmp_path, {name: ({"file_name": f"{name}.jsonl"}, [alpaca(i, history=i % 2) for i in range(n)])}
+    )
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_the_tokens_and_labels_are_memory_maps_of_the_cache(tmp_path, warm):
+    root = _root(tmp_path)
+    if warm:
+        build(root, ["d"])
+    train, _, report = build(root, ["d"])
+    assert bool(report["datasets"]["d"].get("cached")) == warm
+    (cache,) = _cache_files(root)
+    for segments in (train.segments, train.label_segments):
+        assert len(segments) == 1 and isinstance(segments[0], np.memmap)
+        assert str(segments[0].filename).startswith(str(cache))
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        ["meta.json", *(f"{n}.bin" for n in ("tokens", "labels", "offsets", "source", "counts"))]
+    )
+
+
+def test_concat_subset_mixing_stats_split_and_fingerprint_never_read_the_tokens(tmp_path):
+    root = write_datasets(
+        tmp_path,
+        {
+            "a": ({"file_name": "a.jsonl"}, [alpaca(i) for i in range(8)]),
+            "b": ({"file_name": "b.jsonl"}, [alpaca(i, history=1) for i in range(5)]),
+        },
+    )
+    build(root, ["a", "b"])  # cached
+    expected_train, expected_val, expected = build(root, ["a", "b"], val_size=3, mix={"a": 1.5})
+    real_concat = EncodedDataset.concat
+    parts_seen = []
+
+    def concat(parts):  # every part's tokens replaced by arrays that fail when read
+        for part in parts:
+            parts_seen.append(part.segments[0])
+            part.segments = [Untouchable(len(s)) for s in part.segments]
+            part.label_segments = [Untouchable(len(s)) for s in part.label_segments]
+        return real_concat(parts)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(EncodedDataset, "concat", staticmethod(concat))
+        train, val, report = build(root, ["a", "b"], val_size=3, mix={"a": 1.5})
+    assert len(parts_seen) == 2 and all(isinstance(s, np.memmap) for s in parts_seen)
+    assert report == expected  # stats, the split and the fingerprint, with no token read
+    assert len(train.segments) == 2 and all(isinstance(s, Untouchable) for s in train.segments)
+    assert train.targets().tolist() == expected_train.targets().tolist()
+    sub = train.subset(np.arange(3))
+    assert sub.segments == train.segments and sub.stats()["examples"] == 3
+    data_fingerprint(report["datasets"], {"a": root / "a.jsonl", "b": root / "b.jsonl"}, train, val)
+    assert examples(expected_val) == examples(expected_val.subset(np.arange(len(expected_val))))
+
+
+def test_concat_keeps_the_parts_maps_and_reads_across_them(tmp_path):
+    root = write_datasets(
+        tmp_path,
+        {
+            "a": ({"file_name": "a.jsonl"}, [alpaca(i) for i in range(4)]),
+            "b": ({"file_name": "b.jsonl"}, [alpaca(10 + i, history=1) for i in range(3)]),
+        },
+    )
+    train, _, _ = build(root, ["a", "b"])
+    alone = [build(root, [n])[0] for n in ("a", "b")]
+    assert all(
+        np.shares_memory(t, alone[k].segments[0]) or t.filename == alone[k].segments[0].filename
+        for k, t in enumerate(train.segments)
+    )
+    assert examples(train) == examples(alone[0]) + examples(alone[1])
+    joined = EncodedDataset.concat([train, train])
+    assert len(joined.segments) == 4 and examples(joined) == examples(train) * 2
+    assert joined.stats() == {k: 2 * v for k, v in train.stats().items()}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_shards_smaller_than_the_data_give_the_same_arrays_as_one(tmp_path, monkeypatch, workers):
+    records = [alpaca(i, history=i % 3) for i in range(70)]
+    root = write_datasets(tmp_path, {"d": ({"file_name": "d.jsonl"}, records)})
+    whole, _, report = build(root, ["d"], cache_dir=str(tmp_path / "one"), cutoff_len=300)
+    sizes = []
+    real = preprocess_mod.encode_records
+    monkeypatch.setattr(
+        preprocess_mod,
+        "encode_records",
+        lambda enc, spec, recs, *a: sizes.append(len(recs)) or real(enc, spec, recs, *a),
+    )
+    monkeypatch.setattr(preprocess_mod, "SHARD_RECORDS", 16)
+    monkeypatch.setattr(preprocess_mod, "JOB_RECORDS", 5)
+    sharded, _, report2 = build(
+        root, ["d"], cache_dir=str(tmp_path / "many"), cutoff_len=300, preprocessing_num_workers=workers
+    )
+    if workers == 1:  # the records reach the encoder a shard at a time (the pool's calls are in its processes)
+        assert sizes == [16, 16, 16, 16, 6]
+    one, many = (cache_arrays(next((tmp_path / d / "datasets").iterdir())) for d in ("one", "many"))
+    assert sorted(one) == sorted(many)
+    for name in one:
+        np.testing.assert_array_equal(one[name], many[name], err_msg=name)
+    assert examples(sharded) == examples(whole)
+    assert report2["datasets"]["d"] == report["datasets"]["d"]
+
+
+def test_records_are_read_streaming(tmp_path, monkeypatch):
+    """The reader is asked for records as the encoder needs them, not all first."""
+    root = _root(tmp_path, n=40)
+    monkeypatch.setattr(preprocess_mod, "SHARD_RECORDS", 8)
+    events = []
+    real_iter, real_encode = preprocess_mod.iter_records, preprocess_mod.encode_records
+
+    def reading(spec, skip):
+        for item in real_iter(spec, skip):
+            events.append("read")
+            yield item
+
+    monkeypatch.setattr(preprocess_mod, "iter_records", reading)
+    monkeypatch.setattr(preprocess_mod, "encode_records", lambda *a: events.append("encode") or real_encode(*a))
+    build(root, ["d"])
+    assert events.index("encode") == 8 and events.count("encode") == 5  # the first shard encoded before more read
+
+
+def test_a_write_failing_mid_way_keeps_the_data_in_memory(tmp_path, monkeypatch, caplog):
+    root = _root(tmp_path, n=30)
+    expected = examples(build(root, ["d"], cache_dir=str(tmp_path / "ok"))[0])
+    monkeypatch.setattr(preprocess_mod, "SHARD_RECORDS", 7)
+    calls = []
+    real_append = ArrayWriter.append
+
+    def append(self, **arrays):
+        calls.append(1)
+        if len(calls) == 3:  # the offsets' first zero, two shards, then a full disk
+            self.files["tokens"].write(b"part")
+            raise OSError(28, "No space left on device")
+        real_append(self, **arrays)
+
+    monkeypatch.setattr(ArrayWriter, "append", append)
+    with caplog.at_level(logging.WARNING, logger="telechat_lab"):
+        train, _, report = build(root, ["d"])
+    assert examples(train) == expected and not report["datasets"]["d"].get("cached")
+    assert "No space left on device" in caplog.text
+    assert not isinstance(train.segments[0], np.memmap)
+    assert list((root / "cache" / "datasets").iterdir()) == []
+
+
+def test_a_dataset_pickles_its_maps_as_their_files(tmp_path):
+    root = _root(tmp_path, n=200)
+    train, _, _ = build(root, ["d"])
+    data = pickle.dumps(train)
+    assert len(data) < train.segments[0].nbytes  # the tokens did not travel
+    again = pickle.loads(data)
+    assert isinstance(again.segments[0], np.memmap) and examples(again) == examples(train)
+
+
+def test_a_dead_writers_temporary_directory_is_removed(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    root = _root(tmp_path, n=3)
+    datasets = root / "cache" / "datasets"
+    datasets.mkdir(parents=True)
+    pid = int(
+        subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    )
+    left = datasets / f"d-0123{TEMP_MARK}{socket.gethostname()}-{pid}"
+    left.mkdir()
+    (left / "tokens.bin").write_bytes(b"x" * 100)
+    build(root, ["d"])
+    assert not left.exists() and len(_cache_files(root)) == 1
+
+
+def test_the_scale_bench_runs_cold_then_warm_in_their_own_processes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "data_scale.py"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--smoke", "--work", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = [line for line in done.stdout.splitlines() if line.startswith("| 300 |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 7 and all(cells[k].endswith("GB") for k in (2, 5)), row
+    assert list(tmp_path.glob("alpaca_300_0/synthetic.jsonl")) and not list(tmp_path.glob("cache_*"))
+
+
+def test_parquet_is_read_a_row_group_at_a_time(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from telechat_lab.data.registry import iter_records, load_dataset_info
+
+    records = [{k: v for k, v in alpaca(i).items() if k != "history"} for i in range(7)]
+    root = write_datasets(tmp_path, {"pq": ({"file_name": "d.parquet"}, None), "js": ({}, records)})
+    pq.write_table(pa.Table.from_pylist(records), root / "d.parquet", row_group_size=2)
+    read_groups = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(
+        pq.ParquetFile, "read_row_group", lambda self, i, *a, **k: read_groups.append(i) or real(self, i)
+    )
+    spec = load_dataset_info(root, ["pq"])["pq"]
+    got = iter_records(spec)
+    assert next(got)[1:] == (0, records[0]) and read_groups == [0]  # one group read for the first record
+    assert [(index, rec) for _, index, rec in got] == list(enumerate(records))[1:] and read_groups == [0, 1, 2, 3]
+    assert examples(build(root, ["pq"])[0]) == examples(build(root, ["js"])[0])
+
+
+def test_dataloader_workers_read_the_same_batches_from_the_maps(tmp_path):
+    torch = pytest.importorskip("torch")
+    from telechat_lab.data.packing import Collator
+
+    train, _, _ = build(_root(tmp_path, n=9), ["d"])
+
+    def batches(**workers):
+        loader = torch.utils.data.DataLoader(train, batch_size=4, collate_fn=Collator(), **workers)
+        return [{k: v.tolist() for k, v in batch.items()} for batch in loader]
+
+    here = batches()
+    assert batches(num_workers=1, multiprocessing_context="spawn") == here  # the dataset pickled: its maps by file
+    assert batches(num_workers=2, multiprocessing_context="fork") == here
