@@ -351,10 +351,9 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         size = self.cfg.batch_size
         while True:
             items, state = [], None
-            for row, state in rows:
+            while len(items) < size:
+                row, state = next(rows)
                 items.append(row)
-                if len(items) == size:
-                    break
             batch = self.collator(items)
             batch["stream_state"] = (shard, state)
             yield batch
@@ -423,9 +422,7 @@ def format_stream_report(report: dict) -> str:
         f"in {report['shards']} shard(s) (world size x dataloader workers)"
     )
     val = report.get("val")
-    out.write(
-        f"; validation: the first {val['records']} record(s), {val['examples']} example(s)" if val else "; no validation"
-    )
+    out.write(f"; validation: the first {val['records']} record(s), {val['examples']} example(s)" if val else "")
     return out.getvalue()
 
 
