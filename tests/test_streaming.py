@@ -1,0 +1,219 @@
+"""data.streaming=true (issue 23 item 4): records read and encoded on the fly, sharded over (rank, worker) without
+overlap, packed with the map-style row format, a seeded block shuffle, an exact resume mid-stream (per shard
+positions, and a whole run interrupted and resumed), validation from the head of the stream and the config checks.
+Tokenizer-only tests use the tiny tokenizer; the runs the tiny model on the demo pt data."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+from helpers import adapter_weights, compose_train, losses, run_train
+
+from telechat_lab.config import config_problems
+from telechat_lab.data import DataConfig, DataError, build_datasets
+from telechat_lab.data.pipeline import DEMO_DATA
+from telechat_lab.data.streaming import (
+    RecordStream,
+    ShardRows,
+    StreamingDataset,
+    _fresh,
+    stream_source,
+    validation_examples,
+)
+from telechat_lab.tokenizer import IGNORE_INDEX, TINY_TOKENIZER_PATH
+from telechat_lab.training.datamodule import TelechatDataModule
+
+TINY = TINY_TOKENIZER_PATH
+PT = ["pt_demo", "pt_jsonl_demo"]  # 30 lines of text and 6 JSON lines: 36 records
+
+
+def cfg(**kw) -> DataConfig:
+    base = {"datasets": PT, "val_size": 0, "cutoff_len": 32, "streaming": True, "streaming_buffer": 5}
+    return DataConfig(**{**base, **kw})
+
+
+def round_robin(dataset: StreamingDataset, n: int) -> list[dict]:
+    """The first n batches as a DataLoader with dataset.workers workers hands them out: worker i % workers."""
+    iters = [dataset.batches(w) for w in range(dataset.workers)]
+    return [next(iters[i % dataset.workers]) for i in range(n)]
+
+
+def same(a: dict, b: dict) -> bool:
+    keys = [k for k in a if k != "stream_state"]
+    return keys == [k for k in b if k != "stream_state"] and all(torch.equal(a[k], b[k]) for k in keys)
+
+
+def test_every_record_is_read_by_exactly_one_rank_and_worker():
+    """world=2 x workers=2 simulated: the four shards' records of one pass are the stream's records, each once;
+    the head taken for validation by none of them."""
+    for val_size in (0, 3):
+        c = cfg(dataloader_num_workers=2, val_size=val_size)
+        source = stream_source(c, TINY, "pt")
+        read = Counter()
+        for rank in range(2):
+            dataset = StreamingDataset(source, c, rank, 2)
+            for worker in range(2):
+                stream = RecordStream(source, dataset.shard_of(worker), dataset.shards)
+                read.update(
+                    (where, raw if isinstance(raw, str) else raw["text"]) for _, where, raw in stream.records(_fresh(0))
+                )
+        every = [
+            (w, r if isinstance(r, str) else r["text"])
+            for _, w, r in RecordStream(source, 0, 1).records(_fresh(0), every=True)
+        ]
+        assert len(every) == 36 and len(set(every)) == 36
+        assert set(read.values()) == {1} and sorted(read) == sorted(every[val_size:])
+
+
+def test_a_pass_of_the_stream_holds_the_map_style_examples():
+    """One epoch of a shard's rows (no packing) is the map-style pipeline's examples of the same data, each once
+    (documents longer than cutoff_len split the same way), in a seeded order that a second reading repeats."""
+    c = cfg(cutoff_len=16)
+    train, _, _ = build_datasets(DataConfig(datasets=PT, val_size=0, cutoff_len=16), TINY, kind="pt")
+    expected = Counter(tuple(train[i]["input_ids"].tolist()) for i in range(len(train)))
+    rows = ShardRows(stream_source(c, TINY, "pt"), 0, 1, c.seed, c.streaming_buffer, False)
+    first = [(tuple(r["input_ids"].tolist()), s) for r, s in islice(rows.rows(None), len(train))]
+    assert Counter(ids for ids, _ in first) == expected
+    assert all(s["epoch"] == 0 for _, s in first)
+    two = [(tuple(r["input_ids"].tolist()), s["epoch"]) for r, s in islice(rows.rows(None), 2 * len(train))]
+    assert two[: len(train)] == [(ids, 0) for ids, _ in first]  # a second reading repeats the order
+    second = [ids for ids, epoch in two[len(train) :]]
+    assert {epoch for _, epoch in two[len(train) :]} == {1}  # the stream goes on with the next epoch
+    assert Counter(second) == expected and second != [ids for ids, _ in first]  # in another order
+
+
+def test_packed_stream_rows_are_the_map_style_row_format():
+    """data.packing: rows of at most cutoff_len tokens holding several documents, position_ids restarting per
+    document, each document's first label ignored; the documents of one pass are the examples, each once."""
+    c = cfg(cutoff_len=128, packing=True)
+    train, _, _ = build_datasets(DataConfig(datasets=PT, val_size=0, cutoff_len=128), TINY, kind="pt")
+    expected = Counter(tuple(train[i]["input_ids"].tolist()) for i in range(len(train)))
+    rows = ShardRows(stream_source(c, TINY, "pt"), 0, 1, c.seed, c.streaming_buffer, True)
+    docs, multi = Counter(), 0
+    for row, state in rows.rows(None):
+        if state["epoch"] > 0:
+            break
+        ids, pos, labels = row["input_ids"], row["position_ids"], row["labels"]
+        assert len(ids) <= 128 and len(ids) == len(pos) == len(labels)
+        starts = np.flatnonzero(pos == 0).tolist()
+        multi += len(starts) > 1
+        for a, b in zip(starts, [*starts[1:], len(ids)]):
+            assert pos[a:b].tolist() == list(range(b - a)) and labels[a] == IGNORE_INDEX
+            docs[tuple(ids[a:b].tolist())] += 1
+    assert docs == expected and multi > 0
+    batch = next(
+        StreamingDataset(stream_source(c, TINY, "pt"), DataConfig(**{**c.__dict__, "batch_size": 3})).batches(0)
+    )
+    assert batch["input_ids"].shape[0] == 3 and "position_ids" in batch and "attention_mask" not in batch
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_stream_yields_exactly_the_remaining_batches(workers):
+    """Interrupted after K batches (mid-block, and later past an epoch's end), a stream rebuilt from the
+    positions the batches carried (and the number taken) continues with exactly the uninterrupted batches."""
+    c = cfg(dataloader_num_workers=workers, batch_size=2, packing=True, streaming_buffer=4)
+    source = stream_source(c, TINY, "pt")
+    whole = round_robin(StreamingDataset(source, c), 60)
+    assert any(b["stream_state"][1]["epoch"] > 0 for b in whole)  # the run crosses into the second epoch
+    for k in (7, 41):
+        positions = {}
+        for b in whole[:k]:
+            positions[b["stream_state"][0]] = b["stream_state"][1]
+        resumed = StreamingDataset(source, c)
+        resumed.positions, resumed.rotate = positions, k % resumed.workers
+        assert all(same(a, b) for a, b in zip(round_robin(resumed, 60 - k), whole[k:]))
+
+
+def test_validation_is_the_head_of_the_stream():
+    """data.val_size=N: the first N records, encoded once; training never reads them."""
+    c = cfg(val_size=4, cutoff_len=128)
+    source = stream_source(c, TINY, "pt")
+    head = validation_examples(source)
+    first = [line for line in (DEMO_DATA / "pt_demo.txt").read_text().splitlines() if line.strip()][:4]
+    encoder = ShardRows(source, 0, 1, 0, 4, False).encoder()
+    assert [ids for ids, _ in head] == [rows[0] for rows, _ in encoder.encode_texts(first)]
+    trained = [w for _, w, _ in RecordStream(source, 0, 1).records(_fresh(0))]
+    assert len(trained) == 32 and not any(
+        w.endswith(f" line {n}") and "pt_demo.txt" in w for n in range(1, 5) for w in trained
+    )
+    with pytest.raises(DataError, match="only 36 records"):
+        validation_examples(stream_source(cfg(val_size=40), TINY, "pt"))
+
+
+def test_sft_conversations_stream_too():
+    c = DataConfig(datasets=["telechat_demo"], val_size=0, streaming=True, cutoff_len=256)
+    train, _, _ = build_datasets(DataConfig(datasets=["telechat_demo"], val_size=0, cutoff_len=256), TINY)
+    rows = ShardRows(stream_source(c, TINY, "sft"), 0, 1, c.seed, c.streaming_buffer, False)
+    got = Counter(tuple(r["labels"].tolist()) for r, _ in islice(rows.rows(None), len(train)))
+    assert got == Counter(tuple(train[i]["labels"].tolist()) for i in range(len(train)))
+
+
+def test_what_cannot_stream_is_refused_by_name(tmp_path):
+    with pytest.raises(DataError, match="'identity'.*one JSON array"):
+        stream_source(DataConfig(datasets=["identity"], streaming=True), TINY, "sft")
+    with pytest.raises(DataError, match="not pairwise data"):
+        stream_source(DataConfig(datasets=["dpo_demo"], streaming=True), TINY, "pairwise")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    (tmp_path / "dataset_info.json").write_text(
+        json.dumps({"bad": {"file_name": "bad.jsonl", "columns": {"prompt": "text"}}})
+    )
+    c = DataConfig(dataset_dir=str(tmp_path), datasets=["bad"], val_size=0, streaming=True, dataloader_num_workers=1)
+    item = next(iter(StreamingDataset(stream_source(c, TINY, "pt"), c)))
+    assert "stream_error" in item and "bad.jsonl line 2: malformed JSON" in item["stream_error"]
+    module = TelechatDataModule(c, TINY.parent if TINY.is_file() else TINY, kind="pt")
+    with pytest.raises(DataError, match="bad.jsonl line 2: malformed JSON"):
+        module.on_before_batch_transfer(item, 0)
+
+
+def test_streaming_config_checks():
+    composed = compose_train(["stage=pt", "data.streaming=true", "trainer.max_steps=-1"])
+    composed.data.mix = {"pt_demo": 2.0}
+    problems = "\n".join(config_problems(composed))
+    assert "needs trainer.max_steps" in problems and "data.val_size=0.05" in problems and "data.mix" in problems
+    problems = "\n".join(config_problems(compose_train(["stage=dpo", "data.streaming=true", "trainer.max_steps=3"])))
+    assert "data.streaming=true with stage=dpo" in problems
+    assert not config_problems(
+        compose_train(["stage=pt", "data.streaming=true", "trainer.max_steps=3", "data.val_size=4"])
+    )
+
+
+STREAM_RUN = [
+    "stage=pt",
+    f"data.datasets=[{','.join(PT)}]",
+    "data.streaming=true",
+    "data.cutoff_len=32",
+    "data.batch_size=2",
+    "data.dataloader_num_workers=2",
+    "data.streaming_buffer=5",
+    "optim.scheduler=constant",
+]
+
+
+def test_an_interrupted_streaming_run_resumes_exactly(tmp_path):
+    """Interrupted after 7 steps (mid-block) of a 22-step run that crosses an epoch (36 rows of 2 shards), resumed:
+    the same losses and the same final weights as the uninterrupted run; validation on the head of the stream."""
+    run_train(tmp_path / "long", *STREAM_RUN, "data.val_size=4", "trainer.max_steps=22")
+    run_train(tmp_path / "short", *STREAM_RUN, "data.val_size=4", "trainer.max_steps=7")
+    metrics = run_train(tmp_path / "short", *STREAM_RUN, "data.val_size=4", "resume=true", "trainer.max_steps=22")
+    assert losses(tmp_path / "short") == pytest.approx(losses(tmp_path / "long"), abs=1e-6)
+    assert len(losses(tmp_path / "long")) == 22 and metrics["steps"] == 22 and metrics["val_loss"] is not None
+    long, short = adapter_weights(tmp_path / "long"), adapter_weights(tmp_path / "short")
+    assert all(torch.allclose(long[k], short[k], atol=1e-6) for k in long)
+
+
+def test_a_resume_with_other_shards_is_refused(tmp_path):
+    run_train(tmp_path / "a", *STREAM_RUN, "data.val_size=0", "trainer.max_steps=2")
+    with pytest.raises(DataError, match="2 shard\\(s\\).*this run 1"):
+        run_train(
+            tmp_path / "a",
+            *STREAM_RUN,
+            "data.val_size=0",
+            "resume=true",
+            "trainer.max_steps=4",
+            "data.dataloader_num_workers=0",
+        )
