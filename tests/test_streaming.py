@@ -217,3 +217,19 @@ def test_a_resume_with_other_shards_is_refused(tmp_path):
             "trainer.max_steps=4",
             "data.dataloader_num_workers=0",
         )
+
+
+def test_the_progress_bar_counts_to_max_steps_of_an_endless_stream():
+    """A stream is one endless Lightning epoch: the bar counts the batches to max_steps (from a resumed step too)
+    and names no epoch count it cannot know (the stream's epoch is logged as `epoch`)."""
+    from types import SimpleNamespace
+
+    from telechat_lab.training.callbacks import StepsProgressBar
+
+    bar = StepsProgressBar()
+    bar._trainer = SimpleNamespace(
+        max_steps=12, accumulate_grad_batches=2, num_training_batches=float("inf"), max_epochs=3, global_step=4
+    )
+    bar._steps_at_start, bar._done_at_start = 4, 8  # resumed after 4 steps of 2 batches
+    assert bar.total_train_batches == 8 + (12 - 4) * 2
+    assert bar._get_train_description(0).strip() == "Training"

@@ -95,6 +95,7 @@ class TelechatDataModule(L.LightningDataModule):
         self.stream = None
         self.stream_positions: dict[int, dict] = {}
         self.stream_batches = 0
+        self.stream_epoch = 0
         self.stream_resume: dict | None = None
 
     def prepare_data(self) -> None:
@@ -216,6 +217,7 @@ class TelechatDataModule(L.LightningDataModule):
         if "stream_state" in batch:  # the batch about to be trained: its shard's position after it
             shard, position = batch.pop("stream_state")
             self.stream_positions[shard] = position
+            self.stream_epoch = position["epoch"]  # of the batch about to be trained (the stream repeats)
             self.stream_batches += 1
             return batch
         trainer = self.trainer
