@@ -142,12 +142,13 @@ def _file_records(spec: DatasetSpec, path: Path, point: tuple[int, int]):
         elif suffix == ".csv":
             with open(path, encoding=TEXT_ENCODING, newline="") as f:
                 reader = csv.DictReader(f)
+                lineno = 2  # the line a record starts on (a quoted field may span several lines)
                 for index, rec in enumerate(reader):
-                    if index < point[0]:
-                        continue
-                    if None in rec or None in rec.values():
-                        rec = BadRecord(f"{where} line {reader.line_num}", "fields do not match the header")
-                    yield reader.line_num, (index, 0), rec
+                    if index >= point[0]:
+                        if None in rec or None in rec.values():
+                            rec = BadRecord(f"{where} line {lineno}", "fields do not match the header")
+                        yield lineno, (index, 0), rec
+                    lineno = reader.line_num + 1
         else:
             raise DataError(f"{where}: unsupported file type '{suffix}' for data.streaming")
     except UnicodeDecodeError as err:
