@@ -26,6 +26,7 @@ from telechat_lab.data.streaming import (
     stream_source,
     validation_examples,
 )
+from telechat_lab.errors import ConfigError
 from telechat_lab.tokenizer import IGNORE_INDEX, TINY_TOKENIZER_PATH
 from telechat_lab.training.datamodule import TelechatDataModule
 
@@ -298,3 +299,16 @@ def test_each_file_format_streams_its_records_and_resumes_from_any_of_them(tmp_p
     for k, (pos, _, _) in enumerate(got):
         assert [w for _, w, _ in stream.records(pos)] == [w for _, w, _ in got[k:]]
     assert spec.name == fmt
+
+
+def test_a_streamed_sft_run_trains_and_its_validation_split_is_not_rebuilt_by_eval(tmp_path):
+    """Conversations stream too (a JSON-lines SFT set); eval.split=val of such a run is refused (its validation
+    is the head of its stream, which eval's rebuilt split would not be) instead of scoring other examples."""
+    from telechat_lab import api
+
+    args = ["data.datasets=[telechat_demo]", "data.streaming=true", "data.val_size=2", "trainer.max_steps=2"]
+    metrics = run_train(tmp_path / "run", *args, "data.max_samples=null")
+    assert metrics["steps"] == 2 and metrics["val_loss"] is not None
+    with pytest.raises(ConfigError, match="validates on the head of its stream"):
+        api.evaluate([f"run_dir={tmp_path / 'run'}", "eval.split=val", f"output_dir={tmp_path / 'eval'}"])
+    assert not (tmp_path / "eval").exists()
