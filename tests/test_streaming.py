@@ -312,3 +312,10 @@ def test_a_streamed_sft_run_trains_and_its_validation_split_is_not_rebuilt_by_ev
     with pytest.raises(ConfigError, match="validates on the head of its stream"):
         api.evaluate([f"run_dir={tmp_path / 'run'}", "eval.split=val", f"output_dir={tmp_path / 'eval'}"])
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_shard_that_gets_no_example_is_named_instead_of_waiting_for_ever():
+    source = stream_source(cfg(), TINY, "pt")
+    assert next(ShardRows(source, 35, 36, 0, 5, False).rows(None))[1]["g"] == 35  # the last record's shard
+    with pytest.raises(DataError, match="shard 36 of 37 .* gets no training example"):
+        next(ShardRows(source, 36, 37, 0, 5, False).rows(None))

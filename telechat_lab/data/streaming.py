@@ -320,7 +320,8 @@ class ShardRows:
                     f"data.streaming=true: shard {self.stream.shard} of {self.stream.shards} (world size x "
                     f"dataloader workers) gets no training example from datasets "
                     f"{[s.name for s in self.source.specs]}: too few records (after data.val_size) for that many "
-                    "shards; use fewer dataloader workers or more data"
+                    "shards, or none of its records gives an example within data.cutoff_len; use fewer dataloader "
+                    "workers or more data"
                 )
             pos = _fresh(pos["epoch"] + 1)
 
