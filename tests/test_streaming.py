@@ -319,3 +319,12 @@ def test_a_shard_that_gets_no_example_is_named_instead_of_waiting_for_ever():
     assert next(ShardRows(source, 35, 36, 0, 5, False).rows(None))[1]["g"] == 35  # the last record's shard
     with pytest.raises(DataError, match="shard 36 of 37 .* gets no training example"):
         next(ShardRows(source, 36, 37, 0, 5, False).rows(None))
+
+
+def test_padding_free_stream_batches_are_one_row_of_the_batch_examples():
+    c = cfg(cutoff_len=128, padding_free=True, batch_size=3)
+    batch = next(StreamingDataset(stream_source(c, TINY, "pt"), c).batches(0))
+    rows = [r for r, _ in islice(ShardRows(stream_source(c, TINY, "pt"), 0, 1, c.seed, 5, False).rows(None), 3)]
+    assert batch["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
+    assert batch["input_ids"][0].tolist() == [t for r in rows for t in r["input_ids"].tolist()]
+    assert (batch["position_ids"][0] == 0).sum() == 3
