@@ -328,3 +328,11 @@ def test_padding_free_stream_batches_are_one_row_of_the_batch_examples():
     assert batch["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
     assert batch["input_ids"][0].tolist() == [t for r in rows for t in r["input_ids"].tolist()]
     assert (batch["position_ids"][0] == 0).sum() == 3
+
+
+def test_bytes_that_are_not_utf8_are_named_by_line_and_offset(tmp_path):
+    (tmp_path / "latin.txt").write_bytes("first line\ncaf\xe9 au lait\n".encode("latin-1"))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"latin": {"file_name": "latin.txt"}}))
+    c = DataConfig(dataset_dir=str(tmp_path), datasets=["latin"], val_size=0, streaming=True)
+    with pytest.raises(DataError, match=r"latin.txt: line 2, byte offset 14 \(0xe9\) is not UTF-8"):
+        list(RecordStream(stream_source(c, TINY, "pt"), 0, 1).records(_fresh(0)))

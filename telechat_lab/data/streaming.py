@@ -92,7 +92,7 @@ def check_streamable(specs: list[DatasetSpec], kind: str) -> None:
 # ------------------------------------------------------------------------------------------ reading
 
 
-def _line_records(path: Path, start: int, first_line: int, paragraphs: bool):
+def _line_records(path: Path, start: int, first_line: int, paragraphs: bool, where: str = ""):
     """(line number, byte offset, text) of each non-blank line (or paragraph) of a line-based file from byte
     `start`; the offset is where reading again yields that record first."""
     with open(path, "rb") as f:
@@ -105,7 +105,13 @@ def _line_records(path: Path, start: int, first_line: int, paragraphs: bool):
             offset += len(raw)
             if at == 0 and raw.startswith(BOM):
                 raw = raw[len(BOM) :]
-            line = raw.decode("utf-8").rstrip("\r\n")
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{where}: line {lineno}, byte offset {at + err.start} (0x{raw[err.start]:02x}) is not UTF-8 "
+                    "text: save the file as UTF-8 (from Latin-1, e.g. iconv -f latin1 -t utf-8)"
+                ) from None
             if paragraphs:
                 if line.strip():
                     if not para:
@@ -128,10 +134,10 @@ def _file_records(spec: DatasetSpec, path: Path, point: tuple[int, int]):
     suffix = path.suffix
     try:
         if suffix in (".jsonl", ".json"):
-            for lineno, at, line in _line_records(path, point[0], point[1] or 1, False):
+            for lineno, at, line in _line_records(path, point[0], point[1] or 1, False, where):
                 yield lineno, (at, lineno), line
         elif suffix == ".txt" and spec.sample_by != "document":
-            for lineno, at, text in _line_records(path, point[0], point[1] or 1, spec.sample_by == "paragraph"):
+            for lineno, at, text in _line_records(path, point[0], point[1] or 1, spec.sample_by == "paragraph", where):
                 yield lineno, (at, lineno), {"text": text}
         elif suffix == ".txt":
             text = path.read_text(encoding=TEXT_ENCODING)
