@@ -108,6 +108,8 @@ RUNS: dict[str, Run | Check | Skip] = {
         ["data.max_samples=2"]
     ),
     "python train.py stage=pt": Run(STAGE_CHEAP),
+    "python train.py stage=pt data.streaming=true data.packing=true trainer.max_steps=100 data.val_size=4 "
+    "data.dataloader_num_workers=2": Run(STAGE_CHEAP),
     "python train.py stage=dpo stage.beta=0.1": Run(STAGE_CHEAP),
     "python train.py stage=dpo stage.loss=simpo stage.beta=2.0 stage.simpo_gamma=0.5": Run(STAGE_CHEAP),
     "python train.py stage=kto": Run(STAGE_CHEAP),

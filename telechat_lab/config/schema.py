@@ -95,6 +95,11 @@ class DataConfig:
     batch_size: int = setting(4, min=1)  # per device (rows when packing)
     eval_batch_size: int = setting(4, min=1, on_resume=FREE)
     dataloader_num_workers: int = setting(0, min=0, on_resume=FREE)
+    # true: read, encode, shuffle and pack the data on the fly in the dataloader workers (corpora larger than the
+    # disk cache or memory; stage pt and sft): needs trainer.max_steps; data.val_size is a number of records taken
+    # from the head of the stream (data/streaming.py)
+    streaming: bool = False
+    streaming_buffer: int = setting(1024, min=1)  # records a shuffle (and packing) block holds, per worker
 
 
 @dataclass

@@ -199,6 +199,8 @@ def _cross_field_problems(values: dict, cuda_available: bool, problems: list[str
     if data.get("padding_free") and data.get("packing"):
         problems.append("data.padding_free and data.packing: choose one")
     _stage_data_problems((values.get("stage") or {}).get("name"), data, problems)
+    if data.get("streaming"):
+        _streaming_problems((values.get("stage") or {}).get("name"), data, values.get("trainer") or {}, problems)
     val_size = data.get("val_size")
     if isinstance(val_size, (int, float)) and val_size >= 1 and val_size != int(val_size):
         problems.append(f"data.val_size={val_size}: a fraction below 1 or a whole number of examples")
@@ -225,6 +227,30 @@ def _stage_data_problems(stage: Any, data: dict, problems: list[str]) -> None:
         for key in ("batch_size", "eval_batch_size"):
             if isinstance(data.get(key), int) and data[key] < 2:
                 problems.append(f"data.{key}={data[key]} with stage=kto: its KL rows need two examples a batch")
+
+
+def _streaming_problems(stage: Any, data: dict, trainer: dict, problems: list[str]) -> None:
+    """A stream has no length known in advance (data/streaming.py): a step limit, a whole number of validation
+    records, no mixing ratios; it streams raw text and conversations only."""
+    if stage in STAGES and STAGES[stage].data not in ("sft", "pt"):
+        problems.append(
+            f"data.streaming=true with stage={stage}: only raw text (stage=pt) and conversations (stage=sft) "
+            "stream; set data.streaming=false"
+        )
+    steps = trainer.get("max_steps", -1)
+    if steps in (None, -1):
+        problems.append(
+            "data.streaming=true needs trainer.max_steps: a stream's length is not known in advance, so "
+            "trainer.max_epochs cannot end the run (a stream repeats its files epoch after epoch)"
+        )
+    val_size = data.get("val_size")
+    if isinstance(val_size, (int, float)) and 0 < val_size < 1:
+        problems.append(
+            f"data.val_size={val_size} with data.streaming=true: a fraction of a stream of unknown length; give a "
+            "whole number of records (taken from the head of the stream) or 0"
+        )
+    if data.get("mix"):
+        problems.append("data.mix with data.streaming=true: ratios need the datasets' sizes; remove data.mix")
 
 
 def _reference_adapter_problems(

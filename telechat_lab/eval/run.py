@@ -135,6 +135,11 @@ def build_examples(settings, target: Target) -> tuple[list[Example], str]:
         if target.run_dir is None:
             raise ConfigError("eval.split=val scores a run's validation split: give run_dir=RUN")
         kind = _run_data_kind(target)
+        if OmegaConf.select(target.run_config, "data.streaming", default=False):
+            raise ConfigError(
+                f"run_dir={target.run_dir}: a data.streaming=true run validates on the head of its stream, which "
+                "eval.split=val does not read; score data.datasets=[...] instead"
+            )
         _, val, _ = build_datasets(data, target.base, kind=kind)
         if val is None:
             raise ConfigError(

@@ -195,6 +195,8 @@ class StepsProgressBar(RichProgressBar):
             last = reached if last is None else min(last, reached)
         # counted from 1, as a user counts (Lightning's bar says "Epoch 1/1" in the second of two epochs)
         description = f"Epoch {current_epoch + 1}" + (f"/{last + 1}" if last is not None else "")
+        if per_epoch == float("inf"):  # data.streaming: one endless Lightning epoch (the stream's: logged as epoch)
+            description = "Training"
         return f"{description:{len(self.validation_description)}}"
 
     def get_metrics(self, trainer, pl_module) -> dict:

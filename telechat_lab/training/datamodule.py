@@ -91,8 +91,16 @@ class TelechatDataModule(L.LightningDataModule):
         self.sampler: ResumableRandomSampler | None = None
         self.resume: tuple[int, int] | None = None  # (epoch, batches done in it) from a checkpoint
         self._targets: tuple[int, np.ndarray] | None = None  # (epoch, cumulative trained tokens per sample slot)
+        # data.streaming: the stream's source, per shard its position after the last batch trained, batches trained
+        self.stream = None
+        self.stream_positions: dict[int, dict] = {}
+        self.stream_batches = 0
+        self.stream_epoch = 0
+        self.stream_resume: dict | None = None
 
     def prepare_data(self) -> None:
+        if self.cfg.streaming:
+            return  # nothing is cached: the workers read the files
         build_datasets(self.cfg, self.model_dir, kind=self.kind)  # fills the on-disk cache once, on rank 0
 
     def setup(self, stage: str | None = None) -> None:
@@ -100,6 +108,8 @@ class TelechatDataModule(L.LightningDataModule):
             return
         if self.kind in PER_EXAMPLE_KINDS and (self.cfg.packing or self.cfg.padding_free):  # the config check says so
             raise ConfigError(f"data.packing / data.padding_free: {self.kind} data are padded batches; set them false")
+        if self.cfg.streaming:
+            return self._setup_stream()
         train, val, self.report = build_datasets(self.cfg, self.model_dir, kind=self.kind)
         if self.cfg.packing:
             train = PackedDataset(train, self.cfg.cutoff_len)
@@ -109,11 +119,63 @@ class TelechatDataModule(L.LightningDataModule):
         if self.trainer is None or self.trainer.is_global_zero:
             print_once_per_sweep(format_report(self.report))
 
+    def _setup_stream(self) -> None:
+        from telechat_lab.data.streaming import (
+            ExampleList,
+            format_stream_report,
+            stream_fingerprint,
+            stream_source,
+            validation_examples,
+        )
+
+        self.stream = stream_source(self.cfg, self.model_dir, self.kind)
+        val = validation_examples(self.stream)
+        self.val_set = ExampleList(val, self.cfg.packing, self.cfg.cutoff_len) if self.stream.val_size else None
+        world = self.trainer.world_size if self.trainer is not None else 1
+        self.report = {
+            "streaming": True,
+            "datasets": {spec.name: {} for spec in self.stream.specs},
+            "files": len(self.stream.files()),
+            "shards": world * max(1, self.cfg.dataloader_num_workers),
+            "train": {"examples": "streamed"},
+            "val": {"records": self.stream.val_size, "examples": len(val)} if self.stream.val_size else None,
+            "fingerprint": stream_fingerprint(self.stream),
+        }
+        self.train_set = self.stream  # set up
+        if self.trainer is None or self.trainer.is_global_zero:
+            print_once_per_sweep(format_stream_report(self.report))
+
+    def stream_dataset(self, rank: int = 0, world: int = 1):
+        """The training stream of `rank`, resuming where the restored state says."""
+        from telechat_lab.data.streaming import StreamingDataset
+
+        dataset = StreamingDataset(self.stream, self.cfg, rank, world)
+        resume = self.stream_resume
+        if resume is not None:
+            if resume["shards"] != dataset.shards:
+                raise DataError(
+                    f"resume=true with data.streaming: the checkpoint's stream has {resume['shards']} shard(s) (world "
+                    f"size x dataloader workers), this run {dataset.shards}: each shard reads other records, so the "
+                    "run cannot continue where it stopped; resume with the same devices and data.dataloader_num_workers"
+                )
+            ranks = resume["ranks"]
+            dataset.positions = {int(k): v for k, v in ranks[rank if len(ranks) > 1 else 0].items()}
+            dataset.rotate = resume["batches"] % dataset.workers
+            self.stream_positions, self.stream_batches = dict(dataset.positions), resume["batches"]
+        return dataset
+
     def collator(self) -> Collator:
         return Collator(padding_free=self.cfg.padding_free, kind=self.kind, cutoff_len=self.cfg.cutoff_len)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        if self.cfg.streaming:  # batches made in the dataset (its workers): one (shard, position) each
+            return DataLoader(
+                self.stream_dataset(rank, world),
+                batch_size=None,
+                num_workers=self.cfg.dataloader_num_workers,
+                collate_fn=_as_is,
+            )
         self.sampler = ResumableRandomSampler(len(self.train_set), self.cfg.seed, rank, world)
         self._targets = None
         self._apply_resume()
@@ -150,6 +212,14 @@ class TelechatDataModule(L.LightningDataModule):
         batches, over every rank), what the step's loss is divided by (the LightningModule reads it); for pairs
         and KTO examples `step_examples` instead: the pairs (examples) of its optimizer step, every rank's and
         accumulated batch's."""
+        if "stream_error" in batch:  # a worker's DataError, raised here with its own message
+            raise DataError(batch["stream_error"])
+        if "stream_state" in batch:  # the batch about to be trained: its shard's position after it
+            shard, position = batch.pop("stream_state")
+            self.stream_positions[shard] = position
+            self.stream_epoch = position["epoch"]  # of the batch about to be trained (the stream repeats)
+            self.stream_batches += 1
+            return batch
         trainer = self.trainer
         if trainer is not None and trainer.training and self.sampler is not None:
             batch_idx = trainer.fit_loop.epoch_loop.batch_idx + 1  # this batch's (Lightning counts it next)
@@ -178,6 +248,8 @@ class TelechatDataModule(L.LightningDataModule):
     def state_dict(self) -> dict:
         if self.trainer is None:
             return {}
+        if self.cfg.streaming:
+            return {"stream": self._stream_state(), "data_fingerprint": self.report.get("fingerprint")}
         # saved from on_train_batch_end: the current batch is processed, not yet "completed"
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
         return {
@@ -191,8 +263,32 @@ class TelechatDataModule(L.LightningDataModule):
         continues after the batches it had consumed; a checkpoint from an epoch's end starts the
         next epoch from its beginning. The data must be those the checkpoint was trained on."""
         self._check_same_data(state.get("data_fingerprint"))
+        if self.cfg.streaming or "stream" in state:
+            if not (self.cfg.streaming and "stream" in state):
+                raise DataError(
+                    "resume=true: the checkpoint was trained with data.streaming="
+                    f"{str('stream' in state).lower()}; resume with the same setting"
+                )
+            self.stream_resume = state["stream"]
+            return
         self.resume = (int(state.get("epoch", 0)), int(state.get("epoch_batches_done", 0)))
         self._apply_resume()
+
+    def _stream_state(self) -> dict:
+        """Every rank's shard positions (gathered: the checkpoint is written by rank 0) and the batches trained."""
+        import torch.distributed as dist
+
+        world = self.trainer.world_size
+        mine = {str(k): v for k, v in self.stream_positions.items()}
+        ranks = [mine]
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            ranks = [None] * world
+            dist.all_gather_object(ranks, mine)
+        return {
+            "shards": world * max(1, self.cfg.dataloader_num_workers),
+            "batches": self.stream_batches,
+            "ranks": ranks,
+        }
 
     def _check_same_data(self, recorded: dict | None) -> None:
         changes = fingerprint_changes(recorded, self.report["fingerprint"]) if recorded else []
@@ -215,3 +311,8 @@ class TelechatDataModule(L.LightningDataModule):
         if self.sampler is not None and self.resume is not None:
             epoch, batches = self.resume
             self.sampler.resume = (epoch, batches * self.cfg.batch_size)
+
+
+def _as_is(batch):
+    """The stream's batches are collated in the dataset."""
+    return batch

@@ -213,6 +213,8 @@ class TelechatLitModule(L.LightningModule):
             loss = trainer.strategy.reduce(self.step_loss, reduce_op="sum") if world > 1 else self.step_loss
             self.step_loss = 0.0
             self.epoch_position = trainer.current_epoch + (batch_idx + 1) / max(1, trainer.num_training_batches)
+            if trainer.num_training_batches == float("inf"):  # data.streaming: the stream's own (whole) epoch
+                self.epoch_position = float(getattr(trainer.datamodule, "stream_epoch", trainer.current_epoch))
             self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=1)
             self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, batch_size=1)
             self.log("epoch", self.epoch_position, on_step=True, batch_size=1)  # fractional (Lightning's is whole)
