@@ -91,8 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def dataset_dir(data: Path, work: Path) -> tuple[Path, list[str]]:
     """(a dataset_dir for train.py, the dataset names): a directory with dataset_info.json is used as it is; a
     directory of telechat-format *.jsonl files gets one written beside the caches."""
-    if (data / "dataset_info.json").is_file():
-        return data, list(json.loads((data / "dataset_info.json").read_text()))
+    if (data / "dataset_info.json").is_file():  # its conversation datasets (SFT's: not preference pairs, raw text)
+        from telechat_lab.data.registry import load_dataset_info
+
+        return data, [name for name, spec in load_dataset_info(data).items() if spec.kind == "sft"]
     files = sorted(data.glob("*.jsonl"))
     if not files:
         raise SystemExit(f"--data {data}: neither a dataset_info.json nor *.jsonl files")
