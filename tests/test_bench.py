@@ -147,13 +147,13 @@ def test_the_readme_examples_outputs_are_ignored_by_git():
 
 def test_step_profile_times_our_hooks_around_the_models_work(tmp_path):
     out = tmp_path / "profile.json"
-    args = ["--cutoff", "64", "--batch-size", "2", "--steps", "3", "--work", str(tmp_path / "work"), "--out", str(out)]
+    args = ["--cutoff", "256", "--batch-size", "2", "--steps", "3", "--work", str(tmp_path / "work"), "--out", str(out)]
     args += ["--tokenizer", str(REPO / "telechat_lab" / "assets" / "tiny_tokenizer.model")]
     args += ["--data", str(REPO / "telechat_lab" / "demo_data")]
     printed = _bench("step_profile.py", *args, cwd=tmp_path).stdout
     report = json.loads(out.read_text())
     parts = report["seconds_a_step"]
-    assert report["steps_timed"] == 2 and report["command"].startswith("python bench/step_profile.py --cutoff 64")
+    assert report["steps_timed"] == 2 and report["command"].startswith("python bench/step_profile.py --cutoff 256")
     for part in ("module: self.log", "module: grad norm + its check", "module: loss finite check"):
         assert parts[part] > 0, parts
     assert any(k.startswith("callback SpeedAndMemory") for k in parts)
