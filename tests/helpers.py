@@ -224,8 +224,10 @@ class PoisonLoss(L.Callback):
             self.handle.remove()
             self.handle = None
         if trainer.global_step + 1 in self.steps:
-            head = pl_module.model.get_output_embeddings()
-            self.handle = head.register_forward_hook(lambda module, args, output: output * float("nan"))
+            # the final norm's output (the hidden states the loss reads): the fused loss takes lm_head's weight, not
+            # the module, so a hook on lm_head would never run
+            norm = getattr(pl_module.model, "get_base_model", lambda: pl_module.model)().transformer.ln_f
+            self.handle = norm.register_forward_hook(lambda module, args, output: output * float("nan"))
 
 
 class PoisonWeights(L.Callback):
