@@ -12,6 +12,7 @@ Timing: wall time of each optimizer step after `warmup` steps, the GPU synchroni
 from __future__ import annotations
 
 import gc
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -48,6 +49,7 @@ class Measured:
     pairs: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     peak_mem_gib: float | None = None
+    peak_rss_gib: float | None = None  # on a CPU: resident memory above the run's start (ResidentPeak)
     attention: str = ""
     flops = None  # telechat_lab.training.flops.FlopCounts of the model as trained
 
@@ -77,6 +79,7 @@ class Measured:
             "tokens_per_s": round(tokens / seconds, 1),
             "trained_tokens_per_s": round(trained / seconds, 1),
             "peak_mem_gib": None if self.peak_mem_gib is None else round(self.peak_mem_gib, 3),
+            "peak_rss_gib": self.peak_rss_gib,
             "attention": self.attention,
             "losses": [round(x, 6) for x in self.losses],
         }
@@ -100,6 +103,43 @@ def release_memory() -> None:
 
 def peak_memory_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+class ResidentPeak:
+    """On a CPU: the most resident memory the process held above what it held when the run began, sampled every few
+    milliseconds in a thread (both stacks run in one process, so the process's own peak RSS would be the larger
+    run's). Conservative for the run that goes second: memory the first one freed but the allocator kept counts
+    towards its baseline."""
+
+    def __init__(self, every_s: float = 0.005):
+        import threading
+
+        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.resident())
+            self._stop.wait(self.every_s)
+
+    def __enter__(self):
+        gc.collect()
+        self.start = self.resident()
+        self.peak = self.start
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def gib(self) -> float:
+        return (self.peak - self.start) / 2**30
 
 
 def ours_overrides(s: Settings, model_dir, data_dir, datasets, packed: bool, out_dir, cache_dir) -> list[str]:
@@ -187,8 +227,10 @@ def run_ours(s: Settings, overrides: list[str]) -> tuple[Measured, dict, list[di
     built = build(run)
     trainer = built.trainer
     trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, RunCheckpoints)] + [Probe()]
-    trainer.fit(built.module, datamodule=built.datamodule)
+    with ResidentPeak() as resident:
+        trainer.fit(built.module, datamodule=built.datamodule)
     measured.peak_mem_gib = peak_memory_gib()
+    measured.peak_rss_gib = None if torch.cuda.is_available() else round(resident.gib(), 3)
     del run, built, trainer
     release_memory()
     return measured, start, batches
@@ -291,8 +333,10 @@ def run_hf(s: Settings, model_dir, batches: list[dict], start: dict) -> Measured
             use_cpu=not on_gpu,
         )
         trainer = FixedBatches(model=model, args=args, callbacks=[Probe()])
-        trainer.train()
+        with ResidentPeak() as resident:
+            trainer.train()
     measured.peak_mem_gib = peak_memory_gib()
+    measured.peak_rss_gib = None if torch.cuda.is_available() else round(resident.gib(), 3)
     del trainer, model
     release_memory()
     return measured

@@ -157,7 +157,8 @@ def table(report: dict) -> str:
         ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-"
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
         hfu = f"{r['hfu']:.1%}" if "hfu" in r else "n/a"
-        mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "n/a"
+        mem = peak_of(r)
+        mem = "n/a" if mem is None else f"{mem:.2f}" + ("" if r["peak_mem_gib"] is not None else " RSS")
         lines.append(
             f"| {r['label']} | {r['layout']} | {r['attention']} | {r['batch_rows']} | {r['tokens_per_step']:,.0f} "
             f"| {r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['trained_tokens_per_s']:,.0f} | {mfu} | {hfu} "
@@ -181,6 +182,11 @@ def table(report: dict) -> str:
             f"{agreement['max_abs_diff']:.2e}."
         )
     return f"{caption}\n\n" + "\n".join(lines) + tail + f"\n\n`{report['command']}`\n"
+
+
+def peak_of(row: dict) -> float | None:
+    """A run's peak memory: the GPU's (max_memory_allocated), or on a CPU the resident memory above its start."""
+    return row["peak_mem_gib"] if row["peak_mem_gib"] is not None else row.get("peak_rss_gib")
 
 
 def free_name(out: Path, name: str) -> str:
@@ -241,7 +247,8 @@ def main(argv=None) -> dict:
         runs.append(row)
         print(
             f"{label:22s} {layout:7s} {row['tokens_per_s']:>12,.0f} tokens/s  peak "
-            + (f"{row['peak_mem_gib']:.2f} GiB" if row["peak_mem_gib"] is not None else "memory n/a (CPU)"),
+            + (f"{row['peak_mem_gib']:.2f} GiB" if row["peak_mem_gib"] is not None else "")
+            + (f"{row['peak_rss_gib']:.2f} GiB RSS above its start" if row["peak_rss_gib"] is not None else ""),
             flush=True,
         )
         return row
@@ -295,7 +302,7 @@ def main(argv=None) -> dict:
         report["ratios_vs_hf"] = {
             f"ours {r['layout']}": {
                 "tokens_per_s": round(r["tokens_per_s"] / hf["tokens_per_s"], 3),
-                "peak_mem": None if r["peak_mem_gib"] is None else round(r["peak_mem_gib"] / hf["peak_mem_gib"], 3),
+                "peak_mem": None if not peak_of(hf) or peak_of(r) is None else round(peak_of(r) / peak_of(hf), 3),
             }
             for r in runs
             if r["stack"] == "ours"

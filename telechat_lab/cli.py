@@ -136,10 +136,11 @@ def run(command: str, argv: list[str] | None = None) -> None:
         import telechat_lab.config.schema  # noqa: F401  (registers the schemas the configs are typed against)
     else:  # every problem of the config at once, then (train) the run directory's claim: before Hydra writes
         from telechat_lab.config import check_command_line
-        from telechat_lab.console import quiet_libraries
+        from telechat_lab.console import name_deepspeed_accelerator, quiet_libraries
 
-        quiet_libraries()
+        quiet_libraries(name_accelerator=False)  # a config error is reported without importing torch
         cfg = check_command_line(args, CONF_DIR, command)
+        name_deepspeed_accelerator()
         if command == "train":
             from telechat_lab.training.run import before_hydra
 

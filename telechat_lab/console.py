@@ -45,7 +45,9 @@ def quiet_lightning() -> None:
         logger.setLevel(logging.WARNING)
 
 
-def quiet_libraries() -> None:
+def quiet_libraries(name_accelerator: bool = True) -> None:
+    """The libraries' chatter off; `name_accelerator=False`: all but `name_deepspeed_accelerator` (it imports torch:
+    seconds that a config error's report need not wait for)."""
     logging.captureWarnings(True)  # warnings.warn -> the same log stream as everything else
     # bitsandbytes warns at import that its optional CPU kernels package is absent (irrelevant unless QLoRA runs
     # on a CPU, which is for tests); its errors still show
@@ -53,8 +55,13 @@ def quiet_libraries() -> None:
     for pattern, category, _why in NOT_OURS:
         warnings.filterwarnings("ignore", message=pattern, category=category)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # set before forking workers; no fork warning
-    # deepspeed, where installed, is imported by accelerate (which transformers imports) and on a machine without
-    # a GPU warns that it "was unable to detect" one and uses its CPU accelerator; name that accelerator up front
+    if name_accelerator:
+        name_deepspeed_accelerator()
+
+
+def name_deepspeed_accelerator() -> None:
+    """deepspeed, where installed, is imported by accelerate (which transformers imports) and on a machine without
+    a GPU warns that it "was unable to detect" one and uses its CPU accelerator: that accelerator named up front."""
     import torch
 
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():

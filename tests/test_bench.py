@@ -63,8 +63,11 @@ def test_cpu_smoke_run_compares_both_stacks_on_the_same_batches(tmp_path):
     assert len(ours["losses"]) == len(hf["losses"]) == 4
     assert report["loss_agreement"]["max_abs_diff"] < 1e-4, report["loss_agreement"]
     assert runs["ours", "packed"]["tokens_per_s"] > 0 and runs["ours", "packed"]["losses"]
+    # on a CPU the peak is the resident memory each run took above its start, sampled
+    assert all(r["peak_mem_gib"] is None and r["peak_rss_gib"] > 0 for r in report["runs"]), report["runs"]
+    assert report["ratios_vs_hf"]["ours padded"]["peak_mem"] == round(ours["peak_rss_gib"] / hf["peak_rss_gib"], 3)
     table = (out / "smoke.md").read_text()
-    assert "CPU figures" in table and "HF Trainer + PEFT" in table and "| packed |" in table
+    assert "CPU figures" in table and "HF Trainer + PEFT" in table and "| packed |" in table and " RSS |" in table
 
 
 def test_gpu_scripts_parse_and_name_every_part():
@@ -140,3 +143,33 @@ def test_the_readme_examples_outputs_are_ignored_by_git():
     command = ["git", "-C", str(REPO), "check-ignore", "--no-index", *paths]
     proc = subprocess.run(command, capture_output=True, text=True)
     assert proc.stdout.split() == paths, proc.stdout + proc.stderr
+
+
+def test_step_profile_times_our_hooks_around_the_models_work(tmp_path):
+    out = tmp_path / "profile.json"
+    args = ["--cutoff", "256", "--batch-size", "2", "--steps", "3", "--work", str(tmp_path / "work"), "--out", str(out)]
+    args += ["--tokenizer", str(REPO / "telechat_lab" / "assets" / "tiny_tokenizer.model")]
+    args += ["--data", str(REPO / "telechat_lab" / "demo_data")]
+    printed = _bench("step_profile.py", *args, cwd=tmp_path).stdout
+    report = json.loads(out.read_text())
+    parts = report["seconds_a_step"]
+    assert report["steps_timed"] == 2 and report["command"].startswith("python bench/step_profile.py --cutoff 256")
+    for part in ("module: self.log", "module: grad norm + its check", "module: loss finite check"):
+        assert parts[part] > 0, parts
+    assert any(k.startswith("callback SpeedAndMemory") for k in parts)
+    assert abs(sum(parts.values()) - report["step_s"]) < 1e-6 and parts["forward, backward, optimizer (the rest)"] > 0
+    assert "| **step** |" in printed
+
+
+def test_startup_bench_times_every_command_against_import_torch(tmp_path):
+    out = tmp_path / "startup.json"
+    _bench("startup.py", "--repeat", "1", "--first-step-runs", "0", "--out", str(out), cwd=tmp_path)
+    record = json.loads(out.read_text())
+    figures = record["figures"]
+    assert record["command"] == f"python bench/startup.py --repeat 1 --first-step-runs 0 --out {out}"
+    for name in ("--help", "--cfg job", "-sc install=bash", "optim.lr=fast (a config error)"):
+        assert figures[f"python train.py {name}"]["wall_s"] > 0
+    assert figures['python -c "import torch"']["wall_vs_import_torch"] == 1.0
+    assert all(f["wall_vs_import_torch"] == round(f["wall_s"] / figures['python -c "import torch"']["wall_s"], 2)
+               for f in figures.values())  # fmt: skip
+    assert record["to_first_step"] is None

@@ -240,3 +240,51 @@ def test_the_module_forms_run_the_commands(module, tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith("merge: "), proc.stdout + proc.stderr
     proc = subprocess.run([sys.executable, "-m", module, "bogus"], **run)
     assert proc.returncode == 2 and "unknown command 'bogus'" in proc.stderr
+
+
+def test_a_config_error_is_reported_without_importing_torch_or_lightning():
+    """`python train.py optim.lr=fast` took ~15 s here to say so: its check imported torch (the DeepSpeed accelerator's
+    name, whether CUDA is visible) and Lightning (the Trainer's signature, the CSV logger's class)."""
+    code = "import atexit, sys\n"
+    code += "atexit.register(lambda: print('HEAVY', 'torch' in sys.modules, 'lightning' in sys.modules))\n" + PROGRAM
+    argv = [sys.executable, "-c", code, "train", "optim.lr=fast", "trainer.max_steps=0"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "optim.lr='fast': expected a number" in proc.stderr and "trainer.max_steps=0: a positive" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout.strip().endswith("HEAVY False False"), proc.stdout
+
+
+def test_the_trainer_arguments_known_without_lightning_are_its_arguments():
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    from telechat_lab.config.validate import TRAINER_ARGUMENTS, trainer_arguments
+
+    installed = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+    assert TRAINER_ARGUMENTS <= installed
+    beyond = sorted(installed - TRAINER_ARGUMENTS)  # a newer Lightning's: checked against the installed one
+    assert trainer_arguments({"max_steps", *beyond, "no_such_argument"}) == {"max_steps", *beyond}
+    assert problems("+trainer.no_such_argument=1") == [
+        "trainer.no_such_argument: not an argument of lightning.pytorch.Trainer"
+    ]
+
+
+@pytest.mark.parametrize("group", ["logger", "callbacks"])
+def test_the_shipped_logger_and_callback_entries_bind_to_their_classes(group, monkeypatch):
+    """The check leaves an entry as conf/ ships it unimported: each of them, imported, has no problem."""
+    import importlib
+
+    validate = importlib.import_module("telechat_lab.config.validate")  # the package's `validate` is the function
+
+    entries = validate.shipped_entries(group)
+    assert entries and all("_target_" in e for e in entries)
+    monkeypatch.setattr(validate, "shipped_entries", lambda name: [])
+    for entry in entries:
+        found: list[str] = []
+        validate._instantiated_problems({"entry": entry}, group, found)
+        assert found == [], entry
+    found = []
+    validate._instantiated_problems({"entry": {**entries[0], "no_such_argument": 1}}, group, found)
+    assert found and "no_such_argument: not an argument of" in found[0]

@@ -167,6 +167,39 @@ def test_fused_loss_never_recomputes_lm_head(trained_head):
     assert counts == {"fused": per_chunk * chunks, "chunked": (per_chunk + 1) * chunks}
 
 
+class _VocabRows(TorchDispatchMode):
+    """The rows (tokens) of every forward matmul against lm_head's weight: [tokens, hidden] x [hidden, vocab]."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.rows = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            matrices = [a for a in args if isinstance(a, torch.Tensor) and a.ndim == 2]
+            if matrices[-1].shape[-1] == self.vocab and matrices[-2].shape[-1] != self.vocab:
+                self.rows += matrices[-2].shape[0]
+        return func(*args, **(kwargs or {}))
+
+
+def test_fused_loss_runs_only_the_trained_tokens_through_lm_head():
+    """Prompt and padding positions (label -100) add nothing to the loss: the fused path leaves them out of lm_head's
+    matmuls, and its loss and gradients still equal the full-logits path's."""
+    vocab = 512
+    torch.manual_seed(0)
+    model = small_model(vocab_size=vocab, loss_chunk_size=4, loss_implementation="fused").train()
+    batch = _padded_batch()
+    targets = int((batch["labels"][..., 1:] != -100).sum())
+    probe = _VocabRows(vocab)
+    with probe:
+        fused, fused_grads = _loss_and_grads(model, batch)
+    assert probe.rows == targets < batch["input_ids"].numel()
+    plain, plain_grads = _loss_and_grads(model, {**batch, "return_logits": True})
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-5, atol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_loss_path_falls_back_to_chunked_for_a_wrapped_head():
     from telechat_lab.model.modeling_telechat2 import loss_path
 

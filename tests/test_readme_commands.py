@@ -172,6 +172,7 @@ RUNS: dict[str, Run | Check | Skip] = {
             "data_prep.py",
             "loss_memory.py",
             "startup.py",
+            "step_profile.py --cutoff 1024",
             "train_throughput.py --cpu-smoke",
             "train_throughput.py --shape telechat2_7b --adapter lora --cutoff 2048",
         )

@@ -135,10 +135,31 @@ TRAINER_MANAGED = {
 }
 
 
-def _trainer_problems(trainer: dict, problems: list[str]) -> None:
+# lightning.pytorch.Trainer's arguments since Lightning 2.4 (setup.cfg's floor): a key among them is checked without
+# importing Lightning (5 s of a config error's report); any other key against the installed Trainer's signature
+# (tests/test_command_line.py checks this set against it)
+TRAINER_ARGUMENTS = frozenset(
+    "accelerator accumulate_grad_batches barebones benchmark callbacks check_val_every_n_epoch default_root_dir "
+    "detect_anomaly deterministic devices enable_checkpointing enable_model_summary enable_progress_bar fast_dev_run "
+    "gradient_clip_algorithm gradient_clip_val inference_mode limit_predict_batches limit_test_batches "
+    "limit_train_batches limit_val_batches log_every_n_steps logger max_epochs max_steps max_time min_epochs "
+    "min_steps num_nodes num_sanity_val_steps overfit_batches plugins precision profiler "
+    "reload_dataloaders_every_n_epochs strategy sync_batchnorm use_distributed_sampler val_check_interval".split()
+)
+
+
+def trainer_arguments(keys) -> set[str]:
+    """The arguments of lightning.pytorch.Trainer among `keys` (Lightning imported only for a key not known)."""
+    keys = set(keys)
+    if keys <= TRAINER_ARGUMENTS:
+        return keys
     from lightning.pytorch import Trainer
 
-    arguments = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+    return keys & (set(inspect.signature(Trainer.__init__).parameters) - {"self"})
+
+
+def _trainer_problems(trainer: dict, problems: list[str]) -> None:
+    arguments = trainer_arguments(trainer)
     for key, value in trainer.items():
         where = f"trainer.{key}"
         if key in TRAINER_MANAGED:
@@ -340,14 +361,28 @@ def _target_problems(adapter: Any, problems: list[str]) -> None:
         )
 
 
+def shipped_entries(group: str) -> list[dict]:
+    """The entries of conf/<group>/*.yaml ({_target_: ..., its arguments}, unresolved), as this package ships them."""
+    entries = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "conf" / group).glob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+        entries += [v for k, v in node.items() if k != "defaults" and isinstance(v, dict) and "_target_" in v]
+    return entries
+
+
 def _instantiated_problems(group: Any, name: str, problems: list[str]) -> None:
     """Each entry of the logger / callbacks group, {_target_: a class, its arguments}: the class imports and the
-    arguments bind to its signature (unknown and missing arguments by key)."""
+    arguments bind to its signature (unknown and missing arguments by key). An entry exactly as conf/ ships it is
+    not imported (Lightning's loggers: seconds of a config error's report); tests/test_command_line.py checks those."""
     from hydra.utils import get_class
 
+    shipped = None
     for key, entry in (group or {}).items() if isinstance(group, dict) else ():
         target = entry.get("_target_") if isinstance(entry, dict) else None
         if not isinstance(target, str) or "${" in target:  # an interpolation: resolved only under Hydra's runtime
+            continue
+        shipped = shipped_entries(name) if shipped is None else shipped
+        if entry in shipped:
             continue
         where = f"{name}.{key}"
         try:
@@ -405,10 +440,8 @@ def config_problems(
     problems: list[str] = []
     _check_fields(values, schema, "", problems)
     if schema is TrainConfig:
-        import torch
-
         if cuda_available is None:
-            cuda_available = torch.cuda.is_available()
+            cuda_available = _CudaAvailable()  # torch is imported only where a check needs to know
         trainer = values.get("trainer")
         if isinstance(trainer, dict):
             _trainer_problems(trainer, problems)
@@ -417,6 +450,19 @@ def config_problems(
         for group in LAZY_GROUPS:
             _instantiated_problems(values.get(group), group, problems)
     return problems
+
+
+class _CudaAvailable:
+    """`torch.cuda.is_available()`, asked (and torch imported: seconds) the first time it is read as a bool."""
+
+    value: bool | None = None
+
+    def __bool__(self) -> bool:
+        if self.value is None:
+            import torch
+
+            self.value = torch.cuda.is_available()
+        return self.value
 
 
 def validate(cfg: DictConfig | dict, schema: type = TrainConfig, cuda_available: bool | None = None) -> None:

@@ -348,6 +348,19 @@ def _chunk_cross_entropy_sum(lm_head: nn.Module, hidden: torch.Tensor, targets: 
     return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
 
 
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """The rows' log-sum-exp; `logits` becomes their softmax, in place. On a CPU by max, exp, sum and one division
+    (no [rows, vocab] temporary: ~3x faster there than logsumexp then exp), on a GPU by the fused logsumexp."""
+    if logits.is_cuda:
+        lse = torch.logsumexp(logits, dim=-1)
+        logits.sub_(lse.unsqueeze(1)).exp_()
+        return lse
+    top = logits.amax(dim=-1, keepdim=True)
+    total = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+    logits.div_(total)
+    return (top + total.log()).squeeze(1)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T (+ bias)` whose gradients are computed in the forward, a chunk of
     tokens at a time (Liger's method): each chunk's logits become their own gradient in place (softmax minus the
@@ -360,28 +373,30 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk_size: int, ignore_index: int):
         need_hidden, need_weight = hidden.requires_grad, weight.requires_grad
         need_bias = bias is not None and bias.requires_grad
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # only the tokens with a target go through lm_head (prompts and padding add nothing to the loss and get a
+        # zero gradient): in SFT a third or more of a batch's positions
+        kept = (targets != ignore_index).nonzero().squeeze(1)
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, targets.numel(), chunk_size):
-            chunk, target = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        for start in range(0, kept.numel(), chunk_size):
+            index = kept[start : start + chunk_size]
+            chunk, target = hidden.index_select(0, index), targets.index_select(0, index)
             logits = F.linear(chunk, weight, bias)
             matmul_dtype = logits.dtype
             logits = logits.float()
-            valid = target != ignore_index
-            picked = torch.where(valid, target, 0)
-            lse = torch.logsumexp(logits, dim=-1)
             rows = torch.arange(target.numel(), device=target.device)
-            total = total + ((lse - logits[rows, picked]) * valid).sum()
+            picked = logits[rows, target]
+            lse = _softmax_(logits)  # the logits' memory now holds their softmax
+            total = total + (lse - picked).sum()
             if not (need_hidden or need_weight or need_bias):
                 continue
-            grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in the logits' memory
-            grad[rows, picked] -= 1.0
-            grad.mul_(valid.unsqueeze(1))
+            grad = logits
+            grad[rows, target] -= 1.0
             grad = grad.to(matmul_dtype)
             if need_hidden:
-                grad_hidden[start : start + chunk_size] = (grad @ weight.to(matmul_dtype)).to(hidden.dtype)
+                grad_hidden.index_copy_(0, index, (grad @ weight.to(matmul_dtype)).to(hidden.dtype))
             if need_weight:
                 grad_weight += (grad.t() @ chunk.to(matmul_dtype)).float()
             if need_bias:
