@@ -570,7 +570,10 @@ def test_the_vllm_path_hands_the_batch_to_vllm_and_reads_its_tokens(monkeypatch)
     modules["vllm.lora.request"].LoRARequest = lambda name, n, path: (name, n, path)
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    engine = SimpleNamespace(llm=LLM(), adapters=["/a/converted"])
+    from telechat_lab.chat.engines import VLLMEngine
+
+    engine = VLLMEngine.__new__(VLLMEngine)  # chat's engine, without loading a model into vLLM
+    engine.llm, engine.adapters = LLM(), ["/a/converted"]
     out = generate_vllm(engine, [[1, 2], [3]], {"max_new_tokens": 5, "do_sample": False, "repetition_penalty": 1.0})
     assert out == [[7, 8, 2], [7, 8, 2]]
     assert made["prompts"] == [{"ids": [1, 2]}, {"ids": [3]}] and made["lora"] == ("adapter", 1, "/a/converted")

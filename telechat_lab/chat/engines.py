@@ -185,6 +185,12 @@ class VLLMEngine:
         self.tokenizer = load_tokenizer(base)
 
     def stream(self, prompt_ids: list[int], generation: dict) -> Iterator[str]:
+        (ids,) = self.generate_ids([prompt_ids], generation)
+        # decoded here, not by vLLM (which drops every special token): the tool tags must reach the user
+        yield self.tokenizer.decode(visible_ids(ids))
+
+    def generate_ids(self, prompts: list[list[int]], generation: dict) -> list[list[int]]:
+        """The generated token ids of each prompt: one generate call for them all (vLLM batches it itself)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
@@ -199,6 +205,5 @@ class VLLMEngine:
             stop_token_ids=[EOS_ID],
         )
         lora = LoRARequest("adapter", 1, str(self.adapters[0])) if self.adapters else None
-        out = self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, lora_request=lora)
-        # decoded here, not by vLLM (which drops every special token): the tool tags must reach the user
-        yield self.tokenizer.decode(visible_ids(out[0].outputs[0].token_ids))
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora_request=lora)
+        return [list(out.outputs[0].token_ids) for out in outs]

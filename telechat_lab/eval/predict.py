@@ -97,24 +97,7 @@ def generate_hf(engine, prompts: list[list[int]], generation: dict) -> list[list
 def generate_vllm(engine, prompts: list[list[int]], generation: dict) -> list[list[int]]:
     """The same through chat's VLLMEngine (its LLM and adapter): one generate call for the batch (vLLM batches it
     itself). Not run by the tests here (no vLLM on CPU)."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-    from vllm.lora.request import LoRARequest
-
-    from telechat_lab.chat.engines import generation_kwargs
-
-    kw = generation_kwargs(generation)
-    params = SamplingParams(
-        max_tokens=kw["max_new_tokens"],
-        temperature=kw.get("temperature", 0.0),
-        top_p=kw.get("top_p", 1.0),
-        top_k=kw.get("top_k", -1),
-        repetition_penalty=kw["repetition_penalty"],
-        stop_token_ids=[EOS_ID],
-    )
-    lora = LoRARequest("adapter", 1, str(engine.adapters[0])) if engine.adapters else None
-    outs = engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora_request=lora)
-    return [_until_end(list(out.outputs[0].token_ids)) for out in outs]
+    return [_until_end(ids) for ids in engine.generate_ids(prompts, generation)]
 
 
 def _until_end(ids: list[int]) -> list[int]:
