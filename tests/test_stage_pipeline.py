@@ -36,7 +36,7 @@ def column(rows, name) -> list[float]:
 
 
 @pytest.mark.parametrize("stage", ["pt", "dpo", "kto"])
-def test_each_stage_trains_on_its_demo_data_and_reports_its_validation_metrics(tmp_path, stage):
+def test_each_stage_trains_on_its_demo_data_and_reports_its_validation_metrics(tmp_path, stage, capsys):
     """No synthetic batches: `stage=X` composes X's demo datasets, the stage data module encodes and batches them,
     the module trains on them, and final_metrics.json holds every validation metric the stage logged."""
     metrics = run_stage(tmp_path, f"stage={stage}", *DEMO, "trainer.max_steps=2")
@@ -57,6 +57,10 @@ def test_each_stage_trains_on_its_demo_data_and_reports_its_validation_metrics(t
         assert math.isfinite(final[f"val/{name}"]), name
         assert final[f"val/{name}"] == metrics[f"val/{name}"]
         assert column(rows_of(tmp_path), f"train/{name}"), name
+    said = capsys.readouterr().out
+    if stage == "dpo":
+        accuracy = final["val/rewards/accuracies"]
+        assert f"validation loss {final['val_loss']:.4f}, val/rewards/accuracies {accuracy:.4f}, " in said
     if stage == "dpo":  # the LoRA adapter starts as zero: the policy is the reference at the first step
         assert column(rows_of(tmp_path), "train/loss")[0] == pytest.approx(math.log(2), abs=1e-5)
 

@@ -473,7 +473,9 @@ def test_the_run_says_which_settings_and_which_reference_it_trains_with(tiny_dir
     )
     sft = make_adapter(tiny_dir, tmp_path / "sft")
     module_for(tiny_dir, StageConfig(name="kto", reference=str(sft)))
-    assert f"reference: the SFT policy of {sft} (the base with the adapters disabled)" in capsys.readouterr().out
+    assert f"reference: the SFT policy of {sft} (merged into the base; the new adapter disabled)" in (
+        capsys.readouterr().out
+    )
     module_for(tiny_dir, StageConfig(name="dpo", loss="simpo"), AdapterConfig(type="full"))
     assert "reference: none (reference-free)" in capsys.readouterr().out
     module_for(tiny_dir, StageConfig(name="dpo", precompute_reference=True), AdapterConfig(type="full"))

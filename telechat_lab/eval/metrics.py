@@ -67,7 +67,8 @@ def format_metrics(metrics: dict) -> str:
     """The metrics as `name value` lines, in REPORTED's order."""
     shown = [k for k in REPORTED if k in metrics]
     width = max(len(k) for k in shown)
-    return "\n".join(
+    scale = "BLEU-4 and ROUGE as LLaMA-Factory reports them: percentages (x100), the mean over examples\n"
+    return scale + "\n".join(
         f"{k:<{width}}  {metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k:<{width}}  {metrics[k]}"
         for k in shown
         if metrics[k] is not None

@@ -162,8 +162,8 @@ class TelechatLitModule(L.LightningModule):
             where = "the base with the adapters disabled"
         else:
             where = "the starting weights"
-        if self.reference is not None and reference is not None:
-            where = f"the SFT policy of {reference} ({where})"
+        if self.reference is not None and reference is not None:  # merged into the base: never the bare base
+            where = f"the SFT policy of {reference} (merged into the base; the new adapter disabled)"
         if self.reference is not None and self.stage["precompute_reference"]:
             where += ", precomputed before training"
         return f"stage={self.stage['name']}: {settings_text}; reference: {where}"

@@ -335,6 +335,7 @@ def report(run: Run, built: Built) -> dict:
         f"on {report.get('train', {}).get('examples')} examples"
         + (f" (packing efficiency {report['packing_efficiency']:.1%})" if "packing_efficiency" in report else ""),
         f"final train loss {_fmt(metrics['train_loss'])}, validation loss {_fmt(metrics['val_loss'])}"
+        + "".join(f", {k} {_fmt(metrics[k])}" for k in PREFERENCE_SHOWN if k in metrics)
         + (f", {module.skipped_steps} steps skipped (nan_policy=skip)" if module.skipped_steps else ""),
         f"loss plot:  {run.output_dir / 'training_loss.png'}",
         f"metrics:    {csv_dir / 'metrics.csv' if csv_dir else 'no CSV file (no CSV logger: logger=none?)'}",
@@ -344,6 +345,9 @@ def report(run: Run, built: Built) -> dict:
         lines.append(f"resume:     {resume_command(run.output_dir)}")
     print("\n" + "\n".join(lines), flush=True)
     return metrics
+
+
+PREFERENCE_SHOWN = ("val/rewards/accuracies", "val/rewards/margins")  # a preference stage's, in the run's summary
 
 
 def validation_metrics(trainer) -> dict[str, float]:
