@@ -107,12 +107,15 @@ RUNS: dict[str, Run | Check | Skip] = {
     "python -m telechat_lab.data.inspect data.datasets=[alpaca_en_demo] output=encoded.jsonl": Run(
         ["data.max_samples=2"]
     ),
-    "python train.py stage=pt": Run(STAGE_CHEAP),
+    # each its own output_dir: the default (outputs/train/<time to the second>) is one for runs within a second
+    "python train.py stage=pt": Run([*STAGE_CHEAP, "output_dir=runs/stage-pt"]),
     "python train.py stage=pt data.streaming=true data.packing=true trainer.max_steps=100 data.val_size=4 "
-    "data.dataloader_num_workers=2": Run(STAGE_CHEAP),
-    "python train.py stage=dpo stage.beta=0.1": Run(STAGE_CHEAP),
-    "python train.py stage=dpo stage.loss=simpo stage.beta=2.0 stage.simpo_gamma=0.5": Run(STAGE_CHEAP),
-    "python train.py stage=kto": Run(STAGE_CHEAP),
+    "data.dataloader_num_workers=2": Run([*STAGE_CHEAP, "output_dir=runs/stage-stream"]),
+    "python train.py stage=dpo stage.beta=0.1": Run([*STAGE_CHEAP, "output_dir=runs/stage-dpo"]),
+    "python train.py stage=dpo stage.loss=simpo stage.beta=2.0 stage.simpo_gamma=0.5": Run(
+        [*STAGE_CHEAP, "output_dir=runs/stage-simpo"]
+    ),
+    "python train.py stage=kto": Run([*STAGE_CHEAP, "output_dir=runs/stage-kto"]),
     "python train.py -m stage=dpo stage.beta=0.05,0.1,0.3": Run(
         [*STAGE_CHEAP, "stage.beta=0.05,0.1"], expect="summary"
     ),
