@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import compose_train
+from test_data import write_datasets
 from test_data_cache import cache_arrays, rewrite_cache
 
 from telechat_lab.config import config_problems
@@ -68,27 +69,6 @@ def kto(i: int, tag=None) -> dict:
         "conversations": [{"from": "human", "value": f"Say {i}."}, {"from": "gpt", "value": f"{i}" + "!" * (i % 3)}],
         "kto_tag": (i % 2 == 0) if tag is None else tag,
     }
-
-
-def write_datasets(root: Path, datasets: dict[str, tuple[dict, object]]) -> Path:
-    """name -> (entry without file_name unless given, content: records (a JSON list, or JSON lines for .jsonl),
-    raw text, or None for no file)."""
-    root.mkdir(parents=True, exist_ok=True)
-    info = {}
-    for name, (entry, content) in datasets.items():
-        entry = {"file_name": f"{name}.json", **entry}
-        info[name] = entry
-        path = root / entry["file_name"]
-        if content is None:
-            continue
-        if isinstance(content, str):
-            path.write_text(content, encoding="utf-8")
-        elif path.suffix == ".jsonl":
-            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in content), encoding="utf-8")
-        else:
-            path.write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
-    (root / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
-    return root
 
 
 def build(root: Path, names, kind: str, **options):
