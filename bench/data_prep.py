@@ -113,6 +113,9 @@ def main() -> None:
         for s in segments:
             sp.encode(s)
 
+    def raw_sp_batch():  # one call, int32 arrays out (what the pipeline calls), on one thread
+        sp.encode(segments, num_threads=1, return_type="numpy")
+
     tok = load_tokenizer(args.tokenizer)
     chats = [
         [{"role": "system", "content": rec.get("system") or ""}]
@@ -126,6 +129,7 @@ def main() -> None:
 
     results = {
         "raw SentencePiece, same segments (1 process)": best_of(args.repeat, raw_sp),
+        "raw SentencePiece, one batch call (1 thread)": best_of(args.repeat, raw_sp_batch),
         "pipeline, 1 process": best_of(args.repeat, pipeline(1)),
         f"pipeline, {args.workers} workers": best_of(args.repeat, pipeline(args.workers)),
         "loop of apply_chat_template (1 process)": best_of(max(1, args.repeat - 1), chat_template_loop),

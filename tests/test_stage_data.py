@@ -228,7 +228,8 @@ def test_raw_text_by_line_paragraph_document_and_text_column(tmp_path):
     assert docs("whole")[0] == [ids(text)]
     assert docs("column")[0] == [ids("first line"), ids("fourth")] == docs("folder")[0]
     mixed = ["a <tool_call> b", "plain"]  # a tool tag is its control id in raw text too, as the tokenizer reads it
-    assert enc.encode_texts(mixed) == [([ids(t)], False) for t in mixed] and 9 in ids(mixed[0])
+    encoded = [([row.tolist() for row in rows], was_split) for rows, was_split in enc.encode_texts(mixed)]
+    assert encoded == [([ids(t)], False) for t in mixed] and 9 in ids(mixed[0])
     root = write_datasets(tmp_path / "bad", {"c": ({**PT, "file_name": "c.jsonl"}, [{"text": "a"}, {"text": " "}])})
     with pytest.raises(DataError, match=r"c\.jsonl line 2: empty text"):
         build(root, ["c"], "pt")
@@ -290,7 +291,7 @@ def test_truncation_keeps_the_last_turn_drops_older_turns_first_and_cuts_both_re
     full = enc.encode_prompted_batch([prompted])[0]
     prefix = enc.system_ids(Conversation("Sys."))
     turns = enc._encode_turns([Conversation("Sys.", prompted.conv.turns)])[0][1]
-    turn_size = [len(u) + len(a) + len(enc.newline) for u, a in turns]
+    turn_size = [u_len + a_len + len(enc.newline) for _, u_len, _, a_len in turns]
     query = [USER, *enc.encode_text("the last question?"), BOT]
     assert full.prompt_len == len(prefix) + sum(turn_size) + len(query) and not full.truncated
     longest = len(full.rows[0][0]) - full.prompt_len
@@ -307,15 +308,15 @@ def test_truncation_keeps_the_last_turn_drops_older_turns_first_and_cuts_both_re
     room = cutoff - size
     for row, reply in zip(got.rows, prompted.replies):
         sft = sft_of(kept, reply)
-        assert row[0] == sft.input_ids[: size + room] and row[1] == sft.labels[: size + room]
+        assert row[0].tolist() == sft.input_ids[: size + room] and row[1].tolist() == sft.labels[: size + room]
         assert len(row[0]) <= cutoff
     assert len(got.rows[0][0]) == cutoff  # the long reply fills the room; the short one keeps all of it
-    assert got.rows[1][0] == sft_of(kept, "short no.").input_ids
+    assert got.rows[1][0].tolist() == sft_of(kept, "short no.").input_ids
 
     # a tight cutoff: every older turn goes, the system block and the last question stay
     tight = len(prefix) + len(query) + 3
     got = ChatEncoder(TINY, TemplateOptions(cutoff_len=tight)).encode_prompted_batch([prompted])[0]
-    assert got.prompt_len == len(prefix) + len(query) and got.rows[0][0][: got.prompt_len] == prefix + query
+    assert got.prompt_len == len(prefix) + len(query) and got.rows[0][0][: got.prompt_len].tolist() == prefix + query
     assert [len(ids) for ids, _ in got.rows] == [tight, tight]
     # no room for one reply token: dropped
     assert ChatEncoder(TINY, TemplateOptions(cutoff_len=len(prefix) + len(query))).encode_prompted_batch(

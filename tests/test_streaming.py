@@ -138,7 +138,7 @@ def test_validation_is_the_head_of_the_stream():
     head = validation_examples(source)
     first = [line for line in (DEMO_DATA / "pt_demo.txt").read_text().splitlines() if line.strip()][:4]
     encoder = ShardRows(source, 0, 1, 0, 4, False).encoder()
-    assert [ids for ids, _ in head] == [rows[0] for rows, _ in encoder.encode_texts(first)]
+    assert [list(ids) for ids, _ in head] == [rows[0].tolist() for rows, _ in encoder.encode_texts(first)]
     trained = [w for _, w, _ in RecordStream(source, 0, 1).records(_fresh(0))]
     assert len(trained) == 32 and not any(
         w.endswith(f" line {n}") and "pt_demo.txt" in w for n in range(1, 5) for w in trained

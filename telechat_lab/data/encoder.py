@@ -40,6 +40,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from telechat_lab.tokenizer import (
     BOT_ID,
     DEFAULT_SYSTEM_PROMPT,
@@ -57,6 +59,31 @@ from .formats import Conversation, Prompted
 SYSTEM, USER, BOT, END, IGNORE = SYSTEM_ID, USER_ID, BOT_ID, EOS_ID, IGNORE_INDEX
 TEMPLATE_VERSION = "telechat2-v3"  # part of the cache key: bump when the encoding changes
 SYSTEM_MEMO_SIZE = 4096  # distinct system prompts whose ids are remembered (datasets repeat a few)
+_EMPTY = np.zeros(0, dtype=np.int32)
+_ID_ARRAYS: dict[int, np.ndarray] = {}  # a control id as a one-token array (shared, never written to)
+
+
+def _id_array(token: int) -> np.ndarray:
+    arr = _ID_ARRAYS.get(token)
+    if arr is None:
+        arr = _ID_ARRAYS[token] = np.array([token], dtype=np.int32)
+        arr.flags.writeable = False
+    return arr
+
+
+def _head(parts: list[np.ndarray], n: int) -> list[np.ndarray]:
+    """The parts holding the first `n` tokens of `parts`."""
+    out = []
+    for part in parts:
+        if n <= 0:
+            break
+        out.append(part[:n])
+        n -= len(part)
+    return out
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else _EMPTY
 
 
 @dataclass(frozen=True)
@@ -76,10 +103,27 @@ class Encoded:
 
 
 @dataclass
+class EncodedBatch:
+    """Conversations encoded one after another: example k is tokens/labels[offsets[k]:offsets[k + 1]] and
+    comes from conversation `kept[k]` of the batch (the others had nothing to train)."""
+
+    tokens: np.ndarray  # int32
+    labels: np.ndarray  # int32, IGNORE where untrained
+    lengths: np.ndarray  # int64, per example
+    kept: list[int]
+    truncated: list[bool]  # per example: cut to cutoff_len
+
+    def examples(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(input_ids, labels) of each example, views of the flat arrays."""
+        ends = np.cumsum(self.lengths).tolist()
+        return [(self.tokens[e - n : e], self.labels[e - n : e]) for e, n in zip(ends, self.lengths.tolist())]
+
+
+@dataclass
 class EncodedReplies:
     """A prompt and its replies: `rows[k]` = (input_ids, labels) of the prompt followed by reply k."""
 
-    rows: list[tuple[list[int], list[int]]]
+    rows: list[tuple[np.ndarray, np.ndarray]]
     prompt_len: int
     truncated: bool = False
 
@@ -100,8 +144,10 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int
 
 class ChatEncoder:
     """Encodes conversations with the SentencePiece model at `tokenizer_path` (a tokenizer.model
-    file or a directory holding one). `encode_batch` hands every distinct text segment of a batch
-    to SentencePiece in one call (on `num_threads` threads) and assembles the examples from them."""
+    file or a directory holding one). `encode_arrays` hands every distinct text segment of a batch
+    to SentencePiece in one call (on `num_threads` threads), which returns each as an int32 array, and
+    assembles the examples from references to those arrays: each token is copied once, into the batch's
+    flat arrays, and no Python int is made per token."""
 
     def __init__(self, tokenizer_path: str | Path, options: TemplateOptions = TemplateOptions(), num_threads: int = 1):
         import sentencepiece as spm
@@ -115,7 +161,13 @@ class ChatEncoder:
         self.num_threads = max(1, num_threads)
         self.default_system = DEFAULT_SYSTEM_PROMPT if options.default_system is None else options.default_system
         self.newline = self.sp.encode("\n")
-        self._system_memo: dict[str, list[int]] = {}  # system prompts repeat across a dataset
+        self._newline = np.asarray(self.newline, dtype=np.int32)
+        self._system_memo: dict[str, np.ndarray] = {}  # system prompts repeat across a dataset
+
+    def _pieces(self, texts: list[str]) -> list[np.ndarray]:
+        if not texts:
+            return []
+        return self.sp.encode(texts, num_threads=self.num_threads, return_type="numpy")
 
     def encode_text(self, text: str) -> list[int]:
         """`text` as one segment: SentencePiece's ids, with the tool tags as their control ids."""
@@ -138,21 +190,24 @@ class ChatEncoder:
             return []
         ids = self._system_memo.get(system)
         if ids is None:
-            ids = [SYSTEM, *self.encode_text(system + "\n")]
+            ids = np.array([SYSTEM, *self.encode_text(system + "\n")], dtype=np.int32)
             if len(self._system_memo) < SYSTEM_MEMO_SIZE:
                 self._system_memo[system] = ids
-        return ids
+        return ids.tolist()
 
     def encode(self, conv: Conversation) -> Encoded | None:
         """None when nothing would be trained (no reply, or no room for any reply token)."""
         return self.encode_batch([conv])[0]
 
-    def _encode_turns(self, convs: list[Conversation]) -> list[tuple[list[int], list[tuple[list[int], list[int]]]]]:
-        """(system block, [(<_user> text <_bot>, reply <_end>)]) of each conversation."""
+    def _encode_turns(self, convs: list[Conversation]) -> list[tuple[np.ndarray, list[tuple]]]:
+        """(system block, [(<_user> text <_bot> parts, their length, reply <_end> parts, their length)]) of each
+        conversation: the parts are arrays of ids, shared (never written to)."""
         slots: dict[str, int] = {}  # distinct text segment -> position in the SentencePiece batch
 
         def plan(text: str) -> list[int]:
             # a text as its segments: a tool tag by its id (>= 0), a text segment by ~slot (< 0)
+            if "tool_" not in text:  # split_tool_tags' own shortcut, without the call
+                return [~slots.setdefault(text, len(slots))] if text else []
             return [
                 part if isinstance(part, int) else ~slots.setdefault(part, len(slots)) for part in split_tool_tags(text)
             ]
@@ -160,38 +215,64 @@ class ChatEncoder:
         plans = []
         for conv in convs:
             system = self.system_text(conv)
-            prefix = self._system_memo.get(system) if system else []
+            prefix = self._system_memo.get(system) if system else _EMPTY
             sys_plan = plan(system + "\n") if prefix is None else None
             plans.append((system, prefix, sys_plan, [(plan(u), plan(a)) for u, a in conv.turns]))
-        texts = list(slots)
-        if self.num_threads > 1:  # SentencePiece's own thread pool
-            pieces = self.sp.encode(texts, num_threads=self.num_threads) if texts else []
-        else:  # a plain loop is faster than the batch call on one thread
-            encode = self.sp.encode
-            pieces = [encode(t) for t in texts]
+        pieces = self._pieces(list(slots))
+        sizes = [len(p) for p in pieces]
+        user, bot, end = _id_array(USER), _id_array(BOT), _id_array(END)
 
-        def ids(parts: list[int]) -> list[int]:
-            if len(parts) == 1 and parts[0] < 0:
-                return pieces[~parts[0]]
-            out: list[int] = []
-            for part in parts:
-                if part >= 0:
-                    out.append(part)
+        def parts(plan: list[int]) -> tuple[list[np.ndarray], int]:
+            out, n = [], 0
+            for part in plan:
+                if part < 0:
+                    out.append(pieces[~part])
+                    n += sizes[~part]
                 else:
-                    out += pieces[~part]
-            return out
+                    out.append(_id_array(part))
+                    n += 1
+            return out, n
 
         results = []
         for system, prefix, sys_plan, turn_plans in plans:
             if sys_plan is not None:
-                prefix = [SYSTEM, *ids(sys_plan)]
+                prefix = np.concatenate([_id_array(SYSTEM), *parts(sys_plan)[0]])
+                prefix.flags.writeable = False
                 if len(self._system_memo) < SYSTEM_MEMO_SIZE:
                     self._system_memo[system] = prefix
-            results.append((prefix, [([USER, *ids(u), BOT], [*ids(a), END]) for u, a in turn_plans]))
+            turns = []
+            for u, a in turn_plans:
+                u_parts, u_len = parts(u)
+                a_parts, a_len = parts(a)
+                turns.append(([user, *u_parts, bot], u_len + 2, [*a_parts, end], a_len + 1))
+            results.append((prefix, turns))
         return results
 
+    def encode_arrays(self, convs: list[Conversation]) -> EncodedBatch:
+        """The conversations encoded into flat arrays (the module docstring: the format, truncation, what is
+        trained)."""
+        parts: list[np.ndarray] = []
+        trained: list[bool] = []  # per part
+        lengths, kept, truncated = [], [], []
+        for k, (prefix, turns) in enumerate(self._encode_turns(convs)):
+            example = self._assemble(prefix, turns, parts, trained)
+            if example is None:
+                continue
+            lengths.append(example[0])
+            kept.append(k)
+            truncated.append(example[1])
+        tokens = _joined(parts)
+        mask = np.repeat(np.asarray(trained, dtype=bool), [len(p) for p in parts])
+        labels = np.where(mask, tokens, np.int32(IGNORE)).astype(np.int32, copy=False)
+        return EncodedBatch(tokens, labels, np.asarray(lengths, dtype=np.int64), kept, truncated)
+
     def encode_batch(self, convs: list[Conversation]) -> list[Encoded | None]:
-        return [self._assemble(prefix, turns) for prefix, turns in self._encode_turns(convs)]
+        """`encode_arrays` as one Encoded (lists of ids) per conversation, None where nothing is trained."""
+        batch = self.encode_arrays(convs)
+        out: list[Encoded | None] = [None] * len(convs)
+        for k, (ids, labels), cut in zip(batch.kept, batch.examples(), batch.truncated):
+            out[k] = Encoded(ids.tolist(), labels.tolist(), cut)
+        return out
 
     def encode_prompted_batch(self, items: list[Prompted]) -> list[EncodedReplies | None]:
         """Each prompt once, then each of its replies (the module docstring: the sequences, the truncation
@@ -203,14 +284,15 @@ class ChatEncoder:
         results = []
         for it, (prefix, turns) in zip(items, self._encode_turns(convs)):
             n = len(it.replies)
-            history, query = turns[:-n], turns[-1][0]
-            results.append(self._assemble_replies(prefix, history, query, [reply for _, reply in turns[-n:]]))
+            history = [(_joined(p), _joined(r)) for p, _, r, _ in turns[:-n]]
+            query = _joined(turns[-1][0])
+            results.append(self._assemble_replies(prefix, history, query, [_joined(r) for _, _, r, _ in turns[-n:]]))
         return results
 
     def _assemble_replies(
-        self, prefix: list[int], history: list[tuple[list[int], list[int]]], query: list[int], replies: list[list[int]]
+        self, prefix: np.ndarray, history: list[tuple[np.ndarray, np.ndarray]], query: np.ndarray, replies: list
     ) -> EncodedReplies | None:
-        cutoff, nl = self.options.cutoff_len, len(self.newline)
+        cutoff, nl = self.options.cutoff_len, len(self._newline)
         sizes = [len(p) + len(r) + nl for p, r in history]  # a turn and the newline after it
         longest = max(len(r) for r in replies)
         prompt_len = len(prefix) + sum(sizes) + len(query)
@@ -222,22 +304,22 @@ class ChatEncoder:
                 drop += 1
             if prompt_len >= cutoff:  # not one reply token fits
                 return None
-        prompt = list(prefix)
-        for p, r in history[drop:]:
-            prompt += p + r + self.newline
-        prompt += query
+        prompt = np.concatenate([prefix, *(x for p, r in history[drop:] for x in (p, r, self._newline)), query])
         room = cutoff - len(prompt)
-        rows = [(prompt + r[:room], [IGNORE] * len(prompt) + r[:room]) for r in replies]
+        ignored = np.full(len(prompt), IGNORE, dtype=np.int32)
+        rows = [(np.concatenate([prompt, r[:room]]), np.concatenate([ignored, r[:room]])) for r in replies]
         return EncodedReplies(rows, len(prompt), truncated)
 
-    def encode_texts(self, texts: list[str]) -> list[tuple[list[list[int]], bool]]:
+    def encode_texts(self, texts: list[str]) -> list[tuple[list[np.ndarray], bool]]:
         """Each raw-text document as its rows of at most cutoff_len tokens (the module docstring), and whether
         it was split."""
         cutoff, out = self.options.cutoff_len, []
         plain = [i for i, text in enumerate(texts) if split_tool_tags(text) == [text]]  # one SentencePiece batch
-        pieces = dict(zip(plain, self.sp.encode([texts[i] for i in plain], num_threads=self.num_threads)))
+        pieces = dict(zip(plain, self._pieces([texts[i] for i in plain])))
+        end = _id_array(END)
         for i, text in enumerate(texts):
-            ids = [*(pieces[i] if i in pieces else self.encode_text(text)), END]
+            body = pieces[i] if i in pieces else np.asarray(self.encode_text(text), dtype=np.int32)
+            ids = np.concatenate([body, end])
             if len(ids) <= cutoff:
                 out.append(([ids], False))
                 continue
@@ -246,56 +328,64 @@ class ChatEncoder:
             out.append((rows, True))
         return out
 
-    def _assemble(self, prefix: list[int], turns: list[tuple[list[int], list[int]]]) -> Encoded | None:
+    def _assemble(
+        self, prefix: np.ndarray, turns: list[tuple], parts: list[np.ndarray], trained: list[bool]
+    ) -> tuple[int, bool] | None:
+        """Appends one example's parts and whether each is trained to `parts` and `trained`; returns (its
+        length, whether it was truncated), or None (nothing appended) when nothing would be trained."""
         opts = self.options
         if not turns:
             return None
         last = len(turns) - 1
-        keep = list(range(len(turns)))
+        nl = len(self._newline)
+        keep: list[int] | range = range(len(turns))
         truncated = False
         cut_reply: int | None = None
-        total = len(prefix) + sum(len(p) + len(r) for p, r in turns) + len(self.newline) * last
+        total = len(prefix) + sum(p_len + r_len for _, p_len, _, r_len in turns) + nl * last
         if total > opts.cutoff_len:
             truncated = True
             budget = opts.cutoff_len - len(prefix)
             order = range(last, -1, -1) if opts.mask_history else range(len(turns))
             keep, used = [], 0
             for i in order:
-                size = len(turns[i][0]) + len(turns[i][1]) + (len(self.newline) if keep else 0)
+                size = turns[i][1] + turns[i][3] + (nl if keep else 0)
                 if used + size > budget:
                     break
                 keep.append(i)
                 used += size
             if not keep:  # not even one whole turn: keep the first one with its reply cut
                 first = order[0]
-                room = budget - len(turns[first][0])
+                room = budget - turns[first][1]
                 if room < 1:
                     return None
                 keep, cut_reply = [first], room
             keep.sort()
+            total = len(prefix) + used if cut_reply is None else opts.cutoff_len
 
-        input_ids = list(prefix)
-        labels = list(prefix) if opts.train_on_prompt else [IGNORE] * len(prefix)
+        on_prompt = opts.train_on_prompt
+        parts.append(prefix)
+        trained.append(on_prompt)
         for n, i in enumerate(keep):
-            prompt, reply = turns[i]
+            prompt, p_len, reply, _ = turns[i]
             if cut_reply is not None:
-                reply = reply[:cut_reply]
+                reply = _head(reply, cut_reply)
             if n:
-                prompt = self.newline + prompt
-            input_ids += prompt
-            input_ids += reply
+                parts.append(self._newline)
+                trained.append(on_prompt)
             # a reply is trained unless mask_history keeps only the record's last one
-            trained = opts.train_on_prompt or not opts.mask_history or i == last
-            if opts.train_on_prompt:
-                labels += prompt
-            elif opts.train_role_tokens and trained:  # text never encodes to <_user>/<_bot>: only the markers
-                labels += [t if t in (USER, BOT) else IGNORE for t in prompt]
+            reply_trained = on_prompt or not opts.mask_history or i == last
+            parts += prompt
+            if on_prompt:
+                trained += [True] * len(prompt)
+            elif opts.train_role_tokens and reply_trained:  # text never encodes to <_user>/<_bot>: the markers
+                trained += [True, *([False] * (len(prompt) - 2)), True]
             else:
-                labels += [IGNORE] * len(prompt)
-            labels += reply if trained else [IGNORE] * len(reply)
+                trained += [False] * len(prompt)
+            parts += reply
+            trained += [reply_trained] * len(reply)
         # every kept reply has at least one token, so something is trained unless mask_history
         # lost the last reply (it never does: truncation keeps the last turn first)
-        return Encoded(input_ids, labels, truncated)
+        return total, truncated
 
     def prompt_ids(self, conv: Conversation) -> list[int]:
         """The generation prompt for `conv`'s turns plus a final user message: everything up to and

@@ -17,7 +17,6 @@ import logging
 import mmap
 import multiprocessing as mp
 import sys
-from array import array
 from collections import Counter, deque
 from dataclasses import asdict
 from itertools import chain
@@ -97,9 +96,10 @@ def encode_records(
     encoder: ChatEncoder, spec: DatasetSpec, records: list, placeholders: dict, skip_bad: bool = False
 ) -> EncodedPart:
     """The records of one dataset of kind `spec.kind` encoded (registry.py; encoder.py for each kind)."""
-    tokens = array("i")  # 4 bytes a token (a list of ints: 8 and an object each)
-    labels = array("i")
-    lengths, kept, truncated, dropped, skipped, split = [], [], 0, [], [], 0
+    tokens: list[np.ndarray] = []  # int32 runs, joined once at the end
+    labels: list[np.ndarray] = []
+    lengths: list = []  # ints, or int64 arrays of a batch's lengths
+    kept, truncated, dropped, skipped, split = [], 0, [], [], 0
     fields: dict[str, list] = {key: [] for key in FIELDS[spec.kind]}
     parse = PARSERS[spec.kind]
     units: dict = {}  # file -> what its record index counts ("line" or "record")
@@ -118,33 +118,40 @@ def encode_records(
             items.append(_filled(item, placeholders) if placeholders else item)
             positions.append(pos)
             wheres.append(where)
+        if spec.kind == "sft":
+            batch = encoder.encode_arrays(items)
+            tokens.append(batch.tokens)
+            labels.append(batch.labels)
+            lengths.append(batch.lengths)
+            kept += [positions[k] for k in batch.kept]
+            truncated += sum(batch.truncated)
+            encoded = set(batch.kept)
+            dropped += [where for k, where in enumerate(wheres) if k not in encoded]
+            continue
         if spec.kind == "pt":
             for pos, (rows, was_split) in zip(positions, encoder.encode_texts(items)):
                 split += was_split
-                for row in rows:
-                    tokens.extend(row)
-                    labels.extend(row)
-                    lengths.append(len(row))
-                    kept.append(pos)
+                tokens += rows
+                labels += rows
+                lengths.append(np.array([len(row) for row in rows], dtype=np.int64))
+                kept += [pos] * len(rows)
             continue
-        encode = encoder.encode_batch if spec.kind == "sft" else encoder.encode_prompted_batch
-        for pos, where, item, enc in zip(positions, wheres, items, encode(items)):
+        for pos, where, item, enc in zip(positions, wheres, items, encoder.encode_prompted_batch(items)):
             if enc is None:
                 dropped.append(where)
                 continue
             truncated += enc.truncated
-            for input_ids, row_labels in [(enc.input_ids, enc.labels)] if spec.kind == "sft" else enc.rows:
-                tokens.extend(input_ids)
-                labels.extend(row_labels)
-                lengths.append(len(input_ids))
+            for input_ids, row_labels in enc.rows:
+                tokens.append(input_ids)
+                labels.append(row_labels)
+            lengths.append(np.array([len(input_ids) for input_ids, _ in enc.rows], dtype=np.int64))
             kept.append(pos)
-            if spec.kind != "sft":
-                fields["prompt_len"].append(enc.prompt_len)
+            fields["prompt_len"].append(enc.prompt_len)
             if spec.kind == "kto":
                 fields["kto_tag"].append(item.tag)
-    token_array = np.frombuffer(tokens, dtype=np.int32)
-    label_array = np.frombuffer(labels, dtype=np.int32)
-    length_array = np.asarray(lengths, dtype=np.int64)
+    token_array = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int32)
+    label_array = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int32)
+    length_array = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
     return EncodedPart(
         token_array,
         label_array,

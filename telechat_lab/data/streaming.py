@@ -280,7 +280,7 @@ class ShardRows:
         encoder = self.encoder()
         if src.kind == "pt":
             return [(row, row) for rows, _ in encoder.encode_texts(parsed) for row in rows]
-        return [(enc.input_ids, enc.labels) for enc in encoder.encode_batch(parsed) if enc is not None]
+        return encoder.encode_arrays(parsed).examples()
 
     def block_rows(self, examples: list[tuple[list[int], list[int]]], epoch: int, first: int) -> list[dict]:
         rows: list[dict]
