@@ -4,10 +4,17 @@ characters, reply 100-1500, half English and half Chinese, generated determinist
 encoded cold (a fresh cache directory) and then started warm (the cache of the cold run), each run in its own
 process, which reports its peak RSS (/proc/self/status VmHWM) and its time from start to the first training
 batch (build_datasets, then the first batch of a DataLoader over the training set, as train.py's data module
-builds it). Wall is measured around the whole process (interpreter start and imports included).
+builds it). Wall is measured around the whole process (interpreter start and imports included). Then (on by
+default; --no-train-first-step: not) a real `python train.py` on the same data, the same data options and the warm
+cache (the tiny random model the demo trains, or, with --tokenizer, a tiny one written with that tokenizer; one
+step; no validation pass; its output_dir under --work, removed after): its wall seconds from the process's start
+to the end of its first training step and its peak RSS (train_first_step.py: the main process's peak as
+os.wait4 reports it; DataLoader workers, if data.dataloader_num_workers were set, would be processes of their own
+and are not counted; the default is none). The cache must come through untouched (every entry under its
+datasets/ with the same mtime and size): a train.py that encoded the data again fails the bench.
 
     python bench/data_scale.py --sizes 10000 100000 [--workers 1] [--tokenizer tokenizer.model]
-    python bench/data_scale.py --smoke      # CI: 300 records, once
+    python bench/data_scale.py --smoke      # CI: 300 records, once (the train.py start too)
     python bench/data_scale.py --sizes 10000 --code /path/to/another/checkout   # the same on other code (before)
 
 Writes bench/results/data_scale_cpu.json (the rows and the exact command) and prints a table like issue 23's.
@@ -25,6 +32,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from train_first_step import to_first_step
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -139,6 +148,59 @@ def run_one(args: argparse.Namespace, data_dir: Path, cache: Path) -> dict:
     return {**json.loads(lines[-1].removeprefix("RESULT ")), "wall_s": round(wall, 2)}
 
 
+WRITE_TINY = (
+    "import sys; from telechat_lab.tiny import default_tiny_checkpoint, write_tiny_checkpoint; "
+    "write_tiny_checkpoint(*sys.argv[1:]) if sys.argv[1:] else default_tiny_checkpoint()"
+)
+
+
+def tiny_model(args: argparse.Namespace) -> list[str]:
+    """train.py's model overrides, its checkpoint written beforehand (so that no timed start writes it): none for
+    the demo's own tiny model (the default tokenizer), else model.path= a tiny model with --tokenizer's."""
+    target = [] if args.tokenizer is None else [str(args.work / "tiny_model"), str(args.tokenizer.resolve())]
+    env = {**os.environ, "PYTHONPATH": str(args.code.resolve()), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", WRITE_TINY, *target], capture_output=True, text=True, env=env)
+    if done.returncode:
+        sys.exit(f"writing the tiny model failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return [f"model.path={target[0]}"] if target else []
+
+
+def _cache_entries(cache: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(cache)): (p.stat().st_mtime_ns, p.stat().st_size) for p in (cache / "datasets").rglob("*")
+    }
+
+
+def warm_train(args: argparse.Namespace, data_dir: Path, cache: Path, model: list[str]) -> dict:
+    """`python train.py` on the warm cache, one step: its time to the end of that step and its peak RSS."""
+    run_dir = args.work / f"train_{data_dir.name}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    overrides = [
+        f"data.dataset_dir={data_dir}",
+        "data.datasets=[synthetic]",
+        f"data.cache_dir={cache}",
+        f"data.cutoff_len={args.cutoff_len}",
+        "data.val_size=0.01",
+        "data.max_samples=null",
+        f"data.preprocessing_num_workers={args.workers}",
+        "trainer.max_steps=1",
+        "+trainer.limit_val_batches=0",  # no validation pass after the step: the peak is the start's and the step's
+        f"output_dir={run_dir / 'run'}",
+        *model,
+    ]
+    before = _cache_entries(cache)
+    result = to_first_step(args.code.resolve(), overrides, cwd=run_dir, log=run_dir / "train.log")
+    written = sorted(k for k, v in _cache_entries(cache).items() if before.get(k) != v)
+    if written:
+        sys.exit(
+            f"train.py did not start from the warm cache {cache}: it wrote {', '.join(written[:5])}\n"
+            + (run_dir / "train.log").read_text()[-3000:]
+        )
+    shutil.rmtree(run_dir)
+    return {**result, "cached": True}
+
+
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -159,6 +221,12 @@ def main() -> None:
     parser.add_argument(
         "--code", type=Path, default=ROOT, help="the checkout whose telechat_lab is measured (before/after)"
     )
+    parser.add_argument(
+        "--train-first-step",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after the warm start, a `python train.py` on the warm cache to its first training step",
+    )
     parser.add_argument("--smoke", action="store_true", help="CI: 300 records, nothing written under bench/")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
@@ -168,6 +236,7 @@ def main() -> None:
         return child(args)
     if args.smoke:
         args.sizes, args.out = [300], None
+    model = tiny_model(args) if args.train_first_step else None
     rows = []
     for records in args.sizes:
         data_dir = args.work / f"alpaca_{records}_{args.seed}"
@@ -180,18 +249,29 @@ def main() -> None:
         warm = run_one(args, data_dir, cache)
         if cold["cached"] or not warm["cached"]:
             sys.exit(f"{records} records: the cold run found a cache or the warm one none ({cold}, {warm})")
-        row = {"records": records, "cold": cold, "warm": warm, "cache_bytes": _size(cache / "datasets")}
+        train = warm_train(args, data_dir, cache, model) if model is not None else None
+        row = {
+            "records": records,
+            "cold": cold,
+            "warm": warm,
+            "warm_train": train,
+            "cache_bytes": _size(cache / "datasets"),
+        }
         rows.append(row)
         shutil.rmtree(cache, ignore_errors=True)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    print("| records | cold wall | cold peak RSS | warm wall | warm to first batch | warm peak RSS | cache |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| records | cold wall | cold peak RSS | warm wall | warm to first batch | warm peak RSS "
+        "| warm train.py to first step | its peak RSS | cache |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        cold, warm = row["cold"], row["warm"]
+        cold, warm, train = row["cold"], row["warm"], row["warm_train"]
         print(
             f"| {row['records']:,} | {_minutes(cold['wall_s'])} | {cold['peak_rss_gb']:.2f} GB | "
             f"{_minutes(warm['wall_s'])} | {warm['first_batch_s']:.1f} s | {warm['peak_rss_gb']:.2f} GB | "
-            f"{row['cache_bytes'] / 1e6:.0f} MB |"
+            + (f"{train['first_step_s']:.1f} s | {train['peak_rss_gb']:.2f} GB | " if train else "- | - | ")
+            + f"{row['cache_bytes'] / 1e6:.0f} MB |"
         )
     if args.out is not None:
         result = {

@@ -68,21 +68,13 @@ def to_first_step(root: Path, repeat: int) -> dict:
     with a new data cache (cold), the best of the others (warm)."""
     import tempfile
 
+    from train_first_step import to_first_step as run
+
     seconds = []
     with tempfile.TemporaryDirectory() as work:
-        marker = Path(work) / "first_step"
         for i in range(repeat):
-            args = [
-                str(root / "train.py"),
-                "trainer.max_steps=1",
-                f"output_dir={work}/run{i}",
-                f"data.cache_dir={work}/cache",
-                "+callbacks.first_step._target_=first_step.FirstStep",
-            ]
-            start = time.time()
-            timed(args, None, 0, root, {"STARTUP_FIRST_STEP": str(marker)})
-            seconds.append(float(marker.read_text()) - start)
-            marker.unlink()
+            args = ["trainer.max_steps=1", f"output_dir={work}/run{i}", f"data.cache_dir={work}/cache"]
+            seconds.append(run(root, args, cwd=root, log=Path(work) / f"run{i}.log")["first_step_s"])
     return {"cold_s": round(seconds[0], 3), "warm_s": round(min(seconds[1:] or seconds), 3), "runs": len(seconds)}
 
 

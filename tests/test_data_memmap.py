@@ -217,8 +217,12 @@ def test_the_scale_bench_runs_cold_then_warm_in_their_own_processes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = [line for line in done.stdout.splitlines() if line.startswith("| 300 |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert len(cells) == 7 and all(cells[k].endswith("GB") for k in (2, 5)), row
+    assert len(cells) == 9 and all(cells[k].endswith("GB") for k in (2, 5, 7)), row
+    assert "| warm train.py to first step | its peak RSS |" in done.stdout
+    assert 0 < float(cells[6].removesuffix(" s")) < float(cells[3].removesuffix(" s")) + 60, row  # train.py ran
+    assert 0.1 < float(cells[7].removesuffix(" GB")) < 8, row  # train.py's own peak: torch and the model loaded
     assert list(tmp_path.glob("alpaca_300_0/synthetic.jsonl")) and not list(tmp_path.glob("cache_*"))
+    assert not list(tmp_path.glob("train_*"))  # the train.py run's output_dir is not kept
 
 
 def test_parquet_is_read_a_row_group_at_a_time(tmp_path, monkeypatch):
