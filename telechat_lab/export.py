@@ -160,6 +160,7 @@ def release_sampling() -> dict:
 
 def merge_and_export(settings) -> Path:
     """merge.py: check the base, the adapters and the export directory before loading anything, merge, export."""
+    from telechat_lab.adapter_origin import holds
     from telechat_lab.resolve import base_and_adapters
     from telechat_lab.trained_prompt import default_system_for
 
@@ -168,6 +169,8 @@ def merge_and_export(settings) -> Path:
     except CheckpointError as err:
         raise CheckpointError(f"{err}: refusing to merge (nothing was written)") from None
     check_export_dir(settings.export_dir, base, adapters)
+    for line in filter(None, map(holds, adapters)):  # a preference run's adapter stacked onto its SFT one
+        print(line)
     if settings.export_mode == "vllm_adapter":
         return export_vllm_adapter(base, adapters, settings.export_dir)
     model = merge_adapters(base, adapters, device=settings.export_device)

@@ -8,6 +8,9 @@ into exports as remote code, which cannot import this package.)"""
 from __future__ import annotations
 
 import importlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 # (module, class, private method, its parameter names): methods overridden (or wrapped) here
@@ -95,3 +98,21 @@ def persistent_buffers(module) -> list[tuple[str, Any]]:
 def attn_implementation(config) -> str:
     """The attention implementation transformers resolved for a model config (sdpa, eager, flash_attention_2)."""
     return config._attn_implementation
+
+
+@contextmanager
+def lm_eval_git_hash_from_files() -> Iterator[None]:
+    """Inside the block lm-eval's simple_evaluate reads the working directory's git commit from its .git folder (its
+    own fallback where git is not installed) instead of running `git describe`, whose stderr it leaves on the
+    console ("fatal: not a git repository" outside a repository); no argument or setting of lm-eval avoids that
+    call. It patches the name lm_eval.evaluator imported (none: nothing to patch)."""
+    from unittest import mock
+
+    import lm_eval.evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    if not hasattr(lm_eval.evaluator, "get_git_commit_hash"):
+        yield
+        return
+    with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: get_commit_from_path(os.getcwd())):
+        yield

@@ -371,6 +371,24 @@ def test_a_hub_task_without_its_data_says_how_to_download_it(base, tokenizer, ca
     assert "HF_DATASETS_OFFLINE=1" in stderr and "Traceback" not in stderr
 
 
+def test_a_benchmark_prints_no_git_error_and_no_lm_eval_info_lines(
+    base, tokenizer, tmp_path, monkeypatch, capfd, caplog
+):
+    """Outside a git repository (lm-eval records the working directory's commit) and with INFO lines on, as a
+    command's console has them: no "fatal: not a git repository" from git, and none of lm-eval's INFO lines."""
+    import logging
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # not inside one above it either
+    caplog.set_level(logging.INFO)
+    run_tasks(base, tokenizer, ["telechat_mc_text"], limit=1)
+    assert "fatal:" not in capfd.readouterr().err
+    assert [
+        r.getMessage() for r in caplog.records if r.name.startswith("lm_eval") and r.levelno < logging.WARNING
+    ] == []
+    assert logging.getLogger("lm_eval").level == logging.NOTSET  # as it was
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ConfigError, match="eval.include_path: /no/such/folder is not a directory"):
         check_tasks(["telechat_mc"], include_path="/no/such/folder")

@@ -105,3 +105,23 @@ def test_hydra_override_application_is_what_compose_does():
     private_apis.apply_overrides(OverridesParser.create().parse_overrides(overrides), applied)
     assert OmegaConf.to_container(applied) == OmegaConf.to_container(expected)
     assert applied.optim.lr == 0.5 and applied.seed == 3 and "max_epochs" not in applied.trainer
+
+
+def test_lm_eval_reads_the_git_commit_from_files(tmp_path, monkeypatch):
+    """The name lm_eval.evaluator calls for the working directory's commit, replaced inside the block by lm-eval's
+    own reading of .git (no `git` process), and put back after it."""
+    pytest.importorskip("lm_eval", reason="the eval extra (lm-evaluation-harness) is not installed")
+    import subprocess
+
+    import lm_eval.evaluator
+    from lm_eval.loggers.utils import get_git_commit_hash
+
+    assert lm_eval.evaluator.get_git_commit_hash is get_git_commit_hash
+    (tmp_path / ".git" / "refs" / "heads").mkdir(parents=True)
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tmp_path / ".git" / "refs" / "heads" / "main").write_text("abc123\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(subprocess, "check_output", lambda *a, **k: pytest.fail("ran a process"))
+    with private_apis.lm_eval_git_hash_from_files():
+        assert lm_eval.evaluator.get_git_commit_hash() == "abc123"
+    assert lm_eval.evaluator.get_git_commit_hash is get_git_commit_hash

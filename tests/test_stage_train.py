@@ -356,10 +356,11 @@ def test_precomputing_keeps_one_model(tiny_dir):
     assert sum(storages(module).values()) < 1.5 * sum(p.numel() * 4 for p in module.model.parameters())
 
 
-def test_chain_sft_then_dpo_from_its_adapter_then_merge_and_chat(tmp_path, monkeypatch):
+def test_chain_sft_then_dpo_from_its_adapter_then_merge_and_chat(tmp_path, monkeypatch, capsys):
     """sft -> dpo with stage.reference=the SFT run -> merge -> chat. The DPO run starts at the SFT policy (its
     first loss ln 2), and the adapter it saves, stacked onto the SFT one, is on its own the trained policy: base +
-    that adapter (and the merged export) score as the training module's final policy does."""
+    that adapter (and the merged export) score as the training module's final policy does; merge says it holds
+    both runs."""
     from peft import PeftModel
 
     from telechat_lab import api
@@ -389,7 +390,10 @@ def test_chain_sft_then_dpo_from_its_adapter_then_merge_and_chat(tmp_path, monke
     stacked = PeftModel.from_pretrained(load_model(base, torch.float32), str(dpo))
     torch.testing.assert_close(batch_logps(stacked, batch), expected, rtol=1e-5, atol=1e-4)
 
+    capsys.readouterr()
     export = api.merge([f"adapter_path={dpo}", f"export_dir={tmp_path / 'merged'}", "dtype=float32"])
+    said = f"{dpo.resolve()} holds the SFT run {sft.resolve()} and the DPO training on top of it"
+    assert said in capsys.readouterr().out
     torch.testing.assert_close(batch_logps(load_model(export, torch.float32), batch), expected, rtol=1e-5, atol=1e-4)
     session = api.chat([f"model.path={export}", "generation.do_sample=false", "generation.max_new_tokens=4"])
     assert isinstance("".join(session.reply("Who are you?")), str) and len(session.turns) == 1

@@ -589,6 +589,30 @@ def test_a_default_run_is_quiet_says_where_everything_is_and_counts_to_max_steps
     assert bar.startswith("Epoch 1/1") and " 5/5 " in bar, bar
 
 
+def test_a_bars_rate_is_shown_once_known():
+    """A bar's batches per second: none before it has timed a batch (a new validation bar, a one-batch validation;
+    Lightning's column says 0.00it/s there), then the batches after the first over the time since it."""
+    from rich.progress import Progress
+
+    from telechat_lab.training.callbacks import StepsProgressBar
+
+    now = [0.0]
+    columns = StepsProgressBar().configure_columns(None)
+    progress = Progress(*columns, get_time=lambda: now[0], disable=True)
+    task = progress.add_task("Validation", total=3)
+
+    def shown() -> str:
+        return " ".join(str(column.render(progress.tasks[task])) for column in columns)
+
+    assert "--it/s" in shown() and "0.00it/s" not in shown()
+    for batch, at in enumerate((0.5, 1.0, 1.5), 1):
+        now[0] = at
+        progress.update(task, completed=batch)
+        if batch == 1:
+            assert "--it/s" in shown() and "0.00it/s" not in shown()
+    assert "2.00it/s" in shown(), shown()  # 2 batches in the second after the first one's end
+
+
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path, capsys):
     metrics = run_train(tmp_path, "hardware=cpu", "hardware.precision=bf16-mixed", "trainer.max_steps=3")
     assert metrics["steps"] == 3 and all(math.isfinite(x) for x in losses(tmp_path))

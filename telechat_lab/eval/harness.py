@@ -177,19 +177,30 @@ class _DropNotOurs(logging.Filter):
 
 @contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
-    """lm-eval's lines listed in _NOT_OURS dropped, on every lm_eval logger (a filter is not inherited)."""
+    """lm-eval's INFO lines off unless its logger's level is set (what it loads and runs: the eval's report says
+    it), its warnings listed in _NOT_OURS dropped, on every lm_eval logger (a filter is not inherited), and no
+    `git describe` of the working directory printing "fatal: not a git repository"
+    (private_apis.lm_eval_git_hash_from_files)."""
     import lm_eval.evaluator  # noqa: F401  (their loggers exist once their modules are imported)
     import lm_eval.models.huggingface  # noqa: F401
 
+    from telechat_lab.private_apis import lm_eval_git_hash_from_files
+
     drop = _DropNotOurs()
-    loggers = [logging.getLogger("lm_eval")] + [
+    top = logging.getLogger("lm_eval")
+    loggers = [top] + [
         logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith("lm_eval.")
     ]
+    level = top.level
+    if level == logging.NOTSET:  # not set by the user's logging config (hydra.job_logging.loggers.lm_eval.level)
+        top.setLevel(logging.WARNING)
     for logger in loggers:
         logger.addFilter(drop)
     try:
-        yield
+        with lm_eval_git_hash_from_files():
+            yield
     finally:
+        top.setLevel(level)
         for logger in loggers:
             logger.removeFilter(drop)
 

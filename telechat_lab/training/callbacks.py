@@ -12,6 +12,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
+from rich.progress import ProgressColumn
+from rich.text import Text
 
 from telechat_lab.files import atomic_write_text
 from telechat_lab.training.run_dir_owner import RunDir
@@ -154,10 +156,30 @@ class LossPlot(L.Callback):
             plot_losses(self.output_dir, self.train, self.val)
 
 
+class RateColumn(ProgressColumn):
+    """A bar's batches per second, once it has timed one (Rich's estimate: the batches after the first over the time
+    since it, the last 30 s); until then `--it/s`. Lightning's column shows `0.00it/s` there: on every bar's first
+    batch, and for the whole of a one-batch validation."""
+
+    def __init__(self, style):
+        self.style = style
+        super().__init__()
+
+    def render(self, task) -> Text:
+        return Text("--it/s" if task.speed is None else f"{task.speed:>.2f}it/s", style=self.style)
+
+
 class StepsProgressBar(RichProgressBar):
     """Lightning's progress bar, except where trainer.max_steps ends the run before the epochs do: Lightning's bar
     counts the whole epoch (and its ETA with it) and names the last epoch of max_epochs; this one ends where the
-    run will stop and names the epoch max_steps reaches; epochs are counted from 1 ("Epoch 2/2": the last of two)."""
+    run will stop and names the epoch max_steps reaches; epochs are counted from 1 ("Epoch 2/2": the last of two).
+    Its rate is shown only once known (RateColumn)."""
+
+    def configure_columns(self, trainer) -> list:
+        from lightning.pytorch.callbacks.progress.rich_progress import ProcessingSpeedColumn
+
+        columns = super().configure_columns(trainer)
+        return [RateColumn(self.theme.processing_speed) if isinstance(c, ProcessingSpeedColumn) else c for c in columns]
 
     def _mark_start(self, trainer) -> None:
         self._steps_at_start = trainer.global_step

@@ -145,7 +145,7 @@ class TelechatLitModule(L.LightningModule):
         if reference is not None and hasattr(self.model, "peft_config"):
             from .objectives import stack_onto_reference
 
-            stack_onto_reference(Path(directory), reference)
+            stack_onto_reference(Path(directory), reference, self.stage["name"])
 
     def _describe_stage(self) -> str:
         """One line: the stage's settings in effect (its defaults filled in) and where its reference comes from."""

@@ -296,14 +296,17 @@ def _adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return torch.load(directory / "adapter_model.bin", weights_only=True, map_location="cpu")
 
 
-def stack_onto_reference(directory: Path, reference: Path) -> None:
+def stack_onto_reference(directory: Path, reference: Path, stage: str) -> None:
     """Make the adapter just saved in `directory`, trained on top of stage.reference, a whole policy again:
     - a reference that is a full model: the adapter's base is that model (not model.path);
     - a reference that is an SFT LoRA adapter (merged into the base in memory for training): the two adapters
       stacked into one LoRA of rank r1 + r2 on the original base, A = [A1; A2], B = [s1 B1, s2 B2] with scale 1,
       so that base + the saved adapter is exactly the trained policy (merge.py, chat.py and vLLM take it as any
-      adapter). The validator refuses the cases this cannot represent (DoRA, modules_to_save, rank patterns)."""
+      adapter), and recorded so beside it (adapter_origin.py: merge says what it holds). The validator refuses
+      the cases this cannot represent (DoRA, modules_to_save, rank patterns)."""
     from safetensors.torch import save_file
+
+    from telechat_lab.adapter_origin import record_stacked
 
     config_file = directory / "adapter_config.json"
     trained = json.loads(config_file.read_text())
@@ -332,3 +335,4 @@ def stack_onto_reference(directory: Path, reference: Path) -> None:
     save_file(stacked, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
     (directory / "adapter_model.bin").unlink(missing_ok=True)
     config_file.write_text(json.dumps(trained, indent=2, sort_keys=True))
+    record_stacked(directory, reference, stage)
