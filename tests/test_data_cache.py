@@ -104,7 +104,17 @@ CORRUPTIONS = {
         json.dumps({**json.loads((p / META).read_text()), "counts": [1]})
     ),
     "a_file_not_a_directory": lambda p, a: (shutil.rmtree(p), p.write_bytes(b"PK\x03\x04 an old npz")),
+    "an_id_changed_keeping_size_and_mtime": lambda p, a: _keeping_size_and_mtime(
+        p / "tokens.bin", lambda data: data[:4] + (10**6).to_bytes(4, "little") + data[8:]
+    ),
 }
+
+
+def _keeping_size_and_mtime(path: Path, change) -> None:
+    st = path.stat()
+    path.write_bytes(change(path.read_bytes()))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
 
 
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
@@ -120,6 +130,31 @@ def test_a_corrupt_cache_is_rebuilt_with_a_warning_naming_it(tmp_path, case, cap
     assert build(root, ["d"])[2]["datasets"]["d"]["cached"] is True  # written again, whole
     assert _cache_files(root) == [cache] and (cache / META).is_file()
     assert not [p for p in cache.parent.iterdir() if TEMP_MARK in p.name]  # the replaced entry is gone
+
+
+def test_an_entry_is_read_whole_again_only_when_its_files_changed_since_it_was_last_known_whole(tmp_path, monkeypatch):
+    """A warm start checks every token of an entry only when one of its files changed (inode, size, mtime, ctime)
+    since it was written or last checked whole, or always with data.trust_file_stat=false."""
+    root = write_datasets(tmp_path, {"d": ({}, [alpaca(i, history=1) for i in range(5)])})
+    first = examples(build(root, ["d"])[0])
+    (cache,) = _cache_files(root)
+    scanned = []
+    release = preprocess_mod._release
+    monkeypatch.setattr(preprocess_mod, "_release", lambda *a: (scanned.append(1), release(*a)))
+
+    def warm(**options) -> int:
+        scanned.clear()
+        ds, _, report = build(root, ["d"], **options)
+        assert report["datasets"]["d"]["cached"] is True and examples(ds) == first
+        return len(scanned)
+
+    assert warm() == 0  # just written: known whole
+    assert warm(trust_file_stat=False) == 1  # every token, every time
+    assert warm(trust_file_stat=False) == 1
+    os.utime(cache / "labels.bin")  # touched: another mtime (same content)
+    assert warm() == 1 and warm() == 0  # checked whole once, then known whole again
+    (cache / "verified.json").write_text("{nope")
+    assert warm() == 1 and warm() == 0
 
 
 # ------------------------------------------------------------------------ 10. a failed cache write is a warning

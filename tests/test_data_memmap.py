@@ -53,7 +53,7 @@ def test_the_tokens_and_labels_are_memory_maps_of_the_cache(tmp_path, warm):
         assert len(segments) == 1 and isinstance(segments[0], np.memmap)
         assert str(segments[0].filename).startswith(str(cache))
     assert sorted(p.name for p in cache.iterdir()) == sorted(
-        ["meta.json", *(f"{n}.bin" for n in ("tokens", "labels", "offsets", "source", "counts"))]
+        ["meta.json", "verified.json", *(f"{n}.bin" for n in ("tokens", "labels", "offsets", "source", "counts"))]
     )
 
 

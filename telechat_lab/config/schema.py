@@ -86,7 +86,9 @@ class DataConfig:
     cache_dir: str | None = setting(None, on_resume=FREE)  # encoded datasets; default $TELECHAT_LAB_CACHE
     overwrite_cache: bool = setting(False, on_resume=FREE)
     # the cache is keyed by the data files' contents; true: a file whose inode, size, mtime and ctime are unchanged
-    # is not hashed again (its hash is remembered in cache_dir); false: every file is read and hashed every run
+    # is not hashed again (its hash is remembered in cache_dir), and a cache entry whose files are unchanged so since
+    # it was written or last checked whole is not read whole again; false: every file is read and hashed, and every
+    # cached token checked, every run
     trust_file_stat: bool = setting(True, on_resume=FREE)
     # resume=true on data that changed since the checkpoint (other files, example counts or validation split):
     # false refuses, naming the datasets; true continues, with a warning in the log

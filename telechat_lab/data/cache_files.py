@@ -14,7 +14,11 @@ nothing holds the whole dataset; the layout is the one EncodedDataset already ha
 offsets), so nothing is converted on load; and it needs no dependency beyond numpy. Arrow would give the same
 mapping with a record-per-row layout the training path does not use. A directory is written whole under a
 temporary name (each file fsynced, then the directory renamed: the rename is atomic), so a reader sees a complete
-entry or none; one whose files are shorter or longer than its meta.json says is refused (and rebuilt)."""
+entry or none; one whose files are shorter or longer than its meta.json says is refused (and rebuilt). Reading every
+token to check an entry (preprocess._check_cached) costs seconds per GB, so an entry remembers its files' inode,
+size, mtime and ctime as they were when written, or when last read whole and found right (`verified.json`); a load
+whose files are unchanged by those (with data.trust_file_stat, as for the source files' hashes) checks the small
+arrays only."""
 
 from __future__ import annotations
 
@@ -118,6 +122,39 @@ def _alive(pid: int) -> bool:
 
 META = "meta.json"
 FORMAT = 2  # the version of the layout (1: one .npz file, read whole)
+VERIFIED = "verified.json"  # an entry's files (inode, size, mtime, ctime) as they were when last known whole
+
+
+def _file_stats(path: Path) -> dict[str, list[int]]:
+    stats = {}
+    for file in sorted(path.iterdir()):
+        if file.name != VERIFIED and TEMP_MARK not in file.name:
+            st = file.stat()
+            stats[file.name] = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return stats
+
+
+def mark_verified(path: Path) -> None:
+    """Remember the files of the entry at `path` as they are now, known whole (just written, or just read whole and
+    checked); silently nothing when that cannot be written (the next load checks every token again)."""
+    tmp = temporary_name(path / VERIFIED)
+    try:
+        tmp.write_text(json.dumps(_file_stats(path)), encoding="utf-8")
+        os.replace(tmp, path / VERIFIED)
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def is_verified(path: Path) -> bool:
+    """Whether every file of the entry at `path` is the one `mark_verified` saw: same inode, size, mtime and ctime
+    (a file written since, even with its size and mtime put back, has another ctime)."""
+    try:
+        return json.loads((path / VERIFIED).read_text(encoding="utf-8")) == _file_stats(path)
+    except (OSError, ValueError, RecursionError):
+        return False
 
 
 class ArrayWriter:
@@ -180,6 +217,7 @@ class ArrayWriter:
             shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink(missing_ok=True)
         os.replace(self.tmp, self.path)
         _fsync_dir(self.path.parent)
+        mark_verified(self.path)
 
     def abort(self) -> None:
         for f in self.files.values():

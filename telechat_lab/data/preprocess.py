@@ -30,7 +30,14 @@ from telechat_lab.config import DataConfig
 from telechat_lab.errors import BadRecord, DataError
 from telechat_lab.tokenizer import IGNORE_INDEX, tokenizer_hash
 
-from .cache_files import ArrayWriter, read_arrays, remove_dead_temporaries, warn_unwritable
+from .cache_files import (
+    ArrayWriter,
+    is_verified,
+    mark_verified,
+    read_arrays,
+    remove_dead_temporaries,
+    warn_unwritable,
+)
 from .content_hash import content_hashes
 from .dataset import EncodedDataset, sequence_counts
 from .encoder import TEMPLATE_VERSION, ChatEncoder, TemplateOptions
@@ -383,13 +390,17 @@ def encode_datasets(
         if cache_file.exists() and not cfg.overwrite_cache:
             try:
                 dataset, counts = _load_cache(cache_file, spec.name)
+                scan = not (cfg.trust_file_stat and is_verified(cache_file))  # every token, or the small arrays
                 _check_cached(
                     dataset,
                     counts,
                     get_encoder(tokenizer_path, options).sp.get_piece_size(),
                     options.cutoff_len,
                     spec.kind,
+                    scan_tokens=scan,
                 )
+                if scan:
+                    mark_verified(cache_file)
                 results[i] = (dataset, {**counts, "files": hashes[i]})
                 continue
             except Exception as err:  # a corrupt cache is rebuilt, never trusted
@@ -539,10 +550,12 @@ def _load_cache(path: Path, name: str) -> tuple[EncodedDataset, dict]:
     return _dataset(arrays, name, rows), counts
 
 
-def _check_cached(ds: EncodedDataset, counts: dict, vocab_size: int, cutoff_len: int, kind: str = "sft") -> None:
+def _check_cached(
+    ds: EncodedDataset, counts: dict, vocab_size: int, cutoff_len: int, kind: str = "sft", scan_tokens: bool = True
+) -> None:
     """ValueError saying what is wrong with a loaded cache's arrays (a truncated or altered file) for data of
-    `kind`. The tokens and labels are read CHECK_TOKENS at a time, each chunk's pages given back to the page cache
-    once checked (the check does not grow the process by the dataset's size)."""
+    `kind`. With `scan_tokens` the tokens and labels are read too, CHECK_TOKENS at a time, each chunk's pages given
+    back to the page cache once checked (the check does not grow the process by the dataset's size)."""
     tokens, labels, offsets, source = ds.tokens, ds.labels, ds.offsets, ds.source
     if tokens.ndim != 1 or labels.shape != tokens.shape or tokens.dtype.kind != "i" or labels.dtype.kind != "i":
         raise ValueError("its tokens and labels are not two integer arrays of one length")
@@ -570,7 +583,7 @@ def _check_cached(ds: EncodedDataset, counts: dict, vocab_size: int, cutoff_len:
         or (prompt_len[:, None] >= lengths.reshape(n, ds.rows)).any()
     ):
         raise ValueError("a prompt length is outside its example's rows")
-    first = 0  # the first example of the chunk
+    first = 0 if scan_tokens else n  # the first example of the chunk
     while first < n:
         last = int(np.searchsorted(offsets, offsets[first * ds.rows] + CHECK_TOKENS, "right")) - 1
         last = min(n, max(first + 1, last // ds.rows))
