@@ -2,7 +2,8 @@
 """Encode speed of the data pipeline on the release's SFT demo data (../shared/data/telechat2_sft_demo,
 1800 telechat-format records), side by side in one run with:
 
-- raw SentencePiece encoding the same text segments in a plain loop (no framework around it),
+- raw SentencePiece encoding the same text segments in a plain loop (no framework around it), and in one batch
+  call on one thread returning int32 arrays (what the pipeline calls); the faster of the two is "raw SP" below,
 - a plain loop of `tokenizer.apply_chat_template(...)` calls (the usual way to encode chats).
 
 The pipeline is timed without its cache (a fresh cache dir every run), with one process and with
@@ -134,7 +135,10 @@ def main() -> None:
         f"pipeline, {args.workers} workers": best_of(args.repeat, pipeline(args.workers)),
         "loop of apply_chat_template (1 process)": best_of(max(1, args.repeat - 1), chat_template_loop),
     }
-    base = results["raw SentencePiece, same segments (1 process)"]
+    # the faster way of calling SentencePiece is the baseline (the stricter ratio)
+    base = min(
+        results["raw SentencePiece, same segments (1 process)"], results["raw SentencePiece, one batch call (1 thread)"]
+    )
     loop = results["loop of apply_chat_template (1 process)"]
     print(f"{n} examples, {len(segments)} text segments, {os.cpu_count()} CPUs")
     print(f"{'':48s} {'examples/s':>11s} {'vs raw SP':>10s} {'vs chat-template loop':>22s}")
