@@ -64,7 +64,9 @@ def test_cpu_smoke_run_compares_both_stacks_on_the_same_batches(tmp_path):
     assert report["loss_agreement"]["max_abs_diff"] < 1e-4, report["loss_agreement"]
     assert runs["ours", "packed"]["tokens_per_s"] > 0 and runs["ours", "packed"]["losses"]
     # on a CPU the peak is the resident memory each run took above its start, sampled
-    assert all(r["peak_mem_gib"] is None and r["peak_rss_gib"] > 0 for r in report["runs"]), report["runs"]
+    # (a later run may reuse what an earlier one freed and the allocator kept: 0 above its start, never less)
+    assert all(r["peak_mem_gib"] is None and r["peak_rss_gib"] >= 0 for r in report["runs"]), report["runs"]
+    assert report["runs"][0]["peak_rss_gib"] > 0, report["runs"]
     assert report["ratios_vs_hf"]["ours padded"]["peak_mem"] == round(ours["peak_rss_gib"] / hf["peak_rss_gib"], 3)
     table = (out / "smoke.md").read_text()
     assert "CPU figures" in table and "HF Trainer + PEFT" in table and "| packed |" in table and " RSS |" in table
