@@ -296,8 +296,11 @@ class Terminal:
     # The child makes the pty its controlling terminal (so Ctrl+C typed there is a SIGINT) and then becomes chat.py.
     # It is started by subprocess, never by forking this process: a fork of the test process (its threads holding
     # locks) can hang in the child before it runs anything.
+    # Like a shell, it starts chat.py with no signal blocked and SIGINT at its default: both are inherited through
+    # exec, and this test process's (after hundreds of tests, torch threads among them) need not be a terminal's.
     BECOME = (
-        "import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+        "import fcntl, os, signal, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+        "signal.pthread_sigmask(signal.SIG_SETMASK, []); signal.signal(signal.SIGINT, signal.SIG_DFL); "
         "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
     )
 
