@@ -104,8 +104,8 @@ class Encoded:
 
 @dataclass
 class EncodedBatch:
-    """Conversations encoded one after another: example k is tokens/labels[offsets[k]:offsets[k + 1]] and
-    comes from conversation `kept[k]` of the batch (the others had nothing to train)."""
+    """Conversations encoded one after another: example k is the next lengths[k] tokens/labels and comes from
+    conversation `kept[k]` of the batch (the others had nothing to train)."""
 
     tokens: np.ndarray  # int32
     labels: np.ndarray  # int32, IGNORE where untrained
@@ -206,8 +206,6 @@ class ChatEncoder:
 
         def plan(text: str) -> list[int]:
             # a text as its segments: a tool tag by its id (>= 0), a text segment by ~slot (< 0)
-            if "tool_" not in text:  # split_tool_tags' own shortcut, without the call
-                return [~slots.setdefault(text, len(slots))] if text else []
             return [
                 part if isinstance(part, int) else ~slots.setdefault(part, len(slots)) for part in split_tool_tags(text)
             ]
