@@ -45,9 +45,9 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f"{path.stem}{TEMP_MARK}{socket.gethostname()}-{os.getpid()}{path.suffix}")
 
 
-def write_cache_file(path: Path, data: bytes | Callable[[Path], None]) -> bool:
+def write_cache_file(path: Path, data: bytes | Callable[[Path], None], warn: bool = True) -> bool:
     """Write `data` (bytes, or a function writing the file it is given) to `path` atomically; False, with a
-    warning naming the file, when that fails (nothing of the attempt is left)."""
+    warning naming the file (unless not `warn`), when that fails (nothing of the attempt is left)."""
     tmp = temporary_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +58,8 @@ def write_cache_file(path: Path, data: bytes | Callable[[Path], None]) -> bool:
         os.replace(tmp, path)
         return True
     except OSError as err:
-        warn_unwritable(path, err)
+        if warn:
+            warn_unwritable(path, err)
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
@@ -137,15 +138,11 @@ def _file_stats(path: Path) -> dict[str, list[int]]:
 def mark_verified(path: Path) -> None:
     """Remember the files of the entry at `path` as they are now, known whole (just written, or just read whole and
     checked); silently nothing when that cannot be written (the next load checks every token again)."""
-    tmp = temporary_name(path / VERIFIED)
     try:
-        tmp.write_text(json.dumps(_file_stats(path)), encoding="utf-8")
-        os.replace(tmp, path / VERIFIED)
+        stats = _file_stats(path)
     except OSError:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        return
+    write_cache_file(path / VERIFIED, json.dumps(stats).encode("utf-8"), warn=False)
 
 
 def is_verified(path: Path) -> bool:
