@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
 from telechat_lab.files import write_json
 
 STACKED = "stacked.json"
@@ -24,12 +22,9 @@ def record_stacked(directory: Path, reference: Path, stage: str) -> None:
 
 def _stage_of(run: Path) -> str | None:
     """The stage the run that saved `run`'s adapter trained (its config.yaml), None where it recorded none."""
-    path = run / "config.yaml"
-    try:
-        recorded = OmegaConf.load(path) if path.is_file() else None
-    except Exception:  # a config.yaml of another tool
-        return None
-    return OmegaConf.select(recorded, "stage.name", default=None) if isinstance(recorded, DictConfig) else None
+    from telechat_lab.trained_prompt import recorded_setting
+
+    return recorded_setting(run, "stage.name", None)
 
 
 def holds(adapter: Path) -> str | None:

@@ -16,16 +16,21 @@ from telechat_lab.errors import ConfigError
 _NOT_RECORDED = object()
 
 
-def recorded_default_system(adapter: Path):
-    """`adapter`'s run's data.default_system (None: TeleChat's default), or _NOT_RECORDED."""
+def recorded_setting(adapter: Path, key: str, missing=_NOT_RECORDED):
+    """The setting `key` the run that saved `adapter` recorded in its config.yaml, or `missing`."""
     path = adapter / "config.yaml"
     try:
         recorded = OmegaConf.load(path) if path.is_file() else None
     except Exception:  # a config.yaml of another tool (not YAML OmegaConf reads): nothing recorded by a run
-        return _NOT_RECORDED
+        return missing
     if not isinstance(recorded, DictConfig):
-        return _NOT_RECORDED
-    return OmegaConf.select(recorded, "data.default_system", default=_NOT_RECORDED)
+        return missing
+    return OmegaConf.select(recorded, key, default=missing)
+
+
+def recorded_default_system(adapter: Path):
+    """`adapter`'s run's data.default_system (None: TeleChat's default), or _NOT_RECORDED."""
+    return recorded_setting(adapter, "data.default_system")
 
 
 def default_system_for(adapters: list[Path], given: str | None, command: str) -> str | None:
