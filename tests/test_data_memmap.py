@@ -17,6 +17,7 @@ from telechat_lab.data import preprocess as preprocess_mod
 from telechat_lab.data.cache_files import TEMP_MARK, ArrayWriter
 from telechat_lab.data.dataset import EncodedDataset
 from telechat_lab.data.fingerprint import data_fingerprint
+from telechat_lab.errors import DataError
 
 
 class Untouchable:
@@ -135,6 +136,34 @@ def test_shards_smaller_than_the_data_give_the_same_arrays_as_one(tmp_path, monk
         np.testing.assert_array_equal(one[name], many[name], err_msg=name)
     assert examples(sharded) == examples(whole)
     assert report2["datasets"]["d"] == report["datasets"]["d"]
+
+
+def test_a_worker_that_dies_is_a_clear_error_not_a_wait(tmp_path, monkeypatch):
+    """A worker killed mid-way (the kernel's OOM killer) ends the encoding with the dataset and the setting to
+    lower; nothing half-written is left in the cache."""
+    root = _root(tmp_path, n=70)
+    monkeypatch.setattr(preprocess_mod, "SHARD_RECORDS", 16)
+    monkeypatch.setattr(preprocess_mod, "JOB_RECORDS", 5)
+    pools = []
+
+    class Pool(preprocess_mod.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(preprocess_mod, "ProcessPoolExecutor", Pool)
+    real_append = preprocess_mod._Output.append
+
+    def append(self, part, records):
+        real_append(self, part, records)
+        for process in list(pools[0]._processes.values()):  # after the first job's arrays
+            process.kill()
+            process.join()
+
+    monkeypatch.setattr(preprocess_mod._Output, "append", append)
+    with pytest.raises(DataError, match=r"dataset 'd': a process encoding it died .*preprocessing_num_workers=2"):
+        build(root, ["d"], preprocessing_num_workers=2)
+    assert not [p for p in (root / "cache" / "datasets").iterdir() if (p / "meta.json").exists()]
 
 
 def test_records_are_read_streaming(tmp_path, monkeypatch):

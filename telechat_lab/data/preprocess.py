@@ -18,6 +18,8 @@ import mmap
 import multiprocessing as mp
 import sys
 from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from itertools import chain
 from pathlib import Path
@@ -254,8 +256,11 @@ def _shards(spec: DatasetSpec, skip_bad: bool, max_samples: int | None, size: in
 
 class _Encoders:
     """Encodes shards of records: in this process, or in a pool of `workers` processes shared by every dataset of
-    the run (started at the first dataset with more than one shard), at most two shards a worker in flight, in
-    order."""
+    the run (started at the first dataset with more than one shard), at most two jobs a worker in flight, in
+    order. The workers are spawned, not forked: a fork copies whatever locks this process's threads (torch's,
+    a logger's, a library's) hold at that moment, and a child that needs one waits forever; and the pool is
+    concurrent.futures' because multiprocessing.Pool waits forever for the job of a worker that died, where it
+    raises BrokenProcessPool (a clear error here)."""
 
     def __init__(self, tokenizer_path: str, options: TemplateOptions, skip_bad: bool, workers: int):
         self.tokenizer_path, self.options, self.skip_bad, self.workers = tokenizer_path, options, skip_bad, workers
@@ -277,25 +282,29 @@ class _Encoders:
             return
         size = JOB_RECORDS if second is not None else min(JOB_RECORDS, -(-len(first) // (2 * self.workers)))
         if self.pool is None:
-            context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-            self.pool = context.Pool(self.workers)
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
         flight: deque = deque()
-        for shard in chain([first], [second] if second is not None else [], shards):  # read as the window frees
-            for start in range(0, len(shard), size):
-                records = shard[start : start + size]
-                job = EncodeJob(self.tokenizer_path, self.options, spec, records, placeholders, self.skip_bad)
-                flight.append((self.pool.apply_async(_encode_job, (job,)), records))
-                while len(flight) >= 2 * self.workers:
-                    done, records = flight.popleft()
-                    yield done.get(), records
-        while flight:
-            done, records = flight.popleft()
-            yield done.get(), records
+        try:
+            for shard in chain([first], [second] if second is not None else [], shards):  # read as the window frees
+                for start in range(0, len(shard), size):
+                    records = shard[start : start + size]
+                    job = EncodeJob(self.tokenizer_path, self.options, spec, records, placeholders, self.skip_bad)
+                    flight.append((self.pool.submit(_encode_job, job), records))
+                    while len(flight) >= 2 * self.workers:
+                        done, records = flight.popleft()
+                        yield done.result(), records
+            while flight:
+                done, records = flight.popleft()
+                yield done.result(), records
+        except BrokenProcessPool:
+            raise DataError(
+                f"dataset '{spec.name}': a process encoding it died (out of memory?); lower "
+                f"data.preprocessing_num_workers={self.workers}, or set it to 1 to encode in this process"
+            ) from None
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
 
 
