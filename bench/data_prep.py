@@ -16,8 +16,10 @@ workers. Best of --repeat runs each.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -64,6 +66,7 @@ def main() -> None:
         f for f in sorted(args.data.glob("*.jsonl")) if "dialog" in json.loads(f.open(encoding="utf-8").readline())
     ]
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
+    atexit.register(shutil.rmtree, work, True)  # its copies of the data and every run's cache
     if args.scale > 1:  # K copies of each file, each copy's texts made distinct (no free de-duplication)
         scaled = []
         for f in files:

@@ -5,6 +5,7 @@ recorded, labelled as CPU figures. (Speed itself is measured by the benchmark, n
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -98,9 +99,14 @@ def test_loss_memory_bench_measures_every_path_and_their_losses_agree(tmp_path):
     assert row["loss_abs_diff"] < 1e-4 and row["grad_checksum_rel_diff"] < 1e-3
 
 
-def _bench(script: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+def _bench(script: str, *args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / script), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, str(REPO / "bench" / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -125,11 +131,12 @@ def test_tokenizer_speed_reference_encodes_the_tool_tags_as_their_control_ids():
     assert ids == load_tokenizer(TINY_TOKENIZER_PATH)(text, add_special_tokens=False)["input_ids"]
 
 
-def test_data_prep_smoke_times_the_pipeline_on_the_bundled_data():
-    out = _bench("data_prep.py", "--smoke").stdout
+def test_data_prep_smoke_times_the_pipeline_on_the_bundled_data(tmp_path):
+    out = _bench("data_prep.py", "--smoke", env={**os.environ, "TMPDIR": str(tmp_path)}).stdout
     record = json.loads(out.strip().splitlines()[-1])
     assert record["examples"] == 40 and len(record["examples_per_s"]) == 5
     assert all(rate > 0 for rate in record["examples_per_s"].values())
+    assert list(tmp_path.iterdir()) == []  # its copies of the data and its caches are removed
 
 
 def test_train_throughput_keeps_results_already_there(tmp_path):
