@@ -181,9 +181,14 @@ def format_tool_response(content: Any) -> str:
 _TOOL_TAG_RE = re.compile("(" + "|".join(re.escape(tag) for tag in TOOL_TAGS) + ")")
 
 
+def may_hold_tool_tags(text: str) -> bool:
+    """False when ``text`` holds no tool tag for certain (a cheap test: most texts hold none)."""
+    return "tool_" in text
+
+
 def split_tool_tags(text: str) -> list[str | int]:
     """``text`` cut at the tool tags: text segments (never empty) and the tags' ids, in order."""
-    if "tool_" not in text:
+    if not may_hold_tool_tags(text):
         return [text] if text else []
     parts = _TOOL_TAG_RE.split(text)
     return [TOOL_TAGS[part] if n % 2 else part for n, part in enumerate(parts) if part]

@@ -51,6 +51,7 @@ from telechat_lab.tokenizer import (
     USER_ID,
     find_model_file,
     format_tools,
+    may_hold_tool_tags,
     split_tool_tags,
 )
 
@@ -206,6 +207,8 @@ class ChatEncoder:
 
         def plan(text: str) -> list[int]:
             # a text as its segments: a tool tag by its id (>= 0), a text segment by ~slot (< 0)
+            if not may_hold_tool_tags(text):  # one segment (most texts): no call to split them, no list of parts
+                return [~slots.setdefault(text, len(slots))] if text else []
             return [
                 part if isinstance(part, int) else ~slots.setdefault(part, len(slots)) for part in split_tool_tags(text)
             ]
@@ -221,6 +224,8 @@ class ChatEncoder:
         user, bot, end = _id_array(USER), _id_array(BOT), _id_array(END)
 
         def parts(plan: list[int]) -> tuple[list[np.ndarray], int]:
+            if len(plan) == 1 and plan[0] < 0:  # one text segment (most texts)
+                return [pieces[~plan[0]]], sizes[~plan[0]]
             out, n = [], 0
             for part in plan:
                 if part < 0:

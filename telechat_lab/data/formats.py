@@ -141,7 +141,7 @@ def _required_text(record: dict, column: str, where: str, key: str) -> str:
 
 
 def _reply(text: str, where: str) -> str:
-    if not text.strip():
+    if not text or text.isspace():  # `not text.strip()`, without copying the text
         raise BadRecord(where, "empty reply", " (nothing but <_end> would be trained)")
     return text
 
@@ -246,19 +246,24 @@ def _tool_calls_text(content: str) -> str:
     return "<tool_call>\n" + content + "\n</tool_call>"
 
 
+_TELECHAT_ROLES = {"user": USER, "bot": ASSISTANT, "assistant": ASSISTANT}
+
+
 def _telechat(spec: DatasetSpec, record: dict, where: str) -> Conversation:
-    dialog, column = _messages(spec, record, where), spec.column("messages")
-    roles = {"user": USER, "bot": ASSISTANT, "assistant": ASSISTANT}
+    dialog = _messages(spec, record, where)
     parsed = []
-    for i, msg in enumerate(dialog):
-        spot = f"{where}: {column}[{i}]"
+    for i, msg in enumerate(dialog):  # a message's place is spelled out only for an error (most records have none)
+        if type(msg) is dict and type(msg.get("content")) is str and msg.get("role") in _TELECHAT_ROLES:
+            parsed.append((_TELECHAT_ROLES[msg["role"]], TEXT, msg["content"], i))
+            continue
+        spot = f"{where}: {spec.column('messages')}[{i}]"
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
             raise BadRecord(spot, "a message without 'role' and 'content'")
-        if msg["role"] not in roles:
+        if msg["role"] not in _TELECHAT_ROLES:
             raise BadRecord(spot, f"unknown role '{msg['role']}'", " (expected 'user' or 'bot')")
         if msg["content"] is None:
             raise BadRecord(spot, "content is null")
-        parsed.append((roles[msg["role"]], TEXT, _optional_text(msg["content"], spot, "content"), i))
+        parsed.append((_TELECHAT_ROLES[msg["role"]], TEXT, _optional_text(msg["content"], spot, "content"), i))
     system = _optional_text(record.get(spec.column("system")), where, spec.column("system"))
     return Conversation(
         system=system, turns=_pair_turns(parsed, where), tools=tools_of(record.get(spec.column("tools")), where)

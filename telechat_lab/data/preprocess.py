@@ -111,12 +111,12 @@ def encode_records(
     kept, truncated, dropped, skipped, split = [], 0, [], [], 0
     fields: dict[str, list] = {key: [] for key in FIELDS[spec.kind]}
     parse = PARSERS[spec.kind]
-    units: dict = {}  # file -> what its record index counts ("line" or "record")
+    places: dict = {}  # file -> "dataset 'x': <file> line " (or "record ": what its record index counts)
     for start in range(0, len(records), BATCH):
         items, positions, wheres = [], [], []
         for pos, (path, index, record) in enumerate(records[start : start + BATCH], start):
-            unit = units.get(path) or units.setdefault(path, index_unit(path))
-            where = f"dataset '{spec.name}': {path} {unit} {index}"
+            place = places.get(path) or places.setdefault(path, f"dataset '{spec.name}': {path} {index_unit(path)} ")
+            where = place + str(index)
             try:
                 item = parse(spec, record, where)
             except BadRecord as bad:
