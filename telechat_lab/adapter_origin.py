@@ -27,17 +27,44 @@ def _stage_of(run: Path) -> str | None:
     return recorded_setting(run, "stage.name", None)
 
 
-def holds(adapter: Path) -> str | None:
-    """One line saying what `adapter` holds when it is stacked (None otherwise, or where its record is unreadable:
-    the line is information, merging does not depend on it)."""
+def _record(adapter: Path) -> dict | None:
+    """`adapter`'s stacked.json (None where it has none, or one that cannot be read: what it says is information
+    and a check, merging does not depend on it)."""
     try:
         record = json.loads((adapter / STACKED).read_text(encoding="utf-8"))
-        reference, stage = record["reference"], record["stage"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return None
-    earlier = record.get("reference_stage")
+    return record if isinstance(record, dict) and isinstance(record.get("reference"), str) else None
+
+
+def held_reference(adapter: Path) -> Path | None:
+    """The adapter that `adapter` holds stacked under its own training, None when it holds none."""
+    record = _record(adapter)
+    return Path(record["reference"]) if record else None
+
+
+def holds(adapter: Path) -> str | None:
+    """One line saying what `adapter` holds when it is stacked (None otherwise)."""
+    record = _record(adapter)
+    if record is None:
+        return None
+    earlier, reference = record.get("reference_stage"), record["reference"]
     first = f"the {earlier.upper()} run {reference}" if isinstance(earlier, str) else f"the adapter {reference}"
     return (
-        f"{adapter} holds {first} and the {str(stage).upper()} training on top of it "
+        f"{adapter} holds {first} and the {str(record.get('stage')).upper()} training on top of it "
         "(the two stacked as one adapter on the original base)"
     )
+
+
+def check_not_applied_twice(adapters: list[Path]) -> None:
+    """CheckpointError when the adapters listed include one that another of them already holds stacked."""
+    from telechat_lab.errors import CheckpointError
+
+    for adapter in adapters:
+        reference = held_reference(adapter)
+        if reference is not None and reference in adapters and reference != adapter:
+            raise CheckpointError(
+                f"adapter_path lists {reference} and {adapter}, which already holds it (its {STACKED}: the "
+                f"{reference.name} adapter with training on top of it, saved stacked as one): it would be applied "
+                f"twice; give adapter_path={adapter} alone"
+            )

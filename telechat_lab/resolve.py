@@ -72,13 +72,17 @@ def check_adapter(directory: Path) -> dict:
     return config
 
 
-def base_and_adapters(model_path: str | None, adapter_path) -> tuple[Path, list[Path]]:
+def base_and_adapters(model_path: str | None, adapter_path, stacked: bool = True) -> tuple[Path, list[Path]]:
     """The base checkpoint (model.path, else the first adapter's base_model_name_or_path) and the adapters, every
-    file they need checked before anything is loaded."""
+    file they need checked before anything is loaded. `stacked`: the adapters are applied one on top of another
+    (merge, chat, eval; serve gives False: each is served on its own)."""
+    from telechat_lab.adapter_origin import check_not_applied_twice
     from telechat_lab.model.checks import check_adapter_weights, check_checkpoint
 
     adapters = adapter_dirs(adapter_path)
     configs = [check_adapter(a) for a in adapters]
+    if stacked:
+        check_not_applied_twice(adapters)
     if model_path:
         base = model_dir(model_path)
     elif not adapters:

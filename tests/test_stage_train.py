@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -19,7 +20,7 @@ from test_preference import kto_batch, pairs_batch
 from telechat_lab.config import AdapterConfig, ModelConfig, OptimConfig
 from telechat_lab.config.schema import StageConfig
 from telechat_lab.config.validate import config_problems
-from telechat_lab.errors import ConfigError
+from telechat_lab.errors import CheckpointError, ConfigError
 from telechat_lab.stages import settings
 from telechat_lab.training.module import TelechatLitModule
 from telechat_lab.training.objectives import sequence_logps
@@ -394,6 +395,11 @@ def test_chain_sft_then_dpo_from_its_adapter_then_merge_and_chat(tmp_path, monke
     export = api.merge([f"adapter_path={dpo}", f"export_dir={tmp_path / 'merged'}", "dtype=float32"])
     said = f"{dpo.resolve()} holds the SFT run {sft.resolve()} and the DPO training on top of it"
     assert said in capsys.readouterr().out
+    twice = tmp_path / "twice"  # the SFT adapter listed as well: refused before anything is loaded or written
+    refused = re.escape(f"lists {sft.resolve()} and {dpo.resolve()}, which already holds it")
+    with pytest.raises(CheckpointError, match=refused):
+        api.merge([f"adapter_path=['{sft}','{dpo}']", f"export_dir={twice}"])
+    assert not twice.exists()
     torch.testing.assert_close(batch_logps(load_model(export, torch.float32), batch), expected, rtol=1e-5, atol=1e-4)
     session = api.chat([f"model.path={export}", "generation.do_sample=false", "generation.max_new_tokens=4"])
     assert isinstance("".join(session.reply("Who are you?")), str) and len(session.turns) == 1

@@ -40,7 +40,7 @@ def served_models(settings) -> tuple[Path, str, dict[str, Path]]:
         raise ConfigError(clash.format(settings.model.name))
     if not settings.model.path and not named:
         raise ConfigError("model.path is not set and there are no adapters to take the base from: set model.path=DIR")
-    base, paths = base_and_adapters(settings.model.path, list(named.values()))
+    base, paths = base_and_adapters(settings.model.path, list(named.values()), stacked=False)
     base_name = settings.model.name or base.name
     if base_name in named:
         raise ConfigError(clash.format(base_name))
