@@ -7,7 +7,7 @@
 - a plain loop of `tokenizer.apply_chat_template(...)` calls (the usual way to encode chats).
 
 The pipeline is timed without its cache (a fresh cache dir every run), with one process and with
-workers. Best of --repeat runs each.
+workers. Best of --repeat runs each, the ways run in rounds (each once a round).
 
     python bench/data_prep.py [--data DIR] [--tokenizer tokenizer.model] [--workers 2] [--repeat 3] [--scale 1]
     python bench/data_prep.py --smoke    # CI: the tiny tokenizer and the bundled telechat-format demo data, once
@@ -30,13 +30,17 @@ SHARED = Path(os.environ.get("TELECHAT_SHARED") or ROOT.parent / "shared")
 sys.path.insert(0, str(ROOT))
 
 
-def best_of(repeat: int, fn) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def best_of_rounds(ways: dict[str, tuple[int, object]]) -> dict[str, float]:
+    """The best time of each way, {name: (runs, fn)}, run in rounds (one run of each way a round, in turn) so that a
+    machine that slows down or speeds up mid-way shifts every way alike, not the ones timed last."""
+    best = {name: float("inf") for name in ways}
+    for round_ in range(max(runs for runs, _ in ways.values())):
+        for name, (runs, fn) in ways.items():
+            if round_ < runs:
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def main() -> None:
@@ -131,13 +135,15 @@ def main() -> None:
         for messages in chats:
             tok.apply_chat_template(messages, tokenize=True)
 
-    results = {
-        "raw SentencePiece, same segments (1 process)": best_of(args.repeat, raw_sp),
-        "raw SentencePiece, one batch call (1 thread)": best_of(args.repeat, raw_sp_batch),
-        "pipeline, 1 process": best_of(args.repeat, pipeline(1)),
-        f"pipeline, {args.workers} workers": best_of(args.repeat, pipeline(args.workers)),
-        "loop of apply_chat_template (1 process)": best_of(max(1, args.repeat - 1), chat_template_loop),
-    }
+    results = best_of_rounds(
+        {
+            "raw SentencePiece, same segments (1 process)": (args.repeat, raw_sp),
+            "raw SentencePiece, one batch call (1 thread)": (args.repeat, raw_sp_batch),
+            "pipeline, 1 process": (args.repeat, pipeline(1)),
+            f"pipeline, {args.workers} workers": (args.repeat, pipeline(args.workers)),
+            "loop of apply_chat_template (1 process)": (max(1, args.repeat - 1), chat_template_loop),
+        }
+    )
     # the faster way of calling SentencePiece is the baseline (the stricter ratio)
     base = min(
         results["raw SentencePiece, same segments (1 process)"], results["raw SentencePiece, one batch call (1 thread)"]
