@@ -100,7 +100,8 @@ def file_system_error(err: OSError) -> FileSystemError:
 def reported(multirun: bool = False) -> Iterator[None]:
     """Run a command: a UserError or TrainingStopped becomes its message on stderr and its exit code. In a sweep
     (`multirun`) the job fails with the message instead, so that the sweeper records it and goes on. An OSError
-    that names a file (a full disk, no permission, ...) is a user's error too: its path and what to do."""
+    that names a file (a full disk, no permission, ...) is a user's error too: its path and what to do. Ctrl+C
+    is one line and exit code 130 (a sweep stops with it)."""
     try:
         try:
             yield
@@ -113,3 +114,6 @@ def reported(multirun: bool = False) -> Iterator[None]:
         if multirun:
             raise
         sys.exit(err.exit_code)
+    except KeyboardInterrupt:  # Ctrl+C where the command has no handler of its own (training and chat have theirs)
+        print("stopped by Ctrl+C (SIGINT)", file=sys.stderr, flush=True)
+        sys.exit(130)

@@ -6,7 +6,12 @@ memory. Structural checks on tiny data (the sizes are measured by bench/data_sca
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -164,6 +169,44 @@ def test_a_worker_that_dies_is_a_clear_error_not_a_wait(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"dataset 'd': a process encoding it died .*preprocessing_num_workers=2"):
         build(root, ["d"], preprocessing_num_workers=2)
     assert not [p for p in (root / "cache" / "datasets").iterdir() if (p / "meta.json").exists()]
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_workers_encode_is_one_line_and_leaves_nothing_behind(tmp_path):
+    """Ctrl+C (SIGINT to the terminal's whole process group) during a 2-worker encoding: one line and exit code
+    130, no traceback (of the main process or a worker), no process left, nothing of the entry in the cache."""
+    root = write_datasets(tmp_path, {"d": ({"file_name": "d.jsonl"}, [alpaca(i, history=i % 3) for i in range(40000)])})
+    cache = tmp_path / "cache"
+    command = [sys.executable, "-m", "telechat_lab.data.inspect", f"data.dataset_dir={root}", "data.datasets=[d]"]
+    proc = subprocess.Popen(
+        [*command, "data.preprocessing_num_workers=2", f"data.cache_dir={cache}"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own group, as a terminal's foreground job is
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a shell starts it
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    seen = []
+    for line in proc.stderr:  # the progress line comes a second into the encoding
+        seen.append(line)
+        if line.startswith("encoding d ..."):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, "".join(seen) + rest
+    assert rest.strip().splitlines()[-1] == "stopped by Ctrl+C (SIGINT)" and "Traceback" not in rest, rest
+    deadline = time.time() + 30  # no worker outlives it (an exited one is reaped by init within a moment)
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("a process of its group is still there")
+    assert [p.name for p in (cache / "datasets").iterdir()] == []
 
 
 def test_records_are_read_streaming(tmp_path, monkeypatch):

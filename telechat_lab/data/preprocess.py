@@ -16,6 +16,7 @@ import json
 import logging
 import mmap
 import multiprocessing as mp
+import signal
 import sys
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -88,6 +89,12 @@ def get_encoder(tokenizer_path: Path, options: TemplateOptions, num_threads: int
     if key not in _ENCODERS:
         _ENCODERS[key] = ChatEncoder(tokenizer_path, options, num_threads=num_threads)
     return _ENCODERS[key]
+
+
+def _leave_ctrl_c_to_the_main_process() -> None:
+    """A worker ignores SIGINT (Ctrl+C reaches the whole process group): the main process stops, removes what it
+    wrote, shuts the pool down and reports it, once, where each worker would print a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _encode_job(job: EncodeJob) -> EncodedPart:
@@ -282,7 +289,9 @@ class _Encoders:
             return
         size = JOB_RECORDS if second is not None else min(JOB_RECORDS, -(-len(first) // (2 * self.workers)))
         if self.pool is None:
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+            self.pool = ProcessPoolExecutor(
+                self.workers, mp_context=mp.get_context("spawn"), initializer=_leave_ctrl_c_to_the_main_process
+            )
         flight: deque = deque()
         try:
             for shard in chain([first], [second] if second is not None else [], shards):  # read as the window frees
