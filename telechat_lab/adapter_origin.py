@@ -57,14 +57,19 @@ def holds(adapter: Path) -> str | None:
 
 
 def check_not_applied_twice(adapters: list[Path]) -> None:
-    """CheckpointError when the adapters listed include one that another of them already holds stacked."""
+    """CheckpointError when the adapters listed (to be applied one on top of another) name one twice, or include
+    one that another of them already holds stacked."""
     from telechat_lab.errors import CheckpointError
 
+    seen: dict[Path, Path] = {}
+    for adapter in adapters:
+        same = seen.setdefault(adapter.resolve(), adapter)
+        if same is not adapter:
+            raise CheckpointError(f"adapter_path lists {same} twice: it would be applied twice; give it once")
     for adapter in adapters:
         reference = held_reference(adapter)
-        if reference is not None and reference in adapters and reference != adapter:
+        if reference is not None and reference.resolve() in seen and reference.resolve() != adapter.resolve():
             raise CheckpointError(
-                f"adapter_path lists {reference} and {adapter}, which already holds it (its {STACKED}: the "
-                f"{reference.name} adapter with training on top of it, saved stacked as one): it would be applied "
-                f"twice; give adapter_path={adapter} alone"
+                f"adapter_path lists {seen[reference.resolve()]} and {adapter}, but {holds(adapter)}: it would be "
+                f"applied twice; give adapter_path={adapter} alone"
             )

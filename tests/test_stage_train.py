@@ -396,9 +396,11 @@ def test_chain_sft_then_dpo_from_its_adapter_then_merge_and_chat(tmp_path, monke
     said = f"{dpo.resolve()} holds the SFT run {sft.resolve()} and the DPO training on top of it"
     assert said in capsys.readouterr().out
     twice = tmp_path / "twice"  # the SFT adapter listed as well: refused before anything is loaded or written
-    refused = re.escape(f"lists {sft.resolve()} and {dpo.resolve()}, which already holds it")
+    refused = re.escape(f"lists {sft.resolve()} and {dpo.resolve()}, but {said}")
     with pytest.raises(CheckpointError, match=refused):
         api.merge([f"adapter_path=['{sft}','{dpo}']", f"export_dir={twice}"])
+    with pytest.raises(CheckpointError, match=re.escape(f"lists {dpo.resolve()} twice")):
+        api.merge([f"adapter_path=['{dpo}','{tmp_path}/./dpo']", f"export_dir={twice}"])
     assert not twice.exists()
     torch.testing.assert_close(batch_logps(load_model(export, torch.float32), batch), expected, rtol=1e-5, atol=1e-4)
     session = api.chat([f"model.path={export}", "generation.do_sample=false", "generation.max_new_tokens=4"])
