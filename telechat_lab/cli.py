@@ -118,7 +118,17 @@ def inspect(cfg: DictConfig) -> None:
 
 
 def run(command: str, argv: list[str] | None = None) -> None:
-    """Run one Hydra command with `argv` (default: the process's own arguments)."""
+    """Run one Hydra command with `argv` (default: the process's own arguments). A Ctrl+C before the command's
+    own handling starts (checking the config, importing torch) ends it as one inside it does."""
+    from telechat_lab.errors import stopped_by_ctrl_c
+
+    try:
+        _run(command, argv)
+    except KeyboardInterrupt:
+        stopped_by_ctrl_c()
+
+
+def _run(command: str, argv: list[str] | None) -> None:
     from telechat_lab.config.command_line import skips_check
     from telechat_lab.training.process import COMMAND_ENV
 

@@ -7,6 +7,7 @@ import errno
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 
 class UserError(ValueError):
@@ -23,9 +24,13 @@ class ConfigError(UserError):
     HEADER = "invalid configuration:"
 
     def __init__(self, problems: list[str] | str):
+        self.given = problems
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         text = problems if isinstance(problems, str) else "\n  - ".join([self.HEADER, *self.problems])
         super().__init__(text)
+
+    def __reduce__(self):  # each class rebuilt from its own arguments: an encoding worker's error crosses a pipe
+        return type(self), (self.given,)
 
 
 class DataError(UserError):
@@ -38,7 +43,10 @@ class BadRecord(DataError):
 
     def __init__(self, where: str, reason: str, detail: str = ""):
         super().__init__(f"{where}: {reason}{detail}")
-        self.where, self.reason = where, reason
+        self.where, self.reason, self.detail = where, reason, detail
+
+    def __reduce__(self):
+        return type(self), (self.where, self.reason, self.detail)
 
 
 class CheckpointError(UserError):
@@ -66,7 +74,11 @@ class Interrupted(TrainingStopped):
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
+        self.signum = signum
         self.exit_code = 128 + signum  # the shell's convention: SIGINT 130, SIGTERM 143
+
+    def __reduce__(self):
+        return type(self), (self.args[0], self.signum)
 
 
 class FileSystemError(UserError):
@@ -115,5 +127,10 @@ def reported(multirun: bool = False) -> Iterator[None]:
             raise
         sys.exit(err.exit_code)
     except KeyboardInterrupt:  # Ctrl+C where the command has no handler of its own (training and chat have theirs)
-        print("stopped by Ctrl+C (SIGINT)", file=sys.stderr, flush=True)
-        sys.exit(130)
+        stopped_by_ctrl_c()
+
+
+def stopped_by_ctrl_c() -> NoReturn:
+    """What a Ctrl+C that no handler took ends a command with: one line and the shell's exit code, 130."""
+    print("stopped by Ctrl+C (SIGINT)", file=sys.stderr, flush=True)
+    sys.exit(130)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from telechat_lab.data import preprocess as preprocess_mod
 from telechat_lab.data.cache_files import TEMP_MARK, ArrayWriter
 from telechat_lab.data.dataset import EncodedDataset
 from telechat_lab.data.fingerprint import data_fingerprint
-from telechat_lab.errors import DataError
+from telechat_lab.errors import BadRecord, DataError
 
 
 class Untouchable:
@@ -143,6 +144,45 @@ def test_shards_smaller_than_the_data_give_the_same_arrays_as_one(tmp_path, monk
     assert report2["datasets"]["d"] == report["datasets"]["d"]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_bad_record_is_the_same_message_whatever_process_encodes_it(tmp_path, monkeypatch, workers):
+    """A bad record found in a worker reaches the main process as itself (its error crosses the pipe), not as a
+    worker that died; with data.on_bad_record=skip it is counted and named as in this process."""
+    records = [alpaca(i) for i in range(70)]
+    records[41]["output"] = "  "
+    root = write_datasets(tmp_path, {"d": ({"file_name": "d.jsonl"}, records)})
+    monkeypatch.setattr(preprocess_mod, "SHARD_RECORDS", 16)
+    monkeypatch.setattr(preprocess_mod, "JOB_RECORDS", 5)
+    with pytest.raises(BadRecord, match=r"^dataset 'd': .*d\.jsonl line 42: empty reply") as bad:
+        build(root, ["d"], preprocessing_num_workers=workers)
+    assert bad.value.reason == "empty reply"
+    _, _, report = build(root, ["d"], preprocessing_num_workers=workers, on_bad_record="skip")
+    counts = report["datasets"]["d"]
+    assert counts["skipped"] == 1 and counts["skip_reasons"] == {"empty reply": 1}
+    assert counts["skipped_at"][0].endswith("d.jsonl line 42")
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_script_without_a_main_guard_is_told_before_workers_start(tmp_path, monkeypatch, guarded):
+    """Spawned workers import the program's script: one that calls the API at its top level would run it again in
+    every worker; it is refused, naming the script and the fix, before a worker starts. A guarded one encodes."""
+    import types
+
+    script = tmp_path / "prepare.py"
+    call = "build_datasets(cfg, 'tok')"
+    script.write_text(f"if __name__ == '__main__':\n    {call}\n" if guarded else f"{call}\n", encoding="utf-8")
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__file__=str(script), __spec__=None))
+    root = _root(tmp_path, n=70)
+    monkeypatch.setattr(preprocess_mod, "SHARD_RECORDS", 16)
+    if guarded:
+        assert len(build(root, ["d"], preprocessing_num_workers=2)[0]) == 70
+        return
+    with pytest.raises(DataError, match=re.escape(f"{script}: data.preprocessing_num_workers=2 starts worker")) as e:
+        build(root, ["d"], preprocessing_num_workers=2)
+    assert 'under `if __name__ == "__main__":`' in str(e.value)
+    assert not [p for p in (root / "cache" / "datasets").iterdir() if (p / "meta.json").exists()]
+
+
 def test_a_worker_that_dies_is_a_clear_error_not_a_wait(tmp_path, monkeypatch):
     """A worker killed mid-way (the kernel's OOM killer) ends the encoding with the dataset and the setting to
     lower; nothing half-written is left in the cache."""
@@ -171,10 +211,25 @@ def test_a_worker_that_dies_is_a_clear_error_not_a_wait(tmp_path, monkeypatch):
     assert not [p for p in (root / "cache" / "datasets").iterdir() if (p / "meta.json").exists()]
 
 
+def _workers_of(pid: int) -> list[int]:
+    """The spawned multiprocessing workers among `pid`'s children (not its resource tracker)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        for child in open(f"/proc/{pid}/task/{task}/children").read().split():
+            try:
+                if b"spawn_main" in open(f"/proc/{child}/cmdline", "rb").read():
+                    found.append(int(child))
+            except OSError:
+                continue
+    return found
+
+
 @pytest.mark.slow
-def test_ctrl_c_while_workers_encode_is_one_line_and_leaves_nothing_behind(tmp_path):
-    """Ctrl+C (SIGINT to the terminal's whole process group) during a 2-worker encoding: one line and exit code
-    130, no traceback (of the main process or a worker), no process left, nothing of the entry in the cache."""
+@pytest.mark.parametrize("when", ["encoding", "starting"])
+def test_ctrl_c_while_workers_encode_is_one_line_and_leaves_nothing_behind(tmp_path, when):
+    """Ctrl+C (SIGINT to the terminal's whole process group) during a 2-worker encoding, or while its workers are
+    still starting (importing): one line and exit code 130, no traceback (of the main process or a worker), no
+    process left, nothing of the entry in the cache."""
     root = write_datasets(tmp_path, {"d": ({"file_name": "d.jsonl"}, [alpaca(i, history=i % 3) for i in range(40000)])})
     cache = tmp_path / "cache"
     command = [sys.executable, "-m", "telechat_lab.data.inspect", f"data.dataset_dir={root}", "data.datasets=[d]"]
@@ -189,10 +244,16 @@ def test_ctrl_c_while_workers_encode_is_one_line_and_leaves_nothing_behind(tmp_p
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     seen = []
-    for line in proc.stderr:  # the progress line comes a second into the encoding
-        seen.append(line)
-        if line.startswith("encoding d ..."):
-            break
+    if when == "starting":  # as soon as a worker exists: it takes a second to import what it needs
+        deadline = time.time() + 120
+        while not _workers_of(proc.pid) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+        assert _workers_of(proc.pid), "no worker started"
+    else:
+        for line in proc.stderr:  # the progress line comes a second into the encoding
+            seen.append(line)
+            if line.startswith("encoding d ..."):
+                break
     os.killpg(proc.pid, signal.SIGINT)
     rest = proc.stderr.read()
     assert proc.wait(timeout=120) == 130, "".join(seen) + rest

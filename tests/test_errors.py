@@ -147,3 +147,40 @@ def test_a_resumes_csv_logs_never_go_into_a_folder_that_exists(tmp_path):
         (folder / "metrics.csv").write_text("kept\n")
     version = _resumed_version({"save_dir": str(tmp_path), "name": "logs"})
     assert version.startswith("resumed-") and not (logs / version).exists()
+
+
+def test_every_error_crosses_a_process_boundary_as_itself():
+    """An encoding worker's error is pickled back to the main process: each kind keeps its class, message and
+    fields (a kind rebuilt from its message alone broke the pool, and read as a worker that died)."""
+    import pickle
+
+    from telechat_lab import errors
+
+    made = [
+        errors.BadRecord("dataset 'd': d.jsonl line 3", "empty reply", " (nothing would be trained)"),
+        errors.ConfigError(["data.cutoff_len: must be positive", "seed: too large"]),
+        errors.ConfigError("one message"),
+        errors.Interrupted("stopped by SIGTERM", 15),
+        errors.DataError("dataset 'd': no file"),
+        errors.CheckpointError("x: missing"),
+        errors.FileSystemError("y: no permission"),
+    ]
+    for error in made:
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error)
+        assert {k: v for k, v in vars(again).items()} == vars(error)
+
+
+def test_ctrl_c_before_a_commands_own_handling_is_one_line(monkeypatch, capsys):
+    """A Ctrl+C while the command line is checked (before the command's own handling starts) ends the command as
+    one inside it does: one line and exit code 130, not a traceback."""
+    from telechat_lab import cli, config
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(config, "check_command_line", interrupted)
+    with pytest.raises(SystemExit) as ended:
+        cli.run("inspect", ["data.datasets=[identity]"])
+    assert ended.value.code == 130
+    assert capsys.readouterr().err == "stopped by Ctrl+C (SIGINT)\n"

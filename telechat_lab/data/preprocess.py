@@ -11,6 +11,7 @@ one that cannot be written is a warning, and the data are then kept in memory (d
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import logging
@@ -19,8 +20,10 @@ import multiprocessing as mp
 import signal
 import sys
 from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import asdict
 from itertools import chain
 from pathlib import Path
@@ -93,8 +96,46 @@ def get_encoder(tokenizer_path: Path, options: TemplateOptions, num_threads: int
 
 def _leave_ctrl_c_to_the_main_process() -> None:
     """A worker ignores SIGINT (Ctrl+C reaches the whole process group): the main process stops, removes what it
-    wrote, shuts the pool down and reports it, once, where each worker would print a traceback of its own."""
+    wrote, shuts the pool down and reports it, once, where each worker would print a traceback of its own. A
+    Ctrl+C while the worker started was held back (_ctrl_c_held): let through now, it is ignored."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+@contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """SIGINT held back from this thread while it may start a worker (a submit): the worker inherits the hold, so
+    a Ctrl+C before it ignores SIGINT cannot stop it half-started (a traceback of its own); this process gets the
+    Ctrl+C when the hold ends."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _check_workers_can_start(workers: int) -> None:
+    """A DataError when the program's main script would run its calls again in every worker: spawned workers
+    import it (as multiprocessing does, unless it is a package's __main__), so a script that calls this code must
+    keep its calls under `if __name__ == "__main__":`. A notebook or `python -c` has no script to import."""
+    main = sys.modules.get("__main__")
+    path, name = getattr(main, "__file__", None), getattr(getattr(main, "__spec__", None), "name", "")
+    if not path or name == "__main__" or name.endswith(".__main__"):
+        return
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return
+    for node in tree.body:
+        if isinstance(node, ast.If) and {"__name__", "__main__"} <= {
+            getattr(n, "id", getattr(n, "value", None)) for n in ast.walk(node.test)
+        }:
+            return
+    raise DataError(
+        f"{path}: data.preprocessing_num_workers={workers} starts worker processes, and each imports this script "
+        'and would run its calls again: put them under `if __name__ == "__main__":`, or set '
+        "data.preprocessing_num_workers=1"
+    )
 
 
 def _encode_job(job: EncodeJob) -> EncodedPart:
@@ -289,6 +330,7 @@ class _Encoders:
             return
         size = JOB_RECORDS if second is not None else min(JOB_RECORDS, -(-len(first) // (2 * self.workers)))
         if self.pool is None:
+            _check_workers_can_start(self.workers)
             self.pool = ProcessPoolExecutor(
                 self.workers, mp_context=mp.get_context("spawn"), initializer=_leave_ctrl_c_to_the_main_process
             )
@@ -298,7 +340,8 @@ class _Encoders:
                 for start in range(0, len(shard), size):
                     records = shard[start : start + size]
                     job = EncodeJob(self.tokenizer_path, self.options, spec, records, placeholders, self.skip_bad)
-                    flight.append((self.pool.submit(_encode_job, job), records))
+                    with _ctrl_c_held():
+                        flight.append((self.pool.submit(_encode_job, job), records))
                     while len(flight) >= 2 * self.workers:
                         done, records = flight.popleft()
                         yield done.result(), records
