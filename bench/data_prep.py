@@ -7,7 +7,9 @@
 - a plain loop of `tokenizer.apply_chat_template(...)` calls (the usual way to encode chats).
 
 The pipeline is timed without its cache (a fresh cache dir every run), with one process and with
-workers. Best of --repeat runs each, the ways run in rounds (each once a round).
+workers. Best of --repeat runs each, the ways run in rounds (each once a round). Then one more run of the pipeline
+each way gives its CPU seconds: this process's and, with workers, theirs together (where the time of the workers'
+run goes: the main process reading and writing, the workers encoding and starting).
 
     python bench/data_prep.py [--data DIR] [--tokenizer tokenizer.model] [--workers 2] [--repeat 3] [--scale 1]
     python bench/data_prep.py --smoke    # CI: the tiny tokenizer and the bundled telechat-format demo data, once
@@ -19,7 +21,9 @@ import argparse
 import atexit
 import json
 import os
+import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +45,16 @@ def best_of_rounds(ways: dict[str, tuple[int, object]]) -> dict[str, float]:
                 fn()
                 best[name] = min(best[name], time.perf_counter() - start)
     return best
+
+
+def cpu_seconds(fn) -> dict[str, float]:
+    """The CPU seconds (user + system) of one run of `fn`: this process's, and its child processes' (the encoding
+    workers, counted once the pool has shut them down and reaped them)."""
+    before = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    fn()
+    after = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    main, workers = (a.ru_utime + a.ru_stime - (b.ru_utime + b.ru_stime) for b, a in zip(before, after))
+    return {"main": round(main, 2), "workers": round(workers, 2)}
 
 
 def main() -> None:
@@ -153,7 +167,22 @@ def main() -> None:
     print(f"{'':48s} {'examples/s':>11s} {'vs raw SP':>10s} {'vs chat-template loop':>22s}")
     for name, seconds in results.items():
         print(f"{name:48s} {n / seconds:11.0f} {base / seconds:9.2f}x {loop / seconds:21.2f}x")
-    print(json.dumps({"examples": n, "examples_per_s": {k: round(n / v, 1) for k, v in results.items()}}))
+    cpu = {
+        name: cpu_seconds(pipeline(workers))
+        for name, workers in (("1 process", 1), (f"{args.workers} workers", args.workers))
+    }
+    # what each worker spends before its first record: an interpreter, the imports, the tokenizer loaded
+    start = "from telechat_lab.data.preprocess import get_encoder, TemplateOptions; get_encoder(%r, TemplateOptions())"
+    cpu["a worker's start"] = cpu_seconds(
+        lambda: subprocess.run([sys.executable, "-c", start % str(args.tokenizer)], cwd=ROOT, check=True)
+    )
+    one, many, start = cpu.values()
+    print(
+        f"CPU seconds of one more run: 1 process {one['main']}; {args.workers} workers: this process {many['main']},"
+        f" the workers {many['workers']} together (a worker's start: {start['workers']})"
+    )
+    rates = {k: round(n / v, 1) for k, v in results.items()}
+    print(json.dumps({"examples": n, "examples_per_s": rates, "cpu_seconds": cpu}))
 
 
 if __name__ == "__main__":
