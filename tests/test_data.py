@@ -840,7 +840,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     reads = []
     real_read = preprocess_mod.iter_records
     monkeypatch.setattr(
-        preprocess_mod, "iter_records", lambda spec, skip: reads.append(spec.name) or real_read(spec, skip)
+        preprocess_mod, "iter_records", lambda spec, skip, **kw: reads.append(spec.name) or real_read(spec, skip, **kw)
     )
 
     first, _, report = build(root, ["d"], cutoff_len=200)
@@ -868,7 +868,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
 def test_cache_is_invalidated_by_another_tokenizer(tmp_path, monkeypatch, real_model_file):
     root = write_datasets(tmp_path, {"d": ({}, [alpaca(i) for i in range(3)])})
     tiny_train, _, _ = build(root, ["d"])
-    monkeypatch.setattr(preprocess_mod, "iter_records", lambda spec, skip: pytest.fail("cache not used"))
+    monkeypatch.setattr(preprocess_mod, "iter_records", lambda spec, skip, **kw: pytest.fail("cache not used"))
     assert build(root, ["d"])[2]["datasets"]["d"]["cached"] is True
     monkeypatch.undo()
     real_train, _, report = build(root, ["d"], tokenizer=real_model_file)

@@ -162,6 +162,42 @@ def test_a_bad_record_is_the_same_message_whatever_process_encodes_it(tmp_path, 
     assert counts["skipped_at"][0].endswith("d.jsonl line 42")
 
 
+def test_json_lines_decoded_in_the_workers_are_counted_and_named_as_in_this_process(tmp_path, monkeypatch):
+    """JSON lines are decoded where they are encoded (in the workers, when there are); data.max_samples keeps the
+    decode in this process (it counts the lines holding a record). Every way gives the same examples, counts and
+    places: the unreadable lines first among the skipped, then the records that hold no example."""
+    records = [alpaca(i) for i in range(70)]
+    records[50]["output"] = "  "
+    root = write_datasets(tmp_path, {"d": ({"file_name": "d.jsonl"}, records)})
+    path = root / "d.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[6], lines[44] = "{not json\n", "[1, 2]\n"
+    path.write_text("".join(lines), encoding="utf-8")
+    monkeypatch.setattr(preprocess_mod, "SHARD_RECORDS", 16)
+    monkeypatch.setattr(preprocess_mod, "JOB_RECORDS", 5)
+    with pytest.raises(BadRecord, match=r"^dataset 'd': .*d\.jsonl line 7: malformed JSON \(Expecting") as bad:
+        build(root, ["d"], preprocessing_num_workers=2)
+    assert bad.value.reason == "malformed JSON"
+    built = {
+        how: build(root, ["d"], on_bad_record="skip", cache_dir=str(tmp_path / how), **kwargs)
+        for how, kwargs in {
+            "1 process": {"preprocessing_num_workers": 1},
+            "2 workers": {"preprocessing_num_workers": 2},
+            "max_samples": {"preprocessing_num_workers": 2, "max_samples": 1000},
+        }.items()
+    }
+    counts = {how: report["datasets"]["d"] for how, (_, _, report) in built.items()}
+    assert not any(c.get("cached") for c in counts.values())  # each way encoded
+    for key in ("records", "skipped", "skip_reasons", "skipped_at"):
+        assert counts["2 workers"][key] == counts["1 process"][key] == counts["max_samples"][key], key
+    one = counts["1 process"]
+    assert one["records"] == 70 and one["skipped"] == 3
+    assert one["skip_reasons"] == {"malformed JSON": 1, "not a JSON object": 1, "empty reply": 1}
+    assert [place.rsplit(" ", 1)[1] for place in one["skipped_at"]] == ["7", "45", "51"]
+    assert examples(built["2 workers"][0]) == examples(built["1 process"][0]) == examples(built["max_samples"][0])
+    assert len(built["1 process"][0]) == 67
+
+
 @pytest.mark.parametrize("guarded", [False, True])
 def test_a_script_without_a_main_guard_is_told_before_workers_start(tmp_path, monkeypatch, guarded):
     """Spawned workers import the program's script: one that calls the API at its top level would run it again in
@@ -277,8 +313,8 @@ def test_records_are_read_streaming(tmp_path, monkeypatch):
     events = []
     real_iter, real_encode = preprocess_mod.iter_records, preprocess_mod.encode_records
 
-    def reading(spec, skip):
-        for item in real_iter(spec, skip):
+    def reading(spec, skip, **kw):
+        for item in real_iter(spec, skip, **kw):
             events.append("read")
             yield item
 

@@ -48,7 +48,7 @@ from .content_hash import content_hashes
 from .dataset import EncodedDataset, sequence_counts
 from .encoder import TEMPLATE_VERSION, ChatEncoder, TemplateOptions
 from .formats import Conversation, to_conversation, to_prompted, to_text
-from .registry import DatasetSpec, index_unit, iter_records
+from .registry import DatasetSpec, JsonLine, index_unit, iter_records, json_record
 
 log = logging.getLogger(__name__)
 BATCH = 4096  # records per SentencePiece batch call
@@ -62,7 +62,7 @@ class EncodeJob(NamedTuple):
     tokenizer_path: str
     options: TemplateOptions
     spec: DatasetSpec
-    records: list  # (file, index, record) triples
+    records: list  # (file, index, record) triples; a record may be a JSON line still to decode (JsonLine)
     placeholders: dict
     skip_bad: bool
 
@@ -81,6 +81,7 @@ class EncodedPart(NamedTuple):
     split: int = 0  # raw-text documents split into several rows
     records: int = 0  # records read (progress)
     counts: np.ndarray | None = None  # per sequence: trained labels, first label trained (dataset.sequence_counts)
+    unreadable: tuple[tuple[str, str], ...] = ()  # (reason, where) of each JSON line given that holds no record
 
 
 _ENCODERS: dict[tuple, ChatEncoder] = {}
@@ -156,7 +157,7 @@ def encode_records(
     tokens: list[np.ndarray] = []  # int32 runs, joined once at the end
     labels: list[np.ndarray] = []
     lengths: list = []  # ints, or int64 arrays of a batch's lengths
-    kept, truncated, dropped, skipped, split = [], 0, [], [], 0
+    kept, truncated, dropped, skipped, unreadable, split = [], 0, [], [], [], 0
     fields: dict[str, list] = {key: [] for key in FIELDS[spec.kind]}
     parse = PARSERS[spec.kind]
     places: dict = {}  # file -> "dataset 'x': <file> line " (or "record ": what its record index counts)
@@ -165,6 +166,14 @@ def encode_records(
         for pos, (path, index, record) in enumerate(records[start : start + BATCH], start):
             place = places.get(path) or places.setdefault(path, f"dataset '{spec.name}': {path} {index_unit(path)} ")
             where = place + str(index)
+            if type(record) is JsonLine:
+                try:
+                    record = json_record(record, where)
+                except BadRecord as bad:
+                    if not skip_bad:
+                        raise
+                    unreadable.append((bad.reason, bad.where))
+                    continue
             try:
                 item = parse(spec, record, where)
             except BadRecord as bad:
@@ -221,6 +230,7 @@ def encode_records(
         split,
         len(records),
         sequence_counts(label_array, np.concatenate([[0], np.cumsum(length_array)]).astype(np.int64)),
+        tuple(unreadable),
     )
 
 
@@ -253,13 +263,16 @@ class _Tally:
         self.skipped_at: list[str] = []
         self.parse_skipped = 0
 
-    def bad_line(self, bad: BadRecord) -> None:
+    def bad_line(self, reason: str, where: str) -> None:
         self.unreadable += 1
-        self.reasons[bad.reason] += 1
+        self.reasons[reason] += 1
         if len(self.unreadable_at) < EXAMPLES_SHOWN:
-            self.unreadable_at.append(bad.where)
+            self.unreadable_at.append(where)
 
     def add(self, part: EncodedPart) -> None:
+        for reason, where in part.unreadable:  # lines read as records, found to hold none where they were encoded
+            self.records -= 1
+            self.bad_line(reason, where)
         self.truncated += int(part.truncated)
         self.split += int(part.split)
         self.dropped += len(part.dropped)
@@ -285,11 +298,13 @@ class _Tally:
 
 
 def _shards(spec: DatasetSpec, skip_bad: bool, max_samples: int | None, size: int, tally: _Tally):
-    """The records of `spec` in lists of `size`, read streaming; at most `max_samples` records."""
+    """The records of `spec` in lists of `size`, read streaming; at most `max_samples` records. JSON lines are
+    left for the encoder to decode (in the workers, when there are: the decode and the pickling of its record were
+    most of this process's time), unless `max_samples` must count the lines that hold a record."""
     shard: list = []
-    for item in iter_records(spec, skip_bad):
+    for item in iter_records(spec, skip_bad, decode=bool(max_samples)):
         if isinstance(item, BadRecord):
-            tally.bad_line(item)
+            tally.bad_line(item.reason, item.where)
             continue
         if max_samples and tally.records >= max_samples:
             break

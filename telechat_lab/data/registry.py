@@ -280,14 +280,36 @@ def read_records(spec: DatasetSpec, skip_bad: bool = False) -> tuple[list[tuple[
     return records, bad
 
 
-def iter_records(spec: DatasetSpec, skip_bad: bool = False):
+class JsonLine(str):
+    """A line of a JSONL file read but not decoded yet (`iter_records(decode=False)`): whoever encodes it decodes it
+    (`json_record`), so that encoding workers, not the process reading for them, spend the time; a line also
+    crosses to a worker several times faster than the record it holds."""
+
+    __slots__ = ()
+
+
+def json_record(line: str, where: str) -> dict:
+    """The record a JSON line holds; BadRecord at `where` when it holds none."""
+    try:
+        rec = json.loads(line)
+    except RecursionError:
+        raise BadRecord(where, "JSON nested too deeply") from None
+    except json.JSONDecodeError as err:
+        raise BadRecord(where, "malformed JSON", f" ({err.msg} at column {err.colno})") from None
+    if not isinstance(rec, dict):
+        raise BadRecord(where, "not a JSON object", f" (a {type(rec).__name__})")
+    return rec
+
+
+def iter_records(spec: DatasetSpec, skip_bad: bool = False, decode: bool = True):
     """`read_records`' records one at a time, (file, index, record), each bad one (with `skip_bad`) as its
     BadRecord where it is. Streamed where the format allows: JSONL and CSV line by line, Parquet by row group;
-    a JSON array is parsed whole by json, and a .txt file is read whole (its documents may span lines)."""
+    a JSON array is parsed whole by json, and a .txt file is read whole (its documents may span lines). Without
+    `decode`, a JSONL file's records are its lines (JsonLine), decoded by whoever encodes them."""
     for path in spec.files():
         where = f"dataset '{spec.name}': {path}"
         try:
-            for index, rec in _read_file(spec, path):
+            for index, rec in _read_file(spec, path, decode):
                 if isinstance(rec, BadRecord):
                     if not skip_bad:
                         raise rec
@@ -337,28 +359,21 @@ def _unique_keys(info_path: Path):
     return hook
 
 
-def _read_file(spec: DatasetSpec, path: Path):
+def _read_file(spec: DatasetSpec, path: Path, decode: bool = True):
     suffix = path.suffix
     where = f"dataset '{spec.name}': {path}"
     if suffix == ".jsonl" or (suffix == ".json" and _looks_like_jsonl(path)):
         with open(path, encoding=TEXT_ENCODING) as f:
             for lineno, line in enumerate(f, 1):
-                if not line.strip():
+                if line.isspace():
+                    continue
+                if not decode:
+                    yield lineno, JsonLine(line)
                     continue
                 try:
-                    rec = json.loads(line)
-                except RecursionError:
-                    yield lineno, BadRecord(f"{where} line {lineno}", "JSON nested too deeply")
-                    continue
-                except json.JSONDecodeError as err:
-                    yield (
-                        lineno,
-                        BadRecord(f"{where} line {lineno}", "malformed JSON", f" ({err.msg} at column {err.colno})"),
-                    )
-                    continue
-                if not isinstance(rec, dict):
-                    rec = BadRecord(f"{where} line {lineno}", "not a JSON object", f" (a {type(rec).__name__})")
-                yield lineno, rec
+                    yield lineno, json_record(line, f"{where} line {lineno}")
+                except BadRecord as bad:
+                    yield lineno, bad
     elif suffix == ".json":
         try:
             data = json.loads(read_text(path, where))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from telechat_lab.errors import BadRecord, DataError
 from .encoder import TemplateOptions
 from .formats import to_conversation, to_text
 from .packing import Collator, join_examples, pack_rows
-from .registry import TEXT_ENCODING, DatasetSpec, _looks_like_jsonl, index_unit
+from .registry import TEXT_ENCODING, DatasetSpec, _looks_like_jsonl, index_unit, json_record
 
 STREAM_KINDS = ("sft", "pt")
 BOM = b"\xef\xbb\xbf"
@@ -192,17 +191,7 @@ def _parquet_records(path: Path, start: int, where: str):
 def _parse(spec: DatasetSpec, raw, where: str) -> dict:
     if isinstance(raw, BadRecord):
         raise raw
-    if not isinstance(raw, str):
-        return raw
-    try:
-        rec = json.loads(raw)
-    except RecursionError:
-        raise BadRecord(where, "JSON nested too deeply") from None
-    except json.JSONDecodeError as err:
-        raise BadRecord(where, "malformed JSON", f" ({err.msg} at column {err.colno})") from None
-    if not isinstance(rec, dict):
-        raise BadRecord(where, "not a JSON object", f" (a {type(rec).__name__})")
-    return rec
+    return json_record(raw, where) if isinstance(raw, str) else raw
 
 
 # ------------------------------------------------------------------------------------------ the stream
