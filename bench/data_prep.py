@@ -9,7 +9,9 @@
 The pipeline is timed without its cache (a fresh cache dir every run), with one process and with
 workers. Best of --repeat runs each, the ways run in rounds (each once a round). Then one more run of the pipeline
 each way gives its CPU seconds: this process's and, with workers, theirs together (where the time of the workers'
-run goes: the main process reading and writing, the workers encoding and starting).
+run goes: the main process reading and writing, the workers encoding and starting), and a worker's own speed, the
+examples the workers encode a CPU second of theirs (their starts included) against raw SP: what scaling with more
+cores than 2 would give each worker, where here the main process and the workers share 2 cores.
 
     python bench/data_prep.py [--data DIR] [--tokenizer tokenizer.model] [--workers 2] [--repeat 3] [--scale 1]
     python bench/data_prep.py --smoke    # CI: the tiny tokenizer and the bundled telechat-format demo data, once
@@ -181,8 +183,16 @@ def main() -> None:
         f"CPU seconds of one more run: 1 process {one['main']}; {args.workers} workers: this process {many['main']},"
         f" the workers {many['workers']} together (a worker's start: {start['workers']})"
     )
+    # a worker's own speed, whatever else shares its core (this process, the other workers): examples a CPU second
+    per_worker = n / many["workers"] if many["workers"] else None
+    if per_worker:
+        print(f"a worker encodes {per_worker:.0f} examples a CPU second: {per_worker * base / n:.2f}x raw SP")
     rates = {k: round(n / v, 1) for k, v in results.items()}
-    print(json.dumps({"examples": n, "examples_per_s": rates, "cpu_seconds": cpu}))
+    record = {"examples": n, "examples_per_s": rates, "cpu_seconds": cpu}
+    if per_worker:
+        record["worker_examples_per_cpu_s"] = round(per_worker, 1)
+        record["worker_vs_raw_sp"] = round(per_worker * base / n, 3)
+    print(json.dumps(record))
 
 
 if __name__ == "__main__":

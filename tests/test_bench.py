@@ -135,6 +135,8 @@ def test_data_prep_smoke_times_the_pipeline_on_the_bundled_data(tmp_path):
     out = _bench("data_prep.py", "--smoke", env={**os.environ, "TMPDIR": str(tmp_path)}).stdout
     record = json.loads(out.strip().splitlines()[-1])
     assert record["examples"] == 40 and len(record["examples_per_s"]) == 5
+    cpu = record["cpu_seconds"]
+    assert cpu["1 process"]["main"] > 0 and cpu["a worker's start"]["workers"] > 0
     assert all(rate > 0 for rate in record["examples_per_s"].values())
     assert list(tmp_path.iterdir()) == []  # its copies of the data and its caches are removed
 
