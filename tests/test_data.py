@@ -1124,6 +1124,10 @@ RAW_BAD_INPUT = {
         lambda r: _raw(r, "d.jsonl", json.dumps(alpaca(1)).encode() + b'\n{"instruction": "caf\xe9", "output": "x"}\n'),
         ["dataset 'd'", "d.jsonl: line 2, byte offset", "(0xe9) is not UTF-8 text", "save the file as UTF-8"],
     ),
+    "jsonl_line_cut_short": (  # the column is within the line, not past its newline
+        lambda r: _raw(r, "d.jsonl", json.dumps(alpaca(1)).encode() + b'\n{"instruction": "x", "output": \n'),
+        ["d.jsonl line 2: malformed JSON (Expecting value at column 32)"],
+    ),
     "latin1_in_json": (
         lambda r: _raw(r, "d.json", b'[{"instruction": "\xe0", "output": "x"}]'),
         ["d.json: line 1, byte offset 18 (0xe0) is not UTF-8"],
@@ -1176,6 +1180,36 @@ def test_odd_bytes_and_shapes_of_files_end_in_one_message(tmp_path, case):
         build(root, ["d"], **({"mix": {"d": 0}} if case == "mix_leaves_no_example" else {}))
     for part in expected:
         assert part in str(err.value), (part, str(err.value))
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.txt"])
+def test_a_file_that_is_not_utf8_says_skip_does_not_skip_it(tmp_path, name):
+    """data.on_bad_record=skip skips records; a file whose text cannot be read is one error saying so."""
+    data = b"caf\xe9\n" if name == "d.txt" else b'{"instruction": "caf\xe9", "output": "x"}\n'
+    root = _raw(tmp_path / "data", name, b"[" + data + b"]" if name == "d.json" else data)
+    kind = "pt" if name == "d.txt" else "sft"
+    for skip, said in ((False, False), (True, True)):
+        cfg = DataConfig(
+            dataset_dir=str(root),
+            datasets=["d"],
+            val_size=0,
+            on_bad_record="skip" if skip else "error",
+            cache_dir=str(tmp_path / "cache"),
+        )
+        with pytest.raises(DataError, match="is not UTF-8 text") as err:
+            build_datasets(cfg, TINY, kind=kind)
+        assert ("data.on_bad_record=skip skips records, not a file" in str(err.value)) == said, str(err.value)
+
+
+def test_max_samples_reads_no_line_past_the_records_it_takes(tmp_path):
+    """The first N records are lines 1-N: a bad line N+1 is never read (no error, nothing skipped)."""
+    root = write_datasets(tmp_path / "data", {"d": ({"file_name": "d.jsonl"}, [alpaca(i) for i in range(4)])})
+    with open(root / "d.jsonl", "a", encoding="utf-8") as f:
+        f.write("{broken\n")
+    for skip in ("error", "skip"):
+        train, _, report = build(root, ["d"], max_samples=4, on_bad_record=skip, cache_dir=str(tmp_path / skip))
+        counts = report["datasets"]["d"]
+        assert len(train) == 4 and counts["records"] == 4 and counts["skipped"] == 0, counts
 
 
 def test_an_unreadable_data_file_is_named(tmp_path, monkeypatch):

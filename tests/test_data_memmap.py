@@ -198,25 +198,33 @@ def test_json_lines_decoded_in_the_workers_are_counted_and_named_as_in_this_proc
     assert len(built["1 process"][0]) == 67
 
 
-@pytest.mark.parametrize("guarded", [False, True])
-def test_a_script_without_a_main_guard_is_told_before_workers_start(tmp_path, monkeypatch, guarded):
+@pytest.mark.parametrize("script", ["guarded", "unguarded", "stdin"])
+def test_a_script_without_a_main_guard_is_told_before_workers_start(tmp_path, monkeypatch, script):
     """Spawned workers import the program's script: one that calls the API at its top level would run it again in
-    every worker; it is refused, naming the script and the fix, before a worker starts. A guarded one encodes."""
+    every worker, and a program read from standard input has no script to import; either is refused, naming it
+    and the fix, before a worker starts, and whether or not workers would start (a warm cache). A guarded one
+    encodes."""
     import types
 
-    script = tmp_path / "prepare.py"
+    path = tmp_path / "prepare.py"
     call = "build_datasets(cfg, 'tok')"
-    script.write_text(f"if __name__ == '__main__':\n    {call}\n" if guarded else f"{call}\n", encoding="utf-8")
-    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__file__=str(script), __spec__=None))
+    path.write_text(f"if __name__ == '__main__':\n    {call}\n" if script == "guarded" else f"{call}\n", "utf-8")
     root = _root(tmp_path, n=70)
     monkeypatch.setattr(preprocess_mod, "SHARD_RECORDS", 16)
-    if guarded:
+    if script == "unguarded":
+        build(root, ["d"], preprocessing_num_workers=1)  # a warm cache: no worker would start
+    main_file = "<stdin>" if script == "stdin" else str(path)
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__file__=main_file, __spec__=None))
+    if script == "guarded":
         assert len(build(root, ["d"], preprocessing_num_workers=2)[0]) == 70
         return
-    with pytest.raises(DataError, match=re.escape(f"{script}: data.preprocessing_num_workers=2 starts worker")) as e:
+    start = f"{path}: " if script == "unguarded" else ""
+    with pytest.raises(DataError, match=re.escape(f"{start}data.preprocessing_num_workers=2 starts worker")) as e:
         build(root, ["d"], preprocessing_num_workers=2)
     assert 'under `if __name__ == "__main__":`' in str(e.value)
-    assert not [p for p in (root / "cache" / "datasets").iterdir() if (p / "meta.json").exists()]
+    if script == "stdin":
+        assert "a program read from <stdin> does not have: save it as a file" in str(e.value)
+        assert not list((root / "cache").glob("datasets/*/meta.json"))
 
 
 def test_a_worker_that_dies_is_a_clear_error_not_a_wait(tmp_path, monkeypatch):

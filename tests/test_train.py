@@ -578,6 +578,10 @@ def test_a_default_run_is_quiet_says_where_everything_is_and_counts_to_max_steps
         "training 61,440 of 1,143,936 parameters (lora rank 16",
     ):
         assert line in proc.stdout
+    # the steps taken, and the training set's size said as that (not as the examples the 3 steps saw)
+    assert re.search(
+        r"^trained 61,440 of 1,143,936 parameters for 3 steps \(training set: [\d,]+ examples\)", proc.stdout, re.M
+    )
     # the bar ends where max_steps ends the run, in the epoch it ends in (not at the epoch's 56 batches of 10 epochs)
     bar = next(line for line in proc.stdout.splitlines() if line.startswith("Epoch"))
     assert bar.startswith("Epoch 1/1") and " 3/3 " in bar, bar

@@ -123,6 +123,12 @@ def _check_workers_can_start(workers: int) -> None:
     path, name = getattr(main, "__file__", None), getattr(getattr(main, "__spec__", None), "name", "")
     if not path or name == "__main__" or name.endswith(".__main__"):
         return
+    if not Path(mp.process.ORIGINAL_DIR or "", path).is_file():  # `python - < script.py`: '<stdin>'
+        raise DataError(
+            f"data.preprocessing_num_workers={workers} starts worker processes, and each imports the program's "
+            f"script, which a program read from {path} does not have: save it as a file (its calls under "
+            '`if __name__ == "__main__":`), or set data.preprocessing_num_workers=1'
+        )
     try:
         tree = ast.parse(Path(path).read_text(encoding="utf-8"))
     except (OSError, SyntaxError, ValueError):
@@ -306,13 +312,13 @@ def _shards(spec: DatasetSpec, skip_bad: bool, max_samples: int | None, size: in
         if isinstance(item, BadRecord):
             tally.bad_line(item.reason, item.where)
             continue
-        if max_samples and tally.records >= max_samples:
-            break
         shard.append(item)
         tally.records += 1
         if len(shard) == size:
             yield shard
             shard = []
+        if max_samples and tally.records >= max_samples:  # the line after the last one taken is never read
+            break
     if shard:
         yield shard
 
@@ -345,7 +351,6 @@ class _Encoders:
             return
         size = JOB_RECORDS if second is not None else min(JOB_RECORDS, -(-len(first) // (2 * self.workers)))
         if self.pool is None:
-            _check_workers_can_start(self.workers)
             self.pool = ProcessPoolExecutor(
                 self.workers, mp_context=mp.get_context("spawn"), initializer=_leave_ctrl_c_to_the_main_process
             )
@@ -455,6 +460,9 @@ def encode_datasets(
     results: list = [None] * len(specs)
     todo = []
     skip_bad = cfg.on_bad_record == "skip"
+    workers = max(1, int(cfg.preprocessing_num_workers or 1))
+    if workers > 1:  # whether they start or not (a warm cache, a few records): the script fails the same every run
+        _check_workers_can_start(workers)
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
     remove_dead_temporaries(root)
     remove_dead_temporaries(root / "datasets")
@@ -484,7 +492,7 @@ def encode_datasets(
         todo.append((i, spec, placeholders, cache_file))
     if not todo:
         return results
-    encoders = _Encoders(str(tokenizer_path), options, skip_bad, max(1, int(cfg.preprocessing_num_workers or 1)))
+    encoders = _Encoders(str(tokenizer_path), options, skip_bad, workers)
     try:
         for i, spec, placeholders, cache_file in todo:
             dataset, counts = _encode_dataset(spec, cfg, encoders, placeholders, cache_file)

@@ -294,8 +294,9 @@ def json_record(line: str, where: str) -> dict:
         rec = json.loads(line)
     except RecursionError:
         raise BadRecord(where, "JSON nested too deeply") from None
-    except json.JSONDecodeError as err:
-        raise BadRecord(where, "malformed JSON", f" ({err.msg} at column {err.colno})") from None
+    except json.JSONDecodeError as err:  # the column within the line, not past its newline (a line cut short)
+        column = min(err.pos, len(line.rstrip("\r\n"))) + 1
+        raise BadRecord(where, "malformed JSON", f" ({err.msg} at column {column})") from None
     if not isinstance(rec, dict):
         raise BadRecord(where, "not a JSON object", f" (a {type(rec).__name__})")
     return rec
@@ -317,7 +318,7 @@ def iter_records(spec: DatasetSpec, skip_bad: bool = False, decode: bool = True)
                 else:
                     yield path, index, rec
         except UnicodeDecodeError:
-            raise _not_utf8(path, where) from None
+            raise _not_utf8(path, where, skip_bad) from None
         except OSError as err:
             raise DataError(f"{where}: cannot read it ({err.strerror or err})") from err
 
@@ -332,7 +333,7 @@ def read_text(path: Path, where: str) -> str:
         raise DataError(f"{where}: cannot read it ({err.strerror or err})") from err
 
 
-def _not_utf8(path: Path, where: str) -> DataError:
+def _not_utf8(path: Path, where: str, skip_bad: bool = False) -> DataError:
     data = path.read_bytes()
     try:
         data.decode(TEXT_ENCODING)
@@ -344,6 +345,7 @@ def _not_utf8(path: Path, where: str) -> DataError:
     return DataError(
         f"{where}: line {line}, byte offset {start}{byte} is not UTF-8 text: save the file as UTF-8 (from "
         "Latin-1, e.g. iconv -f latin1 -t utf-8)"
+        + ("; data.on_bad_record=skip skips records, not a file whose text cannot be read" if skip_bad else "")
     )
 
 
@@ -376,7 +378,7 @@ def _read_file(spec: DatasetSpec, path: Path, decode: bool = True):
                     yield lineno, bad
     elif suffix == ".json":
         try:
-            data = json.loads(read_text(path, where))
+            data = json.loads(path.read_text(encoding=TEXT_ENCODING))  # not UTF-8: iter_records
         except json.JSONDecodeError as err:
             raise DataError(f"{where}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
         except RecursionError as err:
@@ -410,7 +412,7 @@ def _read_file(spec: DatasetSpec, path: Path, decode: bool = True):
                 yield lineno, rec
                 lineno = reader.line_num + 1
     elif suffix == ".txt":
-        yield from _text_documents(read_text(path, where), spec.sample_by)
+        yield from _text_documents(path.read_text(encoding=TEXT_ENCODING), spec.sample_by)  # errors: iter_records
     elif suffix == ".parquet":
         try:
             import pyarrow.parquet as pq

@@ -330,10 +330,13 @@ def report(run: Run, built: Built) -> dict:
     report = built.datamodule.report
     csv_dir = csv_log_dir(built.loggers)
     adapter = adapter_kind(run.settings.adapter.type).uses_peft
+    examples = report.get("train", {}).get("examples")  # the training set's size, not what the steps took
+    about = [f"training set: {examples:,} examples"] if isinstance(examples, int) else []  # a stream's is unknown
+    if "packing_efficiency" in report:
+        about.append(f"packing efficiency {report['packing_efficiency']:.1%}")
     lines = [
-        f"trained {module.n_trainable:,} of {module.n_params:,} parameters for {trainer.global_step} steps "
-        f"on {report.get('train', {}).get('examples')} examples"
-        + (f" (packing efficiency {report['packing_efficiency']:.1%})" if "packing_efficiency" in report else ""),
+        f"trained {module.n_trainable:,} of {module.n_params:,} parameters for {trainer.global_step} steps"
+        + (f" ({', '.join(about)})" if about else ""),
         f"final train loss {_fmt(metrics['train_loss'])}, validation loss {_fmt(metrics['val_loss'])}"
         + "".join(f", {k} {_fmt(metrics[k])}" for k in PREFERENCE_SHOWN if k in metrics)
         + (f", {module.skipped_steps} steps skipped (nan_policy=skip)" if module.skipped_steps else ""),
