@@ -67,7 +67,8 @@ def test_a_rerun_continues_after_the_last_whole_answer_and_drops_a_half_written_
 def test_progress_is_one_line_per_answer_when_piped(tiny_dir, files, capsys):
     source, output = files
     batch(ChatSession(Numbered(), tiny_dir), str(source), str(output))
-    assert capsys.readouterr().err == "".join(f"answered {n}/5\n" for n in range(1, 6))
+    done = f"the answers to all 5 prompts of {source} are in {output}\n"  # where they are, said at the end
+    assert capsys.readouterr().err == "".join(f"answered {n}/5\n" for n in range(1, 6)) + done
 
 
 def test_progress_is_a_bar_on_a_terminal(tiny_dir, files, monkeypatch):

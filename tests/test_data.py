@@ -1066,7 +1066,11 @@ def test_bad_records_skipped_and_reported_per_dataset(tmp_path):
     assert counts["skip_reasons"] == {"malformed JSON": 1, "output is null": 1}
     assert examples(train) == examples(build(root, ["clean"])[0])
     text = format_report(report)
-    assert "mixed: 2 skipped (1 malformed JSON, 1 output is null), e.g." in text and "mixed.jsonl line 2" in text
+    lines = [int(place.rsplit(" ", 1)[1]) for place in counts["skipped_at"]]
+    assert counts["skipped_at"][0] == f"dataset 'mixed': {root / 'mixed.jsonl'} line {lines[0]}"
+    # one file's places said once: its path, then the lines
+    said = f"mixed: 2 skipped (1 malformed JSON, 1 output is null), e.g. {root / 'mixed.jsonl'} lines {lines[0]} and"
+    assert f"{said} {lines[1]}\n" in text + "\n", text
 
 
 def test_encoding_a_large_dataset_reports_progress(tmp_path, capsys):

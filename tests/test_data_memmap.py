@@ -19,6 +19,7 @@ import pytest
 from test_data import alpaca, build, examples, write_datasets
 from test_data_cache import _cache_files, cache_arrays
 
+from telechat_lab.data import format_report
 from telechat_lab.data import preprocess as preprocess_mod
 from telechat_lab.data.cache_files import TEMP_MARK, ArrayWriter
 from telechat_lab.data.dataset import EncodedDataset
@@ -194,6 +195,10 @@ def test_json_lines_decoded_in_the_workers_are_counted_and_named_as_in_this_proc
     assert one["records"] == 70 and one["skipped"] == 3
     assert one["skip_reasons"] == {"malformed JSON": 1, "not a JSON object": 1, "empty reply": 1}
     assert [place.rsplit(" ", 1)[1] for place in one["skipped_at"]] == ["7", "45", "51"]
+    text = format_report(built["2 workers"][2])
+    assert (
+        f"d: 3 skipped (1 malformed JSON, 1 not a JSON object, 1 empty reply), e.g. {path} lines 7, 45 and 51" in text
+    )
     assert examples(built["2 workers"][0]) == examples(built["1 process"][0]) == examples(built["max_samples"][0])
     assert len(built["1 process"][0]) == 67
 

@@ -56,6 +56,15 @@ def test_generation_config_has_the_release_sampling_and_loads_without_warning(re
         assert GenerationConfig.from_pretrained(out).top_k == 5
 
 
+@pytest.mark.parametrize("command", ["chat", "serve"])
+def test_chat_and_serve_sample_as_an_export_does_by_default(command):
+    """chat.py and serve sample with the release's recommended settings, as `vllm serve` does with an export."""
+    from telechat_lab import api
+
+    generation = dict(api.compose(command).generation)
+    assert {k: generation[k] for k in RELEASE_SAMPLING} == RELEASE_SAMPLING
+
+
 def test_merge_settings_override_flash_attn_seq_length_and_sampling(release_like, tmp_path):
     out, config = exported(release_like, tmp_path, "flash_attn=true", "seq_length=128", "generation.temperature=0.6")
     assert config["flash_attn"] is True and config["seq_length"] == 128

@@ -349,4 +349,6 @@ def batch(
             f"{signal.Signals(signals.signum).name}: {how}; {done} of {len(items)} answers kept {where}",
             signals.signum,
         )
+    if output:  # the answers' place, once they are all there (stdout's answers are where the user sees them)
+        print(f"the answers to all {len(items)} prompts of {source} are in {output}", file=sys.stderr)
     return len(items)

@@ -244,14 +244,20 @@ class TrainConfig:
     callbacks: dict[str, Any] | None = setting(None, on_resume=FREE)  # name -> {_target_: a Lightning callback}
 
 
+# The TeleChat2 release's recommended sampling (its generation_config.json): chat's, serve's and an export's default
+RELEASE_SAMPLING = {"temperature": 0.3, "top_p": 0.85, "top_k": 5, "repetition_penalty": 1.03}
+
+
 @dataclass
 class GenerationConfig:
+    """chat's and serve's sampling; by default the release's, as an export's generation_config.json holds it."""
+
     max_new_tokens: int = setting(512, min=1)
     do_sample: bool = True
-    temperature: float = setting(0.7, min=0)
-    top_p: float = setting(0.9, gt=0, max=1)
-    top_k: int = setting(50, min=0)
-    repetition_penalty: float = setting(1.05, gt=0)
+    temperature: float = setting(RELEASE_SAMPLING["temperature"], min=0)
+    top_p: float = setting(RELEASE_SAMPLING["top_p"], gt=0, max=1)
+    top_k: int = setting(RELEASE_SAMPLING["top_k"], min=0)
+    repetition_penalty: float = setting(RELEASE_SAMPLING["repetition_penalty"], gt=0)
 
 
 @dataclass
@@ -322,10 +328,10 @@ class ExportGenerationConfig:
 
     max_new_tokens: int = setting(4096, min=1)
     do_sample: bool = True
-    temperature: float = setting(0.3, gt=0)
-    top_p: float = setting(0.85, gt=0, max=1)
-    top_k: int = setting(5, min=0)
-    repetition_penalty: float = setting(1.03, gt=0)
+    temperature: float = setting(RELEASE_SAMPLING["temperature"], gt=0)
+    top_p: float = setting(RELEASE_SAMPLING["top_p"], gt=0, max=1)
+    top_k: int = setting(RELEASE_SAMPLING["top_k"], min=0)
+    repetition_penalty: float = setting(RELEASE_SAMPLING["repetition_penalty"], gt=0)
 
 
 @dataclass

@@ -145,12 +145,12 @@ def format_report(report: dict) -> str:
         if counts.get("dropped"):
             lines.append(
                 f"{name}: {counts['dropped']} dropped (no trainable reply within data.cutoff_len), e.g. "
-                + "; ".join(counts.get("dropped_at", []))
+                + _places(counts.get("dropped_at", []), name)
             )
         if counts.get("skipped"):
             reasons = ", ".join(f"{n} {reason}" for reason, n in counts.get("skip_reasons", {}).items())
             lines.append(
-                f"{name}: {counts['skipped']} skipped ({reasons}), e.g. " + "; ".join(counts.get("skipped_at", []))
+                f"{name}: {counts['skipped']} skipped ({reasons}), e.g. " + _places(counts.get("skipped_at", []), name)
             )
     train, val = report.get("train") or {}, report.get("val")
     if train:
@@ -159,3 +159,23 @@ def format_report(report: dict) -> str:
             + (f"; validation: {val['examples']:,} examples" if val else "; no validation split")
         )
     return "\n".join(lines)
+
+
+def _places(places: list[str], name: str) -> str:
+    """Where records are ("dataset 'd': PATH line 5", ...) said once a file: "PATH lines 5, 9 and 12", the
+    dataset's name, which the report's line starts with, left out."""
+    groups: dict[str, list[str]] = {}
+    for place in places:
+        head, _, index = place.removeprefix(f"dataset '{name}': ").rpartition(" ")
+        if head.endswith((" line", " record")) and index.isdigit():
+            groups.setdefault(head, []).append(index)
+        else:
+            groups.setdefault(place, [])
+    said = []
+    for head, indices in groups.items():
+        indices.sort(key=int)  # unreadable lines come first in the counts, then the records that hold no example
+        if len(indices) > 1:
+            said.append(f"{head}s {', '.join(indices[:-1])} and {indices[-1]}")
+        else:
+            said.append(f"{head} {indices[0]}" if indices else head)
+    return "; ".join(said)
