@@ -71,6 +71,12 @@ def test_progress_is_one_line_per_answer_when_piped(tiny_dir, files, capsys):
     assert capsys.readouterr().err == "".join(f"answered {n}/5\n" for n in range(1, 6)) + done
 
 
+def test_prompts_from_stdin_are_said_to_come_from_stdin(tiny_dir, files, capsys):
+    _, output = files
+    batch(ChatSession(Numbered(), tiny_dir), "-", str(output), stdin=io.StringIO(PROMPTS))
+    assert capsys.readouterr().err.endswith(f"the answers to all 5 prompts of stdin are in {output}\n")
+
+
 def test_progress_is_a_bar_on_a_terminal(tiny_dir, files, monkeypatch):
     class Terminal(io.StringIO):
         def isatty(self):

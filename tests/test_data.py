@@ -1132,6 +1132,14 @@ RAW_BAD_INPUT = {
         lambda r: _raw(r, "d.jsonl", json.dumps(alpaca(1)).encode() + b'\n{"instruction": "x", "output": \n'),
         ["d.jsonl line 2: malformed JSON (Expecting value at column 32)"],
     ),
+    "jsonl_integer_too_long": (  # json's own refusal, not a traceback
+        lambda r: _raw(r, "d.jsonl", b'{"instruction": "x", "output": "y", "n": ' + b"1" * 5000 + b"}\n"),
+        ["d.jsonl line 1: unreadable JSON (Exceeds the limit"],
+    ),
+    "json_integer_too_long": (
+        lambda r: _raw(r, "d.json", b'[{"instruction": "x", "output": "y", "n": ' + b"1" * 5000 + b"}]"),
+        ["d.json: unreadable JSON (Exceeds the limit"],
+    ),
     "latin1_in_json": (
         lambda r: _raw(r, "d.json", b'[{"instruction": "\xe0", "output": "x"}]'),
         ["d.json: line 1, byte offset 18 (0xe0) is not UTF-8"],
@@ -1203,6 +1211,15 @@ def test_a_file_that_is_not_utf8_says_skip_does_not_skip_it(tmp_path, name):
         with pytest.raises(DataError, match="is not UTF-8 text") as err:
             build_datasets(cfg, TINY, kind=kind)
         assert ("data.on_bad_record=skip skips records, not a file" in str(err.value)) == said, str(err.value)
+
+
+def test_the_report_names_a_files_records_once_in_order():
+    from telechat_lab.data.pipeline import _places
+
+    places = [f"dataset 'd': /p/d.jsonl line {n}" for n in (9, 51)] + ["dataset 'd': /p/d.jsonl line 7: messages[2]"]
+    places += ["dataset 'd': /p/x.json record 3: chosen", "somewhere else"]
+    said = _places(places, "d")
+    assert said == "/p/d.jsonl lines 7: messages[2], 9 and 51; /p/x.json record 3: chosen; somewhere else"
 
 
 def test_max_samples_reads_no_line_past_the_records_it_takes(tmp_path):

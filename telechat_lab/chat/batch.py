@@ -350,5 +350,6 @@ def batch(
             signals.signum,
         )
     if output:  # the answers' place, once they are all there (stdout's answers are where the user sees them)
-        print(f"the answers to all {len(items)} prompts of {source} are in {output}", file=sys.stderr)
+        name = "stdin" if source == "-" else source
+        print(f"the answers to all {len(items)} prompts of {name} are in {output}", file=sys.stderr)
     return len(items)

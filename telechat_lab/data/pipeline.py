@@ -4,6 +4,7 @@ ratio, sampled, and split, seeded and deterministic; and the report of what beca
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -161,21 +162,24 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+_PLACE = re.compile(r"(?P<head>.* (?:line|record)) (?P<index>\d+)(?P<rest>(?::.*)?)$")  # a record's place
+
+
 def _places(places: list[str], name: str) -> str:
-    """Where records are ("dataset 'd': PATH line 5", ...) said once a file: "PATH lines 5, 9 and 12", the
-    dataset's name, which the report's line starts with, left out."""
-    groups: dict[str, list[str]] = {}
+    """Where records are ("dataset 'd': PATH line 5", "... line 7: message 2", ...) said once a file, in order:
+    "PATH lines 5, 7: message 2 and 12", the dataset's name, which the report's line starts with, left out."""
+    groups: dict[str, list[tuple[int, str]]] = {}
     for place in places:
-        head, _, index = place.removeprefix(f"dataset '{name}': ").rpartition(" ")
-        if head.endswith((" line", " record")) and index.isdigit():
-            groups.setdefault(head, []).append(index)
+        found = _PLACE.match(place.removeprefix(f"dataset '{name}': "))
+        if found:
+            groups.setdefault(found["head"], []).append((int(found["index"]), found["index"] + found["rest"]))
         else:
             groups.setdefault(place, [])
     said = []
     for head, indices in groups.items():
-        indices.sort(key=int)  # unreadable lines come first in the counts, then the records that hold no example
-        if len(indices) > 1:
-            said.append(f"{head}s {', '.join(indices[:-1])} and {indices[-1]}")
+        at = [text for _, text in sorted(indices)]  # unreadable lines come first in the counts, then the rest
+        if len(at) > 1:
+            said.append(f"{head}s {', '.join(at[:-1])} and {at[-1]}")
         else:
-            said.append(f"{head} {indices[0]}" if indices else head)
+            said.append(f"{head} {at[0]}" if at else head)
     return "; ".join(said)

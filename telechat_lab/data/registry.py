@@ -297,6 +297,8 @@ def json_record(line: str, where: str) -> dict:
     except json.JSONDecodeError as err:  # the column within the line, not past its newline (a line cut short)
         column = min(err.pos, len(line.rstrip("\r\n"))) + 1
         raise BadRecord(where, "malformed JSON", f" ({err.msg} at column {column})") from None
+    except ValueError as err:  # json's other refusals: an integer of more digits than Python converts
+        raise BadRecord(where, "unreadable JSON", f" ({err})") from None
     if not isinstance(rec, dict):
         raise BadRecord(where, "not a JSON object", f" (a {type(rec).__name__})")
     return rec
@@ -383,6 +385,10 @@ def _read_file(spec: DatasetSpec, path: Path, decode: bool = True):
             raise DataError(f"{where}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
         except RecursionError as err:
             raise DataError(f"{where}: JSON nested too deeply to read") from err
+        except ValueError as err:  # not UnicodeDecodeError (iter_records names its line): an integer too long
+            if isinstance(err, UnicodeDecodeError):
+                raise
+            raise DataError(f"{where}: unreadable JSON ({err})") from err
         if isinstance(data, dict):
             data = [data]
         if not isinstance(data, list):
