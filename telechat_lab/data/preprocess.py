@@ -19,6 +19,7 @@ import mmap
 import multiprocessing as mp
 import signal
 import sys
+import threading
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -105,14 +106,22 @@ def _leave_ctrl_c_to_the_main_process() -> None:
 
 @contextmanager
 def _ctrl_c_held() -> Iterator[None]:
-    """SIGINT held back from this thread while it may start a worker (a submit): the worker inherits the hold, so
-    a Ctrl+C before it ignores SIGINT cannot stop it half-started (a traceback of its own); this process gets the
-    Ctrl+C when the hold ends."""
+    """SIGINT held back while this thread may start a worker (a submit): blocked here, so that the worker inherits
+    the hold and a Ctrl+C before it ignores SIGINT cannot stop it half-started (a traceback of its own), and only
+    noted by this process's handler meanwhile (another of its threads may take the signal, and Python would then
+    interrupt this one mid-way through sending a worker its start-up data); delivered when the hold ends."""
+    noted: list[int] = []
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set a handler
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: noted.append(signum)) if main_thread else None
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+            if noted:
+                signal.raise_signal(signal.SIGINT)  # to the handler it had
 
 
 def _check_workers_can_start(workers: int) -> None:
