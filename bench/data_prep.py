@@ -174,24 +174,22 @@ def main() -> None:
         for name, workers in (("1 process", 1), (f"{args.workers} workers", args.workers))
     }
     # what each worker spends before its first record: an interpreter, the imports, the tokenizer loaded
-    start = "from telechat_lab.data.preprocess import get_encoder, TemplateOptions; get_encoder(%r, TemplateOptions())"
+    code = "from telechat_lab.data.preprocess import get_encoder, TemplateOptions; get_encoder(%r, TemplateOptions())"
     cpu["a worker's start"] = cpu_seconds(
-        lambda: subprocess.run([sys.executable, "-c", start % str(args.tokenizer)], cwd=ROOT, check=True)
+        lambda: subprocess.run([sys.executable, "-c", code % str(args.tokenizer)], cwd=ROOT, check=True)
     )
     one, many, start = cpu.values()
     print(
         f"CPU seconds of one more run: 1 process {one['main']}; {args.workers} workers: this process {many['main']},"
         f" the workers {many['workers']} together (a worker's start: {start['workers']})"
     )
-    # a worker's own speed, whatever else shares its core (this process, the other workers): examples a CPU second
-    per_worker = n / many["workers"] if many["workers"] else None
-    if per_worker:
-        print(f"a worker encodes {per_worker:.0f} examples a CPU second: {per_worker * base / n:.2f}x raw SP")
     rates = {k: round(n / v, 1) for k, v in results.items()}
     record = {"examples": n, "examples_per_s": rates, "cpu_seconds": cpu}
-    if per_worker:
+    if many["workers"]:  # a worker's own speed, whatever else shares its core: examples a CPU second of the workers
+        per_worker = n / many["workers"]
         record["worker_examples_per_cpu_s"] = round(per_worker, 1)
         record["worker_vs_raw_sp"] = round(per_worker * base / n, 3)
+        print(f"a worker encodes {per_worker:.0f} examples a CPU second: {per_worker * base / n:.2f}x raw SP")
     print(json.dumps(record))
 
 

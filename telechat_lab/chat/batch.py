@@ -95,11 +95,16 @@ def _prompt_item(record: dict, where: str, line: int) -> BatchItem:
     return BatchItem(line, {"prompt": prompt, "system": system} if system else {"prompt": prompt}, prompt, system)
 
 
+def source_name(source: str) -> str:
+    """What a batch input is called in messages: its path, or stdin for `-`."""
+    return "stdin" if source == "-" else source
+
+
 def read_prompts(source: str, stdin: TextIO = sys.stdin) -> list[BatchItem]:
     """Batch inputs, every line checked before anything is generated: JSON lines ({"prompt"} /
     {"instruction", "input"} / {"messages"}, each with an optional "system") or plain text, one prompt a line;
     `-` reads stdin. DataError names the line at fault."""
-    name = "stdin" if source == "-" else source
+    name = source_name(source)
     raw = (
         stdin.buffer.read()
         if source == "-" and hasattr(stdin, "buffer")
@@ -350,6 +355,5 @@ def batch(
             signals.signum,
         )
     if output:  # the answers' place, once they are all there (stdout's answers are where the user sees them)
-        name = "stdin" if source == "-" else source
-        print(f"the answers to all {len(items)} prompts of {name} are in {output}", file=sys.stderr)
+        print(f"the answers to all {len(items)} prompts of {source_name(source)} are in {output}", file=sys.stderr)
     return len(items)

@@ -132,14 +132,15 @@ def _check_workers_can_start(workers: int) -> None:
     path, name = getattr(main, "__file__", None), getattr(getattr(main, "__spec__", None), "name", "")
     if not path or name == "__main__" or name.endswith(".__main__"):
         return
-    if not Path(mp.process.ORIGINAL_DIR or "", path).is_file():  # `python - < script.py`: '<stdin>'
+    script = Path(mp.process.ORIGINAL_DIR or "", path)  # where spawn looks for it
+    if not script.is_file():  # `python - < script.py`: '<stdin>'
         raise DataError(
             f"data.preprocessing_num_workers={workers} starts worker processes, and each imports the program's "
             f"script, which a program read from {path} does not have: save it as a file (its calls under "
             '`if __name__ == "__main__":`), or set data.preprocessing_num_workers=1'
         )
     try:
-        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+        tree = ast.parse(script.read_text(encoding="utf-8"))
     except (OSError, SyntaxError, ValueError):
         return
     for node in tree.body:

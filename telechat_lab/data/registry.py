@@ -385,9 +385,9 @@ def _read_file(spec: DatasetSpec, path: Path, decode: bool = True):
             raise DataError(f"{where}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
         except RecursionError as err:
             raise DataError(f"{where}: JSON nested too deeply to read") from err
-        except ValueError as err:  # not UnicodeDecodeError (iter_records names its line): an integer too long
-            if isinstance(err, UnicodeDecodeError):
-                raise
+        except UnicodeDecodeError:  # iter_records names its line
+            raise
+        except ValueError as err:  # json's other refusals: an integer of more digits than Python converts
             raise DataError(f"{where}: unreadable JSON ({err})") from err
         if isinstance(data, dict):
             data = [data]
